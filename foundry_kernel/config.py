@@ -1,0 +1,492 @@
+"""The run configuration: one typed, validated schema for everything a run does.
+
+A config is the contract between the notebook panel, papermill parameters, the
+CLI and the engine, so it is strict: unknown keys, wrong types and values out
+of bounds are refused up front with a message naming the field, the value and
+what is allowed - never a traceback from inside torch minutes later.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from foundry_kernel.errors import ConfigError
+
+SCHEMA_VERSION = 1
+BUILTIN_TEACHER = "builtin:tiny-teacher"
+BUILTIN_DATA = ("builtin:python-docs", "builtin:python-stdlib")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+
+
+class _Section(BaseModel):
+    """Base for every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherBuild(_Section):
+    """Recipe for a teacher that Foundry trains itself (the embedded default).
+
+    The recipe and the corpus key the cache, so changing any field here builds
+    (and caches) a different teacher instead of silently reusing a stale one.
+    """
+
+    data: str = Field(
+        "builtin:python-docs",
+        description="Corpus the teacher is trained on (any data.source value).",
+    )
+    vocab_size: int = Field(4096, ge=256, le=65536, description="BPE vocabulary size.")
+    hidden_size: int = Field(256, ge=16, le=4096, description="Teacher width.")
+    num_layers: int = Field(4, ge=1, le=48, description="Teacher depth.")
+    num_heads: int = Field(4, ge=1, le=64, description="Attention heads.")
+    seq_len: int = Field(128, ge=16, le=4096, description="Training block length in tokens.")
+    batch_size: int = Field(32, ge=1, le=1024, description="Blocks per step.")
+    steps: int = Field(450, ge=1, le=1_000_000, description="Optimizer steps.")
+    lr: float = Field(3e-3, gt=0, le=1.0, description="Peak learning rate.")
+    max_documents: int | None = Field(
+        None, ge=1, description="Use only the first N documents of the corpus (tests)."
+    )
+
+
+class TeacherConfig(_Section):
+    """Where the teacher comes from and how it is run."""
+
+    source: str = Field(
+        BUILTIN_TEACHER,
+        description="'builtin:tiny-teacher', a Hugging Face hub id, or a local model folder.",
+        min_length=1,
+        max_length=1024,
+    )
+    backend: Literal["hf"] = Field("hf", description="'hf': in-process with transformers.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Teacher weights dtype; 'auto' = bf16 on a GPU that supports it."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    build: TeacherBuild = Field(
+        default_factory=TeacherBuild,
+        description="Recipe used when source is 'builtin:tiny-teacher'.",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, v: str) -> str:
+        return _check_model_source(v, "teacher.source", builtin=(BUILTIN_TEACHER,))
+
+
+class StudentConfig(_Section):
+    """How the student is made: fresh, pretrained, or cut from the teacher."""
+
+    init: Literal["fresh", "pretrained", "from_teacher"] = Field(
+        "fresh",
+        description="'fresh': random init of a teacher-like architecture; 'pretrained': load "
+        "student.source; 'from_teacher': keep student.layers of the teacher's layers.",
+    )
+    source: str | None = Field(
+        None, description="Hub id or local folder when init='pretrained'.", max_length=1024
+    )
+    hidden_size: int | None = Field(
+        128, ge=16, le=8192, description="Width for init='fresh' (None = teacher's)."
+    )
+    num_layers: int | None = Field(
+        3, ge=1, le=128, description="Depth for init='fresh' (None = teacher's)."
+    )
+    num_heads: int | None = Field(
+        4, ge=1, le=128, description="Attention heads for init='fresh' (None = teacher's)."
+    )
+    intermediate_size: int | None = Field(
+        None, ge=16, le=65536, description="MLP width for init='fresh' (None = 8/3 x hidden)."
+    )
+    layers: list[int] | None = Field(
+        None,
+        description="Teacher layer indices kept when init='from_teacher' (None = every other).",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, v: str | None) -> str | None:
+        return None if v is None else _check_model_source(v, "student.source", builtin=())
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("must name at least one teacher layer, e.g. [0, 2]")
+        if any(i < 0 for i in v) or len(set(v)) != len(v) or sorted(v) != v:
+            raise ValueError(f"must be distinct, non-negative and increasing, got {v}")
+        return v
+
+
+class DataConfig(_Section):
+    """Training text: where it comes from, how it is cut into blocks and split."""
+
+    source: str = Field(
+        "builtin:python-docs",
+        description="'builtin:python-docs', 'builtin:python-stdlib', a text file or glob, a "
+        ".jsonl file, or a local Hugging Face datasets folder.",
+        min_length=1,
+        max_length=4096,
+    )
+    format: Literal["auto", "text", "jsonl", "hf_dataset"] = Field(
+        "auto", description="How to read data.source; 'auto' decides from the path."
+    )
+    text_field: str = Field("text", description="JSONL/dataset field holding plain text.")
+    prompt_field: str | None = Field(
+        None, description="JSONL/dataset field holding a prompt (loss is not taken on it)."
+    )
+    completion_field: str | None = Field(
+        None, description="JSONL/dataset field holding the completion the loss covers."
+    )
+    seq_len: int = Field(128, ge=8, le=32768, description="Tokens per training block.")
+    val_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="Fraction of documents held out for validation."
+    )
+    max_documents: int | None = Field(
+        None, ge=1, description="Use only the first N documents (quick experiments)."
+    )
+    split_seed: int = Field(
+        0,
+        ge=0,
+        le=2**31 - 1,
+        description="Seed of the train/validation split. Kept apart from the run seed so "
+        "that runs with different seeds (and the built-in teacher) share one held-out set.",
+    )
+    overlap_chars: int = Field(
+        60,
+        ge=16,
+        le=10_000,
+        description="Length of shared passages that tie a held-out document to training.",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, v: str) -> str:
+        if "\x00" in v:
+            raise ValueError("contains a NUL byte")
+        if v.startswith("builtin:") and v not in BUILTIN_DATA:
+            raise ValueError(f"unknown built-in corpus {v!r}; choose one of {list(BUILTIN_DATA)}")
+        return v
+
+
+class LossConfig(_Section):
+    """The distillation objective (see foundry_kernel.losses for the exact formulas)."""
+
+    kind: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = (
+        Field("forward_kl", description="Divergence between teacher (p) and student (q).")
+    )
+    beta: float = Field(
+        0.5, ge=0, le=1, description="Generalized JSD weight: 0 = forward KL, 1 = reverse KL."
+    )
+    jsd_normalized: bool = Field(
+        False,
+        description="Divide the JSD interior by beta*(1-beta) so the loss moves continuously "
+        "from forward to reverse KL (TRL's plain form jumps at the endpoints).",
+    )
+    skew_alpha: float = Field(0.1, gt=0, lt=1, description="Skew KL mixing weight (DistiLLM).")
+    temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature tau.")
+    scale_by_t2: bool = Field(
+        False, description="Multiply the KD term by tau^2 (Hinton; DistillKit/ModelOpt do)."
+    )
+    ce_weight: float = Field(
+        0.5, ge=0, le=1, description="total = (1 - ce_weight) * KD + ce_weight * hard-label CE."
+    )
+    chunk_tokens: int = Field(
+        1024, ge=1, le=1_048_576, description="Tokens per chunk of full-vocabulary math."
+    )
+
+
+class OptimConfig(_Section):
+    """AdamW with warm-up and cosine decay."""
+
+    lr: float = Field(3e-3, gt=0, le=1.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.1, ge=0, le=10, description="AdamW decoupled weight decay.")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    warmup_steps: int = Field(30, ge=0, description="Linear warm-up steps.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of lr.")
+    batch_size: int = Field(32, ge=1, le=65536, description="Blocks per micro-batch.")
+    grad_accum: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip norm (None = off).")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Autocast dtype; 'auto' = bf16 where it pays off, else fp32."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+
+
+class EvalConfig(_Section):
+    """What is measured during and after training."""
+
+    every_steps: int = Field(100, ge=1, description="Validation every N optimizer steps.")
+    max_batches: int | None = Field(
+        None, ge=1, description="Cap on validation batches (None = whole split)."
+    )
+    baseline: bool = Field(
+        True,
+        description="Also train the same student with cross-entropy alone, same batches and "
+        "budget, so the benefit of distillation is measured, not assumed.",
+    )
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: ["The list object", "To open a file", "An exception is"],
+        description="Prompts for greedy samples shown side by side.",
+        max_length=32,
+    )
+    sample_tokens: int = Field(32, ge=1, le=4096, description="Tokens generated per sample.")
+
+
+class LimitsConfig(_Section):
+    """Budgets and guards: how long a run may take and what ends it."""
+
+    max_steps: int = Field(300, ge=1, le=10_000_000, description="Optimizer steps to train.")
+    timeout_s: float | None = Field(
+        None, gt=0, description="Wall-clock limit for the whole run (None = none)."
+    )
+    step_timeout_s: float | None = Field(
+        None, gt=0, description="Watchdog: a single step slower than this fails the run."
+    )
+    on_nonfinite: Literal["fail", "skip"] = Field(
+        "fail", description="NaN/Inf loss or gradient: fail the run, or skip the step."
+    )
+    max_skips: int = Field(10, ge=0, description="Skipped steps tolerated before failing.")
+
+
+class CheckpointConfig(_Section):
+    """Atomic checkpoints that make a run resumable."""
+
+    every_steps: int | None = Field(
+        100, ge=1, description="Checkpoint every N steps (None = only at the end)."
+    )
+    keep_last: int = Field(2, ge=1, le=100, description="Checkpoints kept on disk.")
+
+
+class RunConfig(_Section):
+    """Everything one distillation run does. Saved with every run."""
+
+    schema_version: Literal[1] = Field(SCHEMA_VERSION, description="Config schema version.")
+    name: str | None = Field(
+        None, max_length=64, description="Human label; becomes part of the run id."
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for data split, init, batches.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU threads for torch (None = torch's default)."
+    )
+    runs_dir: Path | None = Field(
+        None, description="Run store folder (None = $FOUNDRY_RUNS_DIR or ./runs)."
+    )
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher.")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="Student.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Data.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="Loss.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimisation.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Limits.")
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Checkpoints."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[\w .,+=@-]{1,64}", v):
+            raise ValueError(
+                "may hold letters, digits, spaces and . , + = @ _ - only (it labels files)"
+            )
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict, the form saved with every run."""
+        return json.loads(self.model_dump_json())
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _check_model_source(v: str, field: str, *, builtin: Iterable[str]) -> str:
+    """Accept a built-in name, an existing local folder, or a well-formed hub id."""
+    if "\x00" in v:
+        raise ValueError("contains a NUL byte")
+    if v.startswith("builtin:"):
+        allowed = list(builtin)
+        if v not in allowed:
+            raise ValueError(f"unknown built-in model {v!r}; built-ins here: {allowed or 'none'}")
+        return v
+    if looks_like_path(v):
+        return v
+    if not HUB_ID_RE.fullmatch(v) or ".." in v:
+        raise ValueError(
+            f"{v!r} is neither an existing local folder nor a hub id like 'org/model'"
+        )
+    return v
+
+
+def looks_like_path(v: str) -> bool:
+    """A source names a local path if it exists or is written like one."""
+    if v.startswith((".", "/", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", v):
+        return True
+    return Path(v).expanduser().exists()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, Any] | RunConfig | None = None,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
+) -> RunConfig:
+    """Build a RunConfig from a file, a dict or defaults, then apply overrides.
+
+    Overrides are ``dotted.key=value`` strings (values parsed as YAML scalars,
+    so ``loss.temperature=2`` is a float and ``eval.baseline=false`` a bool)
+    or a mapping of dotted keys to values.
+    """
+    if isinstance(source, RunConfig):
+        data: dict[str, Any] = source.to_dict()
+    elif source is None:
+        data = {}
+    elif isinstance(source, Mapping):
+        data = json.loads(json.dumps(dict(source), default=str))
+    else:
+        data = _read_config_file(Path(source))
+    pairs = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
+    for key, value in pairs:
+        _set_dotted(data, key, value)
+    return validate_config(data)
+
+
+def validate_config(data: Mapping[str, Any]) -> RunConfig:
+    """Validate a plain dict, turning pydantic's errors into one readable ConfigError."""
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"schema_version: {version} is newer than this Foundry understands "
+            f"({SCHEMA_VERSION}); upgrade Foundry or write a version-{SCHEMA_VERSION} config.",
+            field="schema_version",
+        )
+    try:
+        return RunConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        raise _to_config_error(exc) from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``key=value`` and parse the value as a YAML scalar."""
+    if "=" not in text:
+        raise ConfigError(
+            f"override {text!r} must look like section.key=value, e.g. loss.temperature=2",
+            field=text,
+        )
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+        raise ConfigError(f"override key {key!r} is not a dotted field name", field=key)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist", field="config")
+    text = path.read_text(encoding="utf-8")
+    try:
+        loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid: {exc}", field="config") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}",
+            field="config",
+        )
+    return loaded
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"{where} is a value, not a section; cannot set {key}", field=key)
+        node = child
+    node[parts[-1]] = value
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _field_names(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+    """Names allowed at ``path`` (for did-you-mean suggestions)."""
+    current: Any = model
+    for part in path:
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        current = fields[part].annotation
+    return list(getattr(current, "model_fields", {}))
+
+
+def _to_config_error(exc: ValidationError) -> ConfigError:
+    lines: list[str] = []
+    first_field: str | None = None
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        field = ".".join(str(p) for p in loc) or "config"
+        first_field = first_field or field
+        value = err.get("input")
+        if err["type"] == "extra_forbidden":
+            allowed = _field_names(RunConfig, loc[:-1])
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            fix = f"did you mean {'.'.join([*map(str, loc[:-1]), hint[0]])!r}? " if hint else ""
+            lines.append(f"{field}: unknown field; {fix}allowed here: {', '.join(allowed)}")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{field}: {_short(value)} is not allowed ({msg})")
+    return ConfigError("invalid config:\n  " + "\n  ".join(lines), field=first_field)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def json_schema() -> dict[str, Any]:
+    """The config's JSON Schema (what ``foundry schema`` prints)."""
+    schema = RunConfig.model_json_schema()
+    schema["$comment"] = f"Foundry RunConfig schema_version {SCHEMA_VERSION}"
+    return schema
+
+
+__all__ = [
+    "BUILTIN_DATA",
+    "BUILTIN_TEACHER",
+    "SCHEMA_VERSION",
+    "CheckpointConfig",
+    "DataConfig",
+    "EvalConfig",
+    "LimitsConfig",
+    "LossConfig",
+    "OptimConfig",
+    "RunConfig",
+    "StudentConfig",
+    "TeacherBuild",
+    "TeacherConfig",
+    "json_schema",
+    "load_config",
+    "parse_override",
+    "validate_config",
+]

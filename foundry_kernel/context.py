@@ -1,0 +1,102 @@
+"""What a running job sees of its controller: a stop signal, a heartbeat and an event sink.
+
+The training loop, the evaluator and the teacher builder all take a
+``RunContext`` and call ``ctx.check()`` between batches. That single call is
+how cancellation, the whole-run timeout and the step watchdog reach code that
+runs in a worker thread: nothing is killed from outside, the job stops itself
+at the next safe point and leaves no half-written state behind.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from foundry_kernel.errors import RunCancelled, RunTimeout
+
+
+@dataclass(frozen=True)
+class Event:
+    """One progress event. ``kind`` is e.g. 'phase', 'step', 'eval', 'alert', 'log'."""
+
+    kind: str
+    run_id: str
+    payload: dict[str, Any]
+    time: float = field(default_factory=time.time)
+
+
+EventSink = Callable[[Event], None]
+
+
+class RunContext:
+    """Cooperative control for one run, shared by its worker and its controller.
+
+    Thread-safe: ``cancel``/``expire`` may be called from any thread; ``check``
+    and ``heartbeat`` from the worker.
+    """
+
+    def __init__(
+        self,
+        run_id: str = "-",
+        *,
+        sink: EventSink | None = None,
+        deadline: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.run_id = run_id
+        self._sink = sink
+        self._deadline = deadline
+        self._clock = clock
+        self._stop = threading.Event()
+        self._reason: str | None = None
+        self._lock = threading.Lock()
+        self.last_beat = clock()
+        self.phase = "pending"
+
+    # controller side ---------------------------------------------------------
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Ask the job to stop at its next check (idempotent; first reason wins)."""
+        with self._lock:
+            if self._reason is None:
+                self._reason = reason
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def reason(self) -> str | None:
+        return self._reason
+
+    def wait_stop(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds, waking early if a stop is requested."""
+        return self._stop.wait(timeout)
+
+    # worker side -------------------------------------------------------------
+    def check(self) -> None:
+        """Raise RunCancelled/RunTimeout if the job should stop now."""
+        if self._deadline is not None and self._clock() > self._deadline:
+            self.cancel("timed_out")
+        if self._stop.is_set():
+            if self._reason == "timed_out":
+                raise RunTimeout("the run's wall-clock limit (limits.timeout_s) was reached")
+            raise RunCancelled(f"run stopped: {self._reason}")
+
+    def heartbeat(self) -> None:
+        """Mark progress for the step watchdog."""
+        self.last_beat = self._clock()
+
+    def set_phase(self, phase: str, **payload: Any) -> None:
+        self.phase = phase
+        self.heartbeat()
+        self.emit("phase", phase=phase, **payload)
+
+    def emit(self, kind: str, **payload: Any) -> None:
+        """Send an event to the sink (sinks must not raise: they belong to the controller)."""
+        if self._sink is None:
+            return
+        self._sink(Event(kind=kind, run_id=self.run_id, payload=payload))

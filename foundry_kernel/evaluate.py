@@ -1,0 +1,154 @@
+"""Held-out measurements: perplexity, teacher agreement, samples and speed.
+
+Every loop here calls ``ctx.check()`` between batches, so a cancel or timeout
+lands inside a long evaluation too, not only between training steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from foundry_kernel.context import RunContext
+from foundry_kernel.data import TokenBlocks
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[None]:
+    """Mixed precision when asked for, a no-op otherwise."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Align labels with logits: position t predicts token t+1; the last position predicts none.
+
+    Shifting the (small) labels instead of slicing the (huge) logits avoids a
+    full-vocabulary copy per batch.
+    """
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
+def iter_batches(
+    blocks: TokenBlocks, batch_size: int, max_batches: int | None, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    n = len(blocks)
+    limit = math.ceil(n / batch_size) if max_batches is None else max_batches
+    for b, start in enumerate(range(0, n, batch_size)):
+        if b >= limit:
+            return
+        sl = slice(start, start + batch_size)
+        yield (
+            blocks.input_ids[sl].to(device),
+            blocks.attention_mask[sl].to(device),
+            blocks.labels[sl].to(device),
+        )
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: PreTrainedModel,
+    blocks: TokenBlocks,
+    *,
+    batch_size: int,
+    max_batches: int | None = None,
+    ctx: RunContext | None = None,
+    teacher: PreTrainedModel | None = None,
+    vocab_size: int | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Mean cross-entropy and perplexity on held-out blocks, plus agreement/KL with a teacher."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll = kl = agree = 0.0
+    tokens = 0
+    try:
+        for ids, mask, labels in iter_batches(blocks, batch_size, max_batches, device):
+            if ctx is not None:
+                ctx.check()
+            target = shift_labels(labels)
+            valid = target != -100
+            with autocast(device, amp_dtype):
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            logits = logits[..., :vocab_size].float()[valid]
+            tgt = target[valid]
+            nll += F.cross_entropy(logits, tgt, reduction="sum").item()
+            tokens += int(valid.sum())
+            if teacher is not None:
+                with autocast(device, amp_dtype):
+                    t_logits = teacher(input_ids=ids, attention_mask=mask).logits
+                t_logits = t_logits[..., :vocab_size].float()[valid]
+                t_logp = t_logits.log_softmax(-1)
+                s_logp = logits.log_softmax(-1)
+                kl += (t_logp.exp() * (t_logp - s_logp)).sum().item()
+                agree += (t_logits.argmax(-1) == logits.argmax(-1)).sum().item()
+    finally:
+        model.train(was_training)
+    denom = max(tokens, 1)
+    out = {"loss": nll / denom, "ppl": math.exp(min(nll / denom, 50.0)), "tokens": float(tokens)}
+    if teacher is not None:
+        out.update(agreement=agree / denom, kl=kl / denom)
+    return out
+
+
+@torch.no_grad()
+def generate_samples(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    ctx: RunContext | None = None,
+) -> list[str]:
+    """Greedy continuations (deterministic, so runs can be compared side by side)."""
+    device = next(model.parameters()).device
+    outputs = []
+    for prompt in prompts:
+        if ctx is not None:
+            ctx.check()
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        outputs.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    return outputs
+
+
+@torch.no_grad()
+def generation_speed(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    new_tokens: int = 64,
+    repeats: int = 2,
+) -> float:
+    """Greedy decoding tokens/s on this machine (best of ``repeats``, after a warm-up)."""
+    device = next(model.parameters()).device
+    ids = tokenizer("The", return_tensors="pt").input_ids.to(device)
+    kwargs = {
+        "attention_mask": torch.ones_like(ids),
+        "do_sample": False,
+        "pad_token_id": tokenizer.pad_token_id,
+        "min_new_tokens": new_tokens,
+        "max_new_tokens": new_tokens,
+    }
+    model.generate(ids, **{**kwargs, "min_new_tokens": 2, "max_new_tokens": 2})
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = model.generate(ids, **kwargs)
+        produced = out.shape[1] - ids.shape[1]
+        best = max(best, produced / max(time.perf_counter() - t0, 1e-9))
+    return best

@@ -1,0 +1,241 @@
+"""Loading and shaping teachers and students.
+
+Everything that can go wrong when pairing two language models (an unreachable
+hub id, a missing folder, tokenizers that disagree, a padded embedding) is
+turned into a ``ModelError`` that says what to do, before any training starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from foundry_kernel.config import StudentConfig, looks_like_path
+from foundry_kernel.errors import ModelError
+from foundry_kernel.paths import allowed_roots, resolve_within
+
+log = logging.getLogger("foundry.models")
+
+# Config attributes a Llama-style architecture uses for its shape; students
+# built "fresh" override these on a copy of the teacher's config.
+_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and where it came from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+
+    @property
+    def params(self) -> int:
+        return count_params(self.model)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' means CUDA when present; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device='cuda' but no CUDA GPU is visible; set device=cpu or auto")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Weights dtype: bf16 on GPUs that support it, fp32 on CPU (autocast handles speed)."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_causal_lm(
+    source: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
+    field: str = "teacher.source",
+) -> LoadedModel:
+    """``from_pretrained`` on a local folder or a hub id, with errors a user can act on."""
+    local = looks_like_path(source)
+    where: str | Path = source
+    if local:
+        where = resolve_within(source, allowed_roots(), field=field, must_exist=True)
+        if not where.is_dir():
+            raise ModelError(f"{field}: {str(where)!r} is not a model folder")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    kwargs: dict[str, Any] = {"local_files_only": local or offline}
+    if revision and not local:
+        kwargs["revision"] = revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    except OSError as exc:
+        raise ModelError(_load_hint(field, source, local=local, offline=offline, exc=exc)) from exc
+    except ValueError as exc:
+        raise ModelError(f"{field}: {source!r} is not a causal language model: {exc}") from exc
+    model.to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+
+
+def _load_hint(field: str, source: str, *, local: bool, offline: bool, exc: OSError) -> str:
+    if local:
+        return f"{field}: {source!r} is not a loadable model folder ({exc})"
+    why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+    return (
+        f"{field}: could not load hub model {source!r} ({why}). Download it once with "
+        f"network access (it is then cached), or point {field} at a local folder."
+    )
+
+
+def build_student(
+    cfg: StudentConfig, teacher: LoadedModel, *, device: torch.device, seed: int
+) -> LoadedModel:
+    """Make the student the config asks for; it always shares the teacher's tokenizer."""
+    if cfg.init == "pretrained":
+        if cfg.source is None:
+            raise ModelError("student.source: required when student.init='pretrained'")
+        student = load_causal_lm(cfg.source, device=device, field="student.source")
+        check_tokenizers(teacher.tokenizer, student.tokenizer)
+        return student
+    if cfg.init == "from_teacher":
+        model = student_from_teacher(teacher.model, cfg.layers)
+    else:
+        model = fresh_student(teacher.model, cfg, seed=seed)
+    model.to(device=device, dtype=torch.float32)
+    return LoadedModel(model=model, tokenizer=teacher.tokenizer, source=f"{cfg.init}-student")
+
+
+def fresh_student(teacher: PreTrainedModel, cfg: StudentConfig, *, seed: int) -> PreTrainedModel:
+    """A randomly initialised copy of the teacher's architecture at the student's size."""
+    tconf = teacher.config
+    missing = [k for k in _SHAPE_KEYS if not hasattr(tconf, k)]
+    if missing:
+        raise ModelError(
+            f"student.init='fresh' needs a Llama-style teacher config; {type(tconf).__name__} "
+            f"lacks {missing}. Use student.init='pretrained' with student.source instead."
+        )
+    hidden = cfg.hidden_size or tconf.hidden_size
+    heads = cfg.num_heads or tconf.num_attention_heads
+    if hidden % heads:
+        raise ModelError(
+            f"student.hidden_size={hidden} must be divisible by student.num_heads={heads}"
+        )
+    overrides: dict[str, Any] = {
+        "hidden_size": hidden,
+        "num_hidden_layers": cfg.num_layers or tconf.num_hidden_layers,
+        "num_attention_heads": heads,
+        "intermediate_size": cfg.intermediate_size or _mlp_width(hidden),
+    }
+    if hasattr(tconf, "num_key_value_heads"):
+        overrides["num_key_value_heads"] = heads
+    if hasattr(tconf, "head_dim"):
+        overrides["head_dim"] = hidden // heads
+    if getattr(tconf, "layer_types", None) is not None:
+        overrides["layer_types"] = None
+    sconf = AutoConfig.for_model(tconf.model_type, **{**tconf.to_dict(), **overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(sconf, dtype=torch.float32)
+
+
+def _mlp_width(hidden: int) -> int:
+    """Llama's 8/3 x hidden, rounded up to a multiple of 16 for fast matmuls."""
+    return -(-hidden * 8 // 3 // 16) * 16
+
+
+def student_from_teacher(teacher: PreTrainedModel, layers: list[int] | None) -> PreTrainedModel:
+    """Keep a subset of the teacher's decoder layers (DistilBERT/Minitron style)."""
+    stack = _decoder_layers(teacher)
+    n = len(stack)
+    keep = layers if layers is not None else list(range(0, n, 2))
+    bad = [i for i in keep if i >= n]
+    if bad:
+        raise ModelError(f"student.layers: {bad} out of range; the teacher has layers 0..{n - 1}")
+    student = copy.deepcopy(teacher)
+    kept = torch.nn.ModuleList(student.model.layers[i] for i in keep)
+    for new_idx, layer in enumerate(kept):
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_idx
+    student.model.layers = kept
+    student.config.num_hidden_layers = len(keep)
+    if getattr(student.config, "layer_types", None) is not None:
+        student.config.layer_types = [student.config.layer_types[i] for i in keep]
+    return student
+
+
+def _decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    inner = getattr(model, "model", None)
+    stack = getattr(inner, "layers", None)
+    if not isinstance(stack, torch.nn.ModuleList):
+        raise ModelError(
+            f"student.init='from_teacher' needs a model with model.layers; "
+            f"{type(model).__name__} has none. Use init='fresh' or 'pretrained'."
+        )
+    return stack
+
+
+def check_tokenizers(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> None:
+    """Distillation compares distributions token by token: the vocabularies must agree."""
+    tv, sv = teacher.get_vocab(), student.get_vocab()
+    if tv == sv:
+        return
+    only_t = sorted(set(tv) - set(sv))[:5]
+    only_s = sorted(set(sv) - set(tv))[:5]
+    moved = sorted(k for k in set(tv) & set(sv) if tv[k] != sv[k])[:5]
+    raise ModelError(
+        "teacher and student tokenizers differ "
+        f"(sizes {len(tv)} vs {len(sv)}; only in teacher: {only_t}; only in student: {only_s}; "
+        f"different ids: {moved}). Distillation needs one vocabulary: pick a student from the "
+        "teacher's model family, or use student.init='fresh' / 'from_teacher'."
+    )
+
+
+def shared_vocab_size(teacher: LoadedModel, student: LoadedModel) -> int:
+    """Vocabulary the loss compares over, handling padded embedding matrices.
+
+    Model families pad embeddings beyond the tokenizer (e.g. 152064 vs 151936
+    rows); the extra rows are never real tokens, so the loss slices both
+    logits to the tokenizer's size. Anything else is a true mismatch.
+    """
+    n_tok = len(teacher.tokenizer)
+    sizes = {
+        "teacher": teacher.model.get_output_embeddings().weight.shape[0],
+        "student": student.model.get_output_embeddings().weight.shape[0],
+    }
+    small = {k: v for k, v in sizes.items() if v < n_tok}
+    if small:
+        raise ModelError(
+            f"vocabulary mismatch: the tokenizer has {n_tok} tokens but the {list(small)} "
+            f"output layer has only {small}; these models cannot be distilled into each other."
+        )
+    if len(set(sizes.values())) > 1:
+        log.info("padded vocabularies %s; comparing the first %d logits", sizes, n_tok)
+    return n_tok
+

@@ -1,0 +1,200 @@
+"""The embedded default teacher: trained by Foundry itself, then cached.
+
+No model can be downloaded on a machine without internet, yet ``foundry
+distill`` must work out of the box. So the default teacher is a small
+Llama-style model with its own byte-level BPE tokenizer, trained with plain
+cross-entropy by the same ``Trainer`` that distils students, on a corpus every
+Python install carries. The same recipe trains a teacher on any data source,
+so a user can try Foundry end to end on their own domain.
+
+The cache key is the recipe plus a fingerprint of the corpus plus
+``RECIPE_VERSION``: change any of them and a new teacher is built instead of a
+stale one reused. Builds write into a temporary folder that is renamed into
+place only when complete, under a lock file, so two runs never half-build or
+overwrite the same teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from foundry_kernel.atomic import atomic_write_text
+from foundry_kernel.config import DataConfig, TeacherBuild
+from foundry_kernel.context import RunContext
+from foundry_kernel.data import build_data, split_documents
+from foundry_kernel.errors import ModelError
+from foundry_kernel.sources import corpus_fingerprint, load_documents
+from foundry_kernel.tokenizer import train_bpe_tokenizer
+from foundry_kernel.train import MetricsSink, Trainer, TrainPlan
+
+log = logging.getLogger("foundry.teacher")
+RECIPE_VERSION = 1
+MARKER = "foundry-teacher.json"
+LOCK_STALE_S = 3600.0
+
+
+def teacher_data_config(build: TeacherBuild) -> DataConfig:
+    """The data section a built teacher was trained on (shared with default runs)."""
+    return DataConfig(source=build.data, seq_len=build.seq_len, max_documents=build.max_documents)
+
+
+def teacher_key(build: TeacherBuild, fingerprint: str) -> str:
+    recipe = {"recipe_version": RECIPE_VERSION, "build": build.model_dump(), "corpus": fingerprint}
+    blob = json.dumps(recipe, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def ensure_builtin_teacher(
+    build: TeacherBuild,
+    *,
+    cache_dir: Path,
+    ctx: RunContext,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    on_metrics: MetricsSink | None = None,
+) -> Path:
+    """Path of a ready teacher for ``build``; trains and caches it when absent."""
+    docs = load_documents(teacher_data_config(build))
+    key = teacher_key(build, corpus_fingerprint(docs))
+    final = cache_dir / "teachers" / key
+    if (final / MARKER).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _BuildLock(final.parent / f"{key}.lock", ctx):
+        if (final / MARKER).is_file():  # another process finished it while we waited
+            return final
+        _build(build, docs, final, ctx=ctx, device=device, amp_dtype=amp_dtype,
+               on_metrics=on_metrics or (lambda step, values: None))
+    return final
+
+
+def _build(
+    build: TeacherBuild,
+    docs: list[Any],
+    final: Path,
+    *,
+    ctx: RunContext,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    on_metrics: MetricsSink,
+) -> None:
+    ctx.set_phase("teacher_build", steps=build.steps)
+    t0 = time.perf_counter()
+    data_cfg = teacher_data_config(build)
+    # Split first so the tokenizer never sees held-out text either.
+    train_docs, _, _ = split_documents(
+        docs,
+        val_fraction=data_cfg.val_fraction,
+        seed=data_cfg.split_seed,
+        overlap_chars=data_cfg.overlap_chars,
+    )
+    tokenizer = train_bpe_tokenizer((d.text for d in train_docs), build.vocab_size)
+    data = build_data(data_cfg, tokenizer, seed=data_cfg.split_seed, docs=docs)
+    model = _fresh_teacher(build, tokenizer, device)
+    plan = TrainPlan(
+        max_steps=build.steps,
+        batch_size=build.batch_size,
+        lr=build.lr,
+        warmup_steps=min(30, build.steps // 10),
+        amp_dtype=amp_dtype,
+        eval_every=max(build.steps // 4, 1),
+        eval_max_batches=20,
+    )
+    result = Trainer(model, data, plan, ctx=ctx, on_metrics=on_metrics, prefix="teacher_build/").fit()
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    record = {
+        "recipe_version": RECIPE_VERSION,
+        "build": build.model_dump(),
+        "params": sum(p.numel() for p in model.parameters()),
+        "build_seconds": round(time.perf_counter() - t0, 1),
+        "val": result,
+        "data": data.report,
+        "train_doc_ids": sorted(d.doc_id for d in train_docs),
+    }
+    atomic_write_text(tmp / MARKER, json.dumps(record, indent=1))
+    os.replace(tmp, final)
+    log.info("built teacher %s in %.0f s (val ppl %.1f)", final.name, record["build_seconds"],
+             result.get("val/ppl", float("nan")))
+
+
+def _fresh_teacher(build: TeacherBuild, tokenizer: Any, device: torch.device) -> LlamaForCausalLM:
+    if build.hidden_size % build.num_heads:
+        raise ModelError("teacher.build.hidden_size must be divisible by teacher.build.num_heads")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=build.hidden_size,
+        intermediate_size=-(-build.hidden_size * 8 // 3 // 16) * 16,
+        num_hidden_layers=build.num_layers,
+        num_attention_heads=build.num_heads,
+        num_key_value_heads=build.num_heads,
+        max_position_embeddings=max(build.seq_len, 512),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    return model.to(device)
+
+
+def read_teacher_record(path: Path) -> dict[str, Any] | None:
+    """The build record of a Foundry-built teacher, None for other models."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return None
+    return json.loads(marker.read_text(encoding="utf-8"))
+
+
+class _BuildLock:
+    """An exclusive lock file; waits (checking for cancel) while another build holds it."""
+
+    def __init__(self, path: Path, ctx: RunContext) -> None:
+        self.path = path
+        self.ctx = ctx
+
+    def __enter__(self) -> None:
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self._stale():
+                    self.path.unlink(missing_ok=True)
+                    continue
+                self.ctx.check()
+                self.ctx.wait_stop(1.0)
+                continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return
+
+    def _stale(self) -> bool:
+        """A lock left by a killed process: its owner is gone or it is very old."""
+        try:
+            pid = int(self.path.read_text() or "0")
+            age = time.time() - self.path.stat().st_mtime
+        except (OSError, ValueError):
+            return False
+        return age > LOCK_STALE_S or not _pid_alive(pid)
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    return pid > 0 and psutil.pid_exists(pid)

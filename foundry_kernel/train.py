@@ -1,0 +1,326 @@
+"""The training loop: one class a reader can hold in their head.
+
+``Trainer.fit`` trains a student by distillation from a teacher, or by plain
+cross-entropy when there is no teacher (the teacher build and the CE-only
+baseline use the very same loop). It reports through a metrics callback and
+the run context's events, never by printing, and it checkpoints everything
+needed for a resumed run to follow exactly the trajectory of an
+uninterrupted one: weights, AdamW state, batch position and RNG.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from foundry_kernel.checkpoint import load_latest, save_checkpoint
+from foundry_kernel.config import RunConfig
+from foundry_kernel.context import RunContext
+from foundry_kernel.data import BatchSampler, DataBundle
+from foundry_kernel.errors import DivergenceError
+from foundry_kernel.evaluate import autocast, evaluate_lm, shift_labels
+from foundry_kernel.losses import LossSpec, distillation_loss
+
+log = logging.getLogger("foundry.train")
+MetricsSink = Callable[[int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """The knobs of one training phase, independent of where they came from."""
+
+    max_steps: int
+    batch_size: int
+    grad_accum: int = 1
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    amp_dtype: torch.dtype | None = None
+    gradient_checkpointing: bool = False
+    loss: LossSpec | None = None  # None: plain cross-entropy (no teacher needed)
+    eval_every: int = 100
+    eval_max_batches: int | None = None
+    ckpt_every: int | None = None
+    keep_last: int = 2
+    on_nonfinite: str = "fail"
+    max_skips: int = 10
+    seed: int = 0
+
+    @classmethod
+    def from_config(
+        cls, cfg: RunConfig, *, distill: bool, amp_dtype: torch.dtype | None
+    ) -> TrainPlan:
+        o, lo = cfg.optim, cfg.loss
+        spec = None
+        if distill:
+            spec = LossSpec(
+                kind=lo.kind,
+                beta=lo.beta,
+                jsd_normalized=lo.jsd_normalized,
+                skew_alpha=lo.skew_alpha,
+                temperature=lo.temperature,
+                scale_by_t2=lo.scale_by_t2,
+                ce_weight=lo.ce_weight,
+                chunk_tokens=lo.chunk_tokens,
+            )
+        return cls(
+            max_steps=cfg.limits.max_steps,
+            batch_size=o.batch_size,
+            grad_accum=o.grad_accum,
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            betas=(o.beta1, o.beta2),
+            warmup_steps=o.warmup_steps,
+            min_lr_ratio=o.min_lr_ratio,
+            max_grad_norm=o.max_grad_norm,
+            amp_dtype=amp_dtype,
+            gradient_checkpointing=o.gradient_checkpointing,
+            loss=spec,
+            eval_every=cfg.eval.every_steps,
+            eval_max_batches=cfg.eval.max_batches,
+            ckpt_every=cfg.checkpoint.every_steps,
+            keep_last=cfg.checkpoint.keep_last,
+            on_nonfinite=cfg.limits.on_nonfinite,
+            max_skips=cfg.limits.max_skips,
+            seed=cfg.seed,
+        )
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up then cosine decay to ``min_lr_ratio``; a pure function of the step."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(self.max_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+
+
+class Trainer:
+    """Trains ``model`` on ``data.train`` under ``plan``; evaluates on ``data.val``."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        data: DataBundle,
+        plan: TrainPlan,
+        *,
+        ctx: RunContext,
+        on_metrics: MetricsSink,
+        teacher: PreTrainedModel | None = None,
+        vocab_size: int | None = None,
+        ckpt_dir: Path | None = None,
+        prefix: str = "",
+    ) -> None:
+        if plan.loss is not None and teacher is None:
+            raise ValueError("a distillation plan needs a teacher")
+        self.model = model
+        self.data = data
+        self.plan = plan
+        self.ctx = ctx
+        self.on_metrics = on_metrics
+        self.teacher = teacher
+        self.vocab_size = vocab_size
+        self.ckpt_dir = ckpt_dir
+        self.prefix = prefix
+        self.device = next(model.parameters()).device
+        self.step = 0
+        self.skipped = 0
+        self.sampler = BatchSampler(len(data.train), plan.batch_size, seed=plan.seed)
+        self.optimizer = self._make_optimizer()
+        self.last_eval: dict[str, float] = {}
+        if plan.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; norms and biases (1-D tensors) are not decayed."""
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": self.plan.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        fused_ok = self.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=self.plan.lr, betas=self.plan.betas, fused=fused_ok)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "skipped": self.skipped,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": torch.random.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.random.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.skipped = int(state["skipped"])
+
+    def checkpoint(self) -> None:
+        if self.ckpt_dir is not None:
+            save_checkpoint(self.ckpt_dir, self.step, self.state_dict(), keep_last=self.plan.keep_last)
+
+    def try_resume(self) -> bool:
+        """Continue from the newest checkpoint if there is one."""
+        if self.ckpt_dir is None:
+            return False
+        state = load_latest(self.ckpt_dir)
+        if state is None:
+            return False
+        self.load_state_dict(state)
+        log.info("resumed %s at step %d", self.prefix or "training", self.step)
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, *, resume: bool = False) -> dict[str, float]:
+        """Train to ``plan.max_steps``; returns the final validation metrics."""
+        if resume:
+            self.try_resume()
+        self.model.train()
+        while self.step < self.plan.max_steps:
+            self.ctx.check()
+            t0 = time.perf_counter()
+            metrics = self._train_step()
+            self.ctx.heartbeat()
+            if metrics is None:
+                continue
+            metrics["tokens_per_s"] = metrics.pop("tokens") / max(time.perf_counter() - t0, 1e-9)
+            self.step += 1
+            if self.step % self.plan.eval_every == 0 or self.step == self.plan.max_steps:
+                metrics.update(self.evaluate())
+            self._report(metrics)
+            every = self.plan.ckpt_every
+            if every and self.step % every == 0 and self.step < self.plan.max_steps:
+                self.checkpoint()
+        self.checkpoint()
+        return self.last_eval
+
+    def evaluate(self) -> dict[str, float]:
+        result = evaluate_lm(
+            self.model,
+            self.data.val,
+            batch_size=self.plan.batch_size,
+            max_batches=self.plan.eval_max_batches,
+            ctx=self.ctx,
+            teacher=self.teacher,
+            vocab_size=self.vocab_size,
+            amp_dtype=self.plan.amp_dtype,
+        )
+        self.model.train()
+        result.pop("tokens", None)
+        self.last_eval = {f"val/{k}": v for k, v in result.items()}
+        return dict(self.last_eval)
+
+    def _report(self, metrics: dict[str, float]) -> None:
+        named = {f"{self.prefix}{k}": v for k, v in metrics.items()}
+        self.on_metrics(self.step, named)
+        self.ctx.emit("step", step=self.step, max_steps=self.plan.max_steps, prefix=self.prefix,
+                      metrics=named)
+
+    def _train_step(self) -> dict[str, float] | None:
+        """One optimizer step over ``grad_accum`` micro-batches; None if it was skipped."""
+        plan = self.plan
+        lr = plan.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = [self.sampler.next_indices() for _ in range(plan.grad_accum)]
+        labels = [shift_labels(self.data.train.labels[idx]) for idx in batches]
+        n_valid = max(sum(int((lab != -100).sum()) for lab in labels), 1)
+        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+        tokens = 0
+        for idx, target in zip(batches, labels, strict=True):
+            self.ctx.check()
+            ids = self.data.train.input_ids[idx].to(self.device)
+            mask = self.data.train.attention_mask[idx].to(self.device)
+            target = target.to(self.device)
+            parts = self._micro_step(ids, mask, target, n_valid)
+            for k, v in parts.items():
+                totals[k] += v
+            tokens += int(mask.sum())
+        grad_norm = self._clip()
+        bad = self._nonfinite(totals, grad_norm)
+        if bad is not None:
+            return self._handle_nonfinite(bad, totals)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {f"train/{k}": v for k, v in totals.items() if plan.loss is not None or k != "kd"}
+        out.update({"train/lr": lr, "train/grad_norm": grad_norm, "tokens": float(tokens)})
+        return out
+
+    def _micro_step(
+        self, ids: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, n_valid: int
+    ) -> dict[str, float]:
+        with autocast(self.device, self.plan.amp_dtype):
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+        if self.plan.loss is None:
+            flat = logits[..., : self.vocab_size].float().flatten(0, 1)
+            loss = F.cross_entropy(flat, target.flatten(), ignore_index=-100, reduction="sum")
+            loss = loss / n_valid
+            loss.backward()
+            value = loss.item()
+            return {"loss": value, "ce": value}
+        with torch.no_grad(), autocast(self.device, self.plan.amp_dtype):
+            t_logits = self.teacher(input_ids=ids, attention_mask=mask).logits  # type: ignore[misc]
+        out = distillation_loss(
+            logits,
+            t_logits,
+            target,
+            self.plan.loss,
+            num_valid_tokens=n_valid,
+            vocab_size=self.vocab_size,
+        )
+        out.total.backward()
+        return {"loss": out.total.item(), "kd": out.kd.item(), "ce": out.ce.item()}
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.plan.max_grad_norm or float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    @staticmethod
+    def _nonfinite(totals: dict[str, float], grad_norm: float) -> str | None:
+        for name, value in totals.items():
+            if not math.isfinite(value):
+                return f"{name} loss"
+        if not math.isfinite(grad_norm):
+            return "gradient"
+        return None
+
+    def _handle_nonfinite(self, component: str, totals: dict[str, float]) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        where = f"{self.prefix}step {self.step + 1}"
+        if self.plan.on_nonfinite == "skip" and self.skipped < self.plan.max_skips:
+            self.skipped += 1
+            self.ctx.emit("alert", level="warning", step=self.step + 1, component=component,
+                          message=f"non-finite {component} at {where}; step skipped "
+                                  f"({self.skipped}/{self.plan.max_skips})")
+            return None
+        values = ", ".join(f"{k}={v:.4g}" for k, v in totals.items())
+        raise DivergenceError(
+            f"training diverged: non-finite {component} at {where} ({values}). Lower optim.lr, "
+            "keep optim.max_grad_norm set, or set limits.on_nonfinite=skip.",
+            step=self.step + 1,
+            component=component,
+        )
