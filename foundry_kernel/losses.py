@@ -1,0 +1,734 @@
+"""Distillation losses: the divergences the anchors define, computed memory-lean.
+
+Notation: ``p`` is the teacher distribution and ``q`` the student's, both
+``softmax(logits / temperature)``. Every divergence is summed over the vocabulary
+per token, then summed over *valid* tokens and divided by a normalizer (see
+:func:`distillation_loss`).
+
+Three entry points:
+
+* :func:`token_divergence` - the plain reference path. Dense torch ops, autograd for
+  gradients. It exists so the fast paths have something independent to be checked
+  against and for small inputs.
+* :func:`distillation_loss` - the production path over precomputed logits. It works on
+  ``spec.chunk_tokens`` valid rows at a time inside a custom autograd function that
+  computes the loss *and its analytic gradient* in the forward pass, and keeps only that
+  gradient (in the student logits' dtype) for backward. The fp32 full-vocabulary
+  log-probabilities of teacher and student therefore exist for one chunk at a time,
+  instead of the five or six ``[tokens, vocab]`` fp32 tensors autograd would keep.
+* :func:`fused_linear_distillation_loss` - as above, but it also owns the student's
+  ``lm_head`` projection, so full student logits never exist at all (Liger-style).
+
+Gradients used by the chunked paths, with ``z = student_logits / tau`` and, for any
+per-element "gradient wrt probabilities" ``g``, the softmax Jacobian
+``dL/dz = q * (g - <q, g>)``:
+
+* forward KL ``KL(p||q)``:        ``dL/dz = q - p``
+* reverse KL ``KL(q||p)``:        ``g = log q - log p``
+* JSD(beta), ``m = beta p + (1-beta) q``: ``g = (1 - beta) (log q - log m)``
+  (the terms from ``dm/dq`` cancel exactly)
+* skew forward, ``m = a p + (1-a) q``: ``g = -(1 - a) p / m``
+* skew reverse, ``m = (1-a) p + a q``: ``g = log q - log m - a q / m``
+* TVD ``1/2 sum |p - q|``:         ``g = 1/2 sign(q - p)`` (subgradient 0 at ties)
+* hard-label CE at tau=1:         ``dL/dlogits = softmax(logits) - onehot(label)``
+
+and ``dL/dlogits = dL/dz / tau``; the tau**2 option multiplies the KD term (value and
+gradient) by ``tau**2``, which is why Hinton added it: it cancels the ``1/tau**2`` that
+softening puts on the KD gradient, keeping it on the scale of the CE gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor
+
+from foundry_kernel.errors import ConfigError
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LossKind",
+    "LossOutput",
+    "LossSpec",
+    "distillation_loss",
+    "fused_linear_distillation_loss",
+    "token_divergence",
+]
+
+LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+_KINDS: tuple[str, ...] = get_args(LossKind)
+
+IGNORE_INDEX = -100
+"""Label value that marks a position as not trained on (prompt or padding), as in HF/TRL."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What to compute. Validated on construction so a bad config fails before any model loads.
+
+    ``jsd_normalized``: the interior of the generalized JSD behaves like
+    ``beta * KL(p||q)`` as beta -> 0 and like ``(1 - beta) * KL(q||p)`` as beta -> 1, so it
+    tends to 0 at both ends while the endpoints are special-cased to the full KLs: the
+    curve jumps. Dividing the interior by ``beta * (1 - beta)`` removes the jump: the
+    normalized interior tends to ``KL(p||q)`` as beta -> 0 and to ``KL(q||p)`` as beta -> 1
+    (first-order expansion of ``m`` around ``q`` resp. ``p``; the other KL term is
+    ``O(beta**2)`` resp. ``O((1 - beta)**2)``). At beta = 1/2 it is 4x the plain JSD. The
+    endpoints themselves are unchanged.
+    """
+
+    kind: LossKind = "forward_kl"
+    beta: float = 0.5
+    jsd_normalized: bool = False
+    skew_alpha: float = 0.1
+    temperature: float = 1.0
+    scale_by_t2: bool = False
+    ce_weight: float = 0.0
+    chunk_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ConfigError(
+                f"unknown loss kind {self.kind!r}; expected one of {', '.join(_KINDS)}",
+                field="loss.kind",
+            )
+        _check_range("beta", self.beta, 0.0, 1.0, closed=True)
+        _check_range("skew_alpha", self.skew_alpha, 0.0, 1.0, closed=False)
+        _check_range("ce_weight", self.ce_weight, 0.0, 1.0, closed=True)
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(
+                f"temperature must be a positive finite number, got {self.temperature!r}",
+                field="loss.temperature",
+            )
+        if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int):
+            raise ConfigError(
+                f"chunk_tokens must be an integer, got {self.chunk_tokens!r}",
+                field="loss.chunk_tokens",
+            )
+        if self.chunk_tokens < 1:
+            raise ConfigError(
+                f"chunk_tokens must be >= 1, got {self.chunk_tokens}", field="loss.chunk_tokens"
+            )
+
+    @property
+    def kd_scale(self) -> float:
+        """Factor on the KD term: tau**2 when Hinton's scaling is on, else 1."""
+        return self.temperature**2 if self.scale_by_t2 else 1.0
+
+
+def _check_range(name: str, value: float, low: float, high: float, *, closed: bool) -> None:
+    """Reject out-of-range mixing weights early; NaN fails both comparisons and is rejected."""
+    ok = low <= value <= high if closed else low < value < high
+    if not ok:
+        brackets = ("[", "]") if closed else ("(", ")")
+        raise ConfigError(
+            f"{name} must be in {brackets[0]}{low}, {high}{brackets[1]}, got {value!r}",
+            field=f"loss.{name}",
+        )
+
+
+@dataclass
+class LossOutput:
+    """Result of one loss call.
+
+    ``total`` carries the gradient; ``kd`` (already multiplied by tau**2 when
+    ``scale_by_t2``, before the ``1 - ce_weight`` weight) and ``ce`` are detached, for
+    logging. All three are divided by the same normalizer, so under gradient
+    accumulation with a global ``num_valid_tokens`` they sum across micro-batches.
+    """
+
+    total: Tensor
+    kd: Tensor
+    ce: Tensor
+    n_tokens: int
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """fp32 for everything (bf16/fp16 softmax over 100k entries is too coarse); fp64 stays fp64
+    so tests can check gradients to ~1e-12."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _log_mix(log_a: Tensor, w_a: float, log_b: Tensor, w_b: float) -> Tensor:
+    """``log(w_a * a + w_b * b)`` in log space, so tiny probabilities do not underflow.
+
+    When autograd is recording, entries where both inputs are ``-inf`` (vocabulary
+    entries masked out in both models) are routed around ``logaddexp``: its backward
+    there is ``0 * nan = nan``, which would poison the student's gradient.
+    """
+    la = log_a + math.log(w_a)
+    lb = log_b + math.log(w_b)
+    if not (torch.is_grad_enabled() and (la.requires_grad or lb.requires_grad)):
+        return torch.logaddexp(la, lb)
+    both_empty = torch.isneginf(la) & torch.isneginf(lb)
+    mixed = torch.logaddexp(la.masked_fill(both_empty, 0.0), lb.masked_fill(both_empty, 0.0))
+    return mixed.masked_fill(both_empty, -math.inf)
+
+
+def _guarded_log_ratio(w: Tensor, log_a: Tensor, log_b: Tensor) -> Tensor:
+    """``log_a - log_b`` where ``w > 0``, else 0: the convention ``0 * log 0 = 0``.
+
+    Masked vocabulary entries (``-inf`` logits) otherwise give ``-inf - -inf = nan``. The
+    ``where`` sits *before* any multiplication so autograd never sees ``0 * inf`` either.
+    """
+    return torch.where(w > 0, log_a - log_b, 0.0)
+
+
+def _kl_rows(w: Tensor, log_w: Tensor, log_other: Tensor) -> Tensor:
+    """Per-row ``sum_v w * (log w - log other)`` with ``0 * log 0 = 0``."""
+    return (w * _guarded_log_ratio(w, log_w, log_other)).sum(-1)
+
+
+def _resolve_vocab(student_vocab: int, teacher_vocab: int, vocab_size: int | None) -> int:
+    """Pick the vocabulary width both sides are compared over.
+
+    Models are often saved with the embedding padded past the tokenizer (e.g. 152064 vs
+    151936 within one family); the extra rows are never real tokens, so slicing both to
+    the tokenizer's size is exact. A mismatch without ``vocab_size`` is refused rather than
+    guessed, because slicing two truly different vocabularies compares unrelated tokens.
+    """
+    if vocab_size is None:
+        if student_vocab != teacher_vocab:
+            raise ConfigError(
+                f"student vocabulary ({student_vocab}) and teacher vocabulary ({teacher_vocab}) "
+                "differ; if one model's embedding is padded beyond the shared tokenizer, pass "
+                "vocab_size=<tokenizer vocabulary size> to compare the first vocab_size logits",
+                field="loss.vocab_size",
+            )
+        return student_vocab
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ConfigError(
+            f"vocab_size must be a positive integer, got {vocab_size!r}", field="loss.vocab_size"
+        )
+    if vocab_size > min(student_vocab, teacher_vocab):
+        raise ConfigError(
+            f"vocab_size={vocab_size} exceeds the logits' width (student {student_vocab}, "
+            f"teacher {teacher_vocab})",
+            field="loss.vocab_size",
+        )
+    return vocab_size
+
+
+# --------------------------------------------------------------------------- plain reference path
+
+
+def _forward_kl(log_q: Tensor, log_p: Tensor, spec: LossSpec) -> Tensor:
+    return _kl_rows(log_p.exp(), log_p, log_q)
+
+
+def _reverse_kl(log_q: Tensor, log_p: Tensor, spec: LossSpec) -> Tensor:
+    return _kl_rows(log_q.exp(), log_q, log_p)
+
+
+def _jsd(log_q: Tensor, log_p: Tensor, spec: LossSpec) -> Tensor:
+    beta = spec.beta
+    if beta == 0.0:
+        return _forward_kl(log_q, log_p, spec)
+    if beta == 1.0:
+        return _reverse_kl(log_q, log_p, spec)
+    log_m = _log_mix(log_q, 1.0 - beta, log_p, beta)
+    value = beta * _kl_rows(log_p.exp(), log_p, log_m) + (1.0 - beta) * _kl_rows(
+        log_q.exp(), log_q, log_m
+    )
+    return value / (beta * (1.0 - beta)) if spec.jsd_normalized else value
+
+
+def _skew_forward_kl(log_q: Tensor, log_p: Tensor, spec: LossSpec) -> Tensor:
+    alpha = spec.skew_alpha
+    log_m = _log_mix(log_p, alpha, log_q, 1.0 - alpha)
+    return _kl_rows(log_p.exp(), log_p, log_m)
+
+
+def _skew_reverse_kl(log_q: Tensor, log_p: Tensor, spec: LossSpec) -> Tensor:
+    alpha = spec.skew_alpha
+    log_m = _log_mix(log_p, 1.0 - alpha, log_q, alpha)
+    return _kl_rows(log_q.exp(), log_q, log_m)
+
+
+def _tvd(log_q: Tensor, log_p: Tensor, spec: LossSpec) -> Tensor:
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+_PLAIN: dict[str, Callable[[Tensor, Tensor, LossSpec], Tensor]] = {
+    "forward_kl": _forward_kl,
+    "reverse_kl": _reverse_kl,
+    "jsd": _jsd,
+    "skew_forward_kl": _skew_forward_kl,
+    "skew_reverse_kl": _skew_reverse_kl,
+    "tvd": _tvd,
+}
+
+
+def _tempered_log_probs(logits: Tensor, temperature: float) -> Tensor:
+    """``log_softmax(logits / tau)`` in the compute dtype."""
+    z = logits.to(_compute_dtype(logits))
+    if temperature != 1.0:
+        z = z / temperature
+    return torch.log_softmax(z, dim=-1)
+
+
+def token_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    spec: LossSpec,
+    *,
+    vocab_size: int | None = None,
+) -> Tensor:
+    """Per-token divergence ``D(p, q)`` of ``spec.kind`` at ``spec.temperature``: shape ``[...]``.
+
+    The plain path: dense ops, differentiable by autograd, memory ~6 fp32 copies of the
+    logits. It deliberately excludes the tau**2 factor, the CE term and any reduction, so
+    it is the bare divergence the anchors write down; :func:`distillation_loss` adds those.
+    """
+    v = _resolve_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
+    _check_leading_shapes(student_logits.shape[:-1], teacher_logits.shape[:-1], "teacher_logits")
+    log_q = _tempered_log_probs(student_logits[..., :v], spec.temperature)
+    log_p = _tempered_log_probs(teacher_logits[..., :v].detach(), spec.temperature)
+    return _PLAIN[spec.kind](log_q, log_p, spec)
+
+
+# --------------------------------------------------------------------------- analytic kernels
+# Each returns (per-row value [c], dL/dz [c, V]) with z = student_logits / tau.
+
+
+def _softmax_backward(q: Tensor, g: Tensor) -> Tensor:
+    """``q * (g - <q, g>)``: pull a gradient wrt probabilities back through softmax, in place
+    on ``g`` (callers hand over a temporary). Entries with ``q == 0`` get exactly 0."""
+    inner = torch.linalg.vecdot(q, g, dim=-1).unsqueeze(-1)
+    return g.sub_(inner).mul_(q)
+
+
+def _grad_forward_kl(log_q: Tensor, log_p: Tensor, spec: LossSpec) -> tuple[Tensor, Tensor]:
+    p = log_p.exp()
+    value = _kl_rows(p, log_p, log_q)
+    return value, log_q.exp().sub_(p)
+
+
+def _grad_reverse_kl(log_q: Tensor, log_p: Tensor, spec: LossSpec) -> tuple[Tensor, Tensor]:
+    q = log_q.exp()
+    r = _guarded_log_ratio(q, log_q, log_p)
+    value = torch.linalg.vecdot(q, r, dim=-1)
+    return value, _softmax_backward(q, r)
+
+
+def _grad_jsd(log_q: Tensor, log_p: Tensor, spec: LossSpec) -> tuple[Tensor, Tensor]:
+    beta = spec.beta
+    if beta == 0.0:
+        return _grad_forward_kl(log_q, log_p, spec)
+    if beta == 1.0:
+        return _grad_reverse_kl(log_q, log_p, spec)
+    log_m = _log_mix(log_q, 1.0 - beta, log_p, beta)
+    q = log_q.exp()
+    r_q = _guarded_log_ratio(q, log_q, log_m)
+    value = beta * _kl_rows(log_p.exp(), log_p, log_m)
+    value += (1.0 - beta) * torch.linalg.vecdot(q, r_q, dim=-1)
+    grad = _softmax_backward(q, r_q.mul_(1.0 - beta))
+    if spec.jsd_normalized:
+        norm = beta * (1.0 - beta)
+        value /= norm
+        grad /= norm
+    return value, grad
+
+
+def _grad_skew_forward_kl(log_q: Tensor, log_p: Tensor, spec: LossSpec) -> tuple[Tensor, Tensor]:
+    alpha = spec.skew_alpha
+    log_m = _log_mix(log_p, alpha, log_q, 1.0 - alpha)
+    p = log_p.exp()
+    r_p = _guarded_log_ratio(p, log_p, log_m)
+    value = torch.linalg.vecdot(p, r_p, dim=-1)
+    # p / m = exp(log p - log m) is bounded by 1 / alpha; 0 where p == 0 (r_p guarded to 0).
+    ratio = r_p.exp_().mul_(p > 0)
+    return value, _softmax_backward(log_q.exp(), ratio.mul_(-(1.0 - alpha)))
+
+
+def _grad_skew_reverse_kl(log_q: Tensor, log_p: Tensor, spec: LossSpec) -> tuple[Tensor, Tensor]:
+    alpha = spec.skew_alpha
+    log_m = _log_mix(log_p, 1.0 - alpha, log_q, alpha)
+    q = log_q.exp()
+    r_q = _guarded_log_ratio(q, log_q, log_m)
+    value = torch.linalg.vecdot(q, r_q, dim=-1)
+    # g = log q - log m - alpha * q / m; where q == 0 the softmax Jacobian zeroes it anyway.
+    g = r_q.exp().mul_(-alpha).add_(r_q)
+    return value, _softmax_backward(q, g)
+
+
+def _grad_tvd(log_q: Tensor, log_p: Tensor, spec: LossSpec) -> tuple[Tensor, Tensor]:
+    q = log_q.exp()
+    diff = q - log_p.exp()
+    value = 0.5 * diff.abs().sum(-1)
+    return value, _softmax_backward(q, diff.sign_().mul_(0.5))
+
+
+_ANALYTIC: dict[str, Callable[[Tensor, Tensor, LossSpec], tuple[Tensor, Tensor]]] = {
+    "forward_kl": _grad_forward_kl,
+    "reverse_kl": _grad_reverse_kl,
+    "jsd": _grad_jsd,
+    "skew_forward_kl": _grad_skew_forward_kl,
+    "skew_reverse_kl": _grad_skew_reverse_kl,
+    "tvd": _grad_tvd,
+}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a chunked forward needs besides the tensors autograd must see."""
+
+    spec: LossSpec
+    rows: tuple[Tensor, ...]  # index tensors (one per leading dim) of the valid positions
+    targets: Tensor  # [M] labels of the valid positions
+    vocab: int
+    normalizer: float
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.targets.numel())
+
+    @property
+    def kd_coef(self) -> float:
+        """d total / d (per-token KD value)."""
+        return (1.0 - self.spec.ce_weight) * self.spec.kd_scale / self.normalizer
+
+    @property
+    def ce_coef(self) -> float:
+        """d total / d (per-token CE value)."""
+        return self.spec.ce_weight / self.normalizer
+
+    def chunks(self) -> Iterator[tuple[tuple[Tensor, ...], Tensor]]:
+        """Yield (row indices, targets) for ``spec.chunk_tokens`` valid rows at a time."""
+        size = self.spec.chunk_tokens
+        for start in range(0, self.n_rows, size):
+            stop = start + size
+            yield tuple(i[start:stop] for i in self.rows), self.targets[start:stop]
+
+
+def _chunk_loss_and_grad(
+    student: Tensor, teacher: Tensor, targets: Tensor, plan: _Plan, *, with_grad: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """KD sum, CE sum and d total / d student_logits for one chunk ``[c, V]`` of valid rows.
+
+    The returned gradient already includes every coefficient (1 - ce_weight, tau**2,
+    1/tau, 1/normalizer, ce_weight), so callers only copy or project it.
+    """
+    spec = plan.spec
+    tau = spec.temperature
+    s = student.to(_compute_dtype(student))
+    # Hard-label CE at tau = 1, always computed for logging: logsumexp - logit[label].
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    ce_sum = (lse.squeeze(-1) - s.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).sum()
+    # At tau = 1 the CE normalizer is the student's log-partition: reuse it.
+    log_q = s - lse if tau == 1.0 else torch.log_softmax(s / tau, dim=-1)
+    log_p = _tempered_log_probs(teacher, tau)
+    if not with_grad:
+        return _PLAIN[spec.kind](log_q, log_p, spec).sum(), ce_sum, None
+    value, grad = _ANALYTIC[spec.kind](log_q, log_p, spec)
+    del log_q, log_p
+    grad.mul_(plan.kd_coef / tau)
+    if plan.ce_coef > 0.0:
+        grad.add_(s.sub(lse).exp_(), alpha=plan.ce_coef)
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        grad[rows, targets] -= plan.ce_coef
+    return value.sum(), ce_sum, grad
+
+
+def _finish(plan: _Plan, kd_sum: Tensor, ce_sum: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Turn the accumulated sums into (total, kd, ce) scalars."""
+    kd = kd_sum * (plan.spec.kd_scale / plan.normalizer)
+    ce = ce_sum / plan.normalizer
+    w = plan.spec.ce_weight
+    total = (1.0 - w) * kd + w * ce
+    return total, kd, ce
+
+
+def _scale_grad(grad: Tensor | None, grad_output: Tensor) -> Tensor | None:
+    """Apply the upstream scalar; skip the copy in the usual case where it is exactly 1."""
+    if grad is None:
+        return None
+    if torch.equal(grad_output, torch.ones_like(grad_output)):
+        return grad
+    return grad * grad_output.to(grad.dtype)
+
+
+# --------------------------------------------------------------------------- chunked logits path
+
+
+class _ChunkedDistillation(torch.autograd.Function):
+    """Loss over precomputed logits; the gradient is made in forward, chunk by chunk.
+
+    Only the gradient wrt the student logits (same shape and dtype as them) is saved;
+    the teacher never receives a gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, student: Tensor, teacher: Tensor, plan: _Plan
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        with_grad = student.requires_grad
+        grad = (
+            torch.zeros_like(student, memory_format=torch.contiguous_format) if with_grad else None
+        )
+        cdt = _compute_dtype(student)
+        kd_sum = torch.zeros((), dtype=cdt, device=student.device)
+        ce_sum = torch.zeros((), dtype=cdt, device=student.device)
+        s_view, t_view = student[..., : plan.vocab], teacher[..., : plan.vocab]
+        for rows, targets in plan.chunks():
+            kd_c, ce_c, g = _chunk_loss_and_grad(
+                s_view[rows], t_view[rows], targets, plan, with_grad=with_grad
+            )
+            kd_sum += kd_c
+            ce_sum += ce_c
+            if grad is not None and g is not None:
+                grad[..., : plan.vocab][rows] = g.to(grad.dtype)
+        total, kd, ce = _finish(plan, kd_sum, ce_sum)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(kd, ce)
+        return total, kd, ce
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_total: Tensor, _grad_kd: Tensor, _grad_ce: Tensor
+    ) -> tuple[Tensor | None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return _scale_grad(grad, grad_total), None, None
+
+
+def _valid_rows(
+    labels: Tensor, lead_shape: torch.Size, vocab: int
+) -> tuple[tuple[Tensor, ...], Tensor]:
+    """Indices and targets of positions whose label is not IGNORE_INDEX, with range checks."""
+    if labels.shape != lead_shape:
+        raise ConfigError(
+            f"labels shape {tuple(labels.shape)} does not match the logits' leading shape "
+            f"{tuple(lead_shape)}; labels must already be aligned with the logit positions",
+            field="loss.labels",
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ConfigError(
+            f"labels must be an integer tensor, got {labels.dtype}", field="loss.labels"
+        )
+    valid = labels != IGNORE_INDEX
+    rows = valid.nonzero(as_tuple=True)
+    targets = labels[rows].long()
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        raise ConfigError(
+            f"labels must be {IGNORE_INDEX} or in [0, {vocab}); found values in "
+            f"[{int(targets.min())}, {int(targets.max())}] (tokenizer/model vocabulary mismatch?)",
+            field="loss.labels",
+        )
+    return rows, targets
+
+
+def _normalizer(num_valid_tokens: int | Tensor | None, n_local: int) -> float:
+    """Divisor for the token sums: the global count when given (exact gradient accumulation)."""
+    if num_valid_tokens is None:
+        return float(max(n_local, 1))
+    n = int(num_valid_tokens.item() if isinstance(num_valid_tokens, Tensor) else num_valid_tokens)
+    if n < n_local:
+        raise ConfigError(
+            f"num_valid_tokens={n} is smaller than the {n_local} valid tokens in this call; it "
+            "must be the count over the whole gradient-accumulation window",
+            field="loss.num_valid_tokens",
+        )
+    return float(max(n, 1))
+
+
+def _check_leading_shapes(student: torch.Size, teacher: torch.Size, what: str) -> None:
+    if student != teacher:
+        raise ConfigError(
+            f"{what} leading shape {tuple(teacher)} does not match the student's {tuple(student)}",
+            field="loss.inputs",
+        )
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    spec: LossSpec,
+    *,
+    num_valid_tokens: int | Tensor | None = None,
+    vocab_size: int | None = None,
+) -> LossOutput:
+    """KD (+ optional CE) loss over logits ``[..., V]``, chunked and memory-lean.
+
+    ``labels[..., t]`` is the token that ``logits[..., t, :]`` predicts: the caller has
+    already applied the causal shift (``logits[:, :-1]`` with ``labels[:, 1:]``).
+    Positions labelled ``IGNORE_INDEX`` (prompt, padding) contribute nothing.
+
+    ``total = (1 - ce_weight) * kd + ce_weight * ce``, where ``kd`` is the per-token
+    divergence (times tau**2 if ``scale_by_t2``) and ``ce`` the hard-label cross-entropy
+    at tau = 1, both summed over valid tokens and divided by ``num_valid_tokens`` when
+    given - pass the valid-token count of the whole gradient-accumulation window there,
+    which makes accumulated micro-batch gradients equal the full-batch gradient - else by
+    this call's valid-token count (at least 1).
+    """
+    v = _resolve_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
+    lead = student_logits.shape[:-1]
+    _check_leading_shapes(lead, teacher_logits.shape[:-1], "teacher_logits")
+    rows, targets = _valid_rows(labels.to(student_logits.device), lead, v)
+    plan = _Plan(spec, rows, targets, v, _normalizer(num_valid_tokens, targets.numel()))
+    total, kd, ce = _ChunkedDistillation.apply(student_logits, teacher_logits.detach(), plan)
+    return LossOutput(total=total, kd=kd, ce=ce, n_tokens=plan.n_rows)
+
+
+# --------------------------------------------------------------------------- fused linear path
+
+
+@dataclass(frozen=True)
+class _Teacher:
+    """Teacher side of the fused path: precomputed logits, or hidden states and an lm_head."""
+
+    tensor: Tensor  # logits [..., Vt] or hidden [..., Ht]
+    weight: Tensor | None
+    bias: Tensor | None
+
+    def logits(self, rows: tuple[Tensor, ...], vocab: int) -> Tensor:
+        """Teacher logits for ``rows``, restricted to the shared vocabulary."""
+        if self.weight is None:
+            return self.tensor[..., :vocab][rows]
+        return _project(self.tensor[rows], self.weight[:vocab], _vsl(self.bias, vocab))
+
+
+def _vsl(bias: Tensor | None, vocab: int) -> Tensor | None:
+    return None if bias is None else bias[:vocab]
+
+
+def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``hidden @ weight.T + bias`` in the weights' dtype (as the model's lm_head would)."""
+    hidden = hidden.to(weight.dtype)
+    if bias is None:
+        return hidden @ weight.T
+    return torch.addmm(bias, hidden, weight.T)
+
+
+class _FusedLinearDistillation(torch.autograd.Function):
+    """Student logits are made chunk by chunk from hidden states and never exist in full.
+
+    Saved for backward: the gradients wrt hidden states, lm_head weight and bias (each the
+    size and dtype of its input). The weight gradient is accumulated across chunks in the
+    weight's dtype with addmm (each chunk's product is itself accumulated in fp32 by the
+    matmul), to avoid a second fp32 copy of a vocabulary-sized matrix.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        teacher: _Teacher,
+        plan: _Plan,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        v = plan.vocab
+        w_v, b_v = weight[:v], _vsl(bias, v)
+        grad_h = torch.zeros_like(hidden) if hidden.requires_grad else None
+        grad_w = torch.zeros_like(weight) if weight.requires_grad else None
+        grad_b = torch.zeros_like(bias) if bias is not None and bias.requires_grad else None
+        with_grad = any(g is not None for g in (grad_h, grad_w, grad_b))
+        cdt = _compute_dtype(weight)
+        kd_sum = torch.zeros((), dtype=cdt, device=hidden.device)
+        ce_sum = torch.zeros((), dtype=cdt, device=hidden.device)
+        for rows, targets in plan.chunks():
+            h_c = hidden[rows].to(weight.dtype)
+            kd_c, ce_c, g = _chunk_loss_and_grad(
+                _project(h_c, w_v, b_v),
+                teacher.logits(rows, v),
+                targets,
+                plan,
+                with_grad=with_grad,
+            )
+            kd_sum += kd_c
+            ce_sum += ce_c
+            if g is None:
+                continue
+            g = g.to(weight.dtype)
+            if grad_h is not None:
+                grad_h[rows] = (g @ w_v).to(grad_h.dtype)
+            if grad_w is not None:
+                grad_w[:v].addmm_(g.T, h_c)
+            if grad_b is not None:
+                grad_b[:v] += g.sum(0).to(grad_b.dtype)
+        total, kd, ce = _finish(plan, kd_sum, ce_sum)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.mark_non_differentiable(kd, ce)
+        return total, kd, ce
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_total: Tensor, _grad_kd: Tensor, _grad_ce: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        return (
+            _scale_grad(grad_h, grad_total),
+            _scale_grad(grad_w, grad_total),
+            _scale_grad(grad_b, grad_total),
+            None,
+            None,
+        )
+
+
+def _check_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None, who: str) -> None:
+    """Shape checks that would otherwise surface as an opaque matmul error mid-loop."""
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ConfigError(
+            f"{who} hidden size {hidden.shape[-1]} does not match its lm_head weight "
+            f"{tuple(weight.shape)} (expected [vocab, hidden])",
+            field="loss.inputs",
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ConfigError(
+            f"{who} lm_head bias shape {tuple(bias.shape)} does not match vocab {weight.shape[0]}",
+            field="loss.inputs",
+        )
+
+
+def fused_linear_distillation_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher: Tensor,
+    labels: Tensor,
+    spec: LossSpec,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    num_valid_tokens: int | Tensor | None = None,
+    vocab_size: int | None = None,
+) -> LossOutput:
+    """Same loss as :func:`distillation_loss`, with the student's lm_head fused in.
+
+    ``student_hidden`` is ``[..., H]`` (the final hidden states, already aligned with
+    ``labels`` like the logits would be) and ``student_weight`` the lm_head ``[V, H]``.
+    ``teacher`` is the teacher's logits ``[..., Vt]`` when ``teacher_weight`` is None,
+    otherwise its final hidden states ``[..., Ht]`` projected with ``teacher_weight``
+    ``[Vt, Ht]`` (and ``teacher_bias``) chunk by chunk without gradient. Gradients flow
+    to ``student_hidden``, ``student_weight`` and ``student_bias``.
+    """
+    _check_linear(student_hidden, student_weight, student_bias, "student")
+    if teacher_weight is not None:
+        _check_linear(teacher, teacher_weight, teacher_bias, "teacher")
+        teacher_vocab = teacher_weight.shape[0]
+    else:
+        teacher_vocab = teacher.shape[-1]
+    v = _resolve_vocab(student_weight.shape[0], teacher_vocab, vocab_size)
+    lead = student_hidden.shape[:-1]
+    _check_leading_shapes(lead, teacher.shape[:-1], "teacher")
+    rows, targets = _valid_rows(labels.to(student_hidden.device), lead, v)
+    plan = _Plan(spec, rows, targets, v, _normalizer(num_valid_tokens, targets.numel()))
+    side = _Teacher(
+        teacher.detach(),
+        None if teacher_weight is None else teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(),
+    )
+    total, kd, ce = _FusedLinearDistillation.apply(
+        student_hidden, student_weight, student_bias, side, plan
+    )
+    return LossOutput(total=total, kd=kd, ce=ce, n_tokens=plan.n_rows)
