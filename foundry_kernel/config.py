@@ -236,7 +236,7 @@ class EvalConfig(_Section):
         "budget, so the benefit of distillation is measured, not assumed.",
     )
     sample_prompts: list[str] = Field(
-        default_factory=lambda: ["The list object", "To open a file", "An exception is"],
+        ["The list object", "To open a file", "An exception is"],
         description="Prompts for greedy samples shown side by side.",
         max_length=32,
     )

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from foundry_kernel.config import StudentConfig, looks_like_path
@@ -90,6 +91,7 @@ def load_causal_lm(
     kwargs: dict[str, Any] = {"local_files_only": local or offline}
     if revision and not local:
         kwargs["revision"] = revision
+    hf_logging.disable_progress_bar()  # one bar per load floods notebooks and logs
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
@@ -158,7 +160,7 @@ def fresh_student(teacher: PreTrainedModel, cfg: StudentConfig, *, seed: int) ->
         overrides["head_dim"] = hidden // heads
     if getattr(tconf, "layer_types", None) is not None:
         overrides["layer_types"] = None
-    sconf = AutoConfig.for_model(tconf.model_type, **{**tconf.to_dict(), **overrides})
+    sconf = type(tconf).from_dict({**tconf.to_dict(), **overrides})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(sconf, dtype=torch.float32)

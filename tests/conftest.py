@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny but real configs, teachers and stores.
+
+Everything is built locally (no downloads): the tiny teacher is trained by
+Foundry's own teacher builder on a few built-in documents and cached for the
+session under a temporary FOUNDRY_CACHE_DIR.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # One cache for the whole session (so the tiny teacher is built once), never the user's.
+    if "FOUNDRY_TEST_CACHE" not in os.environ:
+        root = Path(config.rootpath) / ".pytest_cache" / "foundry-cache"
+        root.mkdir(parents=True, exist_ok=True)
+        os.environ["FOUNDRY_TEST_CACHE"] = str(root)
+    os.environ["FOUNDRY_CACHE_DIR"] = os.environ["FOUNDRY_TEST_CACHE"]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+TINY_BUILD: dict[str, Any] = {
+    "vocab_size": 512,
+    "hidden_size": 32,
+    "num_layers": 1,
+    "num_heads": 2,
+    "seq_len": 32,
+    "batch_size": 8,
+    "steps": 20,
+    "lr": 1e-2,
+    "max_documents": 40,
+}
+
+
+def tiny_config_dict(runs_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A complete run that trains in a few seconds on 2 cores."""
+    cfg: dict[str, Any] = {
+        "name": "tiny",
+        "seed": 0,
+        "runs_dir": str(runs_dir),
+        "teacher": {"source": "builtin:tiny-teacher", "build": dict(TINY_BUILD)},
+        "student": {"hidden_size": 16, "num_layers": 1, "num_heads": 2},
+        "data": {"max_documents": 40, "seq_len": 32},
+        "optim": {"batch_size": 4, "warmup_steps": 2, "lr": 1e-2},
+        "eval": {"every_steps": 3, "max_batches": 2, "sample_tokens": 4,
+                 "sample_prompts": ["The list"]},
+        "limits": {"max_steps": 6},
+        "checkpoint": {"every_steps": 2},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+@pytest.fixture
+def runs_dir(tmp_path: Path) -> Path:
+    return tmp_path / "runs"
+
+
+@pytest.fixture
+def tiny_config(runs_dir: Path) -> dict[str, Any]:
+    return tiny_config_dict(runs_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir() -> Path:
+    """A real Foundry-built teacher (tiny recipe), cached for the session."""
+    from foundry_kernel.config import TeacherBuild
+    from foundry_kernel.context import RunContext
+    from foundry_kernel.paths import default_cache_dir
+    from foundry_kernel.teacher_builder import ensure_builtin_teacher
+
+    return ensure_builtin_teacher(
+        TeacherBuild(**TINY_BUILD),
+        cache_dir=default_cache_dir(),
+        ctx=RunContext(),
+        device=torch.device("cpu"),
+        amp_dtype=None,
+    )

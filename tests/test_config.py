@@ -1,0 +1,139 @@
+"""The config schema: defaults, overrides, and errors that name the field and the fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from foundry_kernel.config import (
+    SCHEMA_VERSION,
+    RunConfig,
+    json_schema,
+    load_config,
+    parse_override,
+    validate_config,
+)
+from foundry_kernel.errors import ConfigError
+
+
+def test_defaults_are_valid_and_versioned() -> None:
+    cfg = load_config()
+    assert cfg.schema_version == SCHEMA_VERSION
+    assert cfg.teacher.source == "builtin:tiny-teacher"
+    assert validate_config(cfg.to_dict()) == cfg
+
+
+def test_overrides_parse_types() -> None:
+    cfg = load_config(overrides=["loss.temperature=2", "eval.baseline=false", "optim.lr=1e-4",
+                                 "student.layers=[0, 2]", "student.init=from_teacher"])
+    assert cfg.loss.temperature == 2.0
+    assert cfg.eval.baseline is False
+    assert cfg.optim.lr == pytest.approx(1e-4)
+    assert cfg.student.layers == [0, 2]
+
+
+def test_mapping_overrides_and_roundtrip(tmp_path: Path) -> None:
+    cfg = load_config({"loss": {"kind": "jsd"}}, {"loss.beta": 0.25})
+    assert (cfg.loss.kind, cfg.loss.beta) == ("jsd", 0.25)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert load_config(path) == cfg
+    jpath = tmp_path / "c.json"
+    jpath.write_text(json.dumps(cfg.to_dict()))
+    assert load_config(jpath) == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "fragment"),
+    [
+        ("loss.temprature=2", "loss.temprature", "did you mean 'loss.temperature'"),
+        ("optim.lr=-1", "optim.lr", "greater than 0"),
+        ("optim.batch_size=many", "optim.batch_size", "'many'"),
+        ("loss.kind=kl", "loss.kind", "forward_kl"),
+        ("loss.beta=1.5", "loss.beta", "less than or equal to 1"),
+        ("data.source=builtin:nope", "data.source", "builtin:python-docs"),
+        ("teacher.source=not a model!", "teacher.source", "hub id"),
+        ("student.layers=[2, 1]", "student.layers", "increasing"),
+        ("name=../../etc", "name", "letters"),
+        ("bogus=1", "bogus", "unknown field"),
+    ],
+)
+def test_errors_name_field_value_and_fix(override: str, field: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    assert info.value.field == field
+    assert field in str(info.value)
+    assert fragment in str(info.value)
+
+
+def test_bad_override_syntax() -> None:
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("loss.temperature")
+    with pytest.raises(ConfigError, match="dotted field name"):
+        parse_override("loss..x=1")
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config(overrides=["seed=1", "seed.x=2"])
+
+
+def test_config_files_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss: [unclosed")
+    with pytest.raises(ConfigError, match="not valid"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(scalar)
+
+
+def test_newer_schema_refused() -> None:
+    with pytest.raises(ConfigError, match="newer") as info:
+        validate_config({"schema_version": SCHEMA_VERSION + 1})
+    assert info.value.field == "schema_version"
+
+
+def _leaf_properties(schema: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    defs = schema.get("$defs", {})
+    out: list[tuple[str, dict[str, Any]]] = []
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for name, prop in node.get("properties", {}).items():
+            ref = prop.get("$ref") or next(
+                (a["$ref"] for a in prop.get("anyOf", []) if "$ref" in a), None
+            )
+            if ref:
+                walk(defs[ref.split("/")[-1]], f"{prefix}{name}.")
+            else:
+                out.append((f"{prefix}{name}", prop))
+
+    walk(schema, "")
+    return out
+
+
+def test_schema_every_field_documented_defaulted_and_bounded() -> None:
+    schema = json_schema()
+    leaves = _leaf_properties(schema)
+    assert len(leaves) > 50
+    for name, prop in leaves:
+        assert prop.get("description"), f"{name} has no description"
+        assert "default" in prop, f"{name} has no default"
+        types = {prop.get("type")} | {a.get("type") for a in prop.get("anyOf", [])}
+        if types & {"integer", "number"}:
+            variants = [prop, *prop.get("anyOf", [])]
+            bounded = any(
+                k in v for v in variants
+                for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "const")
+            )
+            assert bounded, f"{name} has no bounds"
+
+
+def test_config_is_strict_on_assignment() -> None:
+    cfg = RunConfig()
+    with pytest.raises(ValueError, match="temperature"):
+        cfg.loss.temperature = -1
