@@ -36,10 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     distill = sub.add_parser("distill", help="run a distillation headless, in this process")
     distill.add_argument("--config", type=Path, help="YAML or JSON config file")
     distill.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one field, e.g. --set loss.temperature=2 (repeatable)",
     )
     distill.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run")
+    distill.add_argument("--runs-dir", type=Path, help="run store (default: runs_dir or ./runs)")
     distill.add_argument("--json", action="store_true", help="end stdout with a JSON summary")
 
     runs = sub.add_parser("runs", help="list runs in the store")
@@ -77,12 +82,22 @@ def _distill(args: argparse.Namespace) -> int:
     from foundry_kernel.control import run_sync
 
     overrides = list(args.overrides)
-    config = load_config(args.config, overrides) if (args.config or overrides) else None
-    if config is None and not args.resume:
-        config = load_config()
+    if args.runs_dir is not None:
+        overrides.append(f"runs_dir={args.runs_dir}")
+    config = load_config(args.config, overrides)
     if args.resume:
         validate_run_id(args.resume)
-    handle = run_sync(config, resume=args.resume, on_event=_progress_printer())
+        # Resume with the run's own saved config unless the user gave a new one.
+        given = bool(args.config or args.overrides)
+        with RunStore(config.runs_dir or default_runs_dir()) as store:
+            handle = run_sync(
+                config if given else None,
+                resume=args.resume,
+                store=store,
+                on_event=_progress_printer(),
+            )
+    else:
+        handle = run_sync(config, on_event=_progress_printer())
     summary = summary_json(handle.id, handle.state, handle.result or {}, handle.duration_s)
     if handle.error is not None:
         print(f"foundry: run {handle.id} {handle.state}: {handle.error}", file=sys.stderr)
@@ -176,7 +191,9 @@ def _runs(args: argparse.Namespace) -> int:
         return 0
     print(f"{'run id':<48} {'state':<10} {'teacher':>8} {'student':>8} {'baseline':>8}")
     for rec in records:
-        ppl = [(rec.summary.get(k) or {}).get("val_ppl") for k in ("teacher", "student", "baseline")]
+        ppl = [
+            (rec.summary.get(k) or {}).get("val_ppl") for k in ("teacher", "student", "baseline")
+        ]
         cells = [f"{v:8.2f}" if isinstance(v, int | float) else f"{'-':>8}" for v in ppl]
         print(f"{rec.run_id:<48} {rec.state:<10} {' '.join(cells)}")
     return 0

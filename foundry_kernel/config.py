@@ -181,9 +181,9 @@ class DataConfig(_Section):
 class LossConfig(_Section):
     """The distillation objective (see foundry_kernel.losses for the exact formulas)."""
 
-    kind: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = (
-        Field("forward_kl", description="Divergence between teacher (p) and student (q).")
-    )
+    kind: Literal[
+        "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"
+    ] = Field("forward_kl", description="Divergence between teacher (p) and student (q).")
     beta: float = Field(
         0.5, ge=0, le=1, description="Generalized JSD weight: 0 = forward KL, 1 = reverse KL."
     )
@@ -266,12 +266,15 @@ class CheckpointConfig(_Section):
         100, ge=1, description="Checkpoint every N steps (None = only at the end)."
     )
     keep_last: int = Field(2, ge=1, le=100, description="Checkpoints kept on disk.")
+    on_stop: bool = Field(
+        True, description="Checkpoint the last completed step when a run is cancelled or times out."
+    )
 
 
 class RunConfig(_Section):
     """Everything one distillation run does. Saved with every run."""
 
-    schema_version: Literal[1] = Field(SCHEMA_VERSION, description="Config schema version.")
+    schema_version: Literal[1] = Field(1, description="Config schema version.")
     name: str | None = Field(
         None, max_length=64, description="Human label; becomes part of the run id."
     )
@@ -323,9 +326,7 @@ def _check_model_source(v: str, field: str, *, builtin: Iterable[str]) -> str:
     if looks_like_path(v):
         return v
     if not HUB_ID_RE.fullmatch(v) or ".." in v:
-        raise ValueError(
-            f"{v!r} is neither an existing local folder nor a hub id like 'org/model'"
-        )
+        raise ValueError(f"{v!r} is neither an existing local folder nor a hub id like 'org/model'")
     return v
 
 
@@ -403,12 +404,15 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     try:
         loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid: {exc}", field="config") from None
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid: {exc}", field="config"
+        ) from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
         raise ConfigError(
-            f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}",
+            f"config file {str(path)!r} must hold a mapping of sections, "
+            f"got {type(loaded).__name__}",
             field="config",
         )
     return loaded

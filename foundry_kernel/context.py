@@ -78,7 +78,12 @@ class RunContext:
 
     # worker side -------------------------------------------------------------
     def check(self) -> None:
-        """Raise RunCancelled/RunTimeout if the job should stop now."""
+        """Raise RunCancelled/RunTimeout if the job should stop now.
+
+        Reaching a check is also progress (a batch finished), so it feeds the
+        watchdog: long evaluations and teacher scoring are not mistaken for hangs.
+        """
+        self.last_beat = self._clock()
         if self._deadline is not None and self._clock() > self._deadline:
             self.cancel("timed_out")
         if self._stop.is_set():

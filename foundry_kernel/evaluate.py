@@ -20,7 +20,9 @@ from foundry_kernel.context import RunContext
 from foundry_kernel.data import TokenBlocks
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[None]:
+def autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[None]:
     """Mixed precision when asked for, a no-op otherwise."""
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
@@ -115,7 +117,7 @@ def generate_samples(
         if ctx is not None:
             ctx.check()
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-        out = model.generate(
+        out = model.generate(  # type: ignore[operator]  # transformers' stubs
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
@@ -123,7 +125,7 @@ def generate_samples(
             pad_token_id=tokenizer.pad_token_id,
         )
         outputs.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
-    return outputs
+    return outputs  # type: ignore[return-value]  # transformers' stubs
 
 
 @torch.no_grad()
@@ -144,11 +146,11 @@ def generation_speed(
         "min_new_tokens": new_tokens,
         "max_new_tokens": new_tokens,
     }
-    model.generate(ids, **{**kwargs, "min_new_tokens": 2, "max_new_tokens": 2})
+    model.generate(ids, **{**kwargs, "min_new_tokens": 2, "max_new_tokens": 2})  # type: ignore[operator]  # transformers' stubs
     best = 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out = model.generate(ids, **kwargs)
+        out = model.generate(ids, **kwargs)  # type: ignore[operator]  # transformers' stubs
         produced = out.shape[1] - ids.shape[1]
         best = max(best, produced / max(time.perf_counter() - t0, 1e-9))
     return best

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers.utils import logging as hf_logging
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from foundry_kernel.config import StudentConfig, looks_like_path
 from foundry_kernel.errors import ModelError
@@ -99,7 +99,7 @@ def load_causal_lm(
         raise ModelError(_load_hint(field, source, local=local, offline=offline, exc=exc)) from exc
     except ValueError as exc:
         raise ModelError(f"{field}: {source!r} is not a causal language model: {exc}") from exc
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers' stubs
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
@@ -129,7 +129,7 @@ def build_student(
         model = student_from_teacher(teacher.model, cfg.layers)
     else:
         model = fresh_student(teacher.model, cfg, seed=seed)
-    model.to(device=device, dtype=torch.float32)
+    model.to(device=device, dtype=torch.float32)  # type: ignore[call-arg]  # transformers' stubs
     return LoadedModel(model=model, tokenizer=teacher.tokenizer, source=f"{cfg.init}-student")
 
 
@@ -240,4 +240,3 @@ def shared_vocab_size(teacher: LoadedModel, student: LoadedModel) -> int:
     if len(set(sizes.values())) > 1:
         log.info("padded vocabularies %s; comparing the first %d logits", sizes, n_tok)
     return n_tok
-

@@ -104,7 +104,9 @@ def run_job(
     results = _evaluate_all(job, teacher, student, baseline, data, vocab, amp)
     ctx.set_phase("export")
     export_dir = _export(job, student, results)
-    job.record(**results, export_dir=str(export_dir), train_seconds=round(time.perf_counter() - t0, 1))
+    job.record(
+        **results, export_dir=str(export_dir), train_seconds=round(time.perf_counter() - t0, 1)
+    )
     return job.summary
 
 
@@ -185,14 +187,19 @@ def _evaluate_all(
     amp: torch.dtype | None,
 ) -> dict[str, Any]:
     cfg = job.config
-    common = {
-        "batch_size": cfg.optim.batch_size,
-        "max_batches": cfg.eval.max_batches,
-        "ctx": job.ctx,
-        "vocab_size": vocab,
-        "amp_dtype": amp,
-    }
-    t_eval = evaluate_lm(teacher.model, data.val, **common)
+    def evaluate(model: LoadedModel, with_teacher: bool) -> dict[str, float]:
+        return evaluate_lm(
+            model.model,
+            data.val,
+            batch_size=cfg.optim.batch_size,
+            max_batches=cfg.eval.max_batches,
+            ctx=job.ctx,
+            teacher=teacher.model if with_teacher else None,
+            vocab_size=vocab,
+            amp_dtype=amp,
+        )
+
+    t_eval = evaluate(teacher, with_teacher=False)
     out: dict[str, Any] = {
         "teacher": {
             "params": teacher.params,
@@ -208,7 +215,7 @@ def _evaluate_all(
         if model is None:
             continue
         job.ctx.check()
-        ev = evaluate_lm(model.model, data.val, teacher=teacher.model, **common)
+        ev = evaluate(model, with_teacher=True)
         out[name] = {
             "params": count_params(model.model),
             "val_ppl": ev["ppl"],
@@ -280,6 +287,9 @@ def model_card(config: RunConfig, results: dict[str, Any]) -> str:
             f"{b['tokens_per_s']:.0f} |"
         )
         if results.get("gap_closed") is not None:
-            lines += ["", f"Distillation closed {results['gap_closed']:.0%} of the gap between "
-                      "the CE-only student and the teacher (held-out loss)."]
+            lines += [
+                "",
+                f"Distillation closed {results['gap_closed']:.0%} of the gap between "
+                "the CE-only student and the teacher (held-out loss).",
+            ]
     return "\n".join(lines) + "\n"

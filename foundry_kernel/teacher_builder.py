@@ -74,8 +74,15 @@ def ensure_builtin_teacher(
     with _BuildLock(final.parent / f"{key}.lock", ctx):
         if (final / MARKER).is_file():  # another process finished it while we waited
             return final
-        _build(build, docs, final, ctx=ctx, device=device, amp_dtype=amp_dtype,
-               on_metrics=on_metrics or (lambda step, values: None))
+        _build(
+            build,
+            docs,
+            final,
+            ctx=ctx,
+            device=device,
+            amp_dtype=amp_dtype,
+            on_metrics=on_metrics or (lambda step, values: None),
+        )
     return final
 
 
@@ -111,7 +118,9 @@ def _build(
         eval_every=max(build.steps // 4, 1),
         eval_max_batches=20,
     )
-    result = Trainer(model, data, plan, ctx=ctx, on_metrics=on_metrics, prefix="teacher_build/").fit()
+    result = Trainer(
+        model, data, plan, ctx=ctx, on_metrics=on_metrics, prefix="teacher_build/"
+    ).fit()
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -127,8 +136,12 @@ def _build(
     }
     atomic_write_text(tmp / MARKER, json.dumps(record, indent=1))
     os.replace(tmp, final)
-    log.info("built teacher %s in %.0f s (val ppl %.1f)", final.name, record["build_seconds"],
-             result.get("val/ppl", float("nan")))
+    log.info(
+        "built teacher %s in %.0f s (val ppl %.1f)",
+        final.name,
+        record["build_seconds"],
+        result.get("val/ppl", float("nan")),
+    )
 
 
 def _fresh_teacher(build: TeacherBuild, tokenizer: Any, device: torch.device) -> LlamaForCausalLM:
@@ -150,7 +163,7 @@ def _fresh_teacher(build: TeacherBuild, tokenizer: Any, device: torch.device) ->
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # transformers' stubs
 
 
 def read_teacher_record(path: Path) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ from foundry_kernel.checkpoint import load_latest, save_checkpoint
 from foundry_kernel.config import RunConfig
 from foundry_kernel.context import RunContext
 from foundry_kernel.data import BatchSampler, DataBundle
-from foundry_kernel.errors import DivergenceError
+from foundry_kernel.errors import DivergenceError, RunCancelled, RunTimeout
 from foundry_kernel.evaluate import autocast, evaluate_lm, shift_labels
 from foundry_kernel.losses import LossSpec, distillation_loss
 
@@ -54,6 +54,7 @@ class TrainPlan:
     eval_max_batches: int | None = None
     ckpt_every: int | None = None
     keep_last: int = 2
+    ckpt_on_stop: bool = True
     on_nonfinite: str = "fail"
     max_skips: int = 10
     seed: int = 0
@@ -92,6 +93,7 @@ class TrainPlan:
             eval_max_batches=cfg.eval.max_batches,
             ckpt_every=cfg.checkpoint.every_steps,
             keep_last=cfg.checkpoint.keep_last,
+            ckpt_on_stop=cfg.checkpoint.on_stop,
             on_nonfinite=cfg.limits.on_nonfinite,
             max_skips=cfg.limits.max_skips,
             seed=cfg.seed,
@@ -148,7 +150,8 @@ class Trainer:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         """AdamW; norms and biases (1-D tensors) are not decayed."""
-        decay, no_decay = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for p in self.model.parameters():
             if p.requires_grad:
                 (decay if p.dim() >= 2 else no_decay).append(p)
@@ -180,7 +183,9 @@ class Trainer:
 
     def checkpoint(self) -> None:
         if self.ckpt_dir is not None:
-            save_checkpoint(self.ckpt_dir, self.step, self.state_dict(), keep_last=self.plan.keep_last)
+            save_checkpoint(
+                self.ckpt_dir, self.step, self.state_dict(), keep_last=self.plan.keep_last
+            )
 
     def try_resume(self) -> bool:
         """Continue from the newest checkpoint if there is one."""
@@ -200,22 +205,41 @@ class Trainer:
             self.try_resume()
         self.model.train()
         while self.step < self.plan.max_steps:
-            self.ctx.check()
-            t0 = time.perf_counter()
-            metrics = self._train_step()
-            self.ctx.heartbeat()
-            if metrics is None:
-                continue
-            metrics["tokens_per_s"] = metrics.pop("tokens") / max(time.perf_counter() - t0, 1e-9)
-            self.step += 1
-            if self.step % self.plan.eval_every == 0 or self.step == self.plan.max_steps:
-                metrics.update(self.evaluate())
-            self._report(metrics)
-            every = self.plan.ckpt_every
-            if every and self.step % every == 0 and self.step < self.plan.max_steps:
-                self.checkpoint()
+            step, at_start = self.step, self.sampler.state_dict()
+            try:
+                self._advance()
+            except (RunCancelled, RunTimeout):
+                self._stop_cleanly(at_start if self.step == step else None)
+                raise
         self.checkpoint()
         return self.last_eval
+
+    def _advance(self) -> None:
+        """One optimizer step, its report, and the evaluation/checkpoint it is due."""
+        self.ctx.check()
+        t0 = time.perf_counter()
+        metrics = self._train_step()
+        self.ctx.heartbeat()
+        if metrics is None:
+            return
+        metrics["tokens_per_s"] = metrics.pop("tokens") / max(time.perf_counter() - t0, 1e-9)
+        self.step += 1
+        self._report(metrics)
+        if self.step % self.plan.eval_every == 0 or self.step == self.plan.max_steps:
+            self._report(self.evaluate())
+        every = self.plan.ckpt_every
+        if every and self.step % every == 0 and self.step < self.plan.max_steps:
+            self.checkpoint()
+
+    def _stop_cleanly(self, rewind_to: dict[str, Any] | None) -> None:
+        """A stop landed: drop partial gradients; if it landed mid-step, rewind that step's
+        batches; keep a checkpoint of the last completed step (if asked), so a resume
+        continues exactly where the run stood."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if rewind_to is not None:
+            self.sampler.load_state_dict(rewind_to)
+        if self.plan.ckpt_on_stop and self.step > 0:
+            self.checkpoint()
 
     def evaluate(self) -> dict[str, float]:
         result = evaluate_lm(
@@ -236,8 +260,9 @@ class Trainer:
     def _report(self, metrics: dict[str, float]) -> None:
         named = {f"{self.prefix}{k}": v for k, v in metrics.items()}
         self.on_metrics(self.step, named)
-        self.ctx.emit("step", step=self.step, max_steps=self.plan.max_steps, prefix=self.prefix,
-                      metrics=named)
+        self.ctx.emit(
+            "step", step=self.step, max_steps=self.plan.max_steps, prefix=self.prefix, metrics=named
+        )
 
     def _train_step(self) -> dict[str, float] | None:
         """One optimizer step over ``grad_accum`` micro-batches; None if it was skipped."""
@@ -262,7 +287,8 @@ class Trainer:
         grad_norm = self._clip()
         bad = self._nonfinite(totals, grad_norm)
         if bad is not None:
-            return self._handle_nonfinite(bad, totals)
+            self._handle_nonfinite(bad, totals)
+            return None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         out = {f"train/{k}": v for k, v in totals.items() if plan.loss is not None or k != "kd"}
@@ -313,9 +339,14 @@ class Trainer:
         where = f"{self.prefix}step {self.step + 1}"
         if self.plan.on_nonfinite == "skip" and self.skipped < self.plan.max_skips:
             self.skipped += 1
-            self.ctx.emit("alert", level="warning", step=self.step + 1, component=component,
-                          message=f"non-finite {component} at {where}; step skipped "
-                                  f"({self.skipped}/{self.plan.max_skips})")
+            self.ctx.emit(
+                "alert",
+                level="warning",
+                step=self.step + 1,
+                component=component,
+                message=f"non-finite {component} at {where}; step skipped "
+                f"({self.skipped}/{self.plan.max_skips})",
+            )
             return None
         values = ", ".join(f"{k}={v:.4g}" for k, v in totals.items())
         raise DivergenceError(

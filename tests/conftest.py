@@ -24,6 +24,8 @@ def pytest_configure(config: pytest.Config) -> None:
         root.mkdir(parents=True, exist_ok=True)
         os.environ["FOUNDRY_TEST_CACHE"] = str(root)
     os.environ["FOUNDRY_CACHE_DIR"] = os.environ["FOUNDRY_TEST_CACHE"]
+    # A run without runs_dir must never land in the repository or the user's ./runs.
+    os.environ["FOUNDRY_RUNS_DIR"] = str(Path(os.environ["FOUNDRY_TEST_CACHE"]) / "default-runs")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -51,8 +53,12 @@ def tiny_config_dict(runs_dir: Path, **sections: dict[str, Any]) -> dict[str, An
         "student": {"hidden_size": 16, "num_layers": 1, "num_heads": 2},
         "data": {"max_documents": 40, "seq_len": 32},
         "optim": {"batch_size": 4, "warmup_steps": 2, "lr": 1e-2},
-        "eval": {"every_steps": 3, "max_batches": 2, "sample_tokens": 4,
-                 "sample_prompts": ["The list"]},
+        "eval": {
+            "every_steps": 3,
+            "max_batches": 2,
+            "sample_tokens": 4,
+            "sample_prompts": ["The list"],
+        },
         "limits": {"max_steps": 6},
         "checkpoint": {"every_steps": 2},
     }

@@ -28,8 +28,15 @@ def test_defaults_are_valid_and_versioned() -> None:
 
 
 def test_overrides_parse_types() -> None:
-    cfg = load_config(overrides=["loss.temperature=2", "eval.baseline=false", "optim.lr=1e-4",
-                                 "student.layers=[0, 2]", "student.init=from_teacher"])
+    cfg = load_config(
+        overrides=[
+            "loss.temperature=2",
+            "eval.baseline=false",
+            "optim.lr=1e-4",
+            "student.layers=[0, 2]",
+            "student.init=from_teacher",
+        ]
+    )
     assert cfg.loss.temperature == 2.0
     assert cfg.eval.baseline is False
     assert cfg.optim.lr == pytest.approx(1e-4)
@@ -71,7 +78,7 @@ def test_errors_name_field_value_and_fix(override: str, field: str, fragment: st
 
 
 def test_bad_override_syntax() -> None:
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         parse_override("loss.temperature")
     with pytest.raises(ConfigError, match="dotted field name"):
         parse_override("loss..x=1")
@@ -127,7 +134,8 @@ def test_schema_every_field_documented_defaulted_and_bounded() -> None:
         if types & {"integer", "number"}:
             variants = [prop, *prop.get("anyOf", [])]
             bounded = any(
-                k in v for v in variants
+                k in v
+                for v in variants
                 for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "const")
             )
             assert bounded, f"{name} has no bounds"

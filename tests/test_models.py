@@ -46,7 +46,7 @@ def test_load_local_path(teacher: LoadedModel, tiny_teacher_dir: Path) -> None:
 
 
 def test_missing_folder_and_hub_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ConfigError, match="teacher.source"):
+    with pytest.raises(ConfigError, match=r"teacher\.source"):
         load_causal_lm(str(tmp_path / "nope"), device=CPU)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="HF_HUB_OFFLINE") as info:
@@ -87,8 +87,9 @@ def test_from_teacher_keeps_layers(teacher: LoadedModel) -> None:
 
 
 def test_padded_vocab_handled(teacher: LoadedModel) -> None:
-    student = build_student(StudentConfig(hidden_size=16, num_layers=1, num_heads=2), teacher,
-                            device=CPU, seed=0)
+    student = build_student(
+        StudentConfig(hidden_size=16, num_layers=1, num_heads=2), teacher, device=CPU, seed=0
+    )
     n = len(teacher.tokenizer)
     student.model.resize_token_embeddings(n + 64)
     assert shared_vocab_size(teacher, student) == n
@@ -105,12 +106,14 @@ def test_incompatible_tokenizers_refused(teacher: LoadedModel) -> None:
 
 
 def test_pretrained_student_from_path(teacher: LoadedModel, tmp_path: Path) -> None:
-    student = build_student(StudentConfig(hidden_size=16, num_layers=1, num_heads=2), teacher,
-                            device=CPU, seed=0)
+    student = build_student(
+        StudentConfig(hidden_size=16, num_layers=1, num_heads=2), teacher, device=CPU, seed=0
+    )
     student.model.save_pretrained(tmp_path / "s")
     teacher.tokenizer.save_pretrained(tmp_path / "s")
-    loaded = build_student(StudentConfig(init="pretrained", source=str(tmp_path / "s")), teacher,
-                           device=CPU, seed=0)
+    loaded = build_student(
+        StudentConfig(init="pretrained", source=str(tmp_path / "s")), teacher, device=CPU, seed=0
+    )
     assert loaded.params == student.params
-    with pytest.raises(ModelError, match="student.source"):
+    with pytest.raises(ModelError, match=r"student\.source"):
         build_student(StudentConfig(init="pretrained"), teacher, device=CPU, seed=0)

@@ -15,19 +15,24 @@ from foundry_kernel.pipeline import model_card, run_job
 from foundry_kernel.store import RunStore
 
 
-def _run(cfg_dict: dict[str, Any], *, ctx: RunContext | None = None, run_id: str | None = None,
-         resume: bool = False) -> tuple[RunStore, str, dict[str, Any]]:
+def _run(
+    cfg_dict: dict[str, Any],
+    *,
+    ctx: RunContext | None = None,
+    run_id: str | None = None,
+    resume: bool = False,
+) -> tuple[RunStore, str, dict[str, Any]]:
     cfg = load_config(cfg_dict)
     store = RunStore(cfg.runs_dir)
     if run_id is None:
         run_id = store.create_run(cfg.to_dict(), name=cfg.name).run_id
-    summary = run_job(cfg, store=store, run_id=run_id, ctx=ctx or RunContext(run_id),
-                      resume=resume)
+    summary = run_job(cfg, store=store, run_id=run_id, ctx=ctx or RunContext(run_id), resume=resume)
     return store, run_id, summary
 
 
-def test_run_job_summary_export_and_store(tiny_config: dict[str, Any],
-                                          tiny_teacher_dir: Path) -> None:
+def test_run_job_summary_export_and_store(
+    tiny_config: dict[str, Any], tiny_teacher_dir: Path
+) -> None:
     store, run_id, summary = _run(tiny_config)
     for part in ("teacher", "student", "baseline"):
         assert summary[part]["params"] > 0
@@ -54,8 +59,9 @@ def test_run_job_summary_export_and_store(tiny_config: dict[str, Any],
     assert stored["student"]["val_ppl"] == summary["student"]["val_ppl"]
 
 
-def test_cancel_then_resume_completes_without_duplicates(tiny_config: dict[str, Any],
-                                                        tiny_teacher_dir: Path) -> None:
+def test_cancel_then_resume_completes_without_duplicates(
+    tiny_config: dict[str, Any], tiny_teacher_dir: Path
+) -> None:
     tiny_config["limits"]["max_steps"] = 8
     cfg = load_config(tiny_config)
     store = RunStore(cfg.runs_dir)
@@ -66,7 +72,7 @@ def test_cancel_then_resume_completes_without_duplicates(tiny_config: dict[str, 
         if event.kind == "step" and event.payload["step"] >= 5:
             ctx.cancel()
 
-    ctx._sink = on_event  # noqa: SLF001 - the controller normally owns the sink
+    ctx._sink = on_event
     with pytest.raises(RunCancelled):
         run_job(cfg, store=store, run_id=run_id, ctx=ctx)
     assert max(r.step for r in store.metrics(run_id, ["train/loss"])) == 5

@@ -19,8 +19,17 @@ from foundry_kernel.models import LoadedModel, build_student, load_causal_lm
 from foundry_kernel.train import Trainer, TrainPlan
 
 CPU = torch.device("cpu")
-PLAN = TrainPlan(max_steps=8, batch_size=4, lr=1e-2, warmup_steps=2, eval_every=4,
-                 eval_max_batches=2, ckpt_every=3, loss=LossSpec(ce_weight=0.5), seed=1)
+PLAN = TrainPlan(
+    max_steps=8,
+    batch_size=4,
+    lr=1e-2,
+    warmup_steps=2,
+    eval_every=4,
+    eval_max_batches=2,
+    ckpt_every=3,
+    loss=LossSpec(ce_weight=0.5),
+    seed=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,22 +39,36 @@ def setup(tiny_teacher_dir: Path) -> tuple[LoadedModel, DataBundle]:
     return teacher, data
 
 
-def _train(setup, plan: TrainPlan, ckpt: Path | None = None, *, stop_after: int | None = None,
-           resume: bool = False) -> dict[int, dict[str, float]]:
+def _train(
+    setup,
+    plan: TrainPlan,
+    ckpt: Path | None = None,
+    *,
+    stop_after: int | None = None,
+    resume: bool = False,
+) -> dict[int, dict[str, float]]:
     teacher, data = setup
-    student = build_student(StudentConfig(hidden_size=16, num_layers=1, num_heads=2), teacher,
-                            device=CPU, seed=0)
+    student = build_student(
+        StudentConfig(hidden_size=16, num_layers=1, num_heads=2), teacher, device=CPU, seed=0
+    )
     ctx = RunContext()
     log: dict[int, dict[str, float]] = {}
 
     def sink(step: int, values: dict[str, float]) -> None:
-        log[step] = values
+        log.setdefault(step, {}).update(values)
         if stop_after is not None and step >= stop_after:
             ctx.cancel()
 
-    trainer = Trainer(student.model, data, plan, ctx=ctx, on_metrics=sink,
-                      teacher=teacher.model if plan.loss else None,
-                      vocab_size=len(teacher.tokenizer), ckpt_dir=ckpt)
+    trainer = Trainer(
+        student.model,
+        data,
+        plan,
+        ctx=ctx,
+        on_metrics=sink,
+        teacher=teacher.model if plan.loss else None,
+        vocab_size=len(teacher.tokenizer),
+        ckpt_dir=ckpt,
+    )
     try:
         trainer.fit(resume=resume)
     except RunCancelled:
@@ -74,14 +97,58 @@ def test_loss_decreases_and_reports_parts(setup) -> None:
     assert math.isclose(log[20]["val/ppl"], math.exp(log[20]["val/loss"]), rel_tol=1e-6)
 
 
-def test_resume_follows_the_uninterrupted_trajectory(setup, tmp_path: Path) -> None:
-    full = _train(setup, PLAN)
+@pytest.mark.parametrize(("on_stop", "restart_at"), [(False, 3), (True, 5)])
+def test_resume_follows_the_uninterrupted_trajectory(
+    setup, tmp_path: Path, on_stop: bool, restart_at: int
+) -> None:
+    """Without a stop checkpoint (a crash) the run restarts from the periodic one at step 3;
+    with it (a cancel) from step 5. Either way the rest matches an uninterrupted run."""
+    plan = dataclasses.replace(PLAN, ckpt_on_stop=on_stop)
+    full = _train(setup, plan)
     ckpt = tmp_path / "ckpt"
-    partial = _train(setup, PLAN, ckpt, stop_after=5)  # checkpoint at 3; steps 4-5 lost
+    partial = _train(setup, plan, ckpt, stop_after=5)
     assert max(partial) == 5
-    assert load_latest(ckpt)["step"] == 3
-    resumed = _train(setup, PLAN, ckpt, resume=True)
-    assert sorted(resumed) == list(range(4, PLAN.max_steps + 1))
+    assert load_latest(ckpt)["step"] == restart_at
+    resumed = _train(setup, plan, ckpt, resume=True)
+    assert sorted(resumed) == list(range(restart_at + 1, plan.max_steps + 1))
+    for step in resumed:
+        assert resumed[step]["train/loss"] == pytest.approx(full[step]["train/loss"], abs=1e-6)
+
+
+def test_cancel_mid_step_rewinds_its_batches(setup, tmp_path: Path) -> None:
+    """A cancel between micro-batches loses the partial step but not its data position."""
+    plan = dataclasses.replace(PLAN, grad_accum=2, batch_size=2)
+    full = _train(setup, plan)
+    teacher, data = setup
+    student = build_student(
+        StudentConfig(hidden_size=16, num_layers=1, num_heads=2), teacher, device=CPU, seed=0
+    )
+    ctx = RunContext()
+    trainer = Trainer(
+        student.model,
+        data,
+        plan,
+        ctx=ctx,
+        on_metrics=lambda s, v: None,
+        teacher=teacher.model,
+        vocab_size=len(teacher.tokenizer),
+        ckpt_dir=tmp_path,
+    )
+    real_micro = trainer._micro_step
+    calls = 0
+
+    def micro(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 2 * 4 + 1:  # first micro-batch of step 5
+            ctx.cancel()
+        return real_micro(*args)
+
+    trainer._micro_step = micro
+    with pytest.raises(RunCancelled):
+        trainer.fit()
+    assert load_latest(tmp_path)["step"] == 4
+    resumed = _train(setup, plan, tmp_path, resume=True)
     for step in resumed:
         assert resumed[step]["train/loss"] == pytest.approx(full[step]["train/loss"], abs=1e-6)
 
@@ -90,7 +157,7 @@ def test_gradient_accumulation_uses_global_token_count(setup) -> None:
     """grad_accum=2 over batch 2 sees the same 4 blocks as batch 4: same first-step loss."""
     ce_plan = dataclasses.replace(PLAN, loss=None, max_steps=1, eval_every=100, ckpt_every=None)
     whole = _train(setup, dataclasses.replace(ce_plan, batch_size=4))
-    teacher, data = setup
+    _, data = setup
     from foundry_kernel.data import BatchSampler
 
     a = BatchSampler(len(data.train), 4, seed=1).next_indices()
@@ -110,8 +177,15 @@ def test_divergence_fails_with_step_and_component(setup) -> None:
 
 
 def test_nonfinite_skip_counts_then_fails(setup) -> None:
-    plan = dataclasses.replace(PLAN, lr=1e6, max_grad_norm=None, max_steps=30, ckpt_every=None,
-                               on_nonfinite="skip", max_skips=2)
+    plan = dataclasses.replace(
+        PLAN,
+        lr=1e6,
+        max_grad_norm=None,
+        max_steps=30,
+        ckpt_every=None,
+        on_nonfinite="skip",
+        max_skips=2,
+    )
     with pytest.raises(DivergenceError):
         _train(setup, plan)
 
@@ -122,7 +196,9 @@ def test_checkpoint_tamper_and_crash_safety(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, 2, {"step": 2, "w": torch.zeros(3)}, keep_last=2)
     save_checkpoint(tmp_path, 3, {"step": 3, "w": torch.zeros(3)}, keep_last=2)
     assert sorted(p.name for p in tmp_path.glob("step-*.pt")) == [
-        "step-00000002.pt", "step-00000003.pt"]
+        "step-00000002.pt",
+        "step-00000003.pt",
+    ]
     assert load_latest(tmp_path)["step"] == 3
     # a half-written temp file from a crash is ignored; the manifest still names step 3
     (tmp_path / ".step-00000004.pt.dead.tmp").write_bytes(b"partial")
@@ -147,8 +223,7 @@ def test_checkpoint_refuses_pickled_code(tmp_path: Path) -> None:
 
     blob = pickle.dumps({"x": Evil()})
     (tmp_path / "step-00000001.pt").write_bytes(blob)
-    manifest = {"file": "step-00000001.pt", "step": 1,
-                "sha256": hashlib.sha256(blob).hexdigest()}
+    manifest = {"file": "step-00000001.pt", "step": 1, "sha256": hashlib.sha256(blob).hexdigest()}
     (tmp_path / "latest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="safely"):
         load_latest(tmp_path)

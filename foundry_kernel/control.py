@@ -1,0 +1,1099 @@
+"""Run control inside the kernel: start, cancel, timeouts, a step watchdog, many runs at once.
+
+The old Foundry ran each job as a subprocess with no timeout and shared plain dicts
+between threads. Here a run is a worker thread in the *same* process (the Jupyter
+kernel or the CLI), so a notebook cell returns at once and widgets keep working while
+the model trains. Everything that crosses threads goes through a lock or a
+``threading.Event``; nothing is ever killed from outside:
+
+- ``cancel()``, the whole-run limit (``limits.timeout_s``) and the step watchdog
+  (``limits.step_timeout_s``) all reach the job through its :class:`RunContext`; the job
+  calls ``ctx.check()`` between batches and stops itself at the next safe point, so a
+  checkpoint is never cut in half and the last completed step's metrics are kept.
+- Every outcome becomes a state (``completed``, ``cancelled``, ``timed_out``,
+  ``failed``) recorded in the run store with an event, never an exception escaping into
+  the kernel. Out-of-memory and divergence get messages that say what to change.
+
+Thread model and shutdown
+-------------------------
+One worker thread per run, **daemon=True**, plus an ``atexit`` hook that cancels every
+live run and waits up to ``FOUNDRY_SHUTDOWN_GRACE_S`` (default 10 s) for them to stop.
+Why not ``daemon=False``: Python joins non-daemon threads *before* running ``atexit``
+hooks and without a timeout, so a job stuck inside one long step would hang the kernel's
+shutdown forever, and nothing could even ask it to stop. With daemon threads the hook
+runs first, asks every job to stop at its next ``ctx.check()`` (which comes after, not
+during, a checkpoint write) and waits a bounded time. A thread still busy after that
+ends with the process (CPython < 3.14 may then abort with SIGABRT if it sits in torch's
+C++ code); checkpoints and the store are written atomically (temp file + ``os.replace``;
+SQLite WAL), so even that leaves the previous checkpoint intact and the run resumable.
+
+One shared watchdog thread serves all runs that have a limit; it exists only while
+such runs are alive, so an idle kernel has no Foundry threads at all. "Progress" for the
+step watchdog is any ``ctx.heartbeat()``, ``ctx.set_phase()`` or emitted event, so a
+phase that runs longer than ``limits.step_timeout_s`` without any (model download,
+tokenizer training) must heartbeat, or the watchdog will call it hung.
+
+Proven against a real ipykernel 7.4 kernel (tests/test_kernel_control.py): a run keeps
+training after its cell returns, and cells and widget clicks are served in milliseconds.
+
+Events
+------
+The job's events (``ctx.emit``) are buffered on the handle (bounded) with sequence
+numbers. Consumers on the kernel's main thread use :meth:`RunHandle.poll` or
+:meth:`RunHandle.events_since`; callbacks registered with :meth:`RunHandle.subscribe`
+are called **on a background thread** - the worker, for the job's events (keep them
+short; a callback that raises is logged and dropped, and never stops the run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import enum
+import functools
+import gc
+import logging
+import os
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from numbers import Real
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from foundry_kernel.config import RunConfig, load_config, validate_config
+from foundry_kernel.context import Event, RunContext
+from foundry_kernel.errors import (
+    DivergenceError,
+    FoundryError,
+    RunCancelled,
+    RunTimeout,
+    StoreError,
+)
+from foundry_kernel.logs import run_log
+from foundry_kernel.paths import default_runs_dir
+from foundry_kernel.resources import MemorySampler
+from foundry_kernel.store import RunStore
+
+__all__ = [
+    "HISTORY_LEN",
+    "InvalidTransition",
+    "JobFn",
+    "RunConflictError",
+    "RunFailure",
+    "RunHandle",
+    "RunState",
+    "get",
+    "list_runs",
+    "run_sync",
+    "start",
+]
+
+log = logging.getLogger("foundry.control")
+
+HISTORY_LEN = 2000
+"""Values kept per metric on a handle (the store keeps all of them)."""
+EVENT_BUFFER = 10_000
+"""Events kept on a handle for pollers; older ones are dropped first."""
+KEEP_FINISHED = 100
+"""Finished handles kept in the registry (live ones are always kept)."""
+TIMEOUT_GRACE_S = 10.0
+"""After ``limits.timeout_s`` the job gets this long to reach a ``ctx.check()`` before
+the run is declared ``timed_out`` without it (it is still asked to stop)."""
+SAMPLE_INTERVAL_S = 0.5
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- states
+
+
+class RunState(str, enum.Enum):
+    """Where a run is. Terminal states never change (a resume starts a new handle)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+
+    def __str__(self) -> str:  # "completed", as the store, the CLI and JSON spell it
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @property
+    def terminal(self) -> bool:
+        return not ALLOWED_TRANSITIONS[self]
+
+
+_S = RunState
+ALLOWED_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
+    # pending -> failed/cancelled: the worker could not start, or was cancelled first.
+    _S.PENDING: frozenset({_S.RUNNING, _S.CANCELLING, _S.CANCELLED, _S.FAILED}),
+    # running -> cancelled directly: the job stopped itself with RunCancelled.
+    _S.RUNNING: frozenset({_S.CANCELLING, _S.COMPLETED, _S.FAILED, _S.TIMED_OUT, _S.CANCELLED}),
+    # cancelling -> completed: the last step finished before the job saw the request.
+    _S.CANCELLING: frozenset({_S.CANCELLED, _S.COMPLETED, _S.FAILED, _S.TIMED_OUT}),
+    _S.CANCELLED: frozenset(),
+    _S.COMPLETED: frozenset(),
+    _S.FAILED: frozenset(),
+    _S.TIMED_OUT: frozenset(),
+}
+
+
+class InvalidTransition(RuntimeError):
+    """A state change the table above does not allow (a controller bug, never user error)."""
+
+
+class RunConflictError(FoundryError):
+    """The run is already live in this process (e.g. resuming a run that is running)."""
+
+
+def check_transition(old: RunState, new: RunState) -> None:
+    """Raise :class:`InvalidTransition` unless ``old -> new`` is in the table."""
+    if new not in ALLOWED_TRANSITIONS[old]:
+        raise InvalidTransition(f"run state cannot go from {old} to {new}")
+
+
+@dataclass(frozen=True)
+class RunFailure:
+    """Why a run did not complete: a readable ``message`` plus the original exception.
+
+    The exception's traceback is kept as text and dropped from the object itself: its
+    frames hold the job's locals (models, optimizer, batches), and freeing memory after
+    an out-of-memory failure is the point.
+    """
+
+    message: str
+    exception: BaseException | None = None
+    traceback: str = ""
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class JobFn(Protocol):
+    """What a run executes: ``foundry_kernel.pipeline.run_job`` or anything shaped like it.
+
+    It must call ``ctx.check()`` between batches (that is where cancel and the time
+    limits land) and ``ctx.heartbeat()`` per step (the watchdog's evidence of progress).
+    """
+
+    def __call__(
+        self,
+        config: RunConfig,
+        *,
+        store: RunStore,
+        run_id: str,
+        ctx: RunContext,
+        resume: bool = False,
+    ) -> Mapping[str, Any] | None: ...
+
+
+EventCallback = Callable[[Event], None]
+
+
+# --------------------------------------------------------------------------- the one catch-all
+
+
+def _capture(fn: Callable[[], T]) -> tuple[T | None, BaseException | None]:
+    """Run ``fn`` and hand back its result or whatever it raised.
+
+    This is the single place in Foundry's controller that catches everything, and it
+    must: it runs user/job code (the job itself, event subscribers) on threads where an
+    escaping exception would vanish into ``threading.excepthook`` and leave a run stuck
+    in ``running`` forever. Callers turn the exception into a state and re-raise
+    ``KeyboardInterrupt``/``SystemExit`` once that state is recorded.
+    """
+    try:
+        return fn(), None
+    except BaseException as exc:  # noqa: BLE001 - deliberate; see the docstring
+        return None, exc
+
+
+_PROPAGATE = (KeyboardInterrupt, SystemExit)
+"""Never swallowed: re-raised once the run's state is recorded."""
+
+
+# --------------------------------------------------------------------------- failures
+
+
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    """MemoryError, torch's OutOfMemoryError, or torch's CPU allocator failing (which
+    raises a plain RuntimeError saying so)."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MARKERS)
+
+
+def _oom_message(exc: BaseException, config: RunConfig) -> str:
+    where = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "memory"
+    tips = [
+        f"a smaller optim.batch_size (now {config.optim.batch_size}; raise optim.grad_accum "
+        "to keep the effective batch)",
+        f"a shorter data.seq_len (now {config.data.seq_len})",
+    ]
+    if not config.optim.gradient_checkpointing:
+        tips.append("optim.gradient_checkpointing=true")
+    if config.optim.precision != "bfloat16":
+        tips.append("optim.precision=bfloat16 (another dtype)")
+    first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    detail = f" ({type(exc).__name__}: {first_line})" if first_line else ""
+    return f"out of {where}{detail}. Try " + ", ".join(tips) + "."
+
+
+def _divergence_message(exc: DivergenceError) -> str:
+    message = str(exc)
+    if str(exc.step) not in message or exc.component not in message:
+        message += f" (step {exc.step}, component {exc.component})"
+    return message
+
+
+def _release_memory(oom: bool) -> None:
+    """Give memory back at the end of a run.
+
+    The job's frames are gone once it returns (and failures drop their tracebacks), so
+    plain reference counting frees models on CPU. A full ``gc.collect()`` costs 0.1-0.5 s
+    with torch loaded, so it runs only where it buys something: after an out-of-memory
+    failure (cycles the job left may hold the memory the next run needs) and on CUDA,
+    where ``empty_cache()`` can only return blocks whose tensors were really collected.
+    """
+    cuda = torch.cuda.is_available()
+    if oom or cuda:
+        gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def _strip_tracebacks(exc: BaseException) -> str:
+    """Format the traceback, then drop it (and its chained ones) to free the job's frames."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
+    return text
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _numeric_items(payload: Mapping[str, Any]) -> Iterator[tuple[str, float]]:
+    """Numbers in a step/eval event: flat fields and a nested ``metrics`` mapping."""
+    for key, value in payload.items():
+        if key in ("step", "max_steps"):
+            continue
+        if key == "metrics" and isinstance(value, Mapping):
+            for name, inner in value.items():
+                if _is_number(inner):
+                    yield str(name), float(inner)
+        elif _is_number(value):
+            yield key, float(value)
+
+
+class _Metrics:
+    """Last value per metric plus a bounded history, behind one lock (written by the
+    worker and the sampler threads, read by the kernel's main thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._history: dict[str, deque[tuple[int, float]]] = {}
+        self.step: int | None = None
+        self.max_steps: int | None = None
+
+    def update(
+        self, step: int | None, values: Iterable[tuple[str, float]] | Mapping[str, float]
+    ) -> None:
+        items = values.items() if isinstance(values, Mapping) else values
+        with self._lock:
+            for name, value in items:
+                self._last[name] = value
+                series = self._history.setdefault(name, deque(maxlen=HISTORY_LEN))
+                series.append((-1 if step is None else step, value))
+
+    def note_step(self, payload: Mapping[str, Any]) -> int | None:
+        with self._lock:
+            step, max_steps = payload.get("step"), payload.get("max_steps")
+            if isinstance(step, int):
+                self.step = step
+            if isinstance(max_steps, int):
+                self.max_steps = max_steps
+            return self.step
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._last)
+
+    def history(self, name: str) -> list[tuple[int, float]]:
+        with self._lock:
+            return list(self._history.get(name, ()))
+
+
+# --------------------------------------------------------------------------- watchdog
+
+
+class _Watchdog:
+    """One thread for all runs that have a time limit; it exits when none is left.
+
+    It reads each run's ``ctx.last_beat`` (set by ``heartbeat()``, ``set_phase()`` and
+    every emitted event) and its deadline, at a tick of a fifth of the smallest step
+    limit (bounded to 20-500 ms), so a hang is noticed within ~20% of its limit.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._runs: set[RunHandle] = set()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, handle: RunHandle) -> None:
+        with self._cond:
+            self._runs.add(handle)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="foundry-watchdog", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def unwatch(self, handle: RunHandle) -> None:
+        with self._cond:
+            self._runs.discard(handle)
+            self._cond.notify_all()
+
+    def _tick(self) -> float:
+        limits = [
+            h.config.limits.step_timeout_s / 5
+            for h in self._runs
+            if h.config.limits.step_timeout_s is not None
+        ]
+        return min(max(min(limits, default=0.5), 0.02), 0.5)
+
+    def _loop(self) -> None:
+        try:
+            while self._watch_once():
+                pass
+        finally:
+            # Normally reached with no runs left; if a check ever raised (a bug), clearing
+            # the slot lets the next watch() start a fresh watchdog instead of trusting a
+            # dead one. The exception itself reaches threading.excepthook.
+            with self._cond:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+
+    def _watch_once(self) -> bool:
+        """One round over the watched runs; False when there is nothing left to watch."""
+        with self._cond:
+            if not self._runs:
+                self._thread = None  # in the same locked section: watch() starts a new one
+                return False
+            runs = list(self._runs)
+        now = time.monotonic()
+        for handle in runs:  # outside the lock: a check may write to the store
+            handle._watchdog_check(now)
+        with self._cond:
+            if self._runs:
+                self._cond.wait(self._tick())
+        return True
+
+
+_WATCHDOG = _Watchdog()
+
+
+# --------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, RunHandle] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _register(handle: RunHandle) -> None:
+    with _REGISTRY_LOCK:
+        current = _REGISTRY.get(handle.id)
+        if current is not None and not current.done:
+            raise RunConflictError(
+                f"run {handle.id} is still {current.state} in this process; "
+                "cancel it and wait before resuming it"
+            )
+        if current is not None and current.worker_alive:
+            # Declared failed by the watchdog, but its thread is still inside the hung step:
+            # a second worker would write the same checkpoints and metrics concurrently.
+            raise RunConflictError(
+                f"run {handle.id}'s previous worker is still stuck in a step; it was asked "
+                "to stop - resume once it has (handle.join())"
+            )
+        _REGISTRY.pop(handle.id, None)  # re-insert at the end (newest)
+        _REGISTRY[handle.id] = handle
+        finished = [k for k, h in _REGISTRY.items() if h.done]
+        for key in finished[: max(len(finished) - KEEP_FINISHED, 0)]:
+            del _REGISTRY[key]
+
+
+def list_runs(*, live_only: bool = False) -> list[RunHandle]:
+    """Handles started in this process, oldest first (finished ones: the last 100)."""
+    with _REGISTRY_LOCK:
+        handles = list(_REGISTRY.values())
+    return [h for h in handles if not (live_only and h.done)]
+
+
+def get(run_id: str) -> RunHandle | None:
+    """The handle of ``run_id`` if it was started in this process (and not pruned)."""
+    with _REGISTRY_LOCK:
+        return _REGISTRY.get(run_id)
+
+
+def _shutdown_grace() -> float:
+    try:
+        return max(float(os.environ.get("FOUNDRY_SHUTDOWN_GRACE_S", "10")), 0.0)
+    except ValueError:
+        return 10.0
+
+
+def _stop_all_at_exit() -> None:
+    """Interpreter exit (kernel shutdown, end of a script): ask live runs to stop and give
+    them a bounded time to reach a safe point and record their state."""
+    live = list_runs(live_only=True)
+    if not live:
+        return
+    log.warning("process exiting: cancelling %d live run(s)", len(live))
+    for handle in live:
+        handle.cancel(reason="the process is exiting")
+    grace = _shutdown_grace()
+    deadline = time.monotonic() + grace
+    for handle in live:
+        handle.join(max(deadline - time.monotonic(), 0.0))
+    stuck = [h.id for h in live if not h.join(0)]
+    if stuck:
+        # CPython < 3.14 ends daemon threads at exit with pthread_exit; one caught inside
+        # torch's C++ code may turn that into std::terminate (SIGABRT). Checkpoints and the
+        # store are written atomically, so the run is simply resumable from its last one.
+        log.warning(
+            "process exiting: run(s) %s did not stop within %.0f s "
+            "(FOUNDRY_SHUTDOWN_GRACE_S); they end with the process and can be resumed",
+            ", ".join(stuck),
+            grace,
+        )
+
+
+atexit.register(_stop_all_at_exit)
+
+
+# --------------------------------------------------------------------------- the handle
+
+
+class RunHandle:
+    """A run in progress or finished: its state, live metrics, events and result.
+
+    Thread-safe. Create one with :func:`start`, not directly.
+    ``await handle`` (or ``asyncio.wait_for(handle, t)``) waits without blocking the
+    event loop and returns the final state; a timed-out ``wait_for`` does not cancel
+    the run - call :meth:`cancel` for that.
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        config: RunConfig,
+        *,
+        store: RunStore,
+        owns_store: bool,
+        job: JobFn,
+        resume: bool,
+        sample_interval_s: float | None,
+        first_sample: int = 0,
+    ) -> None:
+        self.id = run_id
+        self.config = config
+        self.runs_dir: Path = store.root
+        self.resume = resume
+        self._store = store
+        self._owns_store = owns_store
+        self._job: JobFn | None = job
+        self._lock = threading.Lock()
+        self._state = RunState.PENDING
+        self._result: dict[str, Any] | None = None
+        self._error: RunFailure | None = None
+        self._metrics = _Metrics()
+        self._events: deque[tuple[int, Event]] = deque(maxlen=EVENT_BUFFER)
+        self._seq = 0
+        self._poll_cursor = 0
+        self._subscribers: dict[int, EventCallback] = {}
+        self._next_token = 1
+        self._done = threading.Event()
+        self._done_callbacks: list[Callable[[RunHandle], None]] = []
+        self._cancel_step: int | None = None
+        self._thread: threading.Thread | None = None
+        self.created_at = time.time()
+        self.started_at: float | None = None
+        self.ended_at: float | None = None
+        timeout = config.limits.timeout_s
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self.ctx = RunContext(run_id, sink=self._on_event, deadline=self._deadline)
+        self._sampler = (
+            None
+            if sample_interval_s is None
+            else MemorySampler(
+                self._on_sample, sample_interval_s, name=run_id, start_index=first_sample
+            )
+        )
+
+    # -- read side ------------------------------------------------------------------
+
+    @property
+    def state(self) -> RunState:
+        with self._lock:
+            return self._state
+
+    @property
+    def done(self) -> bool:
+        """True once the state is terminal and recorded (see :meth:`wait`)."""
+        return self._done.is_set()
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        """The job's summary dict once it completed (None before, or if it did not)."""
+        with self._lock:
+            return None if self._result is None else dict(self._result)
+
+    @property
+    def error(self) -> RunFailure | None:
+        """Why the run failed, timed out or was cancelled (None while running/completed)."""
+        with self._lock:
+            return self._error
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Last value of every metric seen in events and memory samples (a copy)."""
+        return self._metrics.snapshot()
+
+    def history(self, name: str) -> list[tuple[int, float]]:
+        """Recent ``(step, value)`` pairs of one metric (memory: ``(sample, value)``)."""
+        return self._metrics.history(name)
+
+    @property
+    def step(self) -> int | None:
+        return self._metrics.step
+
+    @property
+    def max_steps(self) -> int | None:
+        return self._metrics.max_steps
+
+    @property
+    def phase(self) -> str:
+        return self.ctx.phase
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return (self.ended_at or time.time()) - self.started_at
+
+    def __repr__(self) -> str:
+        progress = "" if self.step is None else f" step {self.step}/{self.max_steps}"
+        return f"<RunHandle {self.id} {self.state}{progress}>"
+
+    # -- waiting --------------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None) -> RunState:
+        """Block until the run is over (or ``timeout``); return the state at that point.
+
+        Normally returns after the worker has also released its resources (sampler
+        stopped, store closed). The exception: a run the step watchdog declared hung is
+        reported at once, since waiting for a hung thread would defeat the watchdog.
+        """
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("wait() called from the run's own worker thread would deadlock")
+        self._done.wait(timeout)
+        return self.state
+
+    @property
+    def worker_alive(self) -> bool:
+        """Whether the worker thread still runs (after a watchdog verdict it may, briefly)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the worker thread itself to end; True if it has."""
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return thread is None
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def __await__(self) -> Generator[Any, None, RunState]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[RunState] = loop.create_future()
+
+        def resolve() -> None:
+            if not future.done():
+                future.set_result(self.state)
+
+        def on_done(_: RunHandle) -> None:
+            try:
+                loop.call_soon_threadsafe(resolve)
+            except RuntimeError:  # the loop was closed: nobody awaits any more
+                pass
+
+        self._add_done_callback(on_done)
+        future.add_done_callback(lambda _f: self._remove_done_callback(on_done))
+        return future.__await__()
+
+    def _add_done_callback(self, callback: Callable[[RunHandle], None]) -> None:
+        with self._lock:
+            if not self._done.is_set():
+                self._done_callbacks.append(callback)
+                return
+        callback(self)
+
+    def _remove_done_callback(self, callback: Callable[[RunHandle], None]) -> None:
+        with self._lock:
+            if callback in self._done_callbacks:
+                self._done_callbacks.remove(callback)
+
+    # -- events ---------------------------------------------------------------------
+
+    def subscribe(self, callback: EventCallback) -> int:
+        """Call ``callback(event)`` for every later event; returns a token.
+
+        Called on a **background thread** - the worker for the job's events; a state
+        change made by :meth:`cancel` or the watchdog is delivered on the thread that
+        made it. Keep it short and thread-safe; to update UI state from the kernel's main
+        thread, use :meth:`poll` instead. A callback that raises is logged and
+        unsubscribed; the run goes on.
+        """
+        with self._lock:
+            token = self._next_token
+            self._next_token += 1
+            self._subscribers[token] = callback
+        return token
+
+    def unsubscribe(self, token: int) -> bool:
+        with self._lock:
+            return self._subscribers.pop(token, None) is not None
+
+    def events_since(self, seq: int = 0) -> list[tuple[int, Event]]:
+        """Buffered ``(seq, event)`` pairs with ``seq`` greater than the one given.
+
+        Sequence numbers start at 1 and have no gaps, so a consumer that sees a jump
+        knows the bounded buffer dropped events it was too slow to fetch.
+        """
+        with self._lock:
+            return [(n, e) for n, e in self._events if n > seq]
+
+    def poll(self) -> list[Event]:
+        """Events since the previous ``poll()`` (for one main-thread consumer, e.g. a
+        widget timer): no callbacks, no threads, just a cursor on the buffer."""
+        with self._lock:
+            new = [e for n, e in self._events if n > self._poll_cursor]
+            self._poll_cursor = self._seq
+        return new
+
+    def _on_event(self, event: Event) -> None:
+        """The job's event sink (worker thread): metrics, buffer, store, subscribers."""
+        self.ctx.heartbeat()  # an emitting job is alive, whatever phase it is in
+        if event.kind in ("step", "eval"):
+            step = self._metrics.note_step(event.payload)
+            self._metrics.update(step, _numeric_items(event.payload))
+        if event.kind == "alert":
+            payload = event.payload
+            message = str(payload.get("message") or payload)
+            step = payload.get("step") if isinstance(payload.get("step"), int) else None
+            self._store_call(
+                "record an alert", self._store.add_event, self.id, "alert", message, step=step
+            )
+        self._publish(event)
+
+    def _publish(self, event: Event) -> None:
+        with self._lock:
+            self._seq += 1
+            self._events.append((self._seq, event))
+            subscribers = list(self._subscribers.items())
+        for token, callback in subscribers:
+            _, exc = _capture(functools.partial(callback, event))
+            if exc is None:
+                continue
+            if isinstance(exc, _PROPAGATE):
+                raise exc
+            self._log(
+                logging.ERROR,
+                "event subscriber %r raised %s: %s; unsubscribed it",
+                callback,
+                type(exc).__name__,
+                exc,
+            )
+            self.unsubscribe(token)
+
+    def _emit_state(self, state: RunState, failure: RunFailure | None) -> None:
+        payload: dict[str, Any] = {"state": state.value}
+        if failure is not None:
+            payload["error"] = failure.message
+        self._publish(Event(kind="state", run_id=self.id, payload=payload))
+
+    # -- control --------------------------------------------------------------------
+
+    def cancel(self, reason: str = "cancelled") -> bool:
+        """Ask the run to stop at its next ``ctx.check()`` (within one step).
+
+        Returns False if it had already finished. Does no I/O, so a widget callback on
+        the kernel's main thread never waits on disk; the store records the outcome.
+        """
+        with self._lock:
+            if self._state.terminal or self._state is RunState.CANCELLING:
+                return False
+            check_transition(self._state, RunState.CANCELLING)
+            self._state = RunState.CANCELLING
+            self._cancel_step = self._metrics.step
+        self.ctx.cancel(reason)
+        self._emit_state(RunState.CANCELLING, None)
+        return True
+
+    # -- the worker -----------------------------------------------------------------
+
+    def _launch(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name=f"foundry-run-{self.id}", daemon=True
+        )
+        if self.config.limits.timeout_s is not None or self.config.limits.step_timeout_s:
+            _WATCHDOG.watch(self)
+        try:
+            self._thread.start()
+        except RuntimeError as exc:  # "can't start new thread": out of threads/memory
+            self._thread = None
+            self._finish(RunState.FAILED, RunFailure(f"could not start the run: {exc}", exc))
+            self._cleanup()
+            self._resolve()
+
+    def _run(self) -> None:
+        """Worker thread body: run the job, turn its outcome into a state, clean up.
+
+        The whole body runs inside the run's ``run.log`` (logs.run_log), so the job's and
+        the controller's log lines for this run land in its own folder.
+        """
+        exc: BaseException | None = None
+        try:
+            with contextlib.ExitStack() as stack:
+                self._open_run_log(stack)
+                result, exc = _capture(self._execute)
+                self._conclude(result, exc)
+        finally:
+            self._cleanup()
+            _release_memory(exc is not None and _is_oom(exc))
+            self._resolve()
+        if isinstance(exc, _PROPAGATE):
+            raise exc  # the state is recorded; let Python handle SystemExit/Ctrl-C as usual
+
+    def _open_run_log(self, stack: contextlib.ExitStack) -> None:
+        try:
+            stack.enter_context(run_log(self._store.run_dir(self.id), self.id))
+        except OSError as exc:  # an unwritable folder costs the log file, not the run
+            self._log(logging.WARNING, "cannot open run.log: %s", exc)
+
+    def _conclude(self, result: dict[str, Any] | None, exc: BaseException | None) -> None:
+        """Record the outcome, unless the watchdog already declared one."""
+        state, failure = self._classify(exc)
+        if not self._finish(state, failure, result) and exc is not None:
+            self._store_call(
+                "note a late exit",
+                self._store.add_event,
+                self.id,
+                "log",
+                f"the job stopped after the run was declared {self.state}: "
+                f"{type(exc).__name__}: {exc}",
+            )
+
+    def _log(self, level: int, msg: str, *args: Any) -> None:
+        """Log with this run's id, also from the watchdog and sampler threads."""
+        log.log(level, "run %s: " + msg, self.id, *args, extra={"run_id": self.id})
+
+    def _execute(self) -> dict[str, Any] | None:
+        if not self._begin():
+            raise RunCancelled("run cancelled before it started")
+        if self._sampler is not None:
+            self._sampler.start()
+        self.ctx.heartbeat()  # queueing time is not a hung step
+        if self._job is None:
+            raise RuntimeError("this run has already finished; start a new one")
+        result = self._job(
+            self.config, store=self._store, run_id=self.id, ctx=self.ctx, resume=self.resume
+        )
+        if result is None:
+            return {}
+        return dict(result) if isinstance(result, Mapping) else {"result": result}
+
+    def _begin(self) -> bool:
+        """pending -> running (False if a cancel came first)."""
+        with self._lock:
+            if self._state is not RunState.PENDING:
+                return False
+            self._state = RunState.RUNNING
+            self.started_at = time.time()
+        self._store_call("record running", self._store.set_state, self.id, "running")
+        self._emit_state(RunState.RUNNING, None)
+        return True
+
+    def _classify(self, exc: BaseException | None) -> tuple[RunState, RunFailure | None]:
+        """Map the job's outcome to a final state and a message a person can act on."""
+        if exc is None:
+            return RunState.COMPLETED, None
+        tb = _strip_tracebacks(exc)
+        if isinstance(exc, RunTimeout) or (
+            isinstance(exc, RunCancelled) and self.ctx.reason == "timed_out"
+        ):
+            return RunState.TIMED_OUT, RunFailure(
+                f"{self._timeout_text()} at step {self.step}; raise the limit or lower "
+                "limits.max_steps",
+                exc,
+                tb,
+            )
+        if isinstance(exc, RunCancelled):
+            return RunState.CANCELLED, RunFailure(self._cancel_message(), exc, tb)
+        if _is_oom(exc):
+            return RunState.FAILED, RunFailure(_oom_message(exc, self.config), exc, tb)
+        if isinstance(exc, DivergenceError):
+            return RunState.FAILED, RunFailure(_divergence_message(exc), exc, tb)
+        if isinstance(exc, FoundryError):
+            return RunState.FAILED, RunFailure(str(exc), exc, tb)
+        self._log(logging.ERROR, "failed with an unexpected error:\n%s", tb)
+        return RunState.FAILED, RunFailure(f"{type(exc).__name__}: {exc}", exc, tb)
+
+    def _timeout_text(self) -> str:
+        limit = self.config.limits.timeout_s
+        setting = f"limits.timeout_s={limit:g} s" if limit is not None else "limits.timeout_s"
+        return f"the run hit its wall-clock limit ({setting})"
+
+    def _cancel_message(self) -> str:
+        reason = self.ctx.reason or "cancelled"
+        asked, stopped = self._cancel_step, self.step
+        if stopped is None:
+            return f"cancelled before the first step ({reason})"
+        if asked is None:  # the job (or its own context) asked, not handle.cancel()
+            return f"cancelled ({reason}), stopped after step {stopped}"
+        return f"cancelled ({reason}): asked at step {asked}, stopped after step {stopped}"
+
+    def _finish(
+        self, state: RunState, failure: RunFailure | None, result: dict[str, Any] | None = None
+    ) -> bool:
+        """Enter a terminal state once and record it; False if one was already reached."""
+        with self._lock:
+            if self._state.terminal:
+                return False
+            check_transition(self._state, state)
+            self._state, self._error, self._result = state, failure, result
+            self.ended_at = time.time()
+        _WATCHDOG.unwatch(self)
+        if self._sampler is not None:
+            self._sampler.stop()
+        message = failure.message if failure is not None else "run completed"
+        self._store_call(
+            "record the final state",
+            self._store.set_state,
+            self.id,
+            state.value,
+            error=None if failure is None else failure.message,
+        )
+        self._store_call(
+            "record the final event",
+            self._store.add_event,
+            self.id,
+            state.value,
+            message,
+            step=self.step,
+        )
+        self._log(logging.INFO, "%s: %s", state, message)
+        self._emit_state(state, failure)
+        return True
+
+    def _cleanup(self) -> None:
+        """Release what the run holds; runs on the worker thread after the job returned."""
+        if self._sampler is not None:
+            self._sampler.stop()
+        _WATCHDOG.unwatch(self)
+        self._job = None  # keep no closure (and the models it may capture) alive
+        if self._owns_store:
+            self._store.close()
+
+    def _resolve(self) -> None:
+        """Wake waiters and awaiters (idempotent)."""
+        with self._lock:
+            if self._done.is_set():
+                return
+            self._done.set()
+            callbacks, self._done_callbacks = self._done_callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+    # -- watchdog side ----------------------------------------------------------------
+
+    def _watchdog_check(self, now: float) -> None:
+        """Called by the watchdog thread: enforce the step and whole-run limits."""
+        if self.state.terminal:
+            return
+        limits = self.config.limits
+        idle = now - self.ctx.last_beat
+        if limits.step_timeout_s is not None and idle > limits.step_timeout_s:
+            self._declare_hung(idle, limits.step_timeout_s)
+        elif self._deadline is not None and now > self._deadline:
+            self.ctx.cancel("timed_out")  # lands at the job's next check()
+            if now > self._deadline + TIMEOUT_GRACE_S:
+                self._finish(
+                    RunState.TIMED_OUT,
+                    RunFailure(
+                        f"{self._timeout_text()} and did not stop within {TIMEOUT_GRACE_S:g} s",
+                        RunTimeout("limits.timeout_s reached"),
+                    ),
+                )
+                self._resolve()
+
+    def _declare_hung(self, idle: float, limit: float) -> None:
+        message = (
+            f"step watchdog: no progress for {idle:.1f} s in phase {self.ctx.phase!r} "
+            f"after step {self.step} (limits.step_timeout_s={limit:g} s); the step hung, "
+            "so the run was failed and asked to stop"
+        )
+        self.ctx.cancel("step_timeout")
+        if self._finish(RunState.FAILED, RunFailure(message, RunTimeout(message))):
+            self._resolve()
+
+    # -- memory sampler side ------------------------------------------------------------
+
+    def _on_sample(self, index: int, when: float, sample: dict[str, float | None]) -> None:
+        values = {k: v for k, v in sample.items() if v is not None}
+        self._metrics.update(index, values)
+        self._store_call(
+            "record a memory sample", self._store.log_metrics, self.id, index, values, time=when
+        )
+
+    # -- store -----------------------------------------------------------------------
+
+    def _store_call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Store writes from the controller never end a run: a full disk or a closed
+        store is logged, the run's in-memory state stays authoritative."""
+        try:
+            fn(*args, **kwargs)
+        except StoreError as exc:
+            self._log(logging.WARNING, "could not %s: %s", what, exc)
+
+
+# --------------------------------------------------------------------------- starting
+
+
+def _default_job() -> JobFn:
+    """pipeline.run_job, imported lazily: importing the controller must stay cheap."""
+    from foundry_kernel.pipeline import run_job
+
+    return run_job
+
+
+def _as_config(config: RunConfig | Mapping[str, Any] | None) -> RunConfig:
+    if isinstance(config, RunConfig):
+        return config
+    return load_config(config)
+
+
+def _open_store(config: RunConfig, store: RunStore | None) -> tuple[RunStore, bool]:
+    if store is not None:
+        return store, False
+    return RunStore(config.runs_dir or default_runs_dir()), True
+
+
+def _new_handle(
+    store: RunStore,
+    config: RunConfig | None,
+    resume: str | None,
+    job: JobFn,
+    owns_store: bool,
+    sample_interval_s: float | None,
+) -> RunHandle:
+    """A new run in the store, or the resumed one (its saved config unless one is given)."""
+    if resume is None:
+        assert config is not None  # start() always resolves a config for a new run
+        run_id = store.create_run(config.to_dict(), name=config.name, kind="distill").run_id
+        first_sample = 0
+    else:
+        record = store.get_run(resume)
+        config = validate_config(record.config) if config is None else config
+        run_id, first_sample = resume, _next_sample_index(store, resume)
+    return RunHandle(
+        run_id,
+        config,
+        store=store,
+        owns_store=owns_store,
+        job=job,
+        resume=resume is not None,
+        sample_interval_s=sample_interval_s,
+        first_sample=first_sample,
+    )
+
+
+def _next_sample_index(store: RunStore, run_id: str) -> int:
+    """Memory samples are numbered per run; a resumed run continues the numbering so it
+    never overwrites the samples of the attempt that crashed."""
+    rows = store.metrics(run_id, ["mem/rss_mb"])
+    return rows[-1].step + 1 if rows else 0
+
+
+def start(
+    config: RunConfig | Mapping[str, Any] | None = None,
+    *,
+    resume: str | None = None,
+    store: RunStore | None = None,
+    job: JobFn | None = None,
+    on_event: EventCallback | None = None,
+    sample_interval_s: float | None = SAMPLE_INTERVAL_S,
+) -> RunHandle:
+    """Start a run in a background thread and return its handle at once.
+
+    ``resume=RUN_ID`` reopens that run in the store (with its saved config unless one is
+    given) and calls the job with ``resume=True``. Without ``store``, one is opened on
+    ``config.runs_dir`` (or the default runs folder) and closed when the run ends.
+    ``on_event`` is subscribed before the run starts, so it sees every event (on the
+    worker thread). Config and store errors raise here, before any thread exists.
+    """
+    job_fn = job if job is not None else _default_job()
+    given = None if config is None and resume is not None else _as_config(config)
+    run_store, owns = _open_store(given if given is not None else load_config(), store)
+    registered = False
+    try:
+        handle = _new_handle(run_store, given, resume, job_fn, owns, sample_interval_s)
+        _register(handle)
+        registered = True
+        if resume is not None:
+            how = "its saved config" if given is None else "a new config"
+            run_store.add_event(resume, "resume", f"resumed in process {os.getpid()} with {how}")
+    finally:
+        if owns and not registered:  # nothing will run: do not leak the store's connection
+            run_store.close()
+    if on_event is not None:
+        handle.subscribe(on_event)
+    handle._launch()
+    return handle
+
+
+def run_sync(config: RunConfig | Mapping[str, Any] | None = None, **kwargs: Any) -> RunHandle:
+    """Start a run and wait for it (the CLI). Ctrl-C cancels the run and waits for it to
+    stop cleanly; a second Ctrl-C during that wait propagates as usual."""
+    handle = start(config, **kwargs)
+    try:
+        handle.wait()
+    except KeyboardInterrupt:
+        handle.cancel(reason="interrupted (Ctrl-C)")
+        handle.wait()
+    return handle
