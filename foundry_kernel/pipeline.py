@@ -21,6 +21,7 @@ from foundry_kernel.atomic import atomic_write_text
 from foundry_kernel.config import BUILTIN_TEACHER, RunConfig
 from foundry_kernel.context import RunContext
 from foundry_kernel.data import DataBundle, build_data
+from foundry_kernel.errors import ConfigError
 from foundry_kernel.evaluate import evaluate_lm, generate_samples, generation_speed
 from foundry_kernel.models import (
     LoadedModel,
@@ -32,6 +33,7 @@ from foundry_kernel.models import (
     shared_vocab_size,
 )
 from foundry_kernel.paths import default_cache_dir
+from foundry_kernel.resources import estimate_memory, preflight
 from foundry_kernel.store import RunStore
 from foundry_kernel.teacher_builder import ensure_builtin_teacher, read_teacher_record
 from foundry_kernel.train import Trainer, TrainPlan
@@ -94,6 +96,7 @@ def run_job(
     ctx.set_phase("student")
     student = build_student(config.student, teacher, device=job.device, seed=config.seed)
     vocab = shared_vocab_size(teacher, student)
+    _preflight(job, teacher, student, vocab)
     amp = amp_dtype_for(config.optim.precision, job.device, student.model.config.hidden_size)
     _train_phase(job, "distill", student, data, teacher, vocab, amp, resume=resume)
     baseline = None
@@ -136,6 +139,50 @@ def _load_teacher(job: Job) -> LoadedModel:
     job.teacher_record = read_teacher_record(Path(source).expanduser())
     job.record(teacher_source=cfg.source)
     return teacher
+
+
+def _preflight(job: Job, teacher: LoadedModel, student: LoadedModel, vocab: int) -> None:
+    """Refuse a run that cannot fit before the first step allocates the big transients
+    (activations, logits, optimizer state), and record the estimate with the run."""
+    tconf, sconf = teacher.model.config, student.model.config
+    limit = min(
+        getattr(c, "max_position_embeddings", None) or job.config.data.seq_len
+        for c in (tconf, sconf)
+    )
+    if job.config.data.seq_len > limit:
+        raise ConfigError(
+            f"data.seq_len={job.config.data.seq_len} is longer than the models' context "
+            f"({limit} positions); set data.seq_len to at most {limit}",
+            field="data.seq_len",
+        )
+    estimate = estimate_memory(
+        job.config,
+        teacher_params=teacher.params,
+        student_params=student.params,
+        vocab_size=vocab,
+        teacher_hidden=tconf.hidden_size,
+        student_hidden=sconf.hidden_size,
+        teacher_layers=tconf.num_hidden_layers,
+        student_layers=sconf.num_hidden_layers,
+        teacher_heads=getattr(tconf, "num_attention_heads", None),
+        student_heads=getattr(sconf, "num_attention_heads", None),
+        device=job.device.type,
+    )
+    checkpoint_bytes = student.params * 4 * 3 + 4096  # weights + two AdamW moments
+    report = preflight(
+        job.config, estimate, runs_dir=job.store.root, checkpoint_bytes=checkpoint_bytes
+    )
+    for warning in report.warnings:
+        job.ctx.emit("alert", level="warning", message=f"preflight: {warning}")
+    job.record(
+        preflight={
+            "estimate_bytes": estimate.total,
+            "free_bytes": report.free_bytes,
+            "disk_needed_bytes": report.disk_needed_bytes,
+            "disk_free_bytes": report.disk_free_bytes,
+            "parts": dict(estimate.parts()),
+        }
+    )
 
 
 def _data_report(job: Job, data: DataBundle) -> dict[str, Any]:
@@ -187,6 +234,7 @@ def _evaluate_all(
     amp: torch.dtype | None,
 ) -> dict[str, Any]:
     cfg = job.config
+
     def evaluate(model: LoadedModel, with_teacher: bool) -> dict[str, float]:
         return evaluate_lm(
             model.model,

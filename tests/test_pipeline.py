@@ -91,3 +91,35 @@ def test_model_card_mentions_gap() -> None:
     }
     card = model_card(load_config(), results)
     assert "37%" in card and "25%" in card
+
+
+def test_preflight_refuses_what_cannot_fit(
+    tiny_config: dict[str, Any], tiny_teacher_dir: Path
+) -> None:
+    from foundry_kernel.errors import ResourceError
+
+    tiny_config["optim"]["batch_size"] = 65536
+    tiny_config["data"]["seq_len"] = 512
+    with pytest.raises(ResourceError) as info:
+        _run(tiny_config)
+    text = str(info.value)
+    assert "GiB" in text and "batch_size" in text
+
+
+def test_seq_len_beyond_context_is_a_config_error(
+    tiny_config: dict[str, Any], tiny_teacher_dir: Path
+) -> None:
+    from foundry_kernel.errors import ConfigError
+
+    tiny_config["data"]["seq_len"] = 4096
+    with pytest.raises(ConfigError, match=r"data\.seq_len=4096") as info:
+        _run(tiny_config)
+    assert info.value.field == "data.seq_len"
+
+
+def test_preflight_estimate_recorded(tiny_config: dict[str, Any], tiny_teacher_dir: Path) -> None:
+    tiny_config["eval"]["baseline"] = False
+    tiny_config["limits"]["max_steps"] = 1
+    store, run_id, summary = _run(tiny_config)
+    assert summary["preflight"]["estimate_bytes"] > 0
+    assert store.get_run(run_id).summary["preflight"]["disk_free_bytes"] > 0
