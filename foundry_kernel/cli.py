@@ -46,17 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run")
     distill.add_argument("--runs-dir", type=Path, help="run store (default: runs_dir or ./runs)")
     distill.add_argument("--json", action="store_true", help="end stdout with a JSON summary")
+    distill.set_defaults(handler=_distill)
 
     runs = sub.add_parser("runs", help="list runs in the store")
     runs.add_argument("--runs-dir", type=Path)
     runs.add_argument("--json", action="store_true")
+    runs.set_defaults(handler=_runs)
 
     show = sub.add_parser("show", help="show one run")
     show.add_argument("run_id")
     show.add_argument("--runs-dir", type=Path)
     show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=_show)
 
-    sub.add_parser("schema", help="print the config's JSON Schema")
+    schema = sub.add_parser("schema", help="print the config's JSON Schema")
+    schema.set_defaults(handler=_schema)
     return parser
 
 
@@ -65,17 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     try:
-        if args.command == "distill":
-            return _distill(args)
-        if args.command == "runs":
-            return _runs(args)
-        if args.command == "show":
-            return _show(args)
-        print(json.dumps(json_schema(), indent=2))
-        return 0
+        return int(args.handler(args))
     except FoundryError as exc:
         print(f"foundry: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _schema(args: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(), indent=2))
+    return 0
 
 
 def _distill(args: argparse.Namespace) -> int:

@@ -65,6 +65,7 @@ def evaluate_lm(
     teacher: PreTrainedModel | None = None,
     vocab_size: int | None = None,
     amp_dtype: torch.dtype | None = None,
+    teacher_amp_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Mean cross-entropy and perplexity on held-out blocks, plus agreement/KL with a teacher."""
     device = next(model.parameters()).device
@@ -85,7 +86,7 @@ def evaluate_lm(
             nll += F.cross_entropy(logits, tgt, reduction="sum").item()
             tokens += int(valid.sum())
             if teacher is not None:
-                with autocast(device, amp_dtype):
+                with autocast(device, teacher_amp_dtype):
                     t_logits = teacher(input_ids=ids, attention_mask=mask).logits
                 t_logits = t_logits[..., :vocab_size].float()[valid]
                 t_logp = t_logits.log_softmax(-1)

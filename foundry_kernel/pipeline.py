@@ -66,6 +66,8 @@ class Job:
         self.device = resolve_device(config.device)
         self.summary: dict[str, Any] = {}
         self.teacher_record: dict[str, Any] | None = None
+        self.amp: torch.dtype | None = None  # autocast dtype of the student
+        self.teacher_amp: torch.dtype | None = None
 
     def log_metrics(self, step: int, values: dict[str, float]) -> None:
         self.store.log_metrics(self.run_id, step, values)
@@ -97,14 +99,17 @@ def run_job(
     student = build_student(config.student, teacher, device=job.device, seed=config.seed)
     vocab = shared_vocab_size(teacher, student)
     _preflight(job, teacher, student, vocab)
-    amp = amp_dtype_for(config.optim.precision, job.device, student.model.config.hidden_size)
-    _train_phase(job, "distill", student, data, teacher, vocab, amp, resume=resume)
+    job.amp = amp_dtype_for(config.optim.precision, job.device, student.model.config.hidden_size)
+    job.teacher_amp = amp_dtype_for(
+        config.optim.precision, job.device, teacher.model.config.hidden_size
+    )
+    _train_phase(job, "distill", student, data, teacher, vocab, resume=resume)
     baseline = None
     if config.eval.baseline:
         baseline = build_student(config.student, teacher, device=job.device, seed=config.seed)
-        _train_phase(job, "baseline", baseline, data, None, vocab, amp, resume=resume)
+        _train_phase(job, "baseline", baseline, data, None, vocab, resume=resume)
     ctx.set_phase("evaluate")
-    results = _evaluate_all(job, teacher, student, baseline, data, vocab, amp)
+    results = _evaluate_all(job, teacher, student, baseline, data, vocab)
     ctx.set_phase("export")
     export_dir = _export(job, student, results)
     job.record(
@@ -202,13 +207,17 @@ def _train_phase(
     data: DataBundle,
     teacher: LoadedModel | None,
     vocab: int,
-    amp: torch.dtype | None,
     *,
     resume: bool,
 ) -> None:
     """Distil (with a teacher) or train CE-only (without) on the same batches and budget."""
     job.ctx.set_phase(phase, max_steps=job.config.limits.max_steps)
-    plan = TrainPlan.from_config(job.config, distill=teacher is not None, amp_dtype=amp)
+    plan = TrainPlan.from_config(
+        job.config,
+        distill=teacher is not None,
+        amp_dtype=job.amp,
+        teacher_amp_dtype=job.teacher_amp,
+    )
     trainer = Trainer(
         student.model,
         data,
@@ -231,11 +240,12 @@ def _evaluate_all(
     baseline: LoadedModel | None,
     data: DataBundle,
     vocab: int,
-    amp: torch.dtype | None,
 ) -> dict[str, Any]:
     cfg = job.config
 
-    def evaluate(model: LoadedModel, with_teacher: bool) -> dict[str, float]:
+    def evaluate(
+        model: LoadedModel, amp: torch.dtype | None, with_teacher: bool
+    ) -> dict[str, float]:
         return evaluate_lm(
             model.model,
             data.val,
@@ -245,9 +255,10 @@ def _evaluate_all(
             teacher=teacher.model if with_teacher else None,
             vocab_size=vocab,
             amp_dtype=amp,
+            teacher_amp_dtype=job.teacher_amp,
         )
 
-    t_eval = evaluate(teacher, with_teacher=False)
+    t_eval = evaluate(teacher, job.teacher_amp, with_teacher=False)
     out: dict[str, Any] = {
         "teacher": {
             "params": teacher.params,
@@ -263,7 +274,7 @@ def _evaluate_all(
         if model is None:
             continue
         job.ctx.check()
-        ev = evaluate(model, with_teacher=True)
+        ev = evaluate(model, job.amp, with_teacher=True)
         out[name] = {
             "params": count_params(model.model),
             "val_ppl": ev["ppl"],

@@ -28,6 +28,7 @@ from typing import Any
 import psutil
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
 
 from foundry_kernel.atomic import atomic_write_text
 from foundry_kernel.config import DataConfig, TeacherBuild
@@ -123,6 +124,7 @@ def _build(
     ).fit()
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    hf_logging.disable_progress_bar()
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     record = {

@@ -48,6 +48,7 @@ class TrainPlan:
     min_lr_ratio: float = 0.1
     max_grad_norm: float | None = 1.0
     amp_dtype: torch.dtype | None = None
+    teacher_amp_dtype: torch.dtype | None = None  # the teacher is wider: bf16 may pay for it alone
     gradient_checkpointing: bool = False
     loss: LossSpec | None = None  # None: plain cross-entropy (no teacher needed)
     eval_every: int = 100
@@ -61,7 +62,12 @@ class TrainPlan:
 
     @classmethod
     def from_config(
-        cls, cfg: RunConfig, *, distill: bool, amp_dtype: torch.dtype | None
+        cls,
+        cfg: RunConfig,
+        *,
+        distill: bool,
+        amp_dtype: torch.dtype | None,
+        teacher_amp_dtype: torch.dtype | None = None,
     ) -> TrainPlan:
         o, lo = cfg.optim, cfg.loss
         spec = None
@@ -87,6 +93,7 @@ class TrainPlan:
             min_lr_ratio=o.min_lr_ratio,
             max_grad_norm=o.max_grad_norm,
             amp_dtype=amp_dtype,
+            teacher_amp_dtype=teacher_amp_dtype,
             gradient_checkpointing=o.gradient_checkpointing,
             loss=spec,
             eval_every=cfg.eval.every_steps,
@@ -251,6 +258,7 @@ class Trainer:
             teacher=self.teacher,
             vocab_size=self.vocab_size,
             amp_dtype=self.plan.amp_dtype,
+            teacher_amp_dtype=self.plan.teacher_amp_dtype,
         )
         self.model.train()
         result.pop("tokens", None)
@@ -307,7 +315,7 @@ class Trainer:
             loss.backward()
             value = loss.item()
             return {"loss": value, "ce": value}
-        with torch.no_grad(), autocast(self.device, self.plan.amp_dtype):
+        with torch.no_grad(), autocast(self.device, self.plan.teacher_amp_dtype):
             t_logits = self.teacher(input_ids=ids, attention_mask=mask).logits  # type: ignore[misc]
         out = distillation_loss(
             logits,
