@@ -50,7 +50,7 @@ class TeacherBuild(_Section):
     num_heads: int = Field(4, ge=1, le=64, description="Attention heads.")
     seq_len: int = Field(128, ge=16, le=4096, description="Training block length in tokens.")
     batch_size: int = Field(32, ge=1, le=1024, description="Blocks per step.")
-    steps: int = Field(450, ge=1, le=1_000_000, description="Optimizer steps.")
+    steps: int = Field(400, ge=1, le=1_000_000, description="Optimizer steps.")
     lr: float = Field(3e-3, gt=0, le=1.0, description="Peak learning rate.")
     max_documents: int | None = Field(
         None, ge=1, description="Use only the first N documents of the corpus (tests)."

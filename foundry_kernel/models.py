@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -24,6 +26,12 @@ from foundry_kernel.errors import ModelError
 from foundry_kernel.paths import allowed_roots, resolve_within
 
 log = logging.getLogger("foundry.models")
+
+# transformers builds models under process-global switches (a meta-device context during
+# from_pretrained, patched init functions), so a model built in one thread while another
+# thread loads one can come out on the meta device. Every construction and load in
+# Foundry holds this lock; runs still train concurrently.
+MODEL_BUILD_LOCK = threading.RLock()
 
 # Config attributes a Llama-style architecture uses for its shape; students
 # built "fresh" override these on a copy of the teacher's config.
@@ -93,8 +101,9 @@ def load_causal_lm(
         kwargs["revision"] = revision
     hf_logging.disable_progress_bar()  # one bar per load floods notebooks and logs
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        with MODEL_BUILD_LOCK:
+            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     except OSError as exc:
         raise ModelError(_load_hint(field, source, local=local, offline=offline, exc=exc)) from exc
     except ValueError as exc:
@@ -161,9 +170,21 @@ def fresh_student(teacher: PreTrainedModel, cfg: StudentConfig, *, seed: int) ->
     if getattr(tconf, "layer_types", None) is not None:
         overrides["layer_types"] = None
     sconf = type(tconf).from_dict({**tconf.to_dict(), **overrides})
-    with torch.random.fork_rng(devices=[]):
+    return seeded_init(lambda: AutoModelForCausalLM.from_config(sconf, dtype=torch.float32), seed)
+
+
+T = TypeVar("T")
+
+
+def seeded_init(make: Callable[[], T], seed: int) -> T:
+    """Build a model from ``seed`` alone, even with other runs initialising in other threads.
+
+    Weight init draws from torch's process-global RNG; without the lock, two runs
+    starting together would interleave draws and neither would be reproducible.
+    """
+    with MODEL_BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(sconf, dtype=torch.float32)
+        return make()
 
 
 def _mlp_width(hidden: int) -> int:
@@ -179,7 +200,8 @@ def student_from_teacher(teacher: PreTrainedModel, layers: list[int] | None) -> 
     bad = [i for i in keep if i >= n]
     if bad:
         raise ModelError(f"student.layers: {bad} out of range; the teacher has layers 0..{n - 1}")
-    student = copy.deepcopy(teacher)
+    with MODEL_BUILD_LOCK:
+        student = copy.deepcopy(teacher)
     kept = torch.nn.ModuleList(student.model.layers[i] for i in keep)
     for new_idx, layer in enumerate(kept):
         attn = getattr(layer, "self_attn", None)

@@ -35,6 +35,7 @@ from foundry_kernel.config import DataConfig, TeacherBuild
 from foundry_kernel.context import RunContext
 from foundry_kernel.data import build_data, split_documents
 from foundry_kernel.errors import ModelError
+from foundry_kernel.models import seeded_init
 from foundry_kernel.sources import corpus_fingerprint, load_documents
 from foundry_kernel.tokenizer import train_bpe_tokenizer
 from foundry_kernel.train import MetricsSink, Trainer, TrainPlan
@@ -162,9 +163,7 @@ def _fresh_teacher(build: TeacherBuild, tokenizer: Any, device: torch.device) ->
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
+    model = seeded_init(lambda: LlamaForCausalLM(config), 0)
     return model.to(device)  # type: ignore[arg-type]  # transformers' stubs
 
 

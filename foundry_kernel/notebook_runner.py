@@ -1,0 +1,509 @@
+"""``foundry run NOTEBOOK``: execute notebooks headless with papermill, one store run each.
+
+    foundry run notebooks/distill.ipynb -p max_steps 100 -p loss.beta 0.5
+    foundry run notebooks/distill.ipynb --grid loss.beta=0,0.5,1 --jobs 2
+    foundry run notebooks/distill.ipynb -f sweep.yaml        # a mapping, or a list of them
+
+Why a runner on top of papermill:
+
+- **Refuse before a kernel starts.** papermill only warns about parameters the notebook
+  does not declare, and a typo then silently runs the defaults for an hour. Every name
+  must be declared in the notebook's ``parameters`` cell or be a dotted config field
+  (``loss.beta``, gathered into the notebook's ``config_overrides``), and the config the
+  notebook will build is validated against the schema, for every member of a batch,
+  before the first kernel starts.
+- **The executed notebook is part of the run's record.** The runner creates the run in
+  the store first, passes its ``run_id`` and ``runs_dir`` to the notebook, and has
+  papermill write the executed notebook into ``runs/<run_id>/``. The notebook starts that
+  prepared run (``foundry_kernel.start(config, resume=run_id)``: a run with no
+  checkpoint starts from scratch).
+- **Batches.** Parameter sets (a ``--grid`` product or a YAML list) run with bounded
+  parallelism, each papermill execution in its own kernel process, each its own run
+  sharing one ``batch_id``. A failing member does not stop the others; the exit code is
+  1 if any failed; a summary table ends the output.
+
+Nothing here imports the widgets: a notebook may, the runner does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import itertools
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from foundry_kernel.config import RunConfig, load_config
+from foundry_kernel.errors import ConfigError, FoundryError
+from foundry_kernel.paths import allowed_roots, default_runs_dir, new_run_id, resolve_within
+from foundry_kernel.store import TERMINAL_STATES, RunStore
+
+__all__ = [
+    "CONFIG_SHORTCUTS",
+    "DEFAULT_TIMEOUT_S",
+    "add_commands",
+    "build_parser",
+    "main",
+    "notebook_config",
+    "run_command",
+]
+
+CONFIG_SHORTCUTS: dict[str, str] = {
+    "max_steps": "limits.max_steps",
+    "loss_kind": "loss.kind",
+}
+"""Top-level notebook parameters that set a config field (papermill names cannot hold
+dots). ``config_overrides`` is applied after them, so a dotted field wins."""
+OVERRIDES = "config_overrides"
+CONFIG_PATH = "config_path"
+RUNS_DIR = "runs_dir"
+RUN_ID = "run_id"
+SET_BY_RUNNER = (RUN_ID,)
+DEFAULT_TIMEOUT_S = 24 * 3600.0
+"""papermill's per-cell execution timeout: a backstop; ``limits.timeout_s`` is the real
+limit of a run."""
+_PLAIN_TYPES = (str, int, float, bool, type(None), list, dict)
+
+
+# --------------------------------------------------------------------------- the config
+
+
+def notebook_config(
+    *,
+    config_path: str | Path | None = None,
+    config_overrides: Mapping[str, Any] | None = None,
+    runs_dir: str | Path | None = None,
+    **shortcuts: Any,
+) -> RunConfig:
+    """The run config a notebook builds from its parameters (shared with the runner).
+
+    Order: the config file (or defaults), the shortcut parameters (``max_steps``, ...)
+    that are not None, then ``config_overrides`` (dotted keys), then ``runs_dir``.
+    """
+    unknown = sorted(set(shortcuts) - set(CONFIG_SHORTCUTS))
+    if unknown:
+        raise ConfigError(
+            f"unknown config parameter(s) {unknown}; known: {sorted(CONFIG_SHORTCUTS)}",
+            field=unknown[0],
+        )
+    overrides: dict[str, Any] = {
+        CONFIG_SHORTCUTS[name]: value for name, value in shortcuts.items() if value is not None
+    }
+    if config_overrides:
+        if not isinstance(config_overrides, Mapping):
+            raise ConfigError(
+                f"{OVERRIDES} must be a mapping of dotted fields, got {config_overrides!r}",
+                field=OVERRIDES,
+            )
+        overrides.update(config_overrides)
+    if runs_dir is not None:
+        overrides["runs_dir"] = str(runs_dir)
+    source = None
+    if config_path is not None:
+        source = resolve_within(config_path, allowed_roots(), field=CONFIG_PATH, must_exist=True)
+    return load_config(source, overrides)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A notebook's parameters cell: names and literal defaults."""
+
+    defaults: dict[str, Any]
+    expressions: frozenset[str] = frozenset()
+
+    def require(self, *names: str, notebook: Path) -> None:
+        missing = [n for n in names if n not in self.defaults]
+        if missing:
+            raise ConfigError(
+                f"{notebook.name} does not declare {missing} in its parameters cell; "
+                "foundry run passes the prepared run through them (use papermill directly "
+                "for other notebooks)",
+                field="notebook",
+            )
+
+
+def check_notebook(path: str | Path) -> Path:
+    """An existing ``.ipynb`` under the allowed roots (see ``paths.allowed_roots``)."""
+    resolved = resolve_within(path, allowed_roots(), field="notebook", must_exist=True)
+    if resolved.suffix != ".ipynb" or not resolved.is_file():
+        raise ConfigError(f"notebook: {str(path)!r} is not an .ipynb file", field="notebook")
+    return resolved
+
+
+def declared_parameters(notebook: Path) -> Declared:
+    """Names and defaults of the notebook's ``parameters`` cell (papermill's parser)."""
+    from papermill.inspection import inspect_notebook
+
+    found = inspect_notebook(str(notebook))
+    if not found:
+        raise ConfigError(
+            f"{notebook.name} has no cell tagged 'parameters' (or it declares nothing)",
+            field="notebook",
+        )
+    defaults: dict[str, Any] = {}
+    expressions = set()
+    for name, info in found.items():
+        text = str(info.get("default", "None"))
+        try:
+            defaults[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            defaults[name] = text  # an expression: its value is unknown before running
+            expressions.add(name)
+    return Declared(defaults, frozenset(expressions))
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value as YAML (like ``--set``); odd YAML types stay strings."""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, _PLAIN_TYPES) else text
+
+
+def _check_type(name: str, value: Any, declared: Declared) -> None:
+    """A value must have its default's type; None, and defaults that are expressions or
+    None, accept anything (the notebook decides)."""
+    default = declared.defaults[name]
+    if value is None or default is None or name in declared.expressions:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int | float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(
+            f"parameter {name}: {value!r} is a {type(value).__name__}; the notebook's default "
+            f"{default!r} is a {type(default).__name__}",
+            field=name,
+        )
+
+
+def _unknown(name: str, declared: Declared, notebook: Path) -> ConfigError:
+    allowed = sorted(n for n in declared.defaults if n not in SET_BY_RUNNER)
+    hint = difflib.get_close_matches(name, allowed, n=1)
+    fix = f"did you mean {hint[0]!r}? " if hint else ""
+    dotted = " or a dotted config field like loss.beta" if OVERRIDES in declared.defaults else ""
+    return ConfigError(
+        f"unknown parameter {name!r} for {notebook.name}; {fix}allowed: "
+        f"{', '.join(allowed)}{dotted}",
+        field=name,
+    )
+
+
+@dataclass
+class Member:
+    """One notebook execution: its parameters, the config they make, its run."""
+
+    index: int
+    label: str
+    params: dict[str, Any]
+    config: RunConfig
+    run_id: str = ""
+    output: Path | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    state: str = "pending"
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_member(
+    index: int, given: Mapping[str, Any], declared: Declared, notebook: Path, runs_dir: Path
+) -> Member:
+    """Check one parameter set and build its config, naming the member in any error."""
+    label = ", ".join(f"{k}={v}" for k, v in given.items()) or "defaults"
+    try:
+        params, config = _resolve(given, declared, notebook, runs_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"parameter set {index} ({label}): {exc}", field=exc.field) from None
+    return Member(index, label, params, config)
+
+
+def _resolve(
+    given: Mapping[str, Any], declared: Declared, notebook: Path, runs_dir: Path
+) -> tuple[dict[str, Any], RunConfig]:
+    plain = {k: v for k, v in given.items() if "." not in k}
+    dotted = {k: v for k, v in given.items() if "." in k}
+    for name, value in plain.items():
+        if name in SET_BY_RUNNER:
+            raise ConfigError(f"parameter {name} is set by foundry run itself", field=name)
+        if name not in declared.defaults:
+            raise _unknown(name, declared, notebook)
+        _check_type(name, value, declared)
+    if dotted and OVERRIDES not in declared.defaults:
+        raise _unknown(next(iter(dotted)), declared, notebook)
+    for name in dotted:
+        shortcut = next((s for s, f in CONFIG_SHORTCUTS.items() if f == name), None)
+        if shortcut is not None and shortcut in plain:
+            raise ConfigError(f"{name} given twice: as {name} and as {shortcut}", field=name)
+    params = dict(plain)
+    if dotted:
+        base = plain.get(OVERRIDES, declared.defaults.get(OVERRIDES)) or {}
+        params[OVERRIDES] = {**dict(base), **dotted}
+    params[RUNS_DIR] = str(runs_dir)
+    merged = {**declared.defaults, **params}
+    config_args = {k: merged[k] for k in (CONFIG_PATH, OVERRIDES, RUNS_DIR) if k in merged}
+    config_args.update({k: merged[k] for k in CONFIG_SHORTCUTS if k in merged})
+    return params, notebook_config(**config_args)
+
+
+def parameter_sets(
+    pairs: Sequence[Sequence[str]], files: Sequence[Path], grid: Sequence[str]
+) -> list[dict[str, Any]]:
+    """``-f`` sets x ``--grid`` product, each with the ``-p`` values on top."""
+    fixed = {name: _parse_value(value) for name, value in pairs}
+    bases: list[dict[str, Any]] = [{}]
+    for path in files:
+        bases = [{**b, **f} for b in bases for f in _read_sets(path)]
+    axes = [_grid_axis(spec) for spec in grid]
+    for key, _ in axes:
+        if key in fixed:
+            raise ConfigError(f"{key} is given by both -p and --grid", field=key)
+    names = [key for key, _ in axes]
+    combos = [
+        dict(zip(names, values, strict=True)) for values in itertools.product(*(v for _, v in axes))
+    ]
+    return [{**base, **fixed, **combo} for base in bases for combo in combos]
+
+
+def _grid_axis(spec: str) -> tuple[str, list[Any]]:
+    key, sep, values = spec.partition("=")
+    key = key.strip()
+    if not sep or not key or not values.strip():
+        raise ConfigError(f"--grid {spec!r} must look like key=v1,v2,...", field="grid")
+    return key, [_parse_value(v) for v in values.split(",")]
+
+
+def _read_sets(path: Path) -> list[dict[str, Any]]:
+    resolved = resolve_within(path, allowed_roots(), field="params file", must_exist=True)
+    try:
+        loaded = yaml.safe_load(resolved.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"params file {path}: not valid YAML: {exc}", field="params file"
+        ) from None
+    sets = [loaded] if isinstance(loaded, dict) else loaded
+    if not isinstance(sets, list) or not all(isinstance(s, dict) for s in sets) or not sets:
+        raise ConfigError(
+            f"params file {path}: must hold a mapping of parameters or a list of mappings",
+            field="params file",
+        )
+    return [{str(k): v for k, v in s.items()} for s in sets]
+
+
+# --------------------------------------------------------------------------- executing
+
+
+def _prepare(members: list[Member], store: RunStore, notebook: Path) -> str | None:
+    """Create each member's run (sharing a batch id when there are several)."""
+    batch_id = new_run_id("batch") if len(members) > 1 else None
+    for member in members:
+        record = store.create_run(
+            member.config.to_dict(), name=member.config.name, kind="distill", batch_id=batch_id
+        )
+        member.run_id = record.run_id
+        member.params[RUN_ID] = record.run_id
+        member.output = store.run_dir(record.run_id) / f"{notebook.stem}.ipynb"
+        store.add_event(
+            record.run_id, "notebook", f"foundry run {notebook.name} with {member.label}"
+        )
+    return batch_id
+
+
+def _execute(member: Member, notebook: Path, timeout_s: float) -> Member:
+    """Run one member's notebook with papermill; failures become ``member.error``."""
+    import papermill
+    from papermill.exceptions import PapermillException, PapermillExecutionError
+
+    t0 = time.monotonic()
+    try:
+        papermill.execute_notebook(
+            str(notebook),
+            str(member.output),
+            parameters=member.params,
+            progress_bar=False,
+            log_output=False,
+            execution_timeout=timeout_s,
+        )
+    except PapermillExecutionError as exc:
+        member.error = f"cell [{exc.exec_count}] raised {exc.ename}: {exc.evalue}"
+    except (PapermillException, TimeoutError, RuntimeError, OSError) as exc:
+        # kernel start failure, dead kernel (RuntimeError), a cell over the timeout
+        member.error = f"{type(exc).__name__}: {exc}"
+    member.seconds = time.monotonic() - t0
+    return member
+
+
+def _record_outcome(member: Member, store: RunStore) -> None:
+    """Make the store agree with what happened (a run the notebook never finished fails)."""
+    record = store.get_run(member.run_id)
+    if record.state not in TERMINAL_STATES:
+        reason = member.error or "the notebook ended without finishing the run"
+        store.set_state(member.run_id, "failed", error=reason)
+        store.add_event(member.run_id, "failed", reason)
+    if member.output is not None:
+        store.update_summary(member.run_id, {"notebook": str(member.output)})
+    record = store.get_run(member.run_id)
+    member.state, member.summary = record.state, record.summary
+    if member.state != "completed" and member.error is None:
+        member.error = record.error or member.state
+
+
+def _run_all(members: list[Member], notebook: Path, jobs: int, timeout_s: float) -> None:
+    total = len(members)
+    with ThreadPoolExecutor(max_workers=max(1, min(jobs, total))) as pool:
+        futures = {}
+        for member in members:
+            _say(f"[{member.index}/{total}] {member.run_id}: {member.label}")
+            futures[pool.submit(_execute, member, notebook, timeout_s)] = member
+        for future in as_completed(futures):
+            member = future.result()
+            outcome = "ok" if member.error is None else f"FAILED - {member.error}"
+            _say(f"[{member.index}/{total}] {member.run_id}: {outcome} ({member.seconds:.0f} s)")
+
+
+def _say(text: str) -> None:
+    print(f"foundry run: {text}", file=sys.stderr, flush=True)
+
+
+def _num(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, int | float) else "-"
+
+
+def summary_table(members: Sequence[Member], batch_id: str | None) -> str:
+    """One line per member: state, key metrics, time, parameters."""
+    head = f"{'run id':<44} {'state':<10} {'student':>8} {'CE-only':>8} {'agree':>6} {'time':>6}"
+    lines = [f"batch {batch_id}" if batch_id else "", head + "  parameters"]
+    for m in members:
+        student = m.summary.get("student") or {}
+        baseline = m.summary.get("baseline") or {}
+        ppl = _num(student.get("val_ppl"), "8.2f")
+        base = _num(baseline.get("val_ppl"), "8.2f")
+        agree = _num(m.summary.get("agreement"), "6.1%")
+        lines.append(
+            f"{m.run_id:<44} {m.state:<10} {ppl:>8} {base:>8} {agree:>6} "
+            f"{m.seconds:5.0f}s  {m.label}"
+        )
+    for m in members:
+        if m.error:
+            lines.append(f"{m.run_id}: {m.error}")
+        if m.output is not None:
+            lines.append(f"{m.run_id}: executed notebook {m.output}")
+    return "\n".join(line for line in lines if line)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("notebook", help="the notebook to execute, e.g. notebooks/distill.ipynb")
+    parser.add_argument(
+        "-p",
+        "--parameter",
+        dest="parameters",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a notebook parameter or a dotted config field (value parsed as YAML); repeatable",
+    )
+    parser.add_argument(
+        "-f",
+        "--parameters-file",
+        dest="files",
+        type=Path,
+        action="append",
+        default=[],
+        help="YAML: a mapping of parameters, or a list of mappings (one run each)",
+    )
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="run every combination of these values (repeatable)",
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="notebooks executed at once")
+    parser.add_argument(
+        "--runs-dir", type=Path, help="run store (default: $FOUNDRY_RUNS_DIR or ./runs)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds one cell may run before papermill stops it",
+    )
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add ``foundry run`` to the ``foundry`` command line (``handler`` convention)."""
+    parser = subparsers.add_parser(
+        "run",
+        help="execute a notebook headless with papermill, as a run in the store",
+        description=__doc__.splitlines()[0],
+    )
+    _add_arguments(parser)
+    parser.set_defaults(handler=run_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A standalone parser for ``foundry run``'s arguments (tests, ``python -m``)."""
+    parser = argparse.ArgumentParser(prog="foundry run", description=__doc__.splitlines()[0])
+    _add_arguments(parser)
+    return parser
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Validate everything, then execute; exit 0 if every run completed, 2 on bad usage."""
+    try:
+        members, notebook, runs_dir = _plan(args)
+    except FoundryError as exc:
+        print(f"foundry run: error: {exc}", file=sys.stderr)
+        return 2
+    with RunStore(runs_dir) as store:
+        batch_id = _prepare(members, store, notebook)
+        _run_all(members, notebook, args.jobs, args.timeout)
+        for member in members:
+            _record_outcome(member, store)
+    print(summary_table(members, batch_id))
+    return 0 if all(m.state == "completed" for m in members) else 1
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[Member], Path, Path]:
+    """Everything that can be refused, refused before any kernel or run exists."""
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}", field="jobs")
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout must be positive, got {args.timeout}", field="timeout")
+    notebook = check_notebook(args.notebook)
+    declared = declared_parameters(notebook)
+    declared.require(RUN_ID, RUNS_DIR, notebook=notebook)
+    runs_dir = (args.runs_dir or default_runs_dir()).expanduser().absolute()
+    sets = parameter_sets(args.parameters, args.files, args.grid)
+    members = [
+        resolve_member(i, given, declared, notebook, runs_dir)
+        for i, given in enumerate(sets, start=1)
+    ]
+    return members, notebook, runs_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``foundry run`` without the rest of the CLI: ``main(["nb.ipynb", "-p", "x", "1"])``."""
+    return run_command(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,487 @@
+"""Read-only queries behind the stakeholder dashboard: plain data, no widgets, no plotting.
+
+Why a separate module: the Voila dashboard must hold nothing a viewer could misuse, so
+everything it shows is computed here from a :class:`~foundry_kernel.store.RunStore`
+opened with ``read_only=True``; these functions only ever call the store's read methods.
+Keeping them free of ipywidgets/plotly also lets them be tested (and reused by the CLI or
+a report generator) without a kernel.
+
+Every value comes with a plain-language label (:data:`LABELS`, :func:`metric_label`)
+written for a reader who is not an ML engineer, and :func:`fmt` turns raw values into
+short display strings. Missing or malformed summary fields become ``None`` instead of
+raising: a run that failed half-way must still get a row.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import PurePath
+from typing import Any
+
+from foundry_kernel.store import RunRecord, RunStore
+
+__all__ = [
+    "BATCH_COLUMNS",
+    "COMPARISON_COLUMNS",
+    "LABELS",
+    "LOSS_METRICS",
+    "PPL_METRICS",
+    "RUN_COLUMNS",
+    "SAMPLE_COLUMNS",
+    "Series",
+    "batch_comparison",
+    "batch_ids",
+    "comparison",
+    "fmt",
+    "memory_series",
+    "metric_label",
+    "metric_series",
+    "run_choices",
+    "runs_table",
+    "samples",
+]
+
+Series = tuple[list[float], list[float | None]]
+"""``(x, y)`` of one curve; non-finite values are ``None`` so plots show a gap."""
+
+DEFAULT_MAX_POINTS = 1500
+"""A chart needs no more points than a screen has pixels; a 100k-step run is decimated."""
+
+LABELS: dict[str, str] = {
+    "name": "Run",
+    "run_id": "Run id",
+    "state": "State",
+    "started": "Started",
+    "duration_s": "Duration",
+    "teacher": "Teacher (large model)",
+    "student": "Student (small model)",
+    "teacher_params": "Teacher size (parameters)",
+    "student_params": "Student size (parameters)",
+    "size_ratio": "Student size vs teacher",
+    "student_ppl": "Student: held-out perplexity (lower is better)",
+    "teacher_ppl": "Teacher: held-out perplexity (lower is better)",
+    "baseline_ppl": "Student trained without teacher: held-out perplexity",
+    "agreement": "Student agrees with teacher's next word (higher is better)",
+    "gap_closed": "Share of the gap to the teacher closed by distillation (higher is better)",
+    "settings": "Settings that differ in this batch",
+    "best": "Best in batch",
+    "model": "Model",
+    "params": "Size (parameters)",
+    "val_ppl": "Held-out perplexity (lower is better)",
+    "tokens_per_s": "Generation speed (tokens per second, higher is better)",
+    "speed_vs_teacher": "Speed vs teacher",
+    "prompt": "Prompt",
+    "baseline": "Student trained without teacher",
+    "error": "Error",
+}
+
+RUN_COLUMNS: tuple[str, ...] = (
+    "name",
+    "state",
+    "started",
+    "duration_s",
+    "teacher",
+    "student",
+    "size_ratio",
+    "student_ppl",
+    "baseline_ppl",
+    "agreement",
+    "gap_closed",
+)
+COMPARISON_COLUMNS: tuple[str, ...] = (
+    "model",
+    "params",
+    "size_ratio",
+    "val_ppl",
+    "agreement",
+    "tokens_per_s",
+    "speed_vs_teacher",
+)
+SAMPLE_COLUMNS: tuple[str, ...] = ("prompt", "teacher", "student", "baseline")
+BATCH_COLUMNS: tuple[str, ...] = (
+    "name",
+    "state",
+    "settings",
+    "student_ppl",
+    "baseline_ppl",
+    "agreement",
+    "gap_closed",
+    "duration_s",
+    "best",
+)
+
+LOSS_METRICS: tuple[str, ...] = (
+    "train/loss",
+    "train/kd",
+    "train/ce",
+    "val/loss",
+    "baseline/train/loss",
+    "baseline/val/loss",
+)
+PPL_METRICS: tuple[str, ...] = ("val/ppl", "baseline/val/ppl")
+
+_METRIC_LABELS: dict[str, str] = {
+    "train/loss": "training loss (total)",
+    "train/kd": "training loss: imitating the teacher (KD)",
+    "train/ce": "training loss: predicting the text (CE)",
+    "val/loss": "held-out loss",
+    "val/ppl": "held-out perplexity (lower is better)",
+    "val/agreement": "agreement with the teacher (higher is better)",
+    "val/kl": "distance from the teacher (KL, lower is better)",
+    "tokens_per_s": "training speed (tokens per second)",
+    "mem/rss_mb": "process memory (RSS, MB)",
+    "mem/rss_peak_mb": "peak process memory (RSS, MB)",
+}
+
+# Flattened config keys that always differ between runs (or say nothing about the recipe).
+_SETTINGS_NOISE = frozenset({"name", "runs_dir", "schema_version"})
+
+
+# --- formatting ---------------------------------------------------------------------------
+
+
+def metric_label(name: str) -> str:
+    """A readable label for a metric name; ``baseline/...`` and per-GPU names included."""
+    if name.startswith("baseline/"):
+        return f"{metric_label(name.removeprefix('baseline/'))}, student without teacher"
+    if name in _METRIC_LABELS:
+        return _METRIC_LABELS[name]
+    if name.startswith("mem/gpu") and name.endswith("_mb"):
+        gpu, _, what = name.removeprefix("mem/gpu").removesuffix("_mb").partition("_")
+        return f"GPU {gpu} memory {what.replace('_', ' ') or 'used'} (MB)"
+    if name.startswith("mem/") and name.endswith("_mb"):
+        return f"{name.removeprefix('mem/').removesuffix('_mb').replace('_', ' ')} (MB)"
+    return name
+
+
+def _fmt_count(value: float) -> str:
+    """11568 -> '11.6 K'; people compare model sizes by order of magnitude."""
+    for limit, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= limit:
+            return f"{value / limit:.3g} {suffix}"
+    return f"{value:.0f}"
+
+
+def _fmt_duration(seconds: float) -> str:
+    """65 -> '1 min 5 s'; 3725 -> '1 h 2 min'."""
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    if minutes:
+        return f"{minutes} min {secs} s"
+    return f"{secs} s"
+
+
+def _fmt_number(value: float) -> str:
+    return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+_FORMATTERS: dict[str, Callable[[Any], str]] = {
+    "teacher_params": _fmt_count,
+    "student_params": _fmt_count,
+    "params": _fmt_count,
+    "size_ratio": lambda v: f"{v:.0%} of the teacher",
+    "speed_vs_teacher": lambda v: f"{v:.2g}× the teacher",
+    "agreement": lambda v: f"{v:.1%}",
+    "gap_closed": lambda v: f"{v:.0%}",
+    "duration_s": _fmt_duration,
+    "started": lambda v: datetime.fromtimestamp(v).strftime("%Y-%m-%d %H:%M"),
+    "best": lambda v: "★ best" if v else "",
+}
+
+
+def fmt(key: str, value: Any) -> str:
+    """Display text for one cell: ``—`` for missing, units and percentages where apt."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    formatter = _FORMATTERS.get(key)
+    if formatter is not None:
+        return formatter(value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        return _fmt_number(float(value))
+    return str(value)
+
+
+# --- small readers ------------------------------------------------------------------------
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for anything else (missing, NaN, a string, a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _part(summary: Mapping[str, Any], part: str) -> Mapping[str, Any]:
+    value = summary.get(part)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _section(config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = config.get(name)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def _summary_of(run: RunRecord | Mapping[str, Any]) -> Mapping[str, Any]:
+    return run.summary if isinstance(run, RunRecord) else run
+
+
+def describe_teacher(config: Mapping[str, Any]) -> str:
+    """'built-in tiny teacher' or the model's folder/hub name, never a long absolute path."""
+    source = _section(config, "teacher").get("source")
+    if not isinstance(source, str) or not source:
+        return "—"
+    if source.startswith("builtin:"):
+        return f"built-in {source.removeprefix('builtin:').replace('-', ' ')}"
+    return PurePath(source.replace("\\", "/")).name or source
+
+
+def describe_student(config: Mapping[str, Any]) -> str:
+    """How the student was made, in words (fresh with its shape, or where it came from)."""
+    student = _section(config, "student")
+    init = student.get("init", "fresh")
+    if init == "pretrained":
+        source = student.get("source")
+        return f"pretrained {PurePath(str(source)).name}" if source else "pretrained"
+    if init == "from_teacher":
+        return "cut from the teacher"
+    layers, hidden = student.get("num_layers"), student.get("hidden_size")
+    if isinstance(layers, int) and isinstance(hidden, int):
+        plural = "layer" if layers == 1 else "layers"
+        return f"new, {layers} {plural} × {hidden} wide"
+    return "new"
+
+
+def duration_s(run: RunRecord, *, now: float | None = None) -> float | None:
+    """Wall time from start to end, or to ``now`` while the run is still going."""
+    if run.started_at is None:
+        return None
+    end = run.ended_at
+    if end is None:
+        end = time.time() if now is None else now
+    return max(0.0, end - run.started_at)
+
+
+# --- runs table ---------------------------------------------------------------------------
+
+
+def run_row(run: RunRecord, *, now: float | None = None) -> dict[str, Any]:
+    """One row of the runs table: raw values keyed as in :data:`LABELS`."""
+    summary = run.summary
+    teacher, student, baseline = (_part(summary, p) for p in ("teacher", "student", "baseline"))
+    teacher_params = _number(teacher.get("params"))
+    student_params = _number(student.get("params"))
+    return {
+        "run_id": run.run_id,
+        "name": run.name,
+        "kind": run.kind,
+        "state": run.state,
+        "batch_id": run.batch_id,
+        "started": run.started_at if run.started_at is not None else run.created_at,
+        "duration_s": duration_s(run, now=now),
+        "teacher": describe_teacher(run.config),
+        "student": describe_student(run.config),
+        "teacher_params": teacher_params,
+        "student_params": student_params,
+        "size_ratio": _ratio(student_params, teacher_params),
+        "teacher_ppl": _number(teacher.get("val_ppl")),
+        "student_ppl": _number(student.get("val_ppl")),
+        "baseline_ppl": _number(baseline.get("val_ppl")),
+        "agreement": _number(summary.get("agreement", student.get("agreement"))),
+        "gap_closed": _number(summary.get("gap_closed")),
+        "error": run.error,
+    }
+
+
+def runs_table(
+    store: RunStore, *, batch_id: str | None = None, now: float | None = None
+) -> list[dict[str, Any]]:
+    """Every run (or one batch's), newest first, as rows for the runs table."""
+    return [run_row(run, now=now) for run in store.list_runs(batch_id=batch_id)]
+
+
+def run_choices(rows: Iterable[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """``(label, run_id)`` pairs for a run picker from :func:`runs_table` rows, same order."""
+    return [
+        (
+            f"{row['name']} · {row['state']} · {fmt('started', row['started'])} · {row['run_id']}",
+            row["run_id"],
+        )
+        for row in rows
+    ]
+
+
+# --- curves -------------------------------------------------------------------------------
+
+
+def _decimate(points: Sequence[tuple[float, float | None]], max_points: int) -> list[Any]:
+    """Every k-th point plus the last one, so the end of a curve is always current."""
+    if max_points < 2 or len(points) <= max_points:
+        return list(points)
+    stride = math.ceil(len(points) / (max_points - 1))
+    kept = list(points[::stride])
+    if kept[-1] is not points[-1]:
+        kept.append(points[-1])
+    return kept
+
+
+def _series(points: Sequence[tuple[float, float | None]], max_points: int) -> Series:
+    kept = _decimate(points, max_points)
+    return [x for x, _ in kept], [y for _, y in kept]
+
+
+def metric_series(
+    store: RunStore,
+    run_id: str,
+    names: Iterable[str],
+    *,
+    x: str = "step",
+    max_points: int = DEFAULT_MAX_POINTS,
+) -> dict[str, Series]:
+    """Curves of the named metrics that the run has; ``x`` is ``"step"`` or ``"time"``.
+
+    ``x="time"`` gives seconds since the run's first value of any of these metrics: the
+    step column of sampled metrics (memory) is a sample counter, not a training step.
+    """
+    if x not in ("step", "time"):
+        raise ValueError(f"x must be 'step' or 'time', got {x!r}")
+    wanted = list(dict.fromkeys(names))
+    rows = store.metrics(run_id, wanted)
+    t0 = min((row.time for row in rows), default=0.0)
+    grouped: dict[str, list[tuple[float, float | None]]] = {}
+    for row in rows:
+        xv = float(row.step) if x == "step" else row.time - t0
+        grouped.setdefault(row.name, []).append((xv, _number(row.value)))
+    out: dict[str, Series] = {}
+    for name in wanted:
+        if name in grouped:
+            points = sorted(grouped[name], key=lambda p: p[0])
+            out[name] = _series(points, max_points)
+    return out
+
+
+def memory_series(
+    store: RunStore, run_id: str, *, max_points: int = DEFAULT_MAX_POINTS
+) -> dict[str, Series]:
+    """Every ``mem/*`` metric of the run (RSS, per-GPU use) against seconds since start."""
+    names = [name for name in store.metric_names(run_id) if name.startswith("mem/")]
+    if not names:
+        return {}
+    return metric_series(store, run_id, names, x="time", max_points=max_points)
+
+
+# --- one run's results --------------------------------------------------------------------
+
+_ROLES: tuple[tuple[str, str], ...] = (
+    ("teacher", "Teacher (large model)"),
+    ("student", "Distilled student (learned from the teacher)"),
+    ("baseline", "Student trained without the teacher (CE-only)"),
+)
+
+
+def comparison(run: RunRecord | Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Teacher vs distilled student vs CE-only student: size, perplexity, agreement, speed.
+
+    Takes a run (or its summary). Roles missing from the summary (no baseline, a run that
+    failed before evaluation) are left out.
+    """
+    summary = _summary_of(run)
+    teacher = _part(summary, "teacher")
+    t_params = _number(teacher.get("params"))
+    t_speed = _number(teacher.get("tokens_per_s"))
+    rows = []
+    for role, label in _ROLES:
+        part = _part(summary, role)
+        if not part:
+            continue
+        params, speed = _number(part.get("params")), _number(part.get("tokens_per_s"))
+        rows.append(
+            {
+                "role": role,
+                "model": label,
+                "params": params,
+                "size_ratio": _ratio(params, t_params),
+                "val_ppl": _number(part.get("val_ppl")),
+                "agreement": _number(part.get("agreement")),
+                "tokens_per_s": speed,
+                "speed_vs_teacher": _ratio(speed, t_speed),
+            }
+        )
+    return rows
+
+
+def samples(run: RunRecord | Mapping[str, Any]) -> list[dict[str, str]]:
+    """The run's sample generations, one row per prompt, missing texts as empty strings."""
+    raw = _summary_of(run).get("samples")
+    if not isinstance(raw, list):
+        return []
+    out = []
+    for item in raw:
+        if isinstance(item, Mapping):
+            out.append({key: str(item.get(key) or "") for key in SAMPLE_COLUMNS})
+    return out
+
+
+# --- batches ------------------------------------------------------------------------------
+
+
+def batch_ids(store: RunStore) -> list[str]:
+    """Distinct batch ids, newest batch first."""
+    seen: dict[str, None] = {}
+    for run in store.list_runs():
+        if run.batch_id is not None:
+            seen.setdefault(run.batch_id, None)
+    return list(seen)
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def varying_settings(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Dotted config keys whose values differ between the given configs (a batch's grid)."""
+    flats = [_flatten(config) for config in configs]
+    keys = sorted({key for flat in flats for key in flat} - _SETTINGS_NOISE)
+    missing = object()
+    return [key for key in keys if len({repr(flat.get(key, missing)) for flat in flats}) > 1]
+
+
+def batch_comparison(store: RunStore, batch_id: str) -> list[dict[str, Any]]:
+    """The members of a batch side by side: what differed, how each did, which is best.
+
+    ``best`` marks the completed member with the lowest student perplexity.
+    """
+    runs = sorted(store.list_runs(batch_id=batch_id), key=lambda r: (r.created_at, r.run_id))
+    keys = varying_settings([run.config for run in runs])
+    rows = []
+    for run in runs:
+        flat = _flatten(run.config)
+        row = run_row(run)
+        row["settings"] = ", ".join(f"{key}={flat.get(key)}" for key in keys) or "—"
+        row["best"] = False
+        rows.append(row)
+    ranked = [r for r in rows if r["state"] == "completed" and r["student_ppl"] is not None]
+    if ranked:
+        min(ranked, key=lambda r: r["student_ppl"])["best"] = True
+    return rows
