@@ -51,10 +51,12 @@ import asyncio
 import atexit
 import contextlib
 import enum
+import errno
 import functools
 import gc
 import logging
 import os
+import sqlite3
 import threading
 import time
 import traceback
@@ -253,6 +255,23 @@ def _oom_message(exc: BaseException, config: RunConfig) -> str:
     first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
     detail = f" ({type(exc).__name__}: {first_line})" if first_line else ""
     return f"out of {where}{detail}. Try " + ", ".join(tips) + "."
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC from a file write, or SQLite's own wording for it."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
+
+
+def _disk_full_message(exc: BaseException, config: RunConfig) -> str:
+    where = getattr(exc, "filename", None) or "the run store"
+    runs_dir = config.runs_dir or default_runs_dir()
+    return (
+        f"the disk is full (writing {where}). Free space on the disk holding {runs_dir}, or "
+        "set runs_dir to a roomier folder, then resume the run: checkpoints are written "
+        "atomically, so the last one saved before this is intact."
+    )
 
 
 def _divergence_message(exc: DivergenceError) -> str:
@@ -869,6 +888,8 @@ class RunHandle:
             return RunState.FAILED, RunFailure(_oom_message(exc, self.config), exc, tb)
         if isinstance(exc, DivergenceError):
             return RunState.FAILED, RunFailure(_divergence_message(exc), exc, tb)
+        if _is_disk_full(exc):
+            return RunState.FAILED, RunFailure(_disk_full_message(exc, self.config), exc, tb)
         if isinstance(exc, FoundryError):
             return RunState.FAILED, RunFailure(str(exc), exc, tb)
         self._log(logging.ERROR, "failed with an unexpected error:\n%s", tb)

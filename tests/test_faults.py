@@ -1,0 +1,186 @@
+"""Faults the old beta could not survive: a full disk, out-of-memory, a kill mid-checkpoint,
+and 100 start/cancel cycles without leaks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import tiny_config_dict
+
+from foundry_kernel import load_config, run_sync, start
+from foundry_kernel.checkpoint import load_latest
+from foundry_kernel.store import RunStore
+
+
+def _can_mount() -> str | None:
+    if os.name != "posix" or os.geteuid() != 0:
+        return "needs root to mount a small tmpfs as a full disk"
+    if shutil.which("mount") is None or shutil.which("umount") is None:
+        return "mount/umount not available"
+    return None
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    reason = _can_mount()
+    if reason:
+        pytest.skip(reason)
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=30)
+
+
+def test_full_disk_fails_clearly_and_keeps_what_was_saved(
+    small_disk: Path, tiny_teacher_dir: Path
+) -> None:
+    cfg = tiny_config_dict(
+        small_disk / "runs",
+        limits={"max_steps": 400},
+        checkpoint={"every_steps": 1, "keep_last": 1},
+        eval={"baseline": False, "every_steps": 1000},
+    )
+    handle = run_sync(load_config(cfg))
+    assert str(handle.state) == "failed"
+    assert "disk is full" in handle.error.message
+    ckpt_dir = small_disk / "runs" / handle.id / "checkpoints" / "distill"
+    state = load_latest(ckpt_dir)  # the last checkpoint saved is intact (hash verified)
+    assert state is not None and state["step"] >= 1
+    with RunStore(small_disk / "runs", read_only=True) as store:
+        steps = [r.step for r in store.metrics(handle.id, ["train/loss"])]
+    assert steps == list(range(1, len(steps) + 1))  # readable, no holes
+
+
+OOM_CHILD = textwrap.dedent(
+    """
+    import resource, sys
+    from foundry_kernel import load_config, run_sync
+    from conftest import tiny_config_dict
+    limit = 6 * 1024**3
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    runs = sys.argv[1]
+    # fits the machine (preflight passes) but not the 6 GiB address-space cap
+    big = tiny_config_dict(runs, optim={"batch_size": 1024}, data={"seq_len": 128,
+                           "max_documents": None},
+                           student={"hidden_size": 1024, "num_layers": 1, "num_heads": 2},
+                           eval={"baseline": False}, limits={"max_steps": 2})
+    h = run_sync(load_config(big))
+    print("FIRST", h.state, h.error.message if h.error else "")
+    small = tiny_config_dict(runs, eval={"baseline": False}, limits={"max_steps": 2})
+    h2 = run_sync(load_config(small))
+    print("SECOND", h2.state)
+    """
+)
+
+
+def test_out_of_memory_in_a_step_fails_the_run_and_the_next_one_works(
+    tmp_path: Path, tiny_teacher_dir: Path
+) -> None:
+    """A real allocation failure (address space capped at 6 GiB in a child process)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.run(
+        [sys.executable, "-c", OOM_CHILD, str(tmp_path / "runs")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
+    out = proc.stdout
+    assert "FIRST failed" in out, (out, proc.stderr[-3000:])
+    assert "out of memory" in out and "optim.batch_size" in out
+    assert "SECOND completed" in out
+
+
+KILL_CHILD = textwrap.dedent(
+    """
+    import sys, torch
+    from pathlib import Path
+    from foundry_kernel.checkpoint import save_checkpoint
+    d = Path(sys.argv[1])
+    big = {"w": torch.randn(4_000_000)}
+    step = 0
+    while True:
+        step += 1
+        save_checkpoint(d, step, {"step": step, **big}, keep_last=2)
+        print(step, flush=True)
+    """
+)
+
+
+def test_kill_9_mid_checkpoint_write_leaves_the_previous_one_intact(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    kills = 0
+    for delay in (0.0, 0.02, 0.05, 0.11):
+        child = subprocess.Popen(
+            [sys.executable, "-c", KILL_CHILD, str(ckpt)], stdout=subprocess.PIPE, text=True
+        )
+        assert child.stdout is not None
+        child.stdout.readline()  # one checkpoint done; the next write is under way
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+        kills += 1
+        state = load_latest(ckpt)
+        if state is not None:
+            assert state["w"].numel() == 4_000_000
+    assert kills == 4
+    assert load_latest(ckpt) is not None
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd")) if Path("/proc/self/fd").exists() else 0
+
+
+def test_hundred_start_cancel_cycles_leave_no_leaks(runs_dir: Path, tiny_teacher_dir: Path) -> None:
+    cfg = load_config(
+        tiny_config_dict(runs_dir, limits={"max_steps": 10_000}, eval={"baseline": False})
+    )
+    warm = start(cfg)
+    warm.cancel()
+    warm.wait(60)
+    warm.join(10)
+    time.sleep(0.5)
+    proc = psutil.Process()
+    base_threads, base_fds = threading.active_count(), _fds()
+    base_children = len(proc.children(recursive=True))
+    base_rss = proc.memory_info().rss
+    for i in range(100):
+        h = start(cfg)
+        if i % 2:
+            time.sleep(0.05)  # sometimes before, sometimes during the first steps
+        h.cancel()
+        assert str(h.wait(60)) == "cancelled"
+        assert h.join(10)
+    time.sleep(1.0)
+    growth_mb = (proc.memory_info().rss - base_rss) / 2**20
+    print(
+        f"100 start/cancel cycles: RSS growth {growth_mb:.1f} MiB, "
+        f"threads {threading.active_count()} vs {base_threads}, fds {_fds()} vs {base_fds}"
+    )
+    assert threading.active_count() <= base_threads
+    assert _fds() <= base_fds + 2
+    assert len(proc.children(recursive=True)) == base_children
+    assert growth_mb < 300
