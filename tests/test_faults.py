@@ -12,7 +12,6 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
@@ -39,7 +38,15 @@ def small_disk(tmp_path: Path):
     mnt = tmp_path / "disk"
     mnt.mkdir()
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)],
+        [
+            shutil.which("mount") or "/bin/mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=600k",
+            "tmpfs",
+            str(mnt),
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -50,7 +57,8 @@ def small_disk(tmp_path: Path):
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=30)
+        umount = shutil.which("umount") or "/bin/umount"
+        subprocess.run([umount, "-l", str(mnt)], check=False, timeout=30)
 
 
 def test_full_disk_fails_clearly_and_keeps_what_was_saved(
