@@ -8,26 +8,45 @@ Start here::
     handle.result["student"]["val_ppl"]
 
 Nothing in this package imports a UI toolkit; the widgets and notebooks sit on top of it.
+Names are imported lazily, so a read-only consumer (the dashboard kernel, ``foundry runs``)
+importing ``foundry_kernel.store`` does not pay for torch and transformers.
 """
 
-from foundry_kernel.config import RunConfig, json_schema, load_config
-from foundry_kernel.control import RunHandle, RunState, get, list_runs, run_sync, start
-from foundry_kernel.errors import ConfigError, FoundryError
-from foundry_kernel.store import RunStore
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfigError",
-    "FoundryError",
-    "RunConfig",
-    "RunHandle",
-    "RunState",
-    "RunStore",
-    "get",
-    "json_schema",
-    "list_runs",
-    "load_config",
-    "run_sync",
-    "start",
-]
+_EXPORTS = {
+    "ConfigError": "foundry_kernel.errors",
+    "FoundryError": "foundry_kernel.errors",
+    "RunConfig": "foundry_kernel.config",
+    "json_schema": "foundry_kernel.config",
+    "load_config": "foundry_kernel.config",
+    "RunHandle": "foundry_kernel.control",
+    "RunState": "foundry_kernel.control",
+    "get": "foundry_kernel.control",
+    "list_runs": "foundry_kernel.control",
+    "run_sync": "foundry_kernel.control",
+    "start": "foundry_kernel.control",
+    "RunStore": "foundry_kernel.store",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from foundry_kernel.config import RunConfig, json_schema, load_config
+    from foundry_kernel.control import RunHandle, RunState, get, list_runs, run_sync, start
+    from foundry_kernel.errors import ConfigError, FoundryError
+    from foundry_kernel.store import RunStore
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'foundry_kernel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

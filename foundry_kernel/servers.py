@@ -47,7 +47,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
@@ -62,10 +62,13 @@ __all__ = [
     "ServerError",
     "ServerProcess",
     "add_commands",
+    "check_extra_args",
     "dashboard_notebook",
+    "dashboard_process",
     "ensure_port_free",
     "free_port",
     "lab_argv",
+    "lab_process",
     "main",
     "new_token",
     "serve_dashboard",
@@ -235,10 +238,62 @@ def voila_config(token: str) -> dict[str, Any]:
     }
 
 
+# Settings the launchers own: an extra argument naming one of them is refused, because a
+# later flag overrides an earlier one and could quietly undo the safe defaults.
+_PROTECTED_SETTINGS = frozenset(
+    {
+        "ip",
+        "port",
+        "port_retries",
+        "allow_origin",
+        "allow_origin_pat",
+        "allow_credentials",
+        "allow_remote_access",
+        "local_hostnames",
+        "token",
+        "password",
+        "hashed_password",
+        "password_required",
+        "disable_check_xsrf",
+        "allow_unauthenticated_access",
+        "tornado_settings",
+        "config",
+        "config_file",
+        "cookie_options",
+        "identity_provider_class",
+        "authorizer_class",
+        "login_handler_class",
+        "allow_password_change",
+        "sock",
+    }
+)
+
+
+def check_extra_args(extra_args: Sequence[str]) -> list[str]:
+    """Allow ``--Class.setting=value`` extras (e.g. ``--LabApp.user_settings_dir=D``) unless
+    they touch a setting the launcher owns; positional arguments are refused too."""
+    for arg in extra_args:
+        if not arg.startswith("--"):
+            raise ServerError(f"extra server argument {arg!r} must look like --Class.name=value")
+        name = arg[2:].split("=", 1)[0].rsplit(".", 1)[-1].replace("-", "_").lower()
+        if name in _PROTECTED_SETTINGS:
+            raise ServerError(
+                f"extra server argument {arg!r} would override {name!r}, which Foundry sets "
+                "for safety (localhost, token, origins); it cannot be changed here"
+            )
+    return list(extra_args)
+
+
 def lab_argv(
-    root_dir: Path, *, port: int, config_file: Path, allow_root: bool | None = None
+    root_dir: Path,
+    *,
+    port: int,
+    config_file: Path,
+    allow_root: bool | None = None,
+    extra_args: Sequence[str] = (),
 ) -> list[str]:
     """JupyterLab's command line with the same safe defaults as the dashboard."""
+    extras = check_extra_args(extra_args)
     argv = [
         sys.executable,
         "-m",
@@ -258,7 +313,7 @@ def lab_argv(
     ]
     if allow_root if allow_root is not None else _is_root():
         argv.append("--allow-root")  # JupyterLab refuses to start as root without it
-    return argv
+    return argv + extras
 
 
 def lab_config(token: str) -> dict[str, Any]:
@@ -349,16 +404,20 @@ class ServerProcess:
         """Start the child and wait until it answers and refuses a request without token."""
         if self.proc is not None:
             raise ServerError(f"{self.kind} server already started")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(  # argument list, no shell
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            cwd=self.cwd,
-            env=self.env,
-            start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop it cleanly
-        )
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.proc = subprocess.Popen(  # argument list, no shell
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd=self.cwd,
+                env=self.env,
+                start_new_session=True,  # Ctrl-C in a terminal reaches us; we stop it cleanly
+            )
+        except OSError as exc:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            raise ServerError(f"cannot start the {self.kind} server: {exc}") from exc
         atexit.register(self.stop)
         self._pump = threading.Thread(
             target=self._pump_output, name=f"foundry-{self.kind}-log", daemon=True
@@ -396,10 +455,22 @@ class ServerProcess:
         try:
             conn.request("GET", path, headers=dict(headers or {}))
             return conn.getresponse().status
-        except OSError:
+        except (OSError, http.client.HTTPException):
             return None
         finally:
             conn.close()
+
+    def _listening(self) -> bool:
+        """Whether *our* child listens on the port: a probe must not be answered by some
+        other server that holds the port while ours is failing to bind it."""
+        assert self.proc is not None
+        try:
+            conns = psutil.Process(self.proc.pid).net_connections("inet")
+        except psutil.AccessDenied:
+            return True  # cannot tell on this platform: rely on the probe alone
+        except psutil.NoSuchProcess:
+            return False
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in conns)
 
     def _wait_ready(self) -> None:
         """Poll until the server refuses an unauthenticated request (up and auth on)."""
@@ -409,6 +480,9 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 self._join_pump(2.0)
                 raise ServerError(self._exit_message())
+            if not self._listening():
+                time.sleep(0.2)
+                continue
             status = self._probe(self.auth_probe)
             if status is not None:
                 if status in (302, 401, 403):
@@ -523,19 +597,60 @@ def _default_log_dir(preferred: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix="foundry-logs-"))
 
 
-def _start_with_port(build: Any, port: int | None) -> ServerProcess:
+def _start_with_port(build: Callable[[int], ServerProcess], port: int | None) -> ServerProcess:
     """Start on ``port`` (checked first), or on a free port, retrying once if another
     process grabbed the picked port in between."""
     if port is not None:
         ensure_port_free(port)
         return build(port).start()
-    for attempt in range(2):
-        try:
-            return build(free_port()).start()
-        except ServerError as exc:
-            if attempt or "already in use" not in str(exc):
-                raise
-    raise AssertionError("unreachable")
+    try:
+        return build(free_port()).start()
+    except ServerError as exc:
+        if "already in use" not in str(exc):
+            raise
+    return build(free_port()).start()
+
+
+def dashboard_process(
+    runs_dir: Path | str | None,
+    *,
+    port: int,
+    token: str,
+    notebook: Path | None = None,
+    log_dir: Path | None = None,
+    cull_idle_s: int = CULL_IDLE_S,
+    cull_interval_s: int = CULL_INTERVAL_S,
+    startup_timeout: float = STARTUP_TIMEOUT_S,
+) -> ServerProcess:
+    """The Voila dashboard server, configured but not started (see :func:`serve_dashboard`).
+
+    Writes the private config (token) into a fresh 0700 folder that ``stop()`` removes.
+    """
+    root = (Path(runs_dir).expanduser() if runs_dir else default_runs_dir()).absolute()
+    if root.exists() and not root.is_dir():
+        raise ServerError(f"--runs-dir {root} is not a folder")
+    page = (notebook or dashboard_notebook()).absolute()
+    if not page.is_file():
+        raise ServerError(f"dashboard notebook not found: {page}")
+    secret = check_token(token)
+    logs = log_dir or _default_log_dir(root / "logs")
+    state = Path(tempfile.mkdtemp(prefix="foundry-voila-"))
+    _write_private_json(state / "voila.json", voila_config(secret))
+    argv = voila_argv(
+        page, port=port, config_dir=state, cull_idle_s=cull_idle_s, cull_interval_s=cull_interval_s
+    )
+    return ServerProcess(
+        kind="dashboard",
+        argv=argv,
+        port=port,
+        token=secret,
+        env=_child_env({"FOUNDRY_RUNS_DIR": str(root)}),
+        cwd=state,
+        log_path=logs / f"dashboard-{port}.log",
+        state_dir=state,
+        auth_probe="/",
+        startup_timeout=startup_timeout,
+    )
 
 
 def serve_dashboard(
@@ -551,42 +666,60 @@ def serve_dashboard(
 ) -> ServerProcess:
     """Serve the read-only dashboard with Voila on 127.0.0.1 and return the started server.
 
-    The kernel gets ``FOUNDRY_RUNS_DIR`` and opens that store read-only. Logs go to
-    ``log_dir`` (default ``RUNS_DIR/logs``, or a temporary folder if that is not writable).
+    ``runs_dir`` defaults to ``$FOUNDRY_RUNS_DIR`` or ``./runs``; the kernel gets it as
+    ``FOUNDRY_RUNS_DIR`` and opens that store read-only. No ``token``: a random one. No
+    ``port``: a free one (``server.port``). Logs go to ``log_dir`` (default
+    ``RUNS_DIR/logs``, or a temporary folder if that is not writable). ``cull_idle_s=0``
+    turns kernel culling off (only for tests that show why it is on).
     """
-    root = (Path(runs_dir).expanduser() if runs_dir else default_runs_dir()).absolute()
-    if root.exists() and not root.is_dir():
-        raise ServerError(f"--runs-dir {root} is not a folder")
-    page = (notebook or dashboard_notebook()).absolute()
-    if not page.is_file():
-        raise ServerError(f"dashboard notebook not found: {page}")
     secret = check_token(token)
-    logs = log_dir or _default_log_dir(root / "logs")
-
-    def build(chosen: int) -> ServerProcess:
-        state = Path(tempfile.mkdtemp(prefix="foundry-voila-"))
-        _write_private_json(state / "voila.json", voila_config(secret))
-        argv = voila_argv(
-            page,
-            port=chosen,
-            config_dir=state,
-            cull_idle_s=cull_idle_s,
-            cull_interval_s=cull_interval_s,
-        )
-        return ServerProcess(
-            kind="dashboard",
-            argv=argv,
+    return _start_with_port(
+        lambda chosen: dashboard_process(
+            runs_dir,
             port=chosen,
             token=secret,
-            env=_child_env({"FOUNDRY_RUNS_DIR": str(root)}),
-            cwd=state,
-            log_path=logs / f"dashboard-{chosen}.log",
-            state_dir=state,
-            auth_probe="/",
+            notebook=notebook,
+            log_dir=log_dir,
+            cull_idle_s=cull_idle_s,
+            cull_interval_s=cull_interval_s,
             startup_timeout=startup_timeout,
-        )
+        ),
+        port,
+    )
 
-    return _start_with_port(build, port)
+
+def lab_process(
+    root_dir: Path | str | None,
+    *,
+    port: int,
+    token: str,
+    log_dir: Path | None = None,
+    startup_timeout: float = 90.0,
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> ServerProcess:
+    """The JupyterLab server, configured but not started (see :func:`serve_lab`)."""
+    root = Path(root_dir).expanduser().absolute() if root_dir else Path.cwd()
+    if not root.is_dir():
+        raise ServerError(f"lab root {root} is not a folder")
+    secret = check_token(token)
+    logs = log_dir or Path(tempfile.mkdtemp(prefix="foundry-logs-"))
+    state = Path(tempfile.mkdtemp(prefix="foundry-lab-"))
+    config_file = state / "jupyter_foundry_config.json"
+    _write_private_json(config_file, lab_config(secret))
+    return ServerProcess(
+        kind="lab",
+        argv=lab_argv(root, port=port, config_file=config_file, extra_args=extra_args),
+        port=port,
+        token=secret,
+        env=_child_env(env or {}),
+        cwd=root,
+        log_path=logs / f"lab-{port}.log",
+        state_dir=state,
+        auth_probe="/api/status",
+        url_path="/lab",
+        startup_timeout=startup_timeout,
+    )
 
 
 def serve_lab(
@@ -596,34 +729,31 @@ def serve_lab(
     token: str | None = None,
     log_dir: Path | None = None,
     startup_timeout: float = 90.0,
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> ServerProcess:
     """Serve JupyterLab on 127.0.0.1 with a token and strict origins, rooted at ``root_dir``
-    (default: the current folder). Logs go to ``log_dir`` (default a temporary folder)."""
-    root = Path(root_dir).expanduser().absolute() if root_dir else Path.cwd()
-    if not root.is_dir():
-        raise ServerError(f"lab root {root} is not a folder")
-    secret = check_token(token)
-    logs = log_dir or Path(tempfile.mkdtemp(prefix="foundry-logs-"))
+    (default: the current folder), and return the started server.
 
-    def build(chosen: int) -> ServerProcess:
-        state = Path(tempfile.mkdtemp(prefix="foundry-lab-"))
-        config_file = state / "jupyter_foundry_config.json"
-        _write_private_json(config_file, lab_config(secret))
-        return ServerProcess(
-            kind="lab",
-            argv=lab_argv(root, port=chosen, config_file=config_file),
+    ``extra_args`` adds ``--Class.name=value`` settings (e.g. ``--LabApp.user_settings_dir``
+    for a test profile) but may not touch the safety settings; ``env`` adds environment
+    variables (e.g. ``FOUNDRY_RUNS_DIR``) for the server and its kernels. Logs go to
+    ``log_dir`` (default a temporary folder). Kernels are not culled: they may be training.
+    """
+    secret = check_token(token)
+    check_extra_args(extra_args)
+    return _start_with_port(
+        lambda chosen: lab_process(
+            root_dir,
             port=chosen,
             token=secret,
-            env=_child_env({}),
-            cwd=root,
-            log_path=logs / f"lab-{chosen}.log",
-            state_dir=state,
-            auth_probe="/api/status",
-            url_path="/lab",
+            log_dir=log_dir,
             startup_timeout=startup_timeout,
-        )
-
-    return _start_with_port(build, port)
+            extra_args=extra_args,
+            env=env,
+        ),
+        port,
+    )
 
 
 # --- command line -------------------------------------------------------------------------

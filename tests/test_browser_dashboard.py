@@ -1,0 +1,140 @@
+"""The dashboard in a real browser (Debian's Chromium driven by Playwright).
+
+A stakeholder opens the printed URL with its token and sees the runs table and the
+charts, and can pick another run; the same URL without the token lands on the login
+page and shows nothing. Screenshots go to ``test-artifacts/`` (gitignored).
+Skipped only when Chromium or Playwright is missing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from test_report import build_demo_store
+
+from foundry_kernel import report, servers
+from foundry_kernel.servers import ServerProcess
+from foundry_kernel.store import RunStore
+
+CHROMIUM = Path("/usr/bin/chromium")
+if shutil.which(str(CHROMIUM)) is None:
+    pytest.skip(
+        f"{CHROMIUM} is not installed (apt-get install -y chromium)", allow_module_level=True
+    )
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
+)
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nothing_left_running() -> Iterator[None]:
+    """Browser, driver, server and kernels all end with the module."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    extra = [p for p in me.children(recursive=True) if p.pid not in before]
+    _, alive = psutil.wait_procs(extra, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("browser") / "runs"
+    ids = build_demo_store(root)
+    with servers.serve_dashboard(root, log_dir=root.parent / "logs") as server:
+        yield {"server": server, "root": root, **ids}
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(profile),
+            executable_path=str(CHROMIUM),
+            args=ARGS,
+            # Voila scrolls inside its own container: a tall window shows the whole page
+            viewport={"width": 1400, "height": 4200},
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+def test_without_the_token_the_dashboard_is_refused(served: dict[str, Any], browser: Any) -> None:
+    server: ServerProcess = served["server"]
+    page = browser.new_page()
+    try:
+        response = page.goto(server.base_url, timeout=TIMEOUT_MS)
+        assert response is not None and response.ok  # the login page itself
+        assert "/login" in page.url
+        page.wait_for_selector("input[type=password]", timeout=TIMEOUT_MS)
+        assert page.locator(".js-plotly-plot").count() == 0
+        assert "All runs" not in page.content()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-without-token.png"))
+    finally:
+        page.close()
+
+
+def test_with_the_token_the_runs_table_and_charts_show(
+    served: dict[str, Any], browser: Any
+) -> None:
+    server: ServerProcess = served["server"]
+    page = browser.new_page()
+    try:
+        started = time.perf_counter()
+        page.goto(server.url, timeout=TIMEOUT_MS)
+        page.wait_for_selector(".js-plotly-plot", timeout=TIMEOUT_MS)
+        first_chart_s = time.perf_counter() - started
+        page.get_by_text("All runs").wait_for(timeout=TIMEOUT_MS)
+        runs_table = page.locator("table", has_text="Student size vs teacher").first
+        body = runs_table.inner_text()
+        assert "tiny" in body and "grid-0" in body and "completed" in body and "failed" in body
+        assert "<b>bold</b>" in body  # a run name with HTML is shown as text, not markup
+
+        # pick the real run: its loss chart gets one point per training step
+        with RunStore(served["root"], read_only=True) as store:
+            label = dict((v, k) for k, v in report.run_choices(report.runs_table(store)))[
+                served["real"]
+            ]
+        page.locator(".widget-dropdown select").first.select_option(label=label)
+        loss = page.locator(".js-plotly-plot", has_text="Training loss").first
+        loss.locator(".scatterlayer path.point").nth(5).wait_for(timeout=TIMEOUT_MS)
+        assert page.locator(".js-plotly-plot").count() >= 5  # 4 for the run, 1 for the batch
+        assert page.get_by_text("Sample generations").count() == 1
+
+        # nothing to type into, nothing to press but the charts' own zoom/pan/download
+        # tools (which run in the browser only), and no "share to Plotly Cloud" button
+        widgets = page.locator(".jupyter-widgets")
+        assert widgets.locator("input[type=text], textarea").count() == 0
+        assert widgets.locator("button:not(.modebar-btn)").count() == 0
+        assert page.locator(".modebar-btn").count() > 0
+        assert page.locator('[data-title="Share chart..."]').count() == 0
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(ARTIFACTS / "dashboard.png"))
+        print(f"dashboard: first chart {first_chart_s:.1f} s after opening the URL")
+    finally:
+        page.close()

@@ -1,0 +1,350 @@
+"""The dashboard's data layer (foundry_kernel.report) and its view (widgets/dashboard.py).
+
+One real tiny run (trained by the real pipeline) plus a few runs written straight into
+the store for what a single run cannot show: a batch with a grid, a failed member whose
+name is HTML, and a long curve with NaN/inf values. ``build_demo_store`` is reused by the
+server and browser tests.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as W
+import pytest
+from conftest import tiny_config_dict
+
+from foundry_kernel import report
+from foundry_kernel.store import DB_FILENAME, RunStore
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH_ID = "b-demo-grid"
+HTML_NAME = "<b>bold</b> & <script>alert(1)</script>"
+
+
+def build_demo_store(root: Path) -> dict[str, Any]:
+    """A runs folder with one real run, a 3-member batch (one failed) and a long run."""
+    import foundry_kernel as fk
+
+    handle = fk.run_sync(fk.load_config(tiny_config_dict(root)))
+    assert str(handle.state) == "completed", handle
+    ids: dict[str, Any] = {"real": handle.id, "batch": BATCH_ID, "members": []}
+    with RunStore(root) as store:
+        real = store.get_run(handle.id)
+        for i, beta in enumerate((0.0, 0.5, 1.0)):
+            config = copy.deepcopy(real.config)
+            config["loss"]["beta"] = beta
+            config["name"] = f"grid-{i}"
+            name = HTML_NAME if i == 2 else f"grid-{i}"
+            run_id = store.create_run(config, name=name, batch_id=BATCH_ID).run_id
+            store.set_state(run_id, "running")
+            summary = copy.deepcopy(real.summary)
+            summary["student"]["val_ppl"] = 300.0 - 10 * i  # the failed one is "best"
+            store.update_summary(run_id, summary)
+            store.log_metrics(run_id, 1, {"train/loss": 3.0 - i})
+            failed = i == 2
+            store.set_state(
+                run_id,
+                "failed" if failed else "completed",
+                error="out of memory <in step 3>" if failed else None,
+            )
+            ids["members"].append(run_id)
+        long_id = store.create_run(real.config, name="long").run_id
+        rows = [(s, "train/loss", 1.0 / s, 1000.0 + s) for s in range(1, 5001)]
+        rows[10] = (11, "train/loss", float("nan"), 1011.0)
+        rows[20] = (21, "train/loss", float("inf"), 1021.0)
+        rows += [(s, "mem/gpu0_used_mb", 100.0 + s, 1000.0 + 0.5 * s) for s in range(100)]
+        store.log_metrics_many(long_id, rows)
+        ids["long"] = long_id
+    return ids
+
+
+def db_fingerprint(root: Path) -> tuple[str, int, int]:
+    """sha256 + mtime of the database file and the WAL's size: what a write would change.
+
+    The ``-shm`` file is left out on purpose: every reader, even ``mode=ro``, records its
+    read marks there; it is an index, not data.
+    """
+    db = root / DB_FILENAME
+    wal = root / (DB_FILENAME + "-wal")
+    return (
+        hashlib.sha256(db.read_bytes()).hexdigest(),
+        db.stat().st_mtime_ns,
+        wal.stat().st_size if wal.exists() else -1,
+    )
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("report") / "runs"
+    ids = build_demo_store(root)
+    ids["root"] = root
+    return ids
+
+
+@pytest.fixture
+def store(demo: dict[str, Any]) -> Any:
+    with RunStore(demo["root"], read_only=True) as opened:
+        yield opened
+
+
+# --- report: runs table -------------------------------------------------------------------
+
+
+def test_runs_table_row_of_a_real_run(store: RunStore, demo: dict[str, Any]) -> None:
+    rows = {row["run_id"]: row for row in report.runs_table(store)}
+    row = rows[demo["real"]]
+    summary = store.get_run(demo["real"]).summary
+    assert row["state"] == "completed"
+    assert row["teacher"] == "built-in tiny teacher"
+    assert row["student"] == "new, 1 layer × 16 wide"
+    assert row["teacher_params"] == summary["teacher"]["params"] > row["student_params"] > 0
+    assert row["size_ratio"] == pytest.approx(row["student_params"] / row["teacher_params"])
+    assert row["student_ppl"] == pytest.approx(summary["student"]["val_ppl"])
+    assert row["baseline_ppl"] == pytest.approx(summary["baseline"]["val_ppl"])
+    assert row["agreement"] == pytest.approx(summary["agreement"])
+    assert row["gap_closed"] == pytest.approx(summary["gap_closed"])
+    assert row["duration_s"] > 0
+    assert all(key in row and key in report.LABELS for key in report.RUN_COLUMNS)
+
+
+def test_runs_table_is_newest_first_and_filters_batches(
+    store: RunStore, demo: dict[str, Any]
+) -> None:
+    everything = report.runs_table(store)
+    assert [r["run_id"] for r in everything][-1] == demo["real"]
+    members = report.runs_table(store, batch_id=BATCH_ID)
+    assert {r["run_id"] for r in members} == set(demo["members"])
+
+
+def test_a_run_without_results_still_gets_a_row(store: RunStore, demo: dict[str, Any]) -> None:
+    row = report.run_row(store.get_run(demo["long"]), now=0.0)
+    assert row["state"] == "pending"
+    assert row["student_ppl"] is None and row["duration_s"] is None
+    assert report.fmt("student_ppl", row["student_ppl"]) == "—"
+
+
+def test_fmt_speaks_plainly() -> None:
+    assert report.fmt("params", 11568) == "11.6 K"
+    assert report.fmt("params", 7_000_000_000) == "7 B"
+    assert report.fmt("size_ratio", 0.388) == "39% of the teacher"
+    assert report.fmt("agreement", 0.7379) == "73.8%"
+    assert report.fmt("duration_s", 65) == "1 min 5 s"
+    assert report.fmt("duration_s", 3725) == "1 h 2 min"
+    assert report.fmt("student_ppl", 395.04) == "395.0"
+    assert report.fmt("student_ppl", float("nan")) == "—"
+    assert report.fmt("best", True) == "★ best"
+    assert "lower is better" in report.LABELS["student_ppl"]
+
+
+def test_metric_labels_are_plain_language() -> None:
+    assert report.metric_label("val/ppl") == "held-out perplexity (lower is better)"
+    assert report.metric_label("baseline/val/loss") == "held-out loss, student without teacher"
+    assert report.metric_label("mem/gpu1_used_mb") == "GPU 1 memory used (MB)"
+    assert report.metric_label("something/else") == "something/else"
+
+
+# --- report: curves -----------------------------------------------------------------------
+
+
+def test_metric_series_of_a_real_run(store: RunStore, demo: dict[str, Any]) -> None:
+    series = report.metric_series(store, demo["real"], [*report.LOSS_METRICS, "no/such"])
+    assert {"train/loss", "train/kd", "train/ce", "val/loss", "baseline/train/loss"} <= set(series)
+    assert "no/such" not in series
+    xs, ys = series["train/loss"]
+    assert xs == sorted(xs) and len(xs) == 6
+    assert all(y is not None and math.isfinite(y) for y in ys)
+
+
+def test_long_curves_are_decimated_keep_the_end_and_show_gaps(
+    store: RunStore, demo: dict[str, Any]
+) -> None:
+    xs, ys = report.metric_series(store, demo["long"], ["train/loss"], max_points=500)["train/loss"]
+    assert len(xs) <= 501 and xs[-1] == 5000 and ys[-1] == pytest.approx(1 / 5000)
+    full = report.metric_series(store, demo["long"], ["train/loss"], max_points=10_000)
+    _, full_ys = full["train/loss"]
+    assert full_ys[10] is None and full_ys[20] is None  # NaN and inf become gaps
+
+
+def test_memory_series_uses_seconds(store: RunStore, demo: dict[str, Any]) -> None:
+    real = report.memory_series(store, demo["real"])
+    assert "mem/rss_mb" in real and real["mem/rss_mb"][0][0] == 0.0
+    xs, ys = report.memory_series(store, demo["long"])["mem/gpu0_used_mb"]
+    assert xs[:3] == [0.0, 0.5, 1.0] and ys[0] == 100.0
+    with pytest.raises(ValueError, match="x must be"):
+        report.metric_series(store, demo["long"], ["train/loss"], x="wall")
+
+
+# --- report: comparison, samples, batches -------------------------------------------------
+
+
+def test_comparison_teacher_vs_students(store: RunStore, demo: dict[str, Any]) -> None:
+    run = store.get_run(demo["real"])
+    rows = report.comparison(run)
+    assert [r["role"] for r in rows] == ["teacher", "student", "baseline"]
+    teacher, student, baseline = rows
+    assert teacher["size_ratio"] == 1.0 and teacher["speed_vs_teacher"] == 1.0
+    assert student["val_ppl"] == pytest.approx(run.summary["student"]["val_ppl"])
+    assert "without the teacher" in baseline["model"]
+    assert all(key in report.LABELS for key in report.COMPARISON_COLUMNS)
+    no_baseline = {k: v for k, v in run.summary.items() if k != "baseline"}
+    assert [r["role"] for r in report.comparison(no_baseline)] == ["teacher", "student"]
+    assert report.comparison({}) == []
+    assert (
+        report.comparison({"teacher": "garbage", "student": {"val_ppl": "x"}})[0]["val_ppl"] is None
+    )
+
+
+def test_samples_side_by_side(store: RunStore, demo: dict[str, Any]) -> None:
+    rows = report.samples(store.get_run(demo["real"]))
+    assert rows and rows[0]["prompt"] == "The list"
+    assert set(rows[0]) == set(report.SAMPLE_COLUMNS)
+    assert report.samples({"samples": [{"prompt": "p"}, "junk"]}) == [
+        {"prompt": "p", "teacher": "", "student": "", "baseline": ""}
+    ]
+
+
+def test_batch_comparison_names_the_grid_and_the_best(
+    store: RunStore, demo: dict[str, Any]
+) -> None:
+    assert report.batch_ids(store) == [BATCH_ID]
+    rows = report.batch_comparison(store, BATCH_ID)
+    assert [r["run_id"] for r in rows] == demo["members"]
+    assert [r["settings"] for r in rows] == ["loss.beta=0.0", "loss.beta=0.5", "loss.beta=1.0"]
+    # the failed member has the lowest perplexity but cannot be the best
+    assert [r["best"] for r in rows] == [False, True, False]
+    assert rows[2]["state"] == "failed"
+    assert report.batch_comparison(store, "no-such-batch") == []
+
+
+def test_varying_settings_ignores_names_and_paths() -> None:
+    configs = [
+        {"name": "a", "runs_dir": "/x", "loss": {"beta": 0.1}, "seed": 1},
+        {"name": "b", "runs_dir": "/y", "loss": {"beta": 0.1}, "seed": 2},
+    ]
+    assert report.varying_settings(configs) == ["seed"]
+
+
+def test_report_queries_never_write(demo: dict[str, Any]) -> None:
+    root = demo["root"]
+    before = db_fingerprint(root)
+    with RunStore(root, read_only=True) as store:
+        for run_id in [demo["real"], demo["long"], *demo["members"]]:
+            report.comparison(store.get_run(run_id))
+            report.metric_series(store, run_id, report.LOSS_METRICS)
+            report.memory_series(store, run_id)
+        report.runs_table(store)
+        report.batch_comparison(store, BATCH_ID)
+    assert db_fingerprint(root) == before
+
+
+# --- the dashboard view -------------------------------------------------------------------
+
+
+def _walk(widget: W.Widget) -> list[W.Widget]:
+    out = [widget]
+    for child in getattr(widget, "children", ()):
+        out.extend(_walk(child))
+    return out
+
+
+@pytest.fixture
+def dashboard(demo: dict[str, Any]) -> Any:
+    from widgets.dashboard import build_dashboard
+
+    board = build_dashboard(demo["root"])
+    yield board
+    assert board.store is not None
+    board.store.close()
+
+
+def test_dashboard_refuses_a_writable_store(demo: dict[str, Any]) -> None:
+    from widgets.dashboard import Dashboard
+
+    with RunStore(demo["root"]) as writable, pytest.raises(ValueError, match="read_only"):
+        Dashboard(writable)
+
+
+def test_dashboard_offers_nothing_but_pickers(dashboard: Any) -> None:
+    """No Text inputs, no buttons: the only widgets a viewer can act on are two Dropdowns."""
+    interactive = [
+        w
+        for w in _walk(dashboard.root)
+        if isinstance(w, (W.ValueWidget, W.Button)) and not isinstance(w, W.HTML)
+    ]
+    assert {type(w) for w in interactive} == {W.Dropdown}
+    assert not any(isinstance(w, (W.Text, W.Textarea, W.Button)) for w in _walk(dashboard.root))
+
+
+def test_dashboard_shows_runs_charts_and_escapes_html(dashboard: Any, demo: dict[str, Any]) -> None:
+    from widgets.dashboard import figure_of
+
+    html_out = " ".join(w.value for w in _walk(dashboard.root) if isinstance(w, W.HTML))
+    assert "&lt;b&gt;bold&lt;/b&gt;" in html_out and "<script>alert" not in html_out
+    dashboard.run_picker.value = demo["real"]
+    charts = [figure_of(w) for w in _walk(dashboard.run_view) if isinstance(w, W.Output)]
+    titles = [c["layout"]["title"]["text"] for c in charts]
+    assert titles[0] == "Training loss" and len(charts) == 4, titles
+    for spec in charts:
+        assert spec["layout"]["yaxis"]["title"]["text"]
+    loss = charts[0]["data"]
+    assert {t["name"] for t in loss} >= {"training loss (total)", "held-out loss"}
+    assert len(loss[0]["x"]) == 6
+    assert charts[0]["config"]["showSendToCloud"] is False  # no "share to Plotly Cloud"
+    # plain JSON in the widget state: no multi-megabyte plotly.js bundle per chart
+    assert all(len(json.dumps(c)) < 100_000 for c in charts)
+
+
+def test_dashboard_callbacks_only_read(dashboard: Any, demo: dict[str, Any]) -> None:
+    """Drive every picker option (what a viewer's comm messages can do): the store is
+    unchanged, and ids that are not in the store are ignored."""
+    root = demo["root"]
+    before = db_fingerprint(root)
+    for _, run_id in dashboard.run_picker.options:
+        dashboard.run_picker.value = run_id
+        assert dashboard.run_view.children, run_id
+    shown = dashboard.run_view.children
+    dashboard.show_run("../../etc/passwd")
+    dashboard.show_run(12345)
+    dashboard.show_batch("'; DROP TABLE runs; --")
+    assert dashboard.run_view.children is shown
+    assert db_fingerprint(root) == before
+
+
+def test_dashboard_without_runs_says_so(tmp_path: Path) -> None:
+    from widgets.dashboard import build_dashboard
+
+    board = build_dashboard(tmp_path / "empty")
+    assert board.store is None
+    assert "No runs yet" in board.root.children[0].value
+
+
+def test_dashboard_module_imports_no_control_code() -> None:
+    source = (REPO / "widgets" / "dashboard.py").read_text(encoding="utf-8")
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+    forbidden = {"widgets.panel", "widgets.form", "foundry_kernel.control", "foundry_kernel.cli"}
+    assert not imported & forbidden
+    assert not any(name.startswith("widgets.") for name in imported)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="widgets/__init__.py imports the control panel eagerly; needs lazy imports",
+)
+def test_importing_the_dashboard_does_not_load_the_panel() -> None:
+    code = "import sys, widgets.dashboard; sys.exit('widgets.panel' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120, check=False)
+    assert proc.returncode == 0
