@@ -34,7 +34,20 @@ _EXPORTS = {
     "RunStore": "foundry_kernel.store",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ConfigError",
+    "FoundryError",
+    "RunConfig",
+    "RunHandle",
+    "RunState",
+    "RunStore",
+    "get",
+    "json_schema",
+    "list_runs",
+    "load_config",
+    "run_sync",
+    "start",
+]
 
 if TYPE_CHECKING:
     from foundry_kernel.config import RunConfig, json_schema, load_config
