@@ -70,7 +70,7 @@ def test_no_shell_no_sys_path_no_wildcard_origins(path: Path) -> None:
             f"{path}:{call.lineno} calls {func}"
         )
     text = path.read_text(encoding="utf-8")
-    if path.name != "test_code_health.py":
+    if "tests" not in path.relative_to(ROOT).parts:  # tests may feed '*' to prove it is refused
         assert "allow_origin=*" not in text and "allow_origins=['*']" not in text
 
 
