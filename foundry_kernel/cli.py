@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from foundry_kernel import servers
+from foundry_kernel import notebook_runner, servers
 from foundry_kernel.config import json_schema, load_config
 from foundry_kernel.context import Event
 from foundry_kernel.errors import FoundryError
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the config's JSON Schema")
     schema.set_defaults(handler=_schema)
     servers.add_commands(sub)
+    notebook_runner.add_commands(sub)
     return parser
 
 

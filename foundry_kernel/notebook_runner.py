@@ -66,6 +66,7 @@ OVERRIDES = "config_overrides"
 CONFIG_PATH = "config_path"
 RUNS_DIR = "runs_dir"
 RUN_ID = "run_id"
+HEADLESS = "headless"
 SET_BY_RUNNER = (RUN_ID,)
 DEFAULT_TIMEOUT_S = 24 * 3600.0
 """papermill's per-cell execution timeout: a backstop; ``limits.timeout_s`` is the real
@@ -221,15 +222,59 @@ class Member:
 
 
 def resolve_member(
-    index: int, given: Mapping[str, Any], declared: Declared, notebook: Path, runs_dir: Path
+    index: int,
+    given: Mapping[str, Any],
+    declared: Declared,
+    notebook: Path,
+    runs_dir: Path,
+    *,
+    label_keys: Sequence[str] | None = None,
 ) -> Member:
-    """Check one parameter set and build its config, naming the member in any error."""
-    label = ", ".join(f"{k}={v}" for k, v in given.items()) or "defaults"
+    """Check one parameter set and build its config, naming the member in any error.
+
+    ``label_keys`` limits the member's label to those (flattened) parameters: in a batch,
+    the ones that vary between members.
+    """
+    label = _label(given, label_keys)
     try:
         params, config = _resolve(given, declared, notebook, runs_dir)
     except ConfigError as exc:
         raise ConfigError(f"parameter set {index} ({label}): {exc}", field=exc.field) from None
     return Member(index, label, params, config)
+
+
+def _flat(given: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters with ``config_overrides`` spread into its dotted fields."""
+    out: dict[str, Any] = {}
+    for key, value in given.items():
+        if key == OVERRIDES and isinstance(value, Mapping):
+            out.update({str(k): v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def varying_keys(sets: Sequence[Mapping[str, Any]]) -> list[str] | None:
+    """Parameters whose values differ between the sets (None for a single set)."""
+    if len(sets) < 2:
+        return None
+    flats = [_flat(s) for s in sets]
+    keys = list(dict.fromkeys(k for flat in flats for k in flat))
+    missing = object()
+    return [k for k in keys if len({repr(f.get(k, missing)) for f in flats}) > 1]
+
+
+def _label(given: Mapping[str, Any], keys: Sequence[str] | None = None) -> str:
+    """A short description of a parameter set for progress lines and the summary."""
+    flat = _flat(given)
+    shown = flat if keys is None else {k: flat.get(k) for k in keys}
+    text = ", ".join(f"{k}={_short(v)}" for k, v in shown.items()) or "defaults"
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _resolve(
@@ -245,15 +290,22 @@ def _resolve(
         _check_type(name, value, declared)
     if dotted and OVERRIDES not in declared.defaults:
         raise _unknown(next(iter(dotted)), declared, notebook)
-    for name in dotted:
-        shortcut = next((s for s, f in CONFIG_SHORTCUTS.items() if f == name), None)
-        if shortcut is not None and shortcut in plain:
-            raise ConfigError(f"{name} given twice: as {name} and as {shortcut}", field=name)
     params = dict(plain)
+    overrides = plain.get(OVERRIDES, declared.defaults.get(OVERRIDES)) or {}
     if dotted:
-        base = plain.get(OVERRIDES, declared.defaults.get(OVERRIDES)) or {}
-        params[OVERRIDES] = {**dict(base), **dotted}
+        params[OVERRIDES] = overrides = {**dict(overrides), **dotted}
+    for shortcut, name in CONFIG_SHORTCUTS.items():
+        # config_overrides is applied last in the notebook: it would silently win
+        if shortcut in plain and isinstance(overrides, Mapping) and name in overrides:
+            raise ConfigError(
+                f"{name} given twice: as {shortcut} and in {OVERRIDES}; give it once",
+                field=name,
+            )
     params[RUNS_DIR] = str(runs_dir)
+    if HEADLESS in declared.defaults and HEADLESS not in plain:
+        # Explicit: a `!foundry run` from a JupyterLab cell passes the session's
+        # JPY_SESSION_NAME on to papermill's kernel, which would then look interactive.
+        params[HEADLESS] = True
     merged = {**declared.defaults, **params}
     config_args = {k: merged[k] for k in (CONFIG_PATH, OVERRIDES, RUNS_DIR) if k in merged}
     config_args.update({k: merged[k] for k in CONFIG_SHORTCUTS if k in merged})
@@ -493,8 +545,9 @@ def _plan(args: argparse.Namespace) -> tuple[list[Member], Path, Path]:
     declared.require(RUN_ID, RUNS_DIR, notebook=notebook)
     runs_dir = (args.runs_dir or default_runs_dir()).expanduser().absolute()
     sets = parameter_sets(args.parameters, args.files, args.grid)
+    keys = varying_keys(sets)
     members = [
-        resolve_member(i, given, declared, notebook, runs_dir)
+        resolve_member(i, given, declared, notebook, runs_dir, label_keys=keys)
         for i, given in enumerate(sets, start=1)
     ]
     return members, notebook, runs_dir

@@ -1,0 +1,188 @@
+"""Model FLOPs utilisation: achieved FLOP/s of our training step against this machine's
+measured matmul peak.
+
+Peak: the best of several ``a @ b`` on square ``n x n`` matrices (n = 4096; 256 with
+``--quick``), fp32 and bf16, with the benchmark's thread count: what this CPU (or GPU) can do
+on the one operation that dominates a transformer, measured rather than taken from a
+datasheet.
+
+Model FLOPs per step (the usual convention, Kaplan et al. / PaLM appendix B):
+
+* ``N_mm`` = weights that take part in a matmul per token: every ``nn.Linear`` (q, k, v, o,
+  gate, up, down, and the lm_head even when it is tied to the embedding, since the
+  projection is computed); the embedding lookup is free.
+* forward = ``2 N_mm`` per token + attention scores and values ``2 * 2 * T * d_model`` per
+  token per layer (``T`` = sequence length, full ``T x T`` counted, as PaLM does, although
+  the causal mask makes half of it zero); backward = 2 x forward.
+* student training step: ``6 N_mm D + 12 L d T D`` (``D`` = tokens per step).
+* teacher (forward only, in a distillation step): ``2 N_mm D + 4 L d T D``.
+* not counted: norms, activations, softmax, the loss, the optimizer (all O(N) or O(D V),
+  small against O(N D) here).
+
+Two steps of our ``Trainer`` are timed (median, warm-up dropped): the student step alone
+(cross-entropy, no teacher: the "student step" of the issue) and the full distillation
+step (student + teacher forward + chunked KD loss). MFU is against the fp32 peak, because
+the tiny models train in fp32 (``precision=auto`` picks bf16 only from hidden 256 up); the
+bf16 peak is shown for what mixed precision could reach. Everything runs on a worker
+thread, like the other benchmarks (see ``bench.common.in_worker_thread``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from bench.common import ModelShape, Printer, in_worker_thread, matmul_params, median, ratio, table
+from bench.throughput import StepClock, config_for, make_workload, run_foundry
+
+
+def gemm_peak(dtype: torch.dtype, n: int, repeats: int = 5, device: str = "cpu") -> dict[str, Any]:
+    """Best FLOP/s of an ``n x n`` matmul in ``dtype`` (None when the dtype is unsupported)."""
+    dev = torch.device(device)
+    try:
+        a = torch.randn(n, n, device=dev).to(dtype)
+        b = torch.randn(n, n, device=dev).to(dtype)
+        a @ b  # warm-up: thread pool, kernel selection, packing buffers
+    except (RuntimeError, TypeError) as exc:
+        return {"dtype": str(dtype), "n": n, "flops_per_s": None, "note": str(exc)[:200]}
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    return {
+        "dtype": str(dtype).replace("torch.", ""),
+        "n": n,
+        "best_s": best,
+        "median_s": median(times),
+        "flops_per_s": 2 * n**3 / best,
+        "median_flops_per_s": 2 * n**3 / median(times),
+    }
+
+
+def step_flops(
+    shape: ModelShape, model: torch.nn.Module, tokens: int, *, train: bool
+) -> dict[str, Any]:
+    """Model FLOPs of one step over ``tokens`` tokens (see the module docstring)."""
+    n_mm = matmul_params(model)
+    attn_fwd = 4 * shape.layers * shape.hidden * shape.seq_len * tokens
+    mult = 3 if train else 1
+    return {
+        "matmul_params": n_mm,
+        "dense_flops": mult * 2 * n_mm * tokens,
+        "attention_flops": mult * attn_fwd,
+        "total": mult * (2 * n_mm * tokens + attn_fwd),
+    }
+
+
+def run(
+    *,
+    quick: bool = False,
+    steps: int | None = None,
+    warmup: int | None = None,
+    gemm_n: int | None = None,
+    printer: Printer = print,
+) -> dict[str, Any]:
+    cfg = config_for(
+        quick,
+        steps=steps or (None if quick else 6),
+        warmup=warmup or (None if quick else 2),
+        rounds=1,
+    )
+    n = gemm_n or (256 if quick else 4096)
+    printer(f"mfu: matmul peak at n={n}, then our student step and distillation step")
+    peaks = {
+        "float32": in_worker_thread(gemm_peak, torch.float32, n),
+        "bfloat16": in_worker_thread(gemm_peak, torch.bfloat16, n),
+    }
+    w = make_workload(cfg)
+    student, teacher = w.student(), w.teacher()
+    d = cfg.tokens_per_step
+    s_flops = step_flops(cfg.student, student, d, train=True)
+    t_flops = step_flops(cfg.teacher, teacher, d, train=False)
+    ce_clock, kd_clock = StepClock("student"), StepClock("distill")
+    in_worker_thread(run_foundry, w, ce_clock, distill=False)
+    in_worker_thread(run_foundry, w, kd_clock)
+    ce, kd = ce_clock.durations[cfg.warmup :], kd_clock.durations[cfg.warmup :]
+    t_ce, t_kd = median(ce), median(kd)
+    p32, p16 = peaks["float32"]["flops_per_s"], peaks["bfloat16"]["flops_per_s"]
+    student_rate = s_flops["total"] / t_ce
+    distill_rate = (s_flops["total"] + t_flops["total"]) / t_kd
+    return {
+        "config": {**cfg.to_dict(), "gemm_n": n, "threads": torch.get_num_threads()},
+        "peak": peaks,
+        "student_step": {
+            "flops": s_flops,
+            "step_s": t_ce,
+            "n": len(ce),
+            "flops_per_s": student_rate,
+            "mfu_fp32": ratio(student_rate, p32),
+            "mfu_bf16": ratio(student_rate, p16),
+        },
+        "distill_step": {
+            "flops": {"student": s_flops, "teacher_forward": t_flops},
+            "step_s": t_kd,
+            "n": len(kd),
+            "flops_per_s": distill_rate,
+            "mfu_fp32": ratio(distill_rate, p32),
+            "mfu_bf16": ratio(distill_rate, p16),
+        },
+    }
+
+
+def _g(x: float | None) -> str:
+    return "-" if x is None else f"{x / 1e9:.1f} GFLOP/s"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def render(section: dict[str, Any]) -> str:
+    p = section["peak"]
+    rows = [
+        [
+            f"matmul peak fp32 (n={p['float32']['n']})",
+            _g(p["float32"]["flops_per_s"]),
+            "-",
+            "-",
+            "-",
+        ],
+        [
+            f"matmul peak bf16 (n={p['bfloat16']['n']})",
+            _g(p["bfloat16"]["flops_per_s"]),
+            "-",
+            "-",
+            "-",
+        ],
+    ]
+    for key, label in (
+        ("student_step", "student step (CE, ours)"),
+        ("distill_step", "distillation step (ours)"),
+    ):
+        s = section[key]
+        flops = (
+            s["flops"]["total"]
+            if key == "student_step"
+            else (s["flops"]["student"]["total"] + s["flops"]["teacher_forward"]["total"])
+        )
+        rows.append(
+            [
+                label,
+                _g(s["flops_per_s"]),
+                f"{flops / 1e9:.1f} GFLOP in {s['step_s'] * 1000:.0f} ms",
+                _pct(s["mfu_fp32"]),
+                _pct(s["mfu_bf16"]),
+            ]
+        )
+    return table(["what", "FLOP/s", "model FLOPs / step", "MFU vs fp32 peak", "vs bf16 peak"], rows)
+
+
+__all__: Sequence[str] = ("gemm_peak", "render", "run", "step_flops")

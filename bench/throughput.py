@@ -1,0 +1,647 @@
+"""Training throughput: tokens/s of one full distillation step, side by side.
+
+A step is: teacher forward (no grad) + student forward/backward + gradient clipping (1.0)
++ AdamW step, on one batch, with the same loss everywhere: forward KL(teacher || student)
+at temperature 1, mean over the batch's tokens. Same tiny Llama models (seeded, so every
+contender starts from identical weights), same random-token data, same thread count, fp32.
+
+Contenders:
+
+``foundry``           ``foundry_kernel.train.Trainer.fit`` as it is (chunked loss on full
+                      logits, attention mask passed, metrics callback, events,
+                      ``ctx.check()``); a step ends at its metrics report.
+``foundry_nomask``    the same Trainer, not passing the all-ones attention mask of packed
+                      blocks to the models (proposed engine change 1, applied by overriding
+                      ``_micro_step`` here; the engine is not modified).
+``foundry_proposed``  change 1 plus the fused-linear loss on the models' final hidden states,
+                      so no ``[batch, seq, vocab]`` logits exist (proposed change 2).
+``trl``               ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=0`` (off-policy: no
+                      generation), ``beta=0`` (forward KL), ``seq_kd=False``, no gradient
+                      checkpointing, fp32 (TRL's SFT defaults turn both on; they are turned
+                      off here so the work is the same), a step ends at ``on_step_end``.
+                      ``trl.DistillationTrainer`` exists in TRL 1.16 but is on-policy only (it
+                      always generates completions from prompts), so it does not do this work.
+``plain``             the nanoGPT-style minimum written out by hand: forward both (no
+                      attention mask: the blocks are fully packed), log_softmax +
+                      ``F.kl_div``, backward, clip, AdamW step.
+
+Every contender runs in its own thread and the steps are interleaved one at a time in a
+rotating order (:class:`Turns`): only one contender computes at any moment, and a burst of
+load from elsewhere on the machine lands on neighbouring steps of all of them rather than
+on one contender's whole run. Each contender starts from fresh models; its first
+``warmup`` steps are dropped; the figure is the median of the remaining step times
+(over ``rounds`` such rounds).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+from bench.common import (
+    ModelShape,
+    Printer,
+    build_llama,
+    fmt_ratio,
+    median,
+    random_tokens,
+    ratio,
+    summary,
+    table,
+    unique_params,
+)
+
+CONTENDERS = ("foundry", "foundry_nomask", "foundry_proposed", "trl", "plain")
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    teacher: ModelShape
+    student: ModelShape
+    batch: int
+    warmup: int
+    steps: int
+    rounds: int
+    lr: float = 1e-3
+    seed: int = 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.student.seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "teacher": self.teacher.to_dict(),
+            "student": self.student.to_dict(),
+            "batch": self.batch,
+            "seq_len": self.student.seq_len,
+            "tokens_per_step": self.tokens_per_step,
+            "warmup_steps": self.warmup,
+            "timed_steps_per_round": self.steps,
+            "rounds": self.rounds,
+            "lr": self.lr,
+            "loss": "forward KL, temperature 1, mean over tokens",
+            "dtype": "float32",
+            "grad_clip": 1.0,
+        }
+
+
+VOCAB = 4096
+SEQ = 128
+FULL = StepConfig(
+    teacher=ModelShape(hidden=256, layers=4, heads=4, intermediate=640, vocab=VOCAB, seq_len=SEQ),
+    student=ModelShape(hidden=128, layers=3, heads=4, intermediate=256, vocab=VOCAB, seq_len=SEQ),
+    batch=32,
+    warmup=3,
+    steps=20,
+    rounds=1,
+)
+QUICK = StepConfig(
+    teacher=ModelShape(hidden=32, layers=2, heads=2, intermediate=64, vocab=256, seq_len=16),
+    student=ModelShape(hidden=16, layers=1, heads=2, intermediate=32, vocab=256, seq_len=16),
+    batch=4,
+    warmup=1,
+    steps=3,
+    rounds=1,
+)
+
+
+def config_for(quick: bool, **overrides: Any) -> StepConfig:
+    base = QUICK if quick else FULL
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return replace(base, **given) if given else base
+
+
+# --------------------------------------------------------------------------- shared data
+
+
+@dataclass
+class Workload:
+    """Models and data: every contender gets its own deep copy of the same two models.
+
+    The models are built once, on the calling thread (their initialisation draws from
+    torch's global RNG, which contenders building concurrently on their threads - and
+    TRL's ``set_seed`` - would otherwise interleave), and copied per contender.
+    """
+
+    cfg: StepConfig
+    ids: torch.Tensor  # [n_blocks, seq]
+    _teacher: PreTrainedModel
+    _student: PreTrainedModel
+
+    def teacher(self) -> PreTrainedModel:
+        model = copy.deepcopy(self._teacher)
+        model.eval().requires_grad_(False)
+        return model
+
+    def student(self) -> PreTrainedModel:
+        return copy.deepcopy(self._student)
+
+
+def make_workload(cfg: StepConfig) -> Workload:
+    n_blocks = cfg.batch * (cfg.warmup + cfg.steps + 1)
+    return Workload(
+        cfg,
+        random_tokens(n_blocks, cfg.student.seq_len, cfg.student.vocab, seed=cfg.seed),
+        build_llama(cfg.teacher, seed=cfg.seed + 1),
+        build_llama(cfg.student, seed=cfg.seed + 2),
+    )
+
+
+def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+class StepClock:
+    """Times the steps of one contender; the loop calls ``begin()`` once, then ``tick()`` at
+    the end of every step. Alone it only records; under a :class:`Turns` scheduler it also
+    waits for the contender's turn, so only one contender computes at any moment."""
+
+    def __init__(self, name: str, turns: Turns | None = None) -> None:
+        self.name = name
+        self.turns = turns
+        self.durations: list[float] = []
+        self.losses: list[float] = []
+        self._t0 = 0.0
+
+    def begin(self) -> None:
+        if self.turns is not None:
+            self.turns.wait_turn(self.name)
+        self._t0 = time.perf_counter()
+
+    def tick(self, loss: float | None = None) -> None:
+        now = time.perf_counter()
+        self.durations.append(now - self._t0)
+        if loss is not None:
+            self.losses.append(loss)
+        if self.turns is not None:
+            self.turns.step_done(self.name)
+            self.turns.wait_turn(self.name)
+        self._t0 = time.perf_counter()
+
+
+class Turns:
+    """Round-robin scheduler: each contender runs in its own thread and computes one step
+    per turn while the others wait, in a rotating order. A burst of load from elsewhere on
+    the machine therefore lands on neighbouring steps of *all* contenders, not on one
+    contender's whole run, and the contenders never compete with each other."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self._go = {n: threading.Event() for n in names}
+        self._done = threading.Event()
+        self.finished = False
+
+    def wait_turn(self, name: str) -> None:
+        if self.finished:
+            return
+        self._go[name].wait()
+        self._go[name].clear()
+
+    def step_done(self, name: str) -> None:
+        self._done.set()
+
+    def run(self, threads: dict[str, threading.Thread], steps: int, errors: dict[str, str]) -> None:
+        for t in threads.values():
+            t.start()
+        for step in range(steps):
+            k = step % len(self.names)
+            for name in self.names[k:] + self.names[:k]:
+                thread = threads[name]
+                if name in errors or not thread.is_alive():
+                    continue
+                self._done.clear()
+                self._go[name].set()
+                while not self._done.wait(0.1):
+                    if not thread.is_alive():  # it failed (or ended early): move on
+                        break
+        self.finished = True
+        for ev in self._go.values():
+            ev.set()
+        for t in threads.values():
+            t.join()
+
+
+# --------------------------------------------------------------------------- contenders
+
+
+def foundry_trainer(
+    w: Workload,
+    *,
+    fused: bool = False,
+    drop_mask: bool = False,
+    on_metrics: Callable[[int, dict[str, float]], None],
+    ctx: Any = None,
+    max_steps: int | None = None,
+    distill: bool = True,
+) -> Any:
+    """Our Trainer on the workload (``fused``/``drop_mask``: with the proposed changes, see
+    :func:`trainer_class`; ``distill=False``: the cross-entropy-only student step)."""
+    from foundry_kernel.context import RunContext
+    from foundry_kernel.data import DataBundle, TokenBlocks
+    from foundry_kernel.losses import LossSpec
+    from foundry_kernel.train import Trainer, TrainPlan
+
+    cfg = w.cfg
+    ones = torch.ones_like(w.ids)
+    train = TokenBlocks(input_ids=w.ids, attention_mask=ones, labels=w.ids.clone())
+    val = TokenBlocks(
+        input_ids=w.ids[: cfg.batch], attention_mask=ones[: cfg.batch], labels=w.ids[: cfg.batch]
+    )
+    plan = TrainPlan(
+        max_steps=max_steps or (cfg.warmup + cfg.steps),
+        batch_size=cfg.batch,
+        lr=cfg.lr,
+        warmup_steps=1,
+        eval_every=10**9,
+        eval_max_batches=1,
+        ckpt_every=None,
+        max_grad_norm=1.0,
+        loss=LossSpec(kind="forward_kl", temperature=1.0, ce_weight=0.0) if distill else None,
+        seed=cfg.seed,
+    )
+    cls = trainer_class(fused=fused, drop_mask=drop_mask) if fused or drop_mask else Trainer
+    return cls(
+        w.student(),
+        DataBundle(train=train, val=val, report={}),
+        plan,
+        ctx=ctx if ctx is not None else RunContext(),
+        on_metrics=on_metrics,
+        teacher=w.teacher() if distill else None,
+        vocab_size=cfg.student.vocab,
+    )
+
+
+_VARIANTS: dict[tuple[bool, bool], Any] = {}
+
+
+def trainer_class(*, fused: bool, drop_mask: bool) -> Any:
+    """``Trainer`` with the proposed engine changes applied by overriding ``_micro_step``
+    (the engine itself is not modified):
+
+    ``fused``      the micro-step runs the backbones only (``model.base_model``, final norm
+                   included) and ``fused_linear_distillation_loss`` projects student and
+                   teacher hidden states with their lm_head weights chunk by chunk, so
+                   neither model's ``[batch, seq, vocab]`` logits exist.
+    ``drop_mask``  an attention mask that is all ones (Foundry's packed blocks) is not
+                   passed to the models: it changes nothing in the result, but with a mask
+                   transformers hands SDPA an explicit ``[batch, 1, seq, seq]`` bias instead
+                   of using its causal kernel.
+    """
+    key = (fused, drop_mask)
+    if key in _VARIANTS:
+        return _VARIANTS[key]
+    from foundry_kernel.evaluate import autocast
+    from foundry_kernel.losses import fused_linear_distillation_loss
+    from foundry_kernel.train import Trainer
+
+    class ProposedTrainer(Trainer):
+        def _micro_step(
+            self, ids: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, n_valid: int
+        ) -> dict[str, float]:
+            attn: torch.Tensor | None = mask
+            if drop_mask and bool(mask.all()):
+                attn = None
+            if not fused or self.plan.loss is None or self.teacher is None:
+                return super()._micro_step(ids, attn, target, n_valid)  # type: ignore[arg-type]
+            with autocast(self.device, self.plan.amp_dtype):
+                hidden = self.model.base_model(input_ids=ids, attention_mask=attn)[0]
+            with torch.no_grad(), autocast(self.device, self.plan.amp_dtype):
+                t_hidden = self.teacher.base_model(input_ids=ids, attention_mask=attn)[0]
+            s_head = self.model.get_output_embeddings()
+            t_head = self.teacher.get_output_embeddings()
+            out = fused_linear_distillation_loss(
+                hidden,
+                s_head.weight,
+                t_hidden,
+                target,
+                self.plan.loss,
+                student_bias=s_head.bias,
+                teacher_weight=t_head.weight,
+                teacher_bias=t_head.bias,
+                num_valid_tokens=n_valid,
+                vocab_size=self.vocab_size,
+            )
+            out.total.backward()
+            return {"loss": out.total.item(), "kd": out.kd.item(), "ce": out.ce.item()}
+
+    ProposedTrainer.__name__ = f"ProposedTrainer(fused={fused}, drop_mask={drop_mask})"
+    _VARIANTS[key] = ProposedTrainer
+    return ProposedTrainer
+
+
+def run_foundry(
+    w: Workload,
+    clock: StepClock,
+    *,
+    fused: bool = False,
+    drop_mask: bool = False,
+    distill: bool = True,
+) -> None:
+    """Our loop; a step ends when its metrics are reported (the report is part of it)."""
+
+    def sink(step: int, values: dict[str, float]) -> None:
+        if "train/loss" in values:
+            clock.tick(values["train/loss"])
+
+    trainer = foundry_trainer(w, fused=fused, drop_mask=drop_mask, on_metrics=sink, distill=distill)
+    clock.begin()
+    trainer.fit()
+
+
+def _tiny_tokenizer(vocab: int) -> Any:
+    """A word-level tokenizer with ``vocab`` entries (TRL's trainers insist on one)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<bos>": 0, "<eos>": 1, "<pad>": 2, **{f"t{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(WordLevel(words, unk_token="<pad>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
+def run_trl(w: Workload, clock: StepClock, *, output_dir: str) -> None:
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    cfg = w.cfg
+    ids = w.ids
+    data = Dataset.from_dict(
+        {
+            "input_ids": ids.tolist(),
+            "attention_mask": torch.ones_like(ids).tolist(),
+            "labels": ids.tolist(),
+        }
+    )
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {
+            k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")
+        }
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            clock.tick()
+
+    n = cfg.warmup + cfg.steps
+    args = GKDConfig(
+        output_dir=output_dir,
+        max_steps=n,
+        per_device_train_batch_size=cfg.batch,
+        learning_rate=cfg.lr,
+        weight_decay=0.1,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        lr_scheduler_type="constant",
+        logging_steps=1,  # as often as ours reports (the loss is what a user watches)
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+        seed=cfg.seed,
+        lmbda=0.0,
+        beta=0.0,
+        seq_kd=False,
+        temperature=1.0,
+        max_length=cfg.student.seq_len,
+        disable_dropout=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = GKDTrainer(
+            model=w.student(),
+            teacher_model=w.teacher(),
+            args=args,
+            data_collator=collate,
+            train_dataset=data,
+            processing_class=_tiny_tokenizer(cfg.student.vocab),
+            callbacks=[Stamp()],
+        )
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
+        trainer.remove_callback(ProgressCallback)
+        assert not getattr(trainer.model, "is_gradient_checkpointing", False)
+        clock.begin()
+        out = trainer.train()
+    history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    clock.losses = [float(x) for x in history] or [float(out.training_loss)]
+
+
+def run_plain(w: Workload, clock: StepClock) -> None:
+    """The hand-written loop: nothing but the work (blocks are fully packed, so, as in
+    nanoGPT, no attention mask is passed: the models use SDPA's causal kernel)."""
+    cfg = w.cfg
+    teacher, student = w.teacher(), w.student()
+    student.train()
+    opt = torch.optim.AdamW(_decay_groups(student, 0.1), lr=cfg.lr, betas=(0.9, 0.95))
+    from foundry_kernel.data import BatchSampler  # the same batch order as our Trainer's
+
+    sampler = BatchSampler(w.ids.shape[0], cfg.batch, seed=cfg.seed)
+    clock.begin()
+    for _ in range(cfg.warmup + cfg.steps):
+        ids = w.ids[sampler.next_indices()]
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids).logits
+        s_logits = student(input_ids=ids).logits
+        vocab = s_logits.shape[-1]
+        loss = F.kl_div(
+            F.log_softmax(s_logits[:, :-1].reshape(-1, vocab), dim=-1),
+            F.log_softmax(t_logits[:, :-1].reshape(-1, vocab), dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        clock.tick(loss.item())
+
+
+def run_contender(name: str, w: Workload, clock: StepClock) -> None:
+    if name == "foundry":
+        run_foundry(w, clock)
+    elif name == "foundry_nomask":
+        run_foundry(w, clock, drop_mask=True)
+    elif name == "foundry_proposed":
+        run_foundry(w, clock, fused=True, drop_mask=True)
+    elif name == "trl":
+        with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
+            run_trl(w, clock, output_dir=tmp)
+    elif name == "plain":
+        run_plain(w, clock)
+    else:
+        raise ValueError(f"unknown throughput contender {name!r}")
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def measure(
+    cfg: StepConfig,
+    contenders: Sequence[str],
+    printer: Printer | None = None,
+    w: Workload | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Step times of every contender, their steps interleaved one by one (see :class:`Turns`),
+    over ``cfg.rounds`` rounds of fresh models; warm-up steps of each round dropped."""
+    w = w or make_workload(cfg)
+    n = cfg.warmup + cfg.steps
+    timed: dict[str, list[float]] = {c: [] for c in contenders}
+    first_loss: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    for r in range(cfg.rounds):
+        live = [c for c in contenders if c not in errors]
+        k = r % max(len(live), 1)
+        turns = Turns(live[k:] + live[:k])
+        clocks = {c: StepClock(c, turns) for c in live}
+
+        def body(name: str, clock: StepClock) -> None:
+            try:
+                run_contender(name, w, clock)
+            except Exception as exc:  # noqa: BLE001 - a contender that fails is a result
+                errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+
+        threads = {
+            c: threading.Thread(target=body, args=(c, clocks[c]), name=f"bench-{c}", daemon=True)
+            for c in live
+        }
+        turns.run(threads, n, errors)
+        for name in live:
+            d = clocks[name].durations
+            if name in errors:
+                if printer:
+                    printer(f"  round {r + 1}: {name} failed: {errors[name]}")
+                continue
+            if len(d) < n:
+                errors[name] = f"recorded {len(d)} steps, expected {n}"
+                continue
+            timed[name].extend(d[cfg.warmup : n])
+            if clocks[name].losses:
+                first_loss.setdefault(name, clocks[name].losses[0])
+            if printer:
+                ms = median(d[cfg.warmup : n]) * 1000
+                printer(f"  round {r + 1}: {name:14s} median step {ms:8.1f} ms")
+    out: dict[str, dict[str, Any]] = {}
+    for name in contenders:
+        if not timed[name]:
+            out[name] = {"status": "error", "note": errors.get(name, "no steps recorded")}
+            continue
+        step = summary(timed[name])
+        out[name] = {
+            "status": "ok",
+            "step_s": step,
+            "tokens_per_s": cfg.tokens_per_step / step["median"],
+            "first_loss": first_loss.get(name),
+        }
+    return out
+
+
+def run(
+    *,
+    quick: bool = False,
+    contenders: Sequence[str] | None = None,
+    steps: int | None = None,
+    warmup: int | None = None,
+    rounds: int | None = None,
+    printer: Printer = print,
+) -> dict[str, Any]:
+    cfg = config_for(quick, steps=steps, warmup=warmup, rounds=rounds)
+    names = tuple(contenders or CONTENDERS)
+    bad = [n for n in names if n not in CONTENDERS]
+    if bad:
+        raise ValueError(f"unknown throughput contenders {bad}; known: {list(CONTENDERS)}")
+    w = make_workload(cfg)
+    params = {"teacher": unique_params(w.teacher()), "student": unique_params(w.student())}
+    printer(
+        f"throughput: teacher {params['teacher'] / 1e6:.2f}M, student "
+        f"{params['student'] / 1e6:.2f}M params, {cfg.tokens_per_step} tokens/step, "
+        f"{cfg.rounds} round(s) x ({cfg.warmup} warm-up + {cfg.steps} timed) steps"
+    )
+    results = measure(cfg, names, printer, w)
+    tps = {n: r.get("tokens_per_s") for n, r in results.items()}
+    ratios = {
+        "foundry_vs_trl": ratio(tps.get("foundry"), tps.get("trl")),
+        "foundry_vs_plain": ratio(tps.get("foundry"), tps.get("plain")),
+        "foundry_nomask_vs_foundry": ratio(tps.get("foundry_nomask"), tps.get("foundry")),
+        "foundry_proposed_vs_foundry": ratio(tps.get("foundry_proposed"), tps.get("foundry")),
+        "foundry_proposed_vs_trl": ratio(tps.get("foundry_proposed"), tps.get("trl")),
+        "foundry_proposed_vs_plain": ratio(tps.get("foundry_proposed"), tps.get("plain")),
+    }
+    return {
+        "config": {**cfg.to_dict(), "params": params, "threads": torch.get_num_threads()},
+        "results": results,
+        "ratios": ratios,
+        "targets": _targets(ratios),
+    }
+
+
+def _targets(ratios: dict[str, float | None]) -> dict[str, Any]:
+    vs_trl, vs_plain = ratios.get("foundry_vs_trl"), ratios.get("foundry_vs_plain")
+    return {
+        "foundry_vs_trl_at_least_1.3x": None if vs_trl is None else vs_trl >= 1.3,
+        "foundry_within_10pct_of_plain": None if vs_plain is None else vs_plain >= 0.9,
+    }
+
+
+def render(section: dict[str, Any]) -> str:
+    res = section["results"]
+    tps = {n: r.get("tokens_per_s") for n, r in res.items()}
+    rows = []
+    for name, r in res.items():
+        if r["status"] != "ok":
+            rows.append([name, r["status"], "-", "-", "-", "-", r.get("note", "")[:60]])
+            continue
+        s = r["step_s"]
+        rows.append(
+            [
+                name,
+                f"{r['tokens_per_s']:,.0f}",
+                f"{s['median'] * 1000:.1f} ms",
+                f"{s['min'] * 1000:.0f}-{s['max'] * 1000:.0f} ms (n={s['n']})",
+                fmt_ratio(ratio(tps[name], tps.get("trl"))),
+                fmt_ratio(ratio(tps[name], tps.get("plain"))),
+                "-" if r.get("first_loss") is None else f"{r['first_loss']:.6f}",
+            ]
+        )
+    t = section["targets"]
+    lines = [
+        table(
+            ["contender", "tokens/s", "median step", "range", "vs TRL", "vs plain", "first loss"],
+            rows,
+        ),
+        f"targets: >= 1.3x TRL: {_yn(t['foundry_vs_trl_at_least_1.3x'])}; "
+        f"within 10% of plain: {_yn(t['foundry_within_10pct_of_plain'])}",
+    ]
+    return "\n".join(lines)
+
+
+def _yn(v: bool | None) -> str:
+    return "n/a" if v is None else ("met" if v else "MISSED")

@@ -1,0 +1,201 @@
+"""The benchmark suite runs: each benchmark once at a tiny size (``--quick``).
+
+These tests prove that ``python -m bench`` works end to end and writes the JSON it
+promises. They assert keys, statuses and that numbers are positive, never timings: the
+figures themselves come from a full run on a quiet machine, not from CI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+LOSS_STATUSES = {"ok", "oom", "na", "error", "timeout"}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    """One ``python -m bench all --quick`` run, shared by the tests below."""
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "all", "--quick", "--threads", "1", "--json", str(out)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def test_cli_prints_every_table_and_writes_strict_json(quick: tuple[dict[str, Any], str]) -> None:
+    doc, stdout = quick
+    for name in ("loss", "throughput", "overheads", "mfu"):
+        assert f"## {name}" in stdout
+        assert name in doc
+        assert doc["timings_s"][name] >= 0
+    assert "| contender" in stdout and "wrote " in stdout
+    meta = doc["meta"]
+    assert meta["quick"] is True
+    assert meta["which"] == ["loss", "throughput", "overheads", "mfu"]
+    for when in ("machine_before", "machine_after"):
+        assert "load average" in meta[when]["uptime"]
+    assert meta["environment"]["versions"]["torch"]
+    assert meta["environment"]["torch_threads"] == 1
+
+
+def test_loss_section(quick: tuple[dict[str, Any], str]) -> None:
+    loss = quick[0]["loss"]
+    assert set(loss["config"]) >= {"vocabs", "tokens", "hidden", "cap_bytes", "memory", "time"}
+    rows = {r["contender"]: r for r in loss["results"]}
+    assert set(rows) == set(loss["contenders"])
+    for name, r in rows.items():
+        assert r["status"] in LOSS_STATUSES, (name, r)
+        assert {"scenario", "vocab", "tokens", "mem_vs_plain", "time_vs_plain"} <= set(r)
+        if r["status"] == "ok":
+            assert _positive(r["peak_bytes"]), (name, r)
+            assert _positive(r["time_s"]), (name, r)
+            assert r["method"] in ("VmHWM", "ru_maxrss", "cuda.max_memory_allocated")
+            if not r["baseline"]:
+                assert _positive(r["mem_vs_plain"]) and _positive(r["time_vs_plain"]), (name, r)
+    # Ours, plain and TRL must run here; Liger runs or says why not (no CUDA driver).
+    for name in (
+        "plain_kl",
+        "ours_kl",
+        "ours_kl_budget",
+        "ours_kl_inplace",
+        "ours_jsd",
+        "trl_gjsd",
+    ):
+        assert rows[name]["status"] == "ok", rows[name]
+    for name in ("plain_kl_proj", "ours_fused_kl", "ours_fused_kl_budget", "trl_chunked"):
+        assert rows[name]["status"] == "ok", rows[name]
+    for name in ("liger_jsd", "liger_fused_jsd"):
+        assert rows[name]["status"] in ("ok", "na"), rows[name]
+        if rows[name]["status"] == "na":
+            assert rows[name]["note"]
+    # Same inputs, same loss: the contenders agree on the value (a check the table shows).
+    assert rows["ours_kl"]["loss"] == pytest.approx(rows["plain_kl"]["loss"], rel=1e-4)
+    assert rows["ours_kl_budget"]["loss"] == pytest.approx(rows["plain_kl"]["loss"], rel=1e-4)
+    assert rows["ours_kl_inplace"]["loss"] == pytest.approx(rows["plain_kl"]["loss"], rel=1e-4)
+    assert rows["ours_jsd"]["loss"] == pytest.approx(rows["trl_gjsd"]["loss"], rel=1e-4)
+    for name in ("ours_fused_kl", "ours_fused_kl_budget", "trl_chunked"):
+        assert rows[name]["loss"] == pytest.approx(rows["plain_kl_proj"]["loss"], rel=1e-4)
+    assert len(loss["targets"]) == 5
+    for t in loss["targets"]:
+        assert t["fifth_of_plain"] and t["vs_liger"]
+
+
+def test_throughput_section(quick: tuple[dict[str, Any], str]) -> None:
+    section = quick[0]["throughput"]
+    cfg = section["config"]
+    assert cfg["tokens_per_step"] == cfg["batch"] * cfg["seq_len"]
+    assert _positive(cfg["params"]["teacher"]) and _positive(cfg["params"]["student"])
+    for name in ("foundry", "foundry_nomask", "foundry_proposed", "trl", "plain"):
+        r = section["results"][name]
+        assert r["status"] == "ok", r
+        assert _positive(r["tokens_per_s"])
+        assert r["step_s"]["n"] == cfg["timed_steps_per_round"] * cfg["rounds"]
+        assert _positive(r["first_loss"])
+    for key in ("foundry_vs_trl", "foundry_vs_plain", "foundry_proposed_vs_foundry"):
+        assert _positive(section["ratios"][key])
+    assert set(section["targets"]) == {
+        "foundry_vs_trl_at_least_1.3x",
+        "foundry_within_10pct_of_plain",
+    }
+
+
+def test_overheads_section(quick: tuple[dict[str, Any], str]) -> None:
+    section = quick[0]["overheads"]
+    assert not section["notes"], section["notes"]
+    for name in ("direct", "controller"):
+        assert _positive(section[name]["step_s"]["median"])
+        assert _positive(section[name]["wall_s"])
+    assert _positive(section["step_ratio"]) and _positive(section["wall_ratio"])
+
+
+def test_mfu_section(quick: tuple[dict[str, Any], str]) -> None:
+    section = quick[0]["mfu"]
+    assert _positive(section["peak"]["float32"]["flops_per_s"])
+    for key in ("student_step", "distill_step"):
+        s = section[key]
+        assert _positive(s["flops_per_s"]) and _positive(s["step_s"])
+        assert 0 < s["mfu_fp32"]
+    flops = section["student_step"]["flops"]
+    assert flops["total"] == flops["dense_flops"] + flops["attention_flops"]
+
+
+def test_out_of_memory_is_a_result_and_larger_points_are_skipped() -> None:
+    """A child that cannot fit under the cap reports ``oom``; the grid then skips the
+    larger token counts of that vocabulary instead of trying them."""
+    from bench.loss_memory import run_grid
+
+    rows = run_grid(
+        vocabs=[32000],
+        tokens=[1024, 2048],
+        contenders=["plain_kl"],
+        hidden=32,
+        cap=1024**3,  # inputs (0.26 GB) fit; plain's ~0.7 GB of intermediates do not
+        repeats=1,
+        threads=1,
+    )
+    assert [r["status"] for r in rows] == ["oom", "oom"], rows
+    assert not rows[0].get("skipped") and rows[1]["skipped"]
+    assert "memory" in rows[0]["note"].lower() or "allocate" in rows[0]["note"].lower()
+
+
+def test_budget_chunk_rows() -> None:
+    from bench.loss_memory import budget_chunk
+
+    assert budget_chunk(128256) == 65
+    assert budget_chunk(32000) == 262
+    assert budget_chunk(1000) == 1024  # small vocabularies keep the engine's default
+    assert budget_chunk(10**8) == 16
+
+
+def test_cli_rejects_unknown_benchmark() -> None:
+    from bench.__main__ import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["nonsense"])
+    args = build_parser().parse_args(["loss", "--quick", "--vocabs", "32000,128256"])
+    assert args.vocabs == [32000, 128256] and args.quick
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA GPU present: the CUDA path "
+    "(torch.cuda.max_memory_allocated) of the loss benchmark is not exercised",
+)
+def test_loss_memory_on_cuda() -> None:
+    from bench.loss_memory import run_one
+
+    for name in ("plain_kl", "ours_kl", "ours_fused_kl"):
+        r = run_one(
+            name, vocab=2048, tokens=256, hidden=64, cap=0, repeats=1, threads=None, device="cuda"
+        )
+        assert r["status"] == "ok", r
+        assert r["method"] == "cuda.max_memory_allocated"
+        assert _positive(r["peak_bytes"])

@@ -1,0 +1,254 @@
+"""End to end in a real browser: JupyterLab, distill.ipynb, Start, live chart, Cancel.
+
+Debian's Chromium (``/usr/bin/chromium``) driven by Playwright; a tool's own browser
+download cannot work here. The server runs on 127.0.0.1 with a token, its own settings,
+workspaces, runs and Jupyter folders, and is stopped (terminate, wait, kill) whatever
+happens. Screenshots go to ``test-artifacts/browser-lab/``.
+
+This is the proof of the panel's update path: every cell has finished when Start is
+pressed, and the loss chart still gains points (the panel's updater thread pushes them
+through the kernel's IOPub thread) and Cancel still lands (a widget callback served
+while the run trains in its worker thread).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_notebook_runner import NOTEBOOK, tiny_overrides
+
+from foundry_kernel.store import RunStore
+
+CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts" / "browser-lab"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+STEP_MS = 180_000  # generous: 2 shared cores, a kernel importing torch and transformers
+
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is missing (pip install playwright)"
+)
+pytest.importorskip("jupyterlab")
+pytest.importorskip("papermill")
+
+LOSS_POINTS_JS = """
+(min) => {
+  const plots = document.querySelectorAll('.foundry-run .foundry-chart-loss .js-plotly-plot');
+  for (const el of plots) {
+    const trace = (el.data || []).find((t) => t.name === 'train loss');
+    if (trace && trace.y && trace.y.length >= min) return trace.y.length;
+  }
+  return false;
+}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _prepare_root(root: Path, runs_dir: Path) -> Path:
+    """A copy of distill.ipynb with small, long-running parameters (Cancel stops it)."""
+    import papermill
+
+    overrides = tiny_overrides(**{"eval.every_steps": 10_000, "eval.max_batches": 1})
+    target = root / "distill.ipynb"
+    papermill.execute_notebook(
+        str(NOTEBOOK),
+        str(target),
+        parameters={
+            "config_overrides": overrides,
+            "max_steps": 100_000,
+            "runs_dir": str(runs_dir),
+        },
+        prepare_only=True,
+        progress_bar=False,
+    )
+    return target
+
+
+def _lab_settings(settings: Path) -> None:
+    """No news or update toasts over the notebook."""
+    folder = settings / "@jupyterlab" / "apputils-extension"
+    folder.mkdir(parents=True)
+    (folder / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False}), encoding="utf-8"
+    )
+
+
+def _server_env(tmp: Path, runs_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTER", "JPY_"))}
+    env.pop("FOUNDRY_HEADLESS", None)
+    env.update(
+        FOUNDRY_RUNS_DIR=str(runs_dir),
+        FOUNDRY_SHUTDOWN_GRACE_S="3",
+        JUPYTER_CONFIG_DIR=str(tmp / "jupyter-config"),
+        JUPYTER_DATA_DIR=str(tmp / "jupyter-data"),
+        JUPYTER_RUNTIME_DIR=str(tmp / "jupyter-runtime"),
+        IPYTHONDIR=str(tmp / "ipython"),
+    )
+    return env
+
+
+def _wait_for_server(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"JupyterLab exited early:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    raise AssertionError(f"JupyterLab did not answer:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def lab(tmp_path: Path, tiny_teacher_dir: Path) -> Iterator[dict[str, Any]]:
+    """A JupyterLab server on 127.0.0.1 with a token, serving a prepared distill.ipynb."""
+    root = tmp_path / "root"
+    root.mkdir()
+    runs_dir = tmp_path / "runs"
+    _prepare_root(root, runs_dir)
+    settings, workspaces = tmp_path / "settings", tmp_path / "workspaces"
+    _lab_settings(settings)
+    workspaces.mkdir()
+    token, port = secrets.token_hex(16), _free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--allow-root",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
+        f"--LabApp.workspaces_dir={workspaces}",
+        f"--LabApp.user_settings_dir={settings}",
+    ]
+    log = tmp_path / "lab.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            cmd, cwd=root, env=_server_env(tmp_path, runs_dir), stdout=sink, stderr=sink
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            _wait_for_server(f"{base}/api/status?token={token}", proc, log)
+            yield {"base": base, "token": token, "runs_dir": runs_dir, "log": log}
+        finally:
+            _stop(proc)
+
+
+def _shot(page: Any, name: str, show: str | None = None) -> None:
+    """Screenshot after scrolling ``show`` into view (the notebook scrolls, not the page)."""
+    if show is not None:
+        page.locator(show).first.scroll_into_view_if_needed()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name))
+
+
+def test_start_watch_and_cancel_a_run_in_jupyterlab(lab: dict[str, Any], tmp_path: Path) -> None:
+    url = f"{lab['base']}/lab/tree/distill.ipynb?reset&token={lab['token']}"
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1500, "height": 1100},
+        )
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            page.set_default_timeout(STEP_MS)
+            _drive(page, url, lab)
+        except BaseException:
+            if context.pages:
+                _shot(context.pages[0], "failure.png")
+            raise
+        finally:
+            context.close()
+
+
+def _run_all_cells(page: Any) -> None:
+    """Run > Run All Cells, retried: the menu item stays disabled until the notebook is
+    the shell's current widget, and a click on it then does nothing."""
+    executing = ".jp-InputPrompt:has-text('[*]'), .jp-InputPrompt:has-text('[1]')"
+    for _attempt in range(3):
+        page.locator(".jp-Notebook .jp-Cell").first.click()
+        page.locator(".lm-MenuBar-item", has_text="Run").first.click()
+        item = page.locator(".lm-Menu-item:not(.lm-mod-disabled)", has_text="Run All Cells")
+        try:
+            item.first.click(timeout=10_000)
+            page.wait_for_selector(executing, timeout=20_000)
+            return
+        except sync_api.TimeoutError:
+            page.keyboard.press("Escape")
+    raise AssertionError("Run All Cells did not start the notebook")
+
+
+def _drive(page: Any, url: str, lab: dict[str, Any]) -> None:
+    page.goto(url)
+    page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]')
+    _run_all_cells(page)
+
+    start = page.locator(".foundry-panel button", has_text="Start")
+    start.wait_for(state="visible")
+    page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]')
+    _shot(page, "01-panel.png", ".foundry-panel")
+    assert start.is_enabled()
+
+    start.click()
+    first = page.wait_for_function(LOSS_POINTS_JS, arg=2).json_value()
+    page.wait_for_function(LOSS_POINTS_JS, arg=int(first) + 2)  # it keeps gaining points
+    status = page.locator(".foundry-run .foundry-status").first
+    assert "running" in status.inner_text()
+    _shot(page, "02-training.png", ".foundry-run .foundry-chart-loss")
+
+    page.locator(".foundry-panel button", has_text="Cancel").click()
+    page.wait_for_selector('.foundry-run .foundry-status [data-state="cancelled"]')
+    page.wait_for_selector(".foundry-run .foundry-outcome .foundry-warning")
+    _shot(page, "03-cancelled.png", ".foundry-run .foundry-chart-loss")
+    assert page.wait_for_function(LOSS_POINTS_JS, arg=2)  # the chart is kept
+
+    with RunStore(lab["runs_dir"], read_only=True) as store:
+        (record,) = store.list_runs()
+    assert record.state == "cancelled"

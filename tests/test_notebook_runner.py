@@ -1,0 +1,186 @@
+"""``foundry run``: papermill executions of notebooks/distill.ipynb as runs in the store.
+
+Real kernels, real (tiny) runs: each execution starts its own ipykernel through papermill.
+The runner is called as ``notebook_runner.main([...])``, what ``foundry run`` calls.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+import yaml
+from conftest import tiny_config_dict
+
+pytest.importorskip("papermill")
+
+from foundry_kernel import notebook_runner
+from foundry_kernel.store import RunStore
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "notebooks" / "distill.ipynb"
+PLOTLY = "application/vnd.plotly.v1+json"
+CELL_TIMEOUT = "300"
+
+
+def tiny_overrides(**extra: Any) -> dict[str, Any]:
+    """The tiny test config as dotted ``config_overrides`` (no baseline, no checkpoints)."""
+    cfg = tiny_config_dict(
+        Path("unused"), eval={"baseline": False}, checkpoint={"every_steps": None}
+    )
+    cfg.pop("runs_dir")
+    cfg["limits"].pop("max_steps")  # the notebook's max_steps parameter sets it
+    out: dict[str, Any] = {}
+    for section, values in cfg.items():
+        if isinstance(values, dict):
+            out.update({f"{section}.{key}": value for key, value in values.items()})
+        else:
+            out[section] = values
+    out.update(extra)
+    return out
+
+
+@pytest.fixture
+def params_file(tmp_path: Path, tiny_teacher_dir: Path) -> Path:
+    """-f file with the tiny config (the fixture caches the tiny teacher first)."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"config_overrides": tiny_overrides()}), encoding="utf-8")
+    return path
+
+
+def _outputs(notebook: Path) -> list[dict[str, Any]]:
+    nb = nbformat.read(notebook, as_version=4)
+    return [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
+
+
+def test_foundry_run_writes_the_executed_notebook_into_the_run_folder(
+    params_file: Path, runs_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [str(NOTEBOOK), "-f", str(params_file), "-p", "max_steps", "3"]
+    code = notebook_runner.main([*argv, "--runs-dir", str(runs_dir), "--timeout", CELL_TIMEOUT])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    with RunStore(runs_dir, read_only=True) as store:
+        (record,) = store.list_runs()
+    assert record.state == "completed" and record.batch_id is None
+    executed = runs_dir / record.run_id / "distill.ipynb"
+    assert record.summary["notebook"] == str(executed)
+    assert record.summary["student"]["val_ppl"] > 0
+    outputs = _outputs(executed)
+    charts = [o for o in outputs if PLOTLY in o.get("data", {})]
+    assert len(charts) >= 2  # loss, validation (and memory): static, kept in the file
+    loss = charts[0]["data"][PLOTLY]
+    assert any(trace.get("name") == "train loss" for trace in loss["data"])
+    text = "".join(o.get("text", "") for o in outputs)
+    assert f"run {record.run_id} completed" in text and "checks passed" in text
+    injected = nbformat.read(executed, as_version=4).cells[2]
+    assert "injected-parameters" in injected.metadata.tags and record.run_id in injected.source
+    assert record.run_id in out.out and "completed" in out.out  # the summary table
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["-p", "max_step", "3"], "did you mean 'max_steps'"),
+        (["-p", "learning_rate", "1"], "allowed: config_overrides, config_path, headless"),
+        (["-p", "loss.beta", "7"], "loss.beta"),
+        (["-p", "max_steps", "many"], "parameter max_steps: 'many' is a str"),
+        (["-p", "run_id", "x"], "set by foundry run itself"),
+        (["-p", "max_steps", "3", "-p", "limits.max_steps", "4"], "given twice"),
+        (["--grid", "loss.temprature=1,2"], "did you mean 'loss.temperature'"),
+        (["--grid", "loss.beta"], "must look like key=v1,v2"),
+        (["--jobs", "0"], "--jobs must be at least 1"),
+    ],
+)
+def test_bad_parameters_are_refused_before_any_kernel_starts(
+    argv: list[str],
+    expected: str,
+    runs_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import jupyter_client.manager
+    import papermill
+
+    def no_kernel(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("a kernel was started for refused parameters")
+
+    monkeypatch.setattr(papermill, "execute_notebook", no_kernel)
+    monkeypatch.setattr(jupyter_client.manager.KernelManager, "start_kernel", no_kernel)
+    code = notebook_runner.main([str(NOTEBOOK), *argv, "--runs-dir", str(runs_dir)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err
+    assert "Traceback" not in err
+    assert not (runs_dir / "foundry.sqlite").exists()  # no run was created either
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [("/etc/hostname", "outside"), ("README.md", "not an .ipynb"), ("nope.ipynb", "not found")],
+)
+def test_notebook_paths_are_checked(
+    path: str, expected: str, runs_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = path if path.startswith("/") else str(REPO / path)
+    assert notebook_runner.main([target, "--runs-dir", str(runs_dir)]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_parameter_sets_are_a_product_with_p_on_top(tmp_path: Path) -> None:
+    sets_file = tmp_path / "sets.yaml"
+    sets_file.write_text(yaml.safe_dump([{"max_steps": 5}, {"max_steps": 7}]), encoding="utf-8")
+    sets = notebook_runner.parameter_sets(
+        [["loss_kind", "jsd"]], [sets_file], ["loss.beta=0,0.5", "optim.lr=0.001"]
+    )
+    assert len(sets) == 4
+    assert sets[0] == {"max_steps": 5, "loss_kind": "jsd", "loss.beta": 0, "optim.lr": 0.001}
+    assert {s["loss.beta"] for s in sets} == {0, 0.5}
+    assert notebook_runner.varying_keys(sets) == ["max_steps", "loss.beta"]
+
+
+def test_a_grid_runs_in_parallel_as_one_batch_and_a_failure_does_not_stop_it(
+    params_file: Path,
+    runs_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    missing = tmp_path / "missing-corpus.txt"
+    argv = [
+        str(NOTEBOOK),
+        "-f",
+        str(params_file),
+        "-p",
+        "max_steps",
+        "2",
+        "--grid",
+        f"data.source=builtin:python-docs,{missing}",
+        "--jobs",
+        "2",
+        "--runs-dir",
+        str(runs_dir),
+        "--timeout",
+        CELL_TIMEOUT,
+    ]
+    code = notebook_runner.main(argv)
+    out = capsys.readouterr()
+    assert code == 1  # one member failed
+    with RunStore(runs_dir, read_only=True) as store:
+        records = store.list_runs()
+    assert len(records) == 2
+    assert len({r.batch_id for r in records}) == 1 and records[0].batch_id
+    by_source = {r.config["data"]["source"]: r for r in records}
+    good, bad = by_source["builtin:python-docs"], by_source[str(missing)]
+    assert good.state == "completed" and bad.state == "failed"
+    assert "missing-corpus.txt" in (bad.error or "")
+    for record in records:  # both executions are in their run folders
+        assert (runs_dir / record.run_id / "distill.ipynb").is_file()
+    # The failing cell's error, once, without papermill's traceback.
+    assert "NotebookRunError" in out.err and "missing-corpus.txt" in out.err
+    assert "Traceback" not in out.err and "-----" not in out.err
+    assert good.run_id in out.out and bad.run_id in out.out and "FAILED" not in out.out
+    summary = json.dumps(good.summary)
+    assert "distill.ipynb" in summary

@@ -1,0 +1,472 @@
+"""Live training charts that stay smooth for a 100k-step run.
+
+Every chart is a plotly figure; live ones are ``go.FigureWidget`` (plotly 7 renders them
+through anywidget). Three rules keep a long run cheap for the kernel and the browser:
+
+- **Batched**: all trace changes of one refresh go out in one ``fig.batch_update()``
+  (one comm message per figure), new traces in one ``add_traces`` call.
+- **Throttled**: :meth:`ChartSet.flush` pushes at most once per ``min_interval_s``
+  (0.25 s: 4 Hz) however often it is called; points arriving in between are kept and
+  go out with the next flush.
+- **Decimated**: setting ``trace.y`` resends the whole array, so each trace is cut to at
+  most ``max_points`` (2000) with min-max decimation, which keeps the spikes an engineer
+  looks for (a stride would drop them). The full series stays in Python.
+
+Headless kernels (papermill, nbval) get plain ``go.Figure`` objects from the same class
+and show them as static output, so an executed notebook keeps its charts.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ipywidgets as ipw
+import numpy as np
+import plotly.graph_objects as go
+
+from widgets.frontend import is_headless, show_static
+
+__all__ = [
+    "MAX_POINTS",
+    "MIN_INTERVAL_S",
+    "ChartSet",
+    "CompareChart",
+    "LiveCharts",
+    "TraceSpec",
+    "decimate",
+    "metric_trace",
+]
+
+MAX_POINTS = 2000
+"""Points per trace sent to the browser; the full series stays in the kernel."""
+MIN_INTERVAL_S = 0.25
+"""Smallest time between two pushes to the figures (4 Hz)."""
+MEMORY_X_TITLE = "time (s)"
+PY2JS_TRAITS = (
+    "_py2js_addTraces",
+    "_py2js_restyle",
+    "_py2js_relayout",
+    "_py2js_update",
+    "_py2js_animate",
+    "_py2js_deleteTraces",
+    "_py2js_moveTraces",
+)
+"""FigureWidget traits whose every non-None assignment is one comm message (plotly sets
+them to the message and back to None)."""
+
+
+@dataclass(frozen=True)
+class TraceSpec:
+    """Where a series is drawn and how."""
+
+    chart: str
+    label: str
+    rank: int = 1000
+    dash: str = "solid"
+    mode: str = "lines"
+    yaxis: str = "y"
+    color: str | None = None
+
+
+_STEP_TRACES: dict[str, TraceSpec] = {
+    "train/loss": TraceSpec("loss", "train loss", 1),
+    "train/kd": TraceSpec("loss", "KD", 2),
+    "train/ce": TraceSpec("loss", "CE", 3),
+    "val/loss": TraceSpec("loss", "val loss", 4, mode="lines+markers"),
+    "baseline/train/loss": TraceSpec("loss", "CE-only train loss", 5, dash="dash"),
+    "baseline/val/loss": TraceSpec(
+        "loss", "CE-only val loss", 6, dash="dash", mode="lines+markers"
+    ),
+    "teacher_build/train/loss": TraceSpec("loss", "teacher build loss", 7, dash="dot"),
+    "val/ppl": TraceSpec("eval", "val perplexity", 1, mode="lines+markers"),
+    "baseline/val/ppl": TraceSpec("eval", "CE-only val perplexity", 2, "dash", "lines+markers"),
+    "val/agreement": TraceSpec("eval", "agreement", 3, "dot", "lines+markers", "y2"),
+}
+_MEMORY_PATTERNS: tuple[tuple[re.Pattern[str], str, int, str], ...] = (
+    (re.compile(r"mem/rss_mb"), "process RSS", 1, "solid"),
+    (re.compile(r"mem/gpu(\d+)_used_mb"), "GPU{0} used", 10, "solid"),
+    (re.compile(r"mem/gpu(\d+)_total_mb"), "GPU{0} total", 11, "dot"),
+    (re.compile(r"mem/torch_allocated_mb"), "torch allocated", 20, "solid"),
+    (re.compile(r"mem/torch_reserved_mb"), "torch reserved", 21, "dash"),
+)
+
+_CHART_LAYOUTS: dict[str, dict[str, Any]] = {
+    "loss": {"title": "Loss", "xaxis": {"title": "step"}, "yaxis": {"title": "loss"}},
+    "eval": {
+        "title": "Validation",
+        "xaxis": {"title": "step"},
+        "yaxis": {"title": "perplexity", "type": "log"},
+        "yaxis2": {
+            "title": "agreement",
+            "overlaying": "y",
+            "side": "right",
+            "range": [0, 1],
+            "showgrid": False,
+        },
+    },
+    "memory": {
+        "title": "Memory (MB)",
+        "xaxis": {"title": MEMORY_X_TITLE},
+        "yaxis": {"title": "MB"},
+    },
+    "compare": {"title": "Loss by run", "xaxis": {"title": "step"}, "yaxis": {"title": "loss"}},
+}
+
+
+def metric_trace(name: str) -> TraceSpec | None:
+    """The trace a metric is drawn as, or None for metrics no chart shows (lr, ...)."""
+    spec = _STEP_TRACES.get(name)
+    if spec is not None:
+        return spec
+    for pattern, label, rank, dash in _MEMORY_PATTERNS:
+        match = pattern.fullmatch(name)
+        if match:
+            index = int(match.group(1)) if match.groups() else 0
+            return TraceSpec("memory", label.format(*match.groups()), rank + index, dash)
+    return None
+
+
+def decimate(
+    x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, max_points: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_points`` points of ``(x, y)``: each bucket's min and max, in order.
+
+    Why min-max rather than a stride: a loss spike or a memory peak is a single point, and
+    it is exactly the point a person looks for. NaNs never win a bucket but don't break it.
+    The last point is always kept, so the curve ends where the run is.
+    """
+    xa = np.asarray(x, dtype=float)
+    ya = np.asarray(y, dtype=float)
+    n = len(xa)
+    if n <= max_points:
+        return xa, ya
+    buckets = max((max_points - 1) // 2, 1)
+    size = -(-n // buckets)  # ceil
+    rows = -(-n // size)
+    padded = np.full(rows * size, np.nan)
+    padded[:n] = ya
+    grid = padded.reshape(rows, size)
+    finite = np.isfinite(grid)
+    lows = np.where(finite, grid, np.inf).argmin(axis=1)
+    highs = np.where(finite, grid, -np.inf).argmax(axis=1)
+    base = np.arange(rows) * size
+    pairs = np.stack([np.minimum(lows, highs), np.maximum(lows, highs)], axis=1)
+    keep = (pairs + base[:, None]).ravel()  # already in order: bucket by bucket
+    keep = keep[np.concatenate([[True], keep[1:] != keep[:-1]])]  # min == max: once
+    keep = keep[keep < n]
+    if keep[-1] != n - 1:
+        keep = np.append(keep, n - 1)
+    return xa[keep], ya[keep]
+
+
+class _Series:
+    """A growing series in numpy buffers that double when full.
+
+    Why not lists: every push converts the whole series for decimation, and turning a
+    100k-element list into an array costs ~5 ms per series per push; a buffer's view is
+    free, so a push stays ~1 ms per series however long the run.
+    """
+
+    __slots__ = ("_x", "_y", "n")
+
+    def __init__(self) -> None:
+        self._x = np.empty(256)
+        self._y = np.empty(256)
+        self.n = 0
+
+    def extend(self, xs: Iterable[float], ys: Iterable[float]) -> None:
+        xa = np.fromiter(xs, dtype=float)
+        ya = np.fromiter(ys, dtype=float)
+        if len(xa) != len(ya):
+            raise ValueError(f"x and y differ in length ({len(xa)} != {len(ya)})")
+        end = self.n + len(xa)
+        if end > len(self._x):
+            capacity = max(end, 2 * len(self._x))
+            self._x = np.concatenate([self._x[: self.n], np.empty(capacity - self.n)])
+            self._y = np.concatenate([self._y[: self.n], np.empty(capacity - self.n)])
+        self._x[self.n : end] = xa
+        self._y[self.n : end] = ya
+        self.n = end
+
+    @property
+    def x(self) -> np.ndarray:
+        return self._x[: self.n]
+
+    @property
+    def y(self) -> np.ndarray:
+        return self._y[: self.n]
+
+
+class ChartSet:
+    """Figures fed by named series, pushed in throttled, batched, decimated updates.
+
+    Thread-safe: series may be fed and flushed from a background updater while the main
+    thread reads them; one lock guards the data and each push.
+    """
+
+    def __init__(
+        self,
+        charts: Sequence[str],
+        route: Callable[[str], TraceSpec | None],
+        *,
+        live: bool | None = None,
+        max_points: int = MAX_POINTS,
+        min_interval_s: float = MIN_INTERVAL_S,
+        height: int = 300,
+        width: int = 440,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.live = (not is_headless()) if live is None else bool(live)
+        self.max_points = int(max_points)
+        self.min_interval_s = float(min_interval_s)
+        self._route = route
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._series: dict[str, _Series] = {}
+        self._dirty: set[str] = set()
+        self._traces: dict[str, int] = {}  # series name -> index in its figure
+        self._last_push: float | None = None
+        self.pushes = 0
+        self.messages = 0
+        self.figures: dict[str, go.Figure] = {c: self._new_figure(c, height, width) for c in charts}
+
+    # -- building -------------------------------------------------------------------
+
+    def _new_figure(self, chart: str, height: int, width: int) -> go.Figure:
+        # An explicit width: a FigureWidget does not size itself to its box (it renders at
+        # plotly's 700 px default and would be clipped or leave the box half empty).
+        layout = {
+            **_CHART_LAYOUTS.get(chart, {"title": chart}),
+            "height": height,
+            "width": width,
+            "margin": {"l": 55, "r": 55, "t": 40, "b": 40},
+            "legend": {"orientation": "h", "y": -0.25},
+            "uirevision": chart,  # keep the user's zoom across data updates
+        }
+        fig = go.FigureWidget(layout=layout) if self.live else go.Figure(layout=layout)
+        if self.live:
+            fig.observe(self._count_message, names=list(PY2JS_TRAITS))
+        return fig
+
+    def _count_message(self, change: Mapping[str, Any]) -> None:
+        if change.get("new") is not None:
+            self.messages += 1
+
+    @property
+    def widget(self) -> ipw.Widget:
+        """The live figures side by side (each in a box classed ``foundry-chart-NAME``)."""
+        if not self.live:
+            raise RuntimeError("static charts have no widget; use show() or static_figures()")
+        boxes = []
+        for name, fig in self.figures.items():
+            box = ipw.Box([fig], layout=ipw.Layout(flex="0 0 auto"))
+            box.add_class(f"foundry-chart-{name}")
+            boxes.append(box)
+        return ipw.Box(boxes, layout=ipw.Layout(display="flex", flex_flow="row wrap"))
+
+    # -- feeding --------------------------------------------------------------------
+
+    def add(self, name: str, x: float, y: float) -> bool:
+        """Append one point; False if no chart draws ``name``."""
+        return self.extend(name, (x,), (y,))
+
+    def extend(self, name: str, xs: Iterable[float], ys: Iterable[float]) -> bool:
+        """Append points to a series (pushed at the next flush)."""
+        if self._route(name) is None:
+            return False
+        with self._lock:
+            self._series.setdefault(name, _Series()).extend(xs, ys)
+            self._dirty.add(name)
+        return True
+
+    def points(self, name: str) -> int:
+        """How many points a series holds in the kernel (not decimated)."""
+        with self._lock:
+            series = self._series.get(name)
+            return 0 if series is None else series.n
+
+    def trace_lengths(self) -> dict[str, int]:
+        """Points each drawn trace holds (what the browser received), by series name."""
+        with self._lock:
+            out = {}
+            for name, index in self._traces.items():
+                fig = self.figures[self._spec(name).chart]
+                y = fig.data[index].y
+                out[name] = 0 if y is None else len(y)
+            return out
+
+    # -- pushing --------------------------------------------------------------------
+
+    def flush(self, *, force: bool = False) -> bool:
+        """Push pending points to the figures unless the last push was too recent."""
+        with self._lock:
+            if not self._dirty:
+                return False
+            now = self._clock()
+            due = self._last_push is None or now - self._last_push >= self.min_interval_s
+            if not (force or due):
+                return False
+            self._last_push = now
+            dirty, self._dirty = self._dirty, set()
+            by_chart: dict[str, list[str]] = {}
+            for name in dirty:
+                by_chart.setdefault(self._spec(name).chart, []).append(name)
+            for chart, names in by_chart.items():
+                self._push(self.figures[chart], names)
+            self.pushes += 1
+            return True
+
+    def _spec(self, name: str) -> TraceSpec:
+        spec = self._route(name)
+        assert spec is not None  # only routed names are ever stored
+        return spec
+
+    def _push(self, fig: go.Figure, names: list[str]) -> None:
+        """One addTraces message for new series, one update message for the others."""
+        new = sorted((n for n in names if n not in self._traces), key=lambda n: self._spec(n).rank)
+        if new:
+            first = len(fig.data)
+            fig.add_traces([self._trace(n) for n in new])
+            for offset, name in enumerate(new):
+                self._traces[name] = first + offset
+        old = [n for n in names if n not in new]
+        if not old:
+            return
+        with fig.batch_update():
+            for name in old:
+                x, y = self._decimated(name)
+                trace = fig.data[self._traces[name]]
+                trace.x, trace.y = x, y
+
+    def _decimated(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        series = self._series[name]
+        return decimate(series.x, series.y, self.max_points)
+
+    def _trace(self, name: str) -> go.Scatter:
+        spec = self._spec(name)
+        x, y = self._decimated(name)
+        line: dict[str, Any] = {"dash": spec.dash}
+        if spec.color is not None:
+            line["color"] = spec.color
+        return go.Scatter(
+            x=x,
+            y=y,
+            name=spec.label,
+            mode=spec.mode,
+            line=line,
+            yaxis=spec.yaxis,
+            legendrank=spec.rank,
+            marker={"size": 5},
+        )
+
+    # -- output ---------------------------------------------------------------------
+
+    def static_figures(self) -> list[go.Figure]:
+        """Plain figures with every pending point, skipping charts with no data."""
+        self.flush(force=True)
+        with self._lock:
+            return [go.Figure(fig) for fig in self.figures.values() if fig.data]
+
+    def show(self) -> None:
+        """Display: the live widget, or static figures in a headless kernel."""
+        if self.live:
+            from IPython.display import display
+
+            display(self.widget)
+            return
+        for fig in self.static_figures():
+            show_static(fig)
+
+
+class LiveCharts(ChartSet):
+    """A run's charts: loss (KD, CE, validation; CE-only baseline dashed), validation
+    perplexity and agreement, and memory (RSS always; GPU and torch memory when present).
+
+    Feed it with :meth:`ingest_event` (step events) and :meth:`add_memory`.
+    """
+
+    def __init__(self, *, live: bool | None = None, **kwargs: Any) -> None:
+        super().__init__(("loss", "eval", "memory"), metric_trace, live=live, **kwargs)
+
+    def ingest_event(self, event: Any) -> int:
+        """Take a run's ``step`` event (other kinds are ignored); returns points added."""
+        if getattr(event, "kind", None) != "step":
+            return 0
+        payload = event.payload
+        step = payload.get("step")
+        metrics = payload.get("metrics")
+        if not isinstance(step, int) or not isinstance(metrics, Mapping):
+            return 0
+        return sum(
+            self.add(name, step, value)
+            for name, value in metrics.items()
+            if isinstance(value, int | float)
+        )
+
+    def add_memory(self, name: str, samples: Iterable[tuple[float, float]]) -> bool:
+        """Memory samples as ``(seconds, MB)`` pairs."""
+        pairs = list(samples)
+        return self.extend(name, (t for t, _ in pairs), (v for _, v in pairs))
+
+
+_PALETTE = (
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#9467bd",
+    "#ff7f0e",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#7f7f7f",
+    "#bcbd22",
+)
+
+
+class CompareChart(ChartSet):
+    """Loss curves of several runs overlaid: train loss solid, validation loss dotted,
+    one colour per run."""
+
+    def __init__(self, *, live: bool | None = None, **kwargs: Any) -> None:
+        self._labels: dict[str, int] = {}
+        kwargs.setdefault("width", 900)
+        super().__init__(("compare",), self._route_run, live=live, **kwargs)
+
+    def _route_run(self, name: str) -> TraceSpec | None:
+        label, _, part = name.rpartition("|")
+        if label not in self._labels or part not in ("train", "val"):
+            return None
+        color = _PALETTE[self._labels[label] % len(_PALETTE)]
+        if part == "train":
+            return TraceSpec("compare", f"{label} train", self._labels[label] * 2, color=color)
+        return TraceSpec(
+            "compare",
+            f"{label} val",
+            self._labels[label] * 2 + 1,
+            "dot",
+            "lines+markers",
+            color=color,
+        )
+
+    def add_run(self, label: str) -> None:
+        """Register a run (its colour is fixed by the order of registration)."""
+        with self._lock:
+            self._labels.setdefault(label, len(self._labels))
+
+    def ingest_event(self, label: str, event: Any) -> None:
+        """Take a run's distillation-phase loss points from its ``step`` event."""
+        if getattr(event, "kind", None) != "step" or event.payload.get("prefix"):
+            return
+        step = event.payload.get("step")
+        metrics = event.payload.get("metrics") or {}
+        if not isinstance(step, int):
+            return
+        for metric, part in (("train/loss", "train"), ("val/loss", "val")):
+            value = metrics.get(metric)
+            if isinstance(value, int | float):
+                self.add(f"{label}|{part}", step, value)

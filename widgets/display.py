@@ -1,0 +1,209 @@
+"""Readable results: summary tables, error boxes, and a run's charts as static output.
+
+Used by the panel (inside widgets) and by headless notebooks (as display output), so
+that a finished run reads the same in JupyterLab, in an executed papermill notebook and
+in the run folder.
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from foundry_kernel.config import RunConfig
+from foundry_kernel.control import RunHandle, RunState
+from foundry_kernel.store import RunStore
+from widgets.charts import LiveCharts, metric_trace
+from widgets.frontend import in_ipython
+
+__all__ = [
+    "NotebookRunError",
+    "charts_from_store",
+    "error_html",
+    "run_headless",
+    "show_run",
+    "summary_html",
+]
+
+PROGRESS_EVERY_S = 10.0
+"""Progress lines a headless run prints into the executed notebook (not per step)."""
+
+_TABLE = 'style="border-collapse:collapse;margin:4px 0"'
+_CELL = "padding:2px 10px;border-bottom:1px solid #ddd"
+_BOX_STYLES = {
+    "error": "border:1px solid #c62828;background:#fdecea;color:#611a15",
+    "warning": "border:1px solid #ef6c00;background:#fff4e5;color:#663c00",
+    "info": "border:1px solid #1565c0;background:#e8f1fb;color:#0d3c61",
+}
+
+
+class NotebookRunError(RuntimeError):
+    """A run started by a headless notebook did not complete.
+
+    Raised in the notebook's cell so that papermill stops with this message (its
+    ``ename``/``evalue``) and ``foundry run`` exits non-zero.
+    """
+
+
+def error_html(title: str, message: str, *, level: str = "error", detail: str = "") -> str:
+    """A boxed, escaped message; ``detail`` (a traceback) goes in a collapsed section."""
+    style = _BOX_STYLES.get(level, _BOX_STYLES["error"])
+    body = html.escape(message).replace("\n", "<br>")
+    extra = ""
+    if detail:
+        extra = f"<details><summary>details</summary><pre>{html.escape(detail)}</pre></details>"
+    return (
+        f'<div class="foundry-{level}" style="{style};padding:6px 10px;border-radius:4px;'
+        f'margin:4px 0"><b>{html.escape(title)}</b><br>{body}{extra}</div>'
+    )
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return format(value, spec)
+    return "–"
+
+
+def summary_html(result: Mapping[str, Any]) -> str:
+    """Teacher vs distilled student vs CE-only student, then samples side by side."""
+    rows = []
+    for name, label in (("teacher", "teacher"), ("student", "student"), ("baseline", "CE-only")):
+        part = result.get(name)
+        if not isinstance(part, Mapping):
+            continue
+        cells = [
+            _fmt(part.get("params"), ","),
+            _fmt(part.get("val_ppl"), ".2f"),
+            _fmt(part.get("val_loss"), ".4f"),
+            _fmt(part.get("agreement"), ".1%"),
+            _fmt(part.get("val_kl"), ".4f"),
+            _fmt(part.get("tokens_per_s"), ",.0f"),
+        ]
+        tds = "".join(f'<td style="{_CELL};text-align:right">{c}</td>' for c in cells)
+        rows.append(f'<tr><th style="{_CELL};text-align:left">{label}</th>{tds}</tr>')
+    head = "".join(
+        f'<th style="{_CELL}">{h}</th>'
+        for h in ("", "params", "val ppl", "val loss", "agreement", "val KL", "gen tok/s")
+    )
+    parts = [f'<table class="foundry-summary" {_TABLE}><tr>{head}</tr>{"".join(rows)}</table>']
+    gap = result.get("gap_closed")
+    if isinstance(gap, int | float):
+        parts.append(f"<p>Distillation closed <b>{gap:.0%}</b> of the CE-only student's gap.</p>")
+    parts.append(_samples_html(result.get("samples")))
+    if result.get("export_dir"):
+        parts.append(
+            f"<p>Student saved to <code>{html.escape(str(result['export_dir']))}</code></p>"
+        )
+    return "".join(parts)
+
+
+def _samples_html(samples: Any) -> str:
+    if not isinstance(samples, list) or not samples:
+        return ""
+    keys = [k for k in ("teacher", "student", "baseline") if any(k in s for s in samples)]
+    head = "".join(f'<th style="{_CELL};text-align:left">{k}</th>' for k in ("prompt", *keys))
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td style="{_CELL};font-family:monospace">{html.escape(str(s.get(k, "")))}</td>'
+            for k in ("prompt", *keys)
+        )
+        + "</tr>"
+        for s in samples
+        if isinstance(s, Mapping)
+    )
+    return f'<table class="foundry-samples" {_TABLE}><tr>{head}</tr>{body}</table>'
+
+
+def outcome_html(handle: RunHandle) -> str:
+    """What a finished run amounts to: its summary, or why it stopped."""
+    state = handle.state
+    if state is RunState.COMPLETED:
+        return summary_html(handle.result or {})
+    message = handle.error.message if handle.error is not None else str(state)
+    level = "warning" if state is RunState.CANCELLED else "error"
+    return error_html(f"Run {handle.id} {state}", message, level=level)
+
+
+def charts_from_store(store: RunStore, run_id: str, *, live: bool = False) -> LiveCharts:
+    """A run's complete charts from the store (the handle keeps only recent history)."""
+    charts = LiveCharts(live=live)
+    names = [name for name in store.metric_names(run_id) if metric_trace(name) is not None]
+    rows = store.metrics(run_id, names) if names else []  # ordered by name, then step
+    t0 = min((row.time for row in rows if row.name.startswith("mem/")), default=0.0)
+    for name, group in itertools.groupby(rows, key=lambda row: row.name):
+        points = list(group)
+        if name.startswith("mem/"):  # memory samples are numbered, not stepped: use time
+            charts.extend(name, (r.time - t0 for r in points), (r.value for r in points))
+        else:
+            charts.extend(name, (r.step for r in points), (r.value for r in points))
+    return charts
+
+
+def show_run(run: RunHandle | str, *, runs_dir: str | Path | None = None) -> LiveCharts:
+    """Display a run's charts (static in headless kernels) and its outcome."""
+    run_id = run.id if isinstance(run, RunHandle) else run
+    root = run.runs_dir if isinstance(run, RunHandle) else runs_dir
+    if root is None:
+        raise ValueError("show_run(run_id) needs runs_dir")
+    with RunStore(root, read_only=True) as store:
+        charts = charts_from_store(store, run_id)
+        record = store.get_run(run_id)
+    if in_ipython():
+        from IPython.display import HTML, display
+
+        charts.show()
+        if isinstance(run, RunHandle):
+            display(HTML(outcome_html(run)))
+        elif record.state == "completed":
+            display(HTML(summary_html(record.summary)))
+        else:
+            display(HTML(error_html(f"Run {run_id} {record.state}", record.error or "")))
+    return charts
+
+
+def run_headless(
+    config: RunConfig, *, run_id: str | None = None, timeout_s: float | None = None
+) -> RunHandle:
+    """Start a run, wait for it, show its charts and outcome; raise if it did not complete.
+
+    Waiting matters: nbclient (papermill, nbval) ends the kernel after the last cell and
+    does not wait for background threads, so a cell that only started the run would
+    leave an executed notebook with nothing in it. ``run_id`` names a run that
+    ``foundry run`` prepared in the store (the executed notebook sits in its folder);
+    it is started from scratch with this config.
+    """
+    import foundry_kernel
+
+    handle = foundry_kernel.start(config, resume=run_id) if run_id else foundry_kernel.start(config)
+    print(f"run {handle.id} started", flush=True)
+    _wait_with_progress(handle, timeout_s)
+    show_run(handle)
+    if handle.state is not RunState.COMPLETED:
+        message = handle.error.message if handle.error is not None else "no reason recorded"
+        raise NotebookRunError(f"run {handle.id} {handle.state}: {message}")
+    return handle
+
+
+def _wait_with_progress(handle: RunHandle, timeout_s: float | None) -> None:
+    """Wait for the run, printing a line per phase and one every PROGRESS_EVERY_S."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    phase, last_line = "", 0.0
+    while not handle.done:
+        if deadline is not None and time.monotonic() > deadline:
+            handle.cancel(f"the notebook's wait_timeout_s ({timeout_s:g} s) ran out")
+            handle.wait()
+            break
+        handle.wait(1.0)
+        now = time.monotonic()
+        if handle.phase != phase or now - last_line >= PROGRESS_EVERY_S:
+            phase, last_line = handle.phase, now
+            loss = handle.metrics.get("train/loss")
+            step = "" if handle.step is None else f": step {handle.step}/{handle.max_steps}"
+            loss_text = "" if loss is None else f", train loss {loss:.4f}"
+            print(f"  {phase}{step}{loss_text}", flush=True)
+    print(f"run {handle.id} {handle.state} in {handle.duration_s or 0:.1f} s", flush=True)

@@ -1,0 +1,520 @@
+"""The control panel: configure, start, watch, cancel and compare distillation runs.
+
+How live updates reach the browser
+----------------------------------
+A run trains in a worker thread of the kernel (``foundry_kernel.start``) and the cell
+that started it returns at once. A cell that is still executing would block widget
+callbacks, and asyncio tasks created from a cell may not be resumed after it ends
+(ipykernel #1510), so the panel uses a **background updater thread**: every
+``update_interval_s`` (0.25 s, 4 Hz) it reads each live run's new events
+(``handle.events_since``, its own cursor, so a user's ``handle.poll()`` still sees
+everything) and memory samples, and pushes widget values and batched figure updates.
+Setting widget traits from a thread is safe on ipykernel >= 7.1 (comm messages go
+through the kernel's IOPub thread); ``with Output():`` is never used from it. The
+thread exists only while a run of this panel is live: it makes a last refresh when the
+run ends and exits, so an idle kernel has no panel thread. Proven in a real JupyterLab
+by tests/test_browser_lab.py (the chart gains points and Cancel lands after every cell
+has finished) and in-process by tests/test_widgets.py.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as ipw
+import yaml
+
+import foundry_kernel
+from foundry_kernel.atomic import atomic_write_text
+from foundry_kernel.config import RunConfig
+from foundry_kernel.context import Event
+from foundry_kernel.control import SAMPLE_INTERVAL_S, RunHandle, RunState
+from foundry_kernel.errors import ConfigError, FoundryError
+from foundry_kernel.logs import Throttle
+from foundry_kernel.paths import allowed_roots, resolve_within
+from widgets.charts import CompareChart, LiveCharts, metric_trace
+from widgets.display import error_html, outcome_html
+from widgets.form import PANEL_FIELDS, ConfigForm
+
+__all__ = ["LOG_LINES", "DistillPanel", "RunView"]
+
+log = logging.getLogger("foundry.widgets")
+
+LOG_LINES = 200
+"""Lines the log view keeps (older ones scroll away: no flooding)."""
+STEP_LOG_EVERY_S = 2.0
+"""At most one training-step line per run this often; phases, alerts, evals always."""
+UPDATE_INTERVAL_S = 0.25
+
+_STATE_COLORS = {
+    "pending": "#757575",
+    "running": "#1565c0",
+    "cancelling": "#ef6c00",
+    "cancelled": "#ef6c00",
+    "completed": "#2e7d32",
+    "failed": "#c62828",
+    "timed_out": "#c62828",
+}
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(int(seconds), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
+
+
+class _Eta:
+    """Remaining time from the observed step rate of the current phase.
+
+    Rates are measured per phase because the teacher build, distillation and the CE-only
+    baseline run at different speeds; a distillation ETA adds the baseline phase when the
+    config has one (assumed as fast: an upper bound, since it skips the teacher).
+    """
+
+    def __init__(self, baseline: bool) -> None:
+        self.baseline = baseline
+        self._phase = ""
+        self._start: tuple[float, int] | None = None
+
+    def estimate(self, phase: str, step: int | None, max_steps: int | None) -> float | None:
+        now = time.monotonic()
+        if step is None or max_steps is None:
+            return None
+        if phase != self._phase or self._start is None or step < self._start[1]:
+            self._phase, self._start = phase, (now, step)
+            return None
+        t0, s0 = self._start
+        if step <= s0 or now <= t0:
+            return None
+        per_step = (now - t0) / (step - s0)
+        remaining = max(max_steps - step, 0)
+        if phase == "distill" and self.baseline:
+            remaining += max_steps
+        return remaining * per_step
+
+
+class RunView:
+    """One run in the panel: status line, outcome box, charts and a bounded log.
+
+    It keeps everything after the run ends, so finished and failed runs keep their charts.
+    :meth:`refresh` is called by the panel's updater thread only.
+    """
+
+    def __init__(self, handle: RunHandle, *, label: str, compare: CompareChart | None) -> None:
+        self.handle = handle
+        self.label = label
+        self.compare = compare
+        self.charts = LiveCharts(live=True)
+        self.status = ipw.HTML()
+        self.status.add_class("foundry-status")
+        self.outcome = ipw.HTML()
+        self.outcome.add_class("foundry-outcome")
+        self.log_view = ipw.HTML()
+        self.log_view.add_class("foundry-log")
+        self.widget = ipw.VBox([self.status, self.outcome, self.charts.widget, self.log_view])
+        self.widget.add_class("foundry-run")
+        self.live = True
+        self._seq = 0
+        self._memory_seen: dict[str, int] = {}
+        self._lines: deque[str] = deque(maxlen=LOG_LINES)
+        self._lines_changed = False
+        self._step_throttle = Throttle(STEP_LOG_EVERY_S)
+        self._eta = _Eta(baseline=handle.config.eval.baseline)
+        if compare is not None:
+            compare.add_run(label)
+        self._render_status()
+
+    # -- refresh (updater thread) ------------------------------------------------------
+
+    def refresh(self) -> bool:
+        """Pull new events and samples into the widgets; False once the run has ended.
+
+        ``done`` is read *before* the events, so the final refresh sees every event the
+        run emitted up to its end.
+        """
+        done = self.handle.done
+        for seq, event in self.handle.events_since(self._seq):
+            if seq > self._seq + 1 and self._seq:
+                self._log(f"({seq - self._seq - 1} events dropped by the run's buffer)")
+            self._seq = seq
+            self._ingest(event)
+        self._ingest_memory()
+        self.charts.flush(force=done)
+        if self.compare is not None:
+            self.compare.flush(force=done)
+        self._render_status()
+        self._render_log()
+        if done:
+            self.outcome.value = outcome_html(self.handle)
+            self.live = False
+        return not done
+
+    def _ingest(self, event: Event) -> None:
+        self.charts.ingest_event(event)
+        if self.compare is not None:
+            self.compare.ingest_event(self.label, event)
+        payload = event.payload
+        if event.kind == "phase":
+            self._log(f"phase: {payload.get('phase')}")
+        elif event.kind == "alert":
+            self._log(f"alert: {payload.get('message')}")
+        elif event.kind == "state":
+            error = f" - {payload['error']}" if payload.get("error") else ""
+            self._log(f"state: {payload.get('state')}{error}")
+        elif event.kind == "step":
+            self._log_step(payload)
+
+    def _log_step(self, payload: Mapping[str, Any]) -> None:
+        metrics = payload.get("metrics") or {}
+        prefix = payload.get("prefix") or ""
+        evals = {k: v for k, v in metrics.items() if "val/" in k}
+        if not evals and self._step_throttle.check() is None:
+            return
+        shown = evals or {k: v for k, v in metrics.items() if k.endswith("train/loss")}
+        values = ", ".join(f"{k} {v:.4g}" for k, v in shown.items() if isinstance(v, float))
+        self._log(f"{prefix}step {payload.get('step')}/{payload.get('max_steps')}: {values}")
+
+    def _ingest_memory(self) -> None:
+        names = [n for n in self.handle.metrics if n.startswith("mem/") and metric_trace(n)]
+        for name in names:
+            seen = self._memory_seen.get(name, -1)
+            new = [(i, v) for i, v in self.handle.history(name) if i > seen]
+            if new:
+                self._memory_seen[name] = new[-1][0]
+                self.charts.add_memory(name, ((i * SAMPLE_INTERVAL_S, v) for i, v in new))
+
+    def _log(self, text: str) -> None:
+        self._lines.append(f"{time.strftime('%H:%M:%S')} {text}")
+        self._lines_changed = True
+
+    def _render_log(self) -> None:
+        if not self._lines_changed:
+            return
+        self._lines_changed = False
+        body = html.escape("\n".join(self._lines))
+        self.log_view.value = (
+            f'<pre style="max-height:10em;overflow-y:auto;font-size:11px;margin:0">{body}</pre>'
+        )
+
+    def status_text(self) -> str:
+        """State, phase, step/max, tokens/s and ETA in one line."""
+        h = self.handle
+        state = str(h.state)
+        parts = [f"{self.label}", state]
+        if not h.state.terminal:
+            parts.append(f"phase {h.phase}")
+        if h.step is not None:
+            parts.append(f"step {h.step}/{h.max_steps}")
+        metrics = h.metrics
+        speed = metrics.get("baseline/tokens_per_s" if h.phase == "baseline" else "tokens_per_s")
+        if speed is not None:
+            parts.append(f"{speed:,.0f} tok/s")
+        if not h.state.terminal:
+            eta = self._eta.estimate(h.phase, h.step, h.max_steps)
+            parts.append(f"ETA {_duration(eta)}" if eta is not None else "ETA –")
+        elif h.duration_s is not None:
+            parts.append(f"took {_duration(h.duration_s)}")
+        return " · ".join(parts)
+
+    def _render_status(self) -> None:
+        state = str(self.handle.state)
+        color = _STATE_COLORS.get(state, "#000")
+        value = (
+            f'<span data-state="{state}" style="color:{color};font-weight:600">'
+            f"{html.escape(self.status_text())}</span>"
+        )
+        if value != self.status.value:
+            self.status.value = value
+
+
+class DistillPanel:
+    """Configure and run distillations from a notebook.
+
+    ``config`` (a RunConfig, a dict - even an invalid one, whose errors are shown - or
+    None for the defaults) seeds the form; fields outside the form are kept as given.
+    Display it by ending a cell with it, or ``display(panel.widget)``.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig | Mapping[str, Any] | None = None,
+        *,
+        runs_dir: str | Path | None = None,
+        fields: tuple[str, ...] = PANEL_FIELDS,
+        update_interval_s: float = UPDATE_INTERVAL_S,
+        start_fn: Callable[[RunConfig], RunHandle] = foundry_kernel.start,
+        save_path: str = "foundry-config.yaml",
+    ) -> None:
+        base = _base_dict(config)
+        if runs_dir is not None:
+            base["runs_dir"] = str(runs_dir)
+        self.update_interval_s = update_interval_s
+        self._start_fn = start_fn
+        self._lock = threading.Lock()
+        self._views: list[RunView] = []
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.updater_cpu_s = 0.0
+        """CPU seconds the updater thread has used (what the live UI costs the kernel)."""
+        self.form = ConfigForm(base, fields)
+        self.compare = CompareChart(live=True)
+        self._build(save_path)
+        self.form.on_validated(lambda _form: self._sync_buttons())
+        self._sync_buttons()
+
+    # -- layout -----------------------------------------------------------------------
+
+    def _build(self, save_path: str) -> None:
+        self.start_button = ipw.Button(description="Start", button_style="success", icon="play")
+        self.cancel_button = ipw.Button(description="Cancel", button_style="danger", icon="stop")
+        self.save_button = ipw.Button(description="Save config", icon="save")
+        self.save_path = ipw.Text(value=save_path, description="to", layout={"width": "280px"})
+        self.save_path.style.description_width = "24px"
+        self.start_button.on_click(self._on_start)
+        self.cancel_button.on_click(self._on_cancel)
+        self.save_button.on_click(self._on_save)
+        self.message = ipw.HTML()
+        self.message.add_class("foundry-message")
+        sections = [
+            ipw.VBox(
+                [ipw.HTML(f"<b>{name}</b>")] + [c.row for c in controls],
+                layout=ipw.Layout(margin="0 16px 8px 0"),
+            )
+            for name, controls in self.form.sections().items()
+        ]
+        form = ipw.Box(sections, layout=ipw.Layout(display="flex", flex_flow="row wrap"))
+        buttons = ipw.HBox(
+            [self.start_button, self.cancel_button, self.save_button, self.save_path]
+        )
+        self.tabs = ipw.Tab(children=[self.compare.widget], titles=["compare"])
+        self.widget = ipw.VBox([form, self.form.message, buttons, self.message, self.tabs])
+        self.widget.add_class("foundry-panel")
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        """Display as the panel's widget when a cell ends with the panel."""
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    # -- public API -------------------------------------------------------------------
+
+    @property
+    def runs(self) -> list[RunHandle]:
+        """Handles of this panel's runs, oldest first (finished ones included)."""
+        with self._lock:
+            return [view.handle for view in self._views]
+
+    @property
+    def views(self) -> list[RunView]:
+        with self._lock:
+            return list(self._views)
+
+    @property
+    def current(self) -> RunHandle | None:
+        """The newest run, live or not."""
+        with self._lock:
+            return self._views[-1].handle if self._views else None
+
+    @property
+    def running(self) -> bool:
+        current = self.current
+        return current is not None and not current.done
+
+    @property
+    def config(self) -> RunConfig | None:
+        """The validated config in the form (None while a field is invalid)."""
+        return self.form.config
+
+    def start(self) -> RunHandle:
+        """Start a run with the form's config (what the Start button does)."""
+        config = self.form.validate()
+        if config is None:
+            raise ConfigError(str(self.form.error), field=getattr(self.form.error, "field", None))
+        if self.running:
+            raise RuntimeError("a run of this panel is still live; cancel it first")
+        handle = self._start_fn(config)
+        self.attach(handle)
+        return handle
+
+    def cancel(self) -> bool:
+        """Ask the live run to stop at its next step (what the Cancel button does)."""
+        current = self.current
+        if current is None:
+            return False
+        asked = current.cancel("cancelled from the panel")
+        self._sync_buttons()
+        return asked
+
+    def attach(self, handle: RunHandle) -> RunView:
+        """Show a run in the panel (one started elsewhere works too) and follow it."""
+        view = RunView(handle, label=_label(handle, len(self._views) + 1), compare=self.compare)
+        with self._lock:
+            self._views.append(view)
+            children = [v.widget for v in self._views]
+            titles = [v.label for v in self._views]
+        self.tabs.children = [*children, self.compare.widget]
+        self.tabs.titles = [*titles, "compare"]
+        self.tabs.selected_index = len(children) - 1
+        self._ensure_updater()
+        self._sync_buttons()
+        return view
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until no run is live and the updater has drawn their ends; True if so."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for view in self.views:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            view.handle.wait(left)
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(None if deadline is None else max(deadline - time.monotonic(), 0))
+        return not self.updater_alive and not any(v.live for v in self.views)
+
+    @property
+    def updater_alive(self) -> bool:
+        with self._lock:
+            return self._thread is not None and self._thread.is_alive()
+
+    def close(self) -> None:
+        """Stop following runs (they keep running) and close the widgets."""
+        self._stop.set()
+        with self._lock:
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5.0)
+        _close_tree(self.widget)
+
+    # -- buttons ----------------------------------------------------------------------
+
+    def _on_start(self, _button: ipw.Button) -> None:
+        self.message.value = ""
+        try:
+            self.start()
+        except (FoundryError, OSError, RuntimeError) as exc:
+            self.message.value = error_html("Could not start the run", str(exc))
+
+    def _on_cancel(self, _button: ipw.Button) -> None:
+        self.cancel()
+
+    def _on_save(self, _button: ipw.Button) -> None:
+        try:
+            path = self.save_config(self.save_path.value)
+        except (FoundryError, OSError) as exc:
+            self.message.value = error_html("Could not save the config", str(exc))
+            return
+        self.message.value = error_html("Saved", f"config written to {path}", level="info")
+
+    def save_config(self, path: str | Path) -> Path:
+        """Write the form's config as YAML (or JSON) under an allowed folder."""
+        config = self.form.validate()
+        if config is None:
+            raise ConfigError(f"not saved: {self.form.error}", field="config")
+        target = resolve_within(path, allowed_roots(), field="save path")
+        if target.suffix not in (".yaml", ".yml", ".json"):
+            raise ConfigError(
+                f"save path: {target.name!r} must end in .yaml, .yml or .json", field="save path"
+            )
+        data = config.to_dict()
+        text = (
+            _json_text(data) if target.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(target, text)
+        return target
+
+    def _sync_buttons(self) -> None:
+        running = self.running
+        self.start_button.disabled = running or not self.form.valid
+        current = self.current
+        self.cancel_button.disabled = (
+            current is None or current.state.terminal or current.state is RunState.CANCELLING
+        )
+        self.save_button.disabled = not self.form.valid
+
+    # -- the updater thread -----------------------------------------------------------
+
+    def _ensure_updater(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return  # it re-reads the view list every round, so it picks up new runs
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._update_loop, name="foundry-panel-updater", daemon=True
+            )
+            self._thread.start()
+
+    def _update_loop(self) -> None:
+        """Refresh live runs at ``update_interval_s`` until none is left, then exit.
+
+        The thread's decision to exit and ``_thread = None`` happen under the lock that
+        :meth:`attach` takes, so a run attached at that moment starts a new updater
+        instead of being missed.
+        """
+        while True:
+            cpu0 = time.thread_time()
+            try:
+                self._refresh_once()
+            except Exception as exc:  # noqa: BLE001 - the thread's boundary; see below
+                # An exception here would end the thread and land in threading.excepthook
+                # (the kernel's log, invisible in the notebook) with the UI frozen: show it.
+                self._show_crash(exc)
+                with self._lock:
+                    self._thread = None
+                return
+            finally:
+                self.updater_cpu_s += time.thread_time() - cpu0
+            with self._lock:
+                if self._stop.is_set() or not any(v.live for v in self._views):
+                    self._thread = None
+                    break
+            self._stop.wait(self.update_interval_s)
+        self._sync_buttons()
+
+    def _refresh_once(self) -> None:
+        for view in self.views:
+            if view.live:
+                view.refresh()
+        self._sync_buttons()
+
+    def _show_crash(self, exc: BaseException) -> None:
+        detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        log.error("panel updater stopped: %s", detail)
+        self.message.value = error_html(
+            "Live updates stopped (the run itself goes on)",
+            f"{type(exc).__name__}: {exc}",
+            detail=detail,
+        )
+
+
+def _base_dict(config: RunConfig | Mapping[str, Any] | None) -> dict[str, Any]:
+    if config is None:
+        return RunConfig().to_dict()
+    if isinstance(config, RunConfig):
+        return config.to_dict()
+    return dict(config)
+
+
+def _label(handle: RunHandle, number: int) -> str:
+    name = handle.config.name or handle.config.loss.kind
+    return f"#{number} {name}"
+
+
+def _json_text(data: Mapping[str, Any]) -> str:
+    return json.dumps(data, indent=2) + "\n"
+
+
+def _close_tree(widget: ipw.Widget) -> None:
+    """Close a widget and its descendants (``Widget.close_all`` would close every
+    widget in the kernel, other panels' included)."""
+    for child in getattr(widget, "children", ()):
+        _close_tree(child)
+    widget.close()
