@@ -68,6 +68,7 @@ RUNS_DIR = "runs_dir"
 RUN_ID = "run_id"
 HEADLESS = "headless"
 SET_BY_RUNNER = (RUN_ID,)
+DESCRIPTION = "Execute a notebook headless with papermill, as runs in the store."
 DEFAULT_TIMEOUT_S = 24 * 3600.0
 """papermill's per-cell execution timeout: a backstop; ``limits.timeout_s`` is the real
 limit of a run."""
@@ -479,6 +480,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         action="append",
         default=[],
+        metavar="PARAMS.yaml",
         help="YAML: a mapping of parameters, or a list of mappings (one run each)",
     )
     parser.add_argument(
@@ -505,7 +507,7 @@ def add_commands(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "run",
         help="execute a notebook headless with papermill, as a run in the store",
-        description=__doc__.splitlines()[0],
+        description=DESCRIPTION,
     )
     _add_arguments(parser)
     parser.set_defaults(handler=run_command)
@@ -513,7 +515,7 @@ def add_commands(subparsers: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """A standalone parser for ``foundry run``'s arguments (tests, ``python -m``)."""
-    parser = argparse.ArgumentParser(prog="foundry run", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="foundry run", description=DESCRIPTION)
     _add_arguments(parser)
     return parser
 

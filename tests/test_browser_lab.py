@@ -54,16 +54,22 @@ sync_api = pytest.importorskip(
 pytest.importorskip("jupyterlab")
 pytest.importorskip("papermill")
 
-LOSS_POINTS_JS = """
-(min) => {
-  const plots = document.querySelectorAll('.foundry-run .foundry-chart-loss .js-plotly-plot');
+TRACE_POINTS_JS = """
+([chart, name, min]) => {
+  const plots = document.querySelectorAll(`.foundry-run .foundry-chart-${chart} .js-plotly-plot`);
   for (const el of plots) {
-    const trace = (el.data || []).find((t) => t.name === 'train loss');
+    const trace = (el.data || []).find((t) => t.name === name);
     if (trace && trace.y && trace.y.length >= min) return trace.y.length;
   }
   return false;
 }
 """
+"""Points of one trace as plotly.js holds them in the browser (false until ``min``)."""
+
+
+def _points(page: Any, chart: str, name: str, at_least: int) -> int:
+    """Wait until a trace in the browser has ``at_least`` points; return how many."""
+    return int(page.wait_for_function(TRACE_POINTS_JS, arg=[chart, name, at_least]).json_value())
 
 
 def _free_port() -> int:
@@ -237,17 +243,20 @@ def _drive(page: Any, url: str, lab: dict[str, Any]) -> None:
     assert start.is_enabled()
 
     start.click()
-    first = page.wait_for_function(LOSS_POINTS_JS, arg=2).json_value()
-    page.wait_for_function(LOSS_POINTS_JS, arg=int(first) + 2)  # it keeps gaining points
+    first = _points(page, "loss", "train loss", 2)
+    _points(page, "loss", "train loss", first + 2)  # it keeps gaining points
+    memory = _points(page, "memory", "process RSS", 2)
+    _points(page, "memory", "process RSS", memory + 2)  # the memory chart moves too
     status = page.locator(".foundry-run .foundry-status").first
     assert "running" in status.inner_text()
     _shot(page, "02-training.png", ".foundry-run .foundry-chart-loss")
+    _shot(page, "02b-memory.png", ".foundry-run .foundry-chart-memory")
 
     page.locator(".foundry-panel button", has_text="Cancel").click()
     page.wait_for_selector('.foundry-run .foundry-status [data-state="cancelled"]')
     page.wait_for_selector(".foundry-run .foundry-outcome .foundry-warning")
     _shot(page, "03-cancelled.png", ".foundry-run .foundry-chart-loss")
-    assert page.wait_for_function(LOSS_POINTS_JS, arg=2)  # the chart is kept
+    assert _points(page, "loss", "train loss", first + 2)  # the chart is kept
 
     with RunStore(lab["runs_dir"], read_only=True) as store:
         (record,) = store.list_runs()
