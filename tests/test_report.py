@@ -340,10 +340,6 @@ def test_dashboard_module_imports_no_control_code() -> None:
     assert not any(name.startswith("widgets.") for name in imported)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="widgets/__init__.py imports the control panel eagerly; needs lazy imports",
-)
 def test_importing_the_dashboard_does_not_load_the_panel() -> None:
     code = "import sys, widgets.dashboard; sys.exit('widgets.panel' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120, check=False)
