@@ -203,16 +203,6 @@ def build_llama(shape: ModelShape, *, seed: int) -> PreTrainedModel:
     return model
 
 
-def unique_params(model: torch.nn.Module) -> int:
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
-
-
 def matmul_params(model: torch.nn.Module) -> int:
     """Weights that take part in a matmul per token: every ``nn.Linear`` (lm_head included,
     even when tied, since the projection is computed) but not the embedding lookup."""

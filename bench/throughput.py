@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from foundry_kernel.models import count_params
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -60,7 +62,6 @@ from bench.common import (
     ratio,
     summary,
     table,
-    unique_params,
 )
 
 CONTENDERS = ("foundry", "foundry_nomask", "foundry_proposed", "trl", "plain")
@@ -320,7 +321,8 @@ def trainer_class(*, fused: bool, drop_mask: bool) -> Any:
                 return super()._micro_step(ids, attn, target, n_valid)  # type: ignore[arg-type]
             with autocast(self.device, self.plan.amp_dtype):
                 hidden = self.model.base_model(input_ids=ids, attention_mask=attn)[0]
-            with torch.no_grad(), autocast(self.device, self.plan.amp_dtype):
+            t_amp = getattr(self.plan, "teacher_amp_dtype", self.plan.amp_dtype)
+            with torch.no_grad(), autocast(self.device, t_amp):
                 t_hidden = self.teacher.base_model(input_ids=ids, attention_mask=attn)[0]
             s_head = self.model.get_output_embeddings()
             t_head = self.teacher.get_output_embeddings()
@@ -579,7 +581,7 @@ def run(
     if bad:
         raise ValueError(f"unknown throughput contenders {bad}; known: {list(CONTENDERS)}")
     w = make_workload(cfg)
-    params = {"teacher": unique_params(w.teacher()), "student": unique_params(w.student())}
+    params = {"teacher": count_params(w.teacher()), "student": count_params(w.student())}
     printer(
         f"throughput: teacher {params['teacher'] / 1e6:.2f}M, student "
         f"{params['student'] / 1e6:.2f}M params, {cfg.tokens_per_step} tokens/step, "

@@ -201,7 +201,11 @@ class LossConfig(_Section):
         0.5, ge=0, le=1, description="total = (1 - ce_weight) * KD + ce_weight * hard-label CE."
     )
     chunk_tokens: int = Field(
-        1024, ge=1, le=1_048_576, description="Tokens per chunk of full-vocabulary math."
+        1024,
+        ge=1,
+        le=1_048_576,
+        description="Most tokens per chunk of full-vocabulary math (also capped so one fp32 "
+        "vocabulary-wide temporary stays near 32 MiB: 65 tokens at a 128k vocabulary).",
     )
 
 

@@ -620,3 +620,13 @@ def test_fused_path_saves_no_vocab_sized_activation() -> None:
     # grads of hidden, weight and bias: no [n, vocab] tensor is kept
     assert saved == (n * hid + vocab * hid + vocab) * 4
     assert saved < n * vocab * 4
+
+
+def test_chunk_rows_keep_large_vocabularies_within_budget() -> None:
+    from foundry_kernel.losses import chunk_rows
+
+    assert chunk_rows(1024, 128256) == 65
+    assert chunk_rows(1024, 32000) == 262
+    assert chunk_rows(1024, 4096) == 1024
+    assert chunk_rows(7, 50) == 7
+    assert chunk_rows(1024, 10_000_000) == 16
