@@ -80,7 +80,7 @@ from foundry_kernel.errors import (
 )
 from foundry_kernel.logs import run_log
 from foundry_kernel.paths import default_runs_dir
-from foundry_kernel.resources import MemorySampler
+from foundry_kernel.resources import MemorySampler, memory_fixes
 from foundry_kernel.store import RunStore
 
 __all__ = [
@@ -243,18 +243,10 @@ def _is_oom(exc: BaseException) -> bool:
 
 def _oom_message(exc: BaseException, config: RunConfig) -> str:
     where = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "memory"
-    tips = [
-        f"a smaller optim.batch_size (now {config.optim.batch_size}; raise optim.grad_accum "
-        "to keep the effective batch)",
-        f"a shorter data.seq_len (now {config.data.seq_len})",
-    ]
-    if not config.optim.gradient_checkpointing:
-        tips.append("optim.gradient_checkpointing=true")
-    if config.optim.precision != "bfloat16":
-        tips.append("optim.precision=bfloat16 (another dtype)")
     first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
     detail = f" ({type(exc).__name__}: {first_line})" if first_line else ""
-    return f"out of {where}{detail}. Try " + ", ".join(tips) + "."
+    fixes = memory_fixes(config)
+    return f"out of {where}{detail}. {fixes[:1].upper()}{fixes[1:]}."
 
 
 def _is_disk_full(exc: BaseException) -> bool:

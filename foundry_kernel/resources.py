@@ -408,7 +408,7 @@ class PreflightReport:
         return "\n".join(lines)
 
 
-def _suggestions(config: RunConfig) -> str:
+def memory_fixes(config: RunConfig) -> str:
     """Concrete knobs, naming current values, in the order they usually help most."""
     tips = [
         f"a smaller optim.batch_size (now {config.optim.batch_size}; raise optim.grad_accum "
@@ -435,12 +435,12 @@ def _check_memory(config: RunConfig, estimate: MemoryEstimate, free: int | None)
         raise ResourceError(
             f"this run needs ~{_gib(needed)} of {estimate.device} memory but only "
             f"{_gib(free)} is free (largest part: {part.replace('_', ' ')} {_gib(size)}); "
-            f"{_suggestions(config)}.\n{estimate.describe()}"
+            f"{memory_fixes(config)}.\n{estimate.describe()}"
         )
     if needed > TIGHT_FRACTION * free:
         return [
             f"memory is tight: ~{_gib(needed)} of {_gib(free)} free "
-            f"({needed / free:.0%}); if it fails, {_suggestions(config)}"
+            f"({needed / free:.0%}); if it fails, {memory_fixes(config)}"
         ]
     return []
 
