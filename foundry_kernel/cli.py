@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from foundry_kernel import notebook_runner, servers
+from foundry_kernel import notebook_runner, servers, vllm_server
 from foundry_kernel.config import json_schema, load_config
 from foundry_kernel.context import Event
 from foundry_kernel.errors import FoundryError
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(handler=_schema)
     servers.add_commands(sub)
     notebook_runner.add_commands(sub)
+    vllm_server.add_commands(sub)
     return parser
 
 

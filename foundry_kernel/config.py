@@ -57,6 +57,36 @@ class TeacherBuild(_Section):
     )
 
 
+class TeacherServerConfig(_Section):
+    """The vLLM server Foundry starts and owns for backend='vllm' (see vllm_server.py)."""
+
+    port: int | None = Field(None, ge=1, le=65535, description="Port (None = a free one).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Serving dtype: float32 matches transformers to ~1e-6 on CPU, bf16 to ~7e-3.",
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, le=1_048_576, description="Context the server reserves (None = data.seq_len)."
+    )
+    eager: bool = Field(
+        False, description="--enforce-eager: starts faster, runs slower (no graph compile)."
+    )
+    kv_cache_gib: int = Field(
+        1, ge=1, le=1024, description="CPU KV cache (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    start_timeout_s: float = Field(
+        600.0, gt=0, le=86_400, description="Give up if the server is not healthy by then."
+    )
+    request_timeout_s: float = Field(120.0, gt=0, le=3600, description="Per-request timeout.")
+    retries: int = Field(
+        3, ge=0, le=20, description="Retries on connection errors and HTTP 5xx (never on 4xx)."
+    )
+    backoff_s: float = Field(0.5, gt=0, le=60, description="First retry delay; doubles each time.")
+    batch_blocks: int = Field(
+        8, ge=1, le=4096, description="Blocks per request for prompt log-probabilities."
+    )
+
+
 class TeacherConfig(_Section):
     """Where the teacher comes from and how it is run."""
 
@@ -66,7 +96,22 @@ class TeacherConfig(_Section):
         min_length=1,
         max_length=1024,
     )
-    backend: Literal["hf"] = Field("hf", description="'hf': in-process with transformers.")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="'hf': in-process with transformers; 'vllm': a vLLM server (started and "
+        "owned by Foundry, or the one at teacher.url) serving the teacher's top-k "
+        "log-probabilities (needs loss.top_k).",
+    )
+    url: str | None = Field(
+        None,
+        max_length=512,
+        description="Base URL of a running vLLM server (http://host:port) when backend='vllm'; "
+        "None = Foundry starts its own on 127.0.0.1. Its API key comes from $FOUNDRY_VLLM_API_KEY.",
+    )
+    server: TeacherServerConfig = Field(
+        default_factory=lambda: TeacherServerConfig(),
+        description="The vLLM server Foundry starts (backend='vllm', no url).",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Teacher weights dtype; 'auto' = bf16 on a GPU that supports it."
     )
@@ -80,6 +125,18 @@ class TeacherConfig(_Section):
     @classmethod
     def _check_source(cls, v: str) -> str:
         return _check_model_source(v, "teacher.source", builtin=(BUILTIN_TEACHER,))
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(:\d{1,5})?/?", v):
+            raise ValueError(
+                "must look like http://host:port (no path, user or query), e.g. "
+                "http://127.0.0.1:8000"
+            )
+        return v.rstrip("/")
 
 
 class StudentConfig(_Section):
@@ -207,6 +264,68 @@ class LossConfig(_Section):
         description="Most tokens per chunk of full-vocabulary math (also capped so one fp32 "
         "vocabulary-wide temporary stays near 32 MiB: 65 tokens at a 128k vocabulary).",
     )
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        le=65536,
+        description="None: the teacher's full distribution (in-process teacher). k: only its "
+        "top-k log-probabilities (vLLM teacher, offline logit cache; 32-128 is typical).",
+    )
+    top_k_mass: Literal["tail", "renormalize"] = Field(
+        "tail",
+        description="With top_k: keep the missing mass as a (k+1)-th 'tail' bucket, or "
+        "renormalise both distributions over the teacher's top-k.",
+    )
+
+
+class SequenceConfig(_Section):
+    """Sequence-level distillation: the teacher writes completions, the student learns them."""
+
+    num_prompts: int = Field(
+        256, ge=1, le=10_000_000, description="Training blocks whose start becomes a prompt."
+    )
+    prompt_tokens: int = Field(32, ge=1, le=65536, description="Prompt length in tokens.")
+    max_new_tokens: int = Field(64, ge=1, le=65536, description="Tokens the teacher generates.")
+    temperature: float = Field(
+        1.0, ge=0, le=10, description="Teacher sampling temperature (0 = greedy)."
+    )
+    logit_kd: bool = Field(
+        False,
+        description="Also match the teacher's distribution on the generated text "
+        "(loss.kind), not only its sampled tokens (cross-entropy).",
+    )
+
+
+class OnPolicyConfig(_Section):
+    """On-policy distillation (GKD): the student's own continuations, scored by the teacher."""
+
+    fraction: float = Field(
+        0.5, ge=0, le=1, description="Share lambda of steps trained on student-generated text."
+    )
+    prompt_tokens: int = Field(32, ge=1, le=65536, description="Prompt length in tokens.")
+    max_new_tokens: int = Field(32, ge=1, le=65536, description="Tokens the student generates.")
+    temperature: float = Field(1.0, gt=0, le=10, description="Student sampling temperature.")
+
+
+class DistillConfig(_Section):
+    """How the teacher's knowledge reaches the student."""
+
+    mode: Literal["online", "offline", "sequence", "on_policy"] = Field(
+        "online",
+        description="'online': teacher distributions every step; 'offline': capture the "
+        "teacher's top-k once into a logit cache, then train without it; 'sequence': train on "
+        "teacher-generated completions; 'on_policy': a share of steps on student samples "
+        "scored by the teacher (GKD).",
+    )
+    cache_shard_blocks: int = Field(
+        256, ge=1, le=1_000_000, description="Blocks per logit-cache shard (the resume unit)."
+    )
+    sequence: SequenceConfig = Field(
+        default_factory=lambda: SequenceConfig(), description="mode='sequence'."
+    )
+    on_policy: OnPolicyConfig = Field(
+        default_factory=lambda: OnPolicyConfig(), description="mode='on_policy'."
+    )
 
 
 class OptimConfig(_Section):
@@ -294,6 +413,7 @@ class RunConfig(_Section):
     student: StudentConfig = Field(default_factory=StudentConfig, description="Student.")
     data: DataConfig = Field(default_factory=DataConfig, description="Data.")
     loss: LossConfig = Field(default_factory=LossConfig, description="Loss.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Distillation mode.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimisation.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Limits.")
@@ -378,9 +498,40 @@ def validate_config(data: Mapping[str, Any]) -> RunConfig:
             field="schema_version",
         )
     try:
-        return RunConfig.model_validate(dict(data))
+        config = RunConfig.model_validate(dict(data))
     except ValidationError as exc:
         raise _to_config_error(exc) from None
+    _check_combinations(config)
+    return config
+
+
+def _check_combinations(cfg: RunConfig) -> None:
+    """Rules that span sections: each error names the field to change and how."""
+    sparse_only = cfg.teacher.backend == "vllm" or cfg.distill.mode == "offline"
+    if sparse_only and cfg.loss.top_k is None:
+        why = (
+            "teacher.backend='vllm'" if cfg.teacher.backend == "vllm" else "distill.mode='offline'"
+        )
+        raise ConfigError(
+            f"loss.top_k: {why} works from the teacher's top-k log-probabilities; set "
+            "loss.top_k (e.g. 64)",
+            field="loss.top_k",
+        )
+    if cfg.teacher.url is not None and cfg.teacher.backend != "vllm":
+        raise ConfigError(
+            "teacher.url: only used with teacher.backend='vllm'; set the backend or drop the url",
+            field="teacher.url",
+        )
+    prompt = {
+        "sequence": cfg.distill.sequence.prompt_tokens,
+        "on_policy": cfg.distill.on_policy.prompt_tokens,
+    }.get(cfg.distill.mode)
+    if prompt is not None and prompt >= cfg.data.seq_len:
+        raise ConfigError(
+            f"distill.{cfg.distill.mode}.prompt_tokens={prompt} must be shorter than "
+            f"data.seq_len={cfg.data.seq_len}",
+            field=f"distill.{cfg.distill.mode}.prompt_tokens",
+        )
 
 
 def parse_override(text: str) -> tuple[str, Any]:

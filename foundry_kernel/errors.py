@@ -52,3 +52,30 @@ class RunCancelled(FoundryError):
 
 class RunTimeout(FoundryError):
     """Raised inside a run's thread when its wall-clock budget is spent."""
+
+
+class TeacherServerError(FoundryError):
+    """A teacher server could not be started, reached, or answered with an error.
+
+    ``url`` is the server at fault and ``status`` the HTTP status when one came back.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+
+
+class CacheError(FoundryError):
+    """An offline logit cache is missing, incomplete, corrupt or was modified on disk."""
+
+
+class StaleCacheError(CacheError):
+    """A logit cache was captured for another teacher, tokenizer, data set or k.
+
+    ``differences`` names the key parts that differ (e.g. ``["teacher", "k"]``).
+    """
+
+    def __init__(self, message: str, *, differences: list[str]) -> None:
+        super().__init__(message)
+        self.differences = differences

@@ -6,27 +6,24 @@ lands inside a long evaluation too, not only between training steps.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from foundry_kernel.context import RunContext
 from foundry_kernel.data import TokenBlocks
+from foundry_kernel.precision import autocast
+from foundry_kernel.targets import SparseTargets, TeacherSignal
 
-
-def autocast(
-    device: torch.device, dtype: torch.dtype | None
-) -> contextlib.AbstractContextManager[None]:
-    """Mixed precision when asked for, a no-op otherwise."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+if TYPE_CHECKING:
+    from foundry_kernel.teachers import Teacher
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -62,12 +59,19 @@ def evaluate_lm(
     batch_size: int,
     max_batches: int | None = None,
     ctx: RunContext | None = None,
-    teacher: PreTrainedModel | None = None,
+    teacher: Teacher | PreTrainedModel | None = None,
     vocab_size: int | None = None,
     amp_dtype: torch.dtype | None = None,
     teacher_amp_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """Mean cross-entropy and perplexity on held-out blocks, plus agreement/KL with a teacher."""
+    """Mean cross-entropy and perplexity on held-out blocks, plus agreement/KL with a teacher.
+
+    With a sparse teacher (vLLM, cache) agreement compares with its top-1 and the KL is
+    the forward KL over its top-k plus the tail bucket (a lower bound of the full KL).
+    """
+    from foundry_kernel.teachers import as_teacher  # teachers imports this module
+
+    judge = as_teacher(teacher, vocab_size=vocab_size, amp_dtype=teacher_amp_dtype)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -85,21 +89,77 @@ def evaluate_lm(
             tgt = target[valid]
             nll += F.cross_entropy(logits, tgt, reduction="sum").item()
             tokens += int(valid.sum())
-            if teacher is not None:
-                with autocast(device, teacher_amp_dtype):
-                    t_logits = teacher(input_ids=ids, attention_mask=mask).logits
-                t_logits = t_logits[..., :vocab_size].float()[valid]
-                t_logp = t_logits.log_softmax(-1)
-                s_logp = logits.log_softmax(-1)
-                kl += (t_logp.exp() * (t_logp - s_logp)).sum().item()
-                agree += (t_logits.argmax(-1) == logits.argmax(-1)).sum().item()
+            if judge is not None:
+                signal = judge.eval_signal(ids, mask)
+                batch_kl, batch_agree = _compare(logits, signal, valid, vocab_size)
+                kl += batch_kl
+                agree += batch_agree
     finally:
         model.train(was_training)
     denom = max(tokens, 1)
     out = {"loss": nll / denom, "ppl": math.exp(min(nll / denom, 50.0)), "tokens": float(tokens)}
-    if teacher is not None:
+    if judge is not None:
         out.update(agreement=agree / denom, kl=kl / denom)
     return out
+
+
+def _compare(
+    logits: Tensor, signal: TeacherSignal, valid: Tensor, vocab_size: int | None
+) -> tuple[float, float]:
+    """Summed KL(teacher || student) and top-1 agreements over the valid positions."""
+    s_logp = logits.log_softmax(-1)
+    if isinstance(signal, SparseTargets):
+        ids = signal.ids[valid]
+        t_logp = signal.logprobs[valid].float()
+        s_top = s_logp.gather(-1, ids)
+        t_tail = SparseTargets(ids[None], t_logp[None]).tail_logmass()[0]
+        s_tail = SparseTargets(ids[None], s_top[None]).tail_logmass()[0]
+        kl = (t_logp.exp() * (t_logp - s_top)).sum() + (t_tail.exp() * (t_tail - s_tail)).sum()
+        agree = (ids[:, 0] == logits.argmax(-1)).sum()
+        return kl.item(), agree.item()
+    t_logits = signal[..., :vocab_size].float()[valid]
+    t_logp = t_logits.log_softmax(-1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum()
+    agree = (t_logits.argmax(-1) == logits.argmax(-1)).sum()
+    return kl.item(), agree.item()
+
+
+@torch.no_grad()
+def evaluate_teacher(
+    teacher: Teacher,
+    blocks: TokenBlocks,
+    *,
+    batch_size: int,
+    max_batches: int | None = None,
+    ctx: RunContext | None = None,
+) -> dict[str, float]:
+    """Held-out loss and perplexity of any teacher: its full logits, or (vLLM) the
+    log-probability it gives the true token, which the server reports with the top-k."""
+    from foundry_kernel.teachers import HFTeacher
+
+    if isinstance(teacher, HFTeacher):
+        return evaluate_lm(
+            teacher.model,
+            blocks,
+            batch_size=batch_size,
+            max_batches=max_batches,
+            ctx=ctx,
+            vocab_size=teacher.vocab_size,
+            amp_dtype=teacher.amp_dtype,
+        )
+    nll = 0.0
+    tokens = 0
+    for ids, mask, labels in iter_batches(blocks, batch_size, max_batches, torch.device("cpu")):
+        if ctx is not None:
+            ctx.check()
+        valid = shift_labels(labels) != -100
+        signal = teacher.eval_signal(ids, mask)
+        if not isinstance(signal, SparseTargets) or signal.label_logprobs is None:
+            raise TypeError(f"{type(teacher).__name__} gave no true-token log-probabilities")
+        nll -= signal.label_logprobs.cpu()[valid].sum().item()
+        tokens += int(valid.sum())
+    denom = max(tokens, 1)
+    return {"loss": nll / denom, "ppl": math.exp(min(nll / denom, 50.0)), "tokens": float(tokens)}
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ Notation: ``p`` is the teacher distribution and ``q`` the student's, both
 per token, then summed over *valid* tokens and divided by a normalizer (see
 :func:`distillation_loss`).
 
-Three entry points:
+Four entry points:
 
 * :func:`token_divergence` - the plain reference path. Dense torch ops, autograd for
   gradients. It exists so the fast paths have something independent to be checked
@@ -18,6 +18,9 @@ Three entry points:
   instead of the five or six ``[tokens, vocab]`` fp32 tensors autograd would keep.
 * :func:`fused_linear_distillation_loss` - as above, but it also owns the student's
   ``lm_head`` projection, so full student logits never exist at all (Liger-style).
+* :func:`sparse_distillation_loss` - the same divergences against a teacher that only
+  gave its top-k log-probabilities (:class:`~foundry_kernel.targets.SparseTargets`, from
+  vLLM or the offline logit cache), compared on the k ids (+ one tail bucket).
 
 Gradients used by the chunked paths, with ``z = student_logits / tau`` and, for any
 per-element "gradient wrt probabilities" ``g``, the softmax Jacobian
@@ -48,14 +51,17 @@ import torch
 from torch import Tensor
 
 from foundry_kernel.errors import ConfigError
+from foundry_kernel.targets import TAIL_FLOOR, SparseTargets
 
 __all__ = [
     "IGNORE_INDEX",
     "LossKind",
     "LossOutput",
     "LossSpec",
+    "SparseMass",
     "distillation_loss",
     "fused_linear_distillation_loss",
+    "sparse_distillation_loss",
     "token_divergence",
 ]
 
@@ -748,4 +754,270 @@ def fused_linear_distillation_loss(
     total, kd, ce = _FusedLinearDistillation.apply(
         student_hidden, student_weight, student_bias, side, plan
     )
+    return LossOutput(total=total, kd=kd, ce=ce, n_tokens=plan.n_rows)
+
+
+# --------------------------------------------------------------------------- sparse top-k path
+
+SparseMass = Literal["tail", "renormalize"]
+"""How :func:`sparse_distillation_loss` treats the probability mass outside the top-k."""
+_MASSES: tuple[str, ...] = get_args(SparseMass)
+
+_LN2 = math.log(2.0)
+# log(1 - e^x) drops below TAIL_FLOOR once x exceeds this (about -9.4e-14).
+_LOG1MEXP_CAP = math.log1p(-math.exp(TAIL_FLOOR))
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - e^x)`` for ``x <= 0``, floored at ``TAIL_FLOOR``, with finite gradients.
+
+    Same two-branch evaluation as :meth:`SparseTargets.tail_logmass` (``-expm1`` near 0,
+    ``log1p`` further out), but each branch only ever sees inputs where it is finite:
+    ``torch.where`` routes a zero gradient to the unused branch, and ``0 * inf`` there
+    would otherwise turn the student's gradient into NaN. Inputs above
+    ``_LOG1MEXP_CAP`` (top-k mass within e^-30 of 1, or above 1 by rounding) land on the
+    floor, whose gradient is 0.
+    """
+    x = x.clamp(max=_LOG1MEXP_CAP)
+    near = torch.log(-torch.expm1(x.clamp(min=-_LN2)))
+    far = torch.log1p(-torch.exp(x.clamp(max=-_LN2)))
+    return torch.where(x > -_LN2, near, far).clamp(min=TAIL_FLOOR)
+
+
+@dataclass(frozen=True)
+class _SparseTeacher:
+    """The teacher's side of the sparse loss, indexed like the student's leading dims."""
+
+    ids: Tensor  # [..., k] int64
+    logprobs: Tensor  # [..., k] log p at tau = 1
+    tail: Tensor | None  # [...] log tail mass (mass="tail" only)
+
+    def rows(self, rows: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor | None]:
+        return (
+            self.ids[rows],
+            self.logprobs[rows],
+            None if self.tail is None else self.tail[rows],
+        )
+
+
+def _sparse_teacher_logp(logprobs: Tensor, tail: Tensor | None, tau: float) -> Tensor:
+    """Teacher log-probabilities on the k (+1 tail) atoms at temperature ``tau``.
+
+    Both modes are a log-softmax of ``log p / tau`` over the atoms: over the k ids alone
+    ("renormalize"), or over the k ids and the tail bucket as a single atom ("tail"). At
+    tau = 1 the latter only repairs rounding (the k+1 masses already sum to 1).
+    """
+    atoms = logprobs if tail is None else torch.cat([logprobs, tail.unsqueeze(-1)], dim=-1)
+    return torch.log_softmax(atoms / tau, dim=-1)
+
+
+def _sparse_student_logp(
+    s: Tensor, lse: Tensor, ids: Tensor, tau: float, *, with_tail: bool
+) -> Tensor:
+    """Student log-probabilities on the same atoms, from its full-vocabulary logits ``s``.
+
+    "renormalize": ``log_softmax(s[ids] / tau)``, i.e. the full softmax gathered at the ids
+    and renormalised over them. "tail": the full softmax at tau gathered at the ids, plus
+    ``log(1 - sum)`` for the rest of the vocabulary; this vector is not renormalised (it
+    sums to 1 except where the tail sits on the e^-30 floor).
+    """
+    z_ids = s.gather(-1, ids)
+    if not with_tail:
+        return torch.log_softmax(z_ids / tau, dim=-1)
+    lse_tau = lse if tau == 1.0 else torch.logsumexp(s / tau, dim=-1)
+    log_q = z_ids / tau - lse_tau.unsqueeze(-1)
+    tail = _log1mexp(torch.logsumexp(log_q, dim=-1))
+    return torch.cat([log_q, tail.unsqueeze(-1)], dim=-1)
+
+
+def _sparse_rows(
+    s: Tensor, teacher: tuple[Tensor, Tensor, Tensor | None], targets: Tensor, spec: LossSpec
+) -> tuple[Tensor, Tensor]:
+    """Per-row KD divergence (no tau**2) and hard-label CE at tau = 1 for one chunk."""
+    ids, logprobs, tail = teacher
+    lse = torch.logsumexp(s, dim=-1)
+    ce = lse - s.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    tau = spec.temperature
+    log_q = _sparse_student_logp(s, lse, ids, tau, with_tail=tail is not None)
+    log_p = _sparse_teacher_logp(
+        logprobs.to(s.dtype), None if tail is None else tail.to(s.dtype), tau
+    )
+    return _PLAIN[spec.kind](log_q, log_p, spec), ce
+
+
+def _sparse_chunk_loss_and_grad(
+    student: Tensor,
+    teacher: tuple[Tensor, Tensor, Tensor | None],
+    targets: Tensor,
+    plan: _Plan,
+    *,
+    with_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """KD sum, CE sum and d total / d student_logits for one chunk, by local autograd.
+
+    The chunk's small graph (a few ``[c, V]`` temporaries) is built, differentiated and
+    dropped here, so only the returned gradient outlives the chunk. Autograd rather than
+    an analytic kernel because the tail bucket couples every vocabulary entry through
+    ``log(1 - sum q_ids)``; the divergence formulas themselves are the shared ``_PLAIN``.
+    """
+    s = student.detach().to(_compute_dtype(student))
+    if not with_grad:
+        kd, ce = _sparse_rows(s, teacher, targets, plan.spec)
+        return kd.sum(), ce.sum(), None
+    s.requires_grad_()
+    with torch.enable_grad():
+        kd, ce = _sparse_rows(s, teacher, targets, plan.spec)
+        kd_sum, ce_sum = kd.sum(), ce.sum()
+        objective = plan.kd_coef * kd_sum
+        if plan.ce_coef > 0.0:
+            objective = objective + plan.ce_coef * ce_sum
+        (grad,) = torch.autograd.grad(objective, s)
+    return kd_sum.detach(), ce_sum.detach(), grad
+
+
+class _SparseChunkedDistillation(torch.autograd.Function):
+    """Sparse loss over precomputed student logits; gradient made in forward, per chunk.
+
+    Like :class:`_ChunkedDistillation`, only the gradient wrt the student logits (their
+    shape and dtype) is saved for backward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, student: Tensor, teacher: _SparseTeacher, plan: _Plan
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        with_grad = student.requires_grad
+        grad = (
+            torch.zeros_like(student, memory_format=torch.contiguous_format) if with_grad else None
+        )
+        cdt = _compute_dtype(student)
+        kd_sum = torch.zeros((), dtype=cdt, device=student.device)
+        ce_sum = torch.zeros((), dtype=cdt, device=student.device)
+        s_view = student[..., : plan.vocab]
+        for rows, targets in plan.chunks():
+            kd_c, ce_c, g = _sparse_chunk_loss_and_grad(
+                s_view[rows], teacher.rows(rows), targets, plan, with_grad=with_grad
+            )
+            kd_sum += kd_c
+            ce_sum += ce_c
+            if grad is not None and g is not None:
+                grad[..., : plan.vocab][rows] = g.to(grad.dtype)
+        total, kd, ce = _finish(plan, kd_sum, ce_sum)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(kd, ce)
+        return total, kd, ce
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_total: Tensor, _grad_kd: Tensor, _grad_ce: Tensor
+    ) -> tuple[Tensor | None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return _scale_grad(grad, grad_total), None, None
+
+
+def _check_sparse_ids(ids: Tensor, vocab: int) -> None:
+    """Refuse top-k ids the student cannot score: out of range, or repeated in a position.
+
+    Checked on the valid rows only (the ones the loss reads). A repeated id would count
+    its probability twice and could push the student's top-k mass past 1.
+    """
+    if ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        raise ConfigError(
+            f"teacher top-k ids must be in [0, {vocab}) (the student's vocabulary); found "
+            f"ids in [{low}, {high}]. Teacher and student must share one tokenizer; if the "
+            "student's embedding is padded, pass vocab_size=<tokenizer vocabulary size>",
+            field="loss.targets",
+        )
+    ordered = ids.sort(dim=-1).values
+    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+        raise ConfigError(
+            "teacher top-k ids repeat within a position; each position needs k distinct ids",
+            field="loss.targets",
+        )
+
+
+def _sparse_teacher(
+    targets: SparseTargets, lead: torch.Size, mass: str, device: torch.device
+) -> _SparseTeacher:
+    """Validate the targets' shape and mode, and move what the loss reads to ``device``."""
+    if mass not in _MASSES:
+        raise ConfigError(
+            f"unknown sparse mass mode {mass!r}; expected one of {', '.join(_MASSES)}",
+            field="loss.mass",
+        )
+    if targets.ids.shape[:-1] != lead:
+        raise ConfigError(
+            f"sparse targets cover positions {tuple(targets.ids.shape[:-1])} but the student "
+            f"logits cover {tuple(lead)}; both must be [B, T] for the same (shifted) positions",
+            field="loss.targets",
+        )
+    if targets.k < 1:
+        raise ConfigError("sparse targets hold no ids (k = 0)", field="loss.targets")
+    tail = targets.tail_logmass().to(device) if mass == "tail" else None
+    return _SparseTeacher(
+        targets.ids.detach().to(device).long(), targets.logprobs.detach().to(device), tail
+    )
+
+
+def sparse_distillation_loss(
+    student_logits: Tensor,
+    targets: SparseTargets,
+    labels: Tensor,
+    spec: LossSpec,
+    *,
+    mass: SparseMass = "tail",
+    num_valid_tokens: int | Tensor | None = None,
+    vocab_size: int | None = None,
+) -> LossOutput:
+    """KD (+ optional CE) loss against a teacher's top-k log-probabilities.
+
+    ``student_logits`` is ``[B, T, V']``; ``targets`` holds the teacher's top-k ids and
+    log-probabilities for the same ``[B, T]`` positions (normalised over the teacher's full
+    vocabulary at temperature 1); ``labels`` are aligned as in :func:`distillation_loss`.
+    With ``q = log_softmax(student_logits[..., :vocab_size] / tau)`` over the full
+    (sliced) vocabulary, both distributions are reduced to the same few atoms:
+
+    * ``mass="tail"`` - k + 1 atoms: the k ids and one bucket for everything else. Teacher
+      tail = ``exp(targets.tail_logmass())``; student = ``q`` gathered at the ids plus
+      ``1 - sum`` of those, its log computed stably and floored at ``TAIL_FLOOR`` like the
+      teacher's. At tau != 1 the teacher's top-k log-probabilities are divided by tau,
+      the tail bucket is treated as *one* atom of log-mass ``tail / tau``, and the k + 1
+      vector is renormalised. That is an approximation (the true tempered tail is a sum
+      over the tail tokens of ``p_i^(1/tau)``, which top-k data cannot give); it is exact
+      at tau = 1. The student side is always exact.
+    * ``mass="renormalize"`` - k atoms: the teacher's ``log_softmax(logprobs / tau)`` over
+      its ids, and the student's ``q`` restricted to the same ids and renormalised (equal to
+      ``log_softmax(student_logits[ids] / tau)``). Only the shape of the top-k is matched;
+      the student gets no signal about the mass it puts elsewhere.
+
+    ``spec.kind`` (with beta, jsd_normalized, skew_alpha) is then applied to the two atom
+    vectors with the same per-row formulas as the dense loss. ``scale_by_t2``, the
+    ``ce_weight`` mix (CE on the student's full logits at tau = 1), masking
+    (``IGNORE_INDEX`` rows contribute nothing) and the ``num_valid_tokens`` normaliser are
+    exactly those of :func:`distillation_loss`. With k = V: "renormalize" equals the dense
+    loss against logits ``logprobs`` at any tau; "tail" does at tau = 1 up to the
+    teacher's fp32 rounding of its normalisation (``sum(exp(logprobs))`` misses 1 by
+    ~1e-7, which reads as a tail of that mass), but not at tau = 2, where that atom
+    becomes ~3e-4 of the tempered mass (forward KL moved by ~1e-3 relative).
+
+    Memory: valid rows are processed ``chunk_rows(spec.chunk_tokens, V)`` at a time; each
+    chunk's loss is differentiated by plain autograd *inside the forward pass* (a small
+    graph over that chunk only), and only the resulting gradient wrt the student logits is
+    kept for backward, as in the dense path. So the full-vocabulary softmax of all rows is
+    never alive at once.
+
+    Raises :class:`~foundry_kernel.errors.ConfigError` (a ``ValueError``) when the targets'
+    ``[B, T]`` differ from the logits', when an id is outside ``[0, vocab)`` or repeats
+    within a position, or for an unknown ``mass``.
+    """
+    v = _resolve_vocab(student_logits.shape[-1], student_logits.shape[-1], vocab_size)
+    lead = student_logits.shape[:-1]
+    teacher = _sparse_teacher(targets, lead, mass, student_logits.device)
+    rows, labels_v = _valid_rows(labels.to(student_logits.device), lead, v)
+    _check_sparse_ids(teacher.ids[rows], v)
+    plan = _Plan(spec, rows, labels_v, v, _normalizer(num_valid_tokens, labels_v.numel()))
+    total, kd, ce = _SparseChunkedDistillation.apply(student_logits, teacher, plan)
     return LossOutput(total=total, kd=kd, ce=ce, n_tokens=plan.n_rows)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -87,8 +87,14 @@ def load_causal_lm(
     dtype: torch.dtype = torch.float32,
     revision: str | None = None,
     field: str = "teacher.source",
+    weights: bool = True,
 ) -> LoadedModel:
-    """``from_pretrained`` on a local folder or a hub id, with errors a user can act on."""
+    """``from_pretrained`` on a local folder or a hub id, with errors a user can act on.
+
+    ``weights=False`` builds the model on the meta device from its config alone: its
+    shape, class and parameter count without its memory, for a teacher that runs in a
+    server (a student can still be shaped after it).
+    """
     local = looks_like_path(source)
     where: str | Path = source
     if local:
@@ -103,12 +109,18 @@ def load_causal_lm(
     try:
         with MODEL_BUILD_LOCK:
             tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+            if weights:
+                model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+            else:
+                config = AutoConfig.from_pretrained(where, **kwargs)
+                with torch.device("meta"):
+                    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except OSError as exc:
         raise ModelError(_load_hint(field, source, local=local, offline=offline, exc=exc)) from exc
     except ValueError as exc:
         raise ModelError(f"{field}: {source!r} is not a causal language model: {exc}") from exc
-    model.to(device)  # type: ignore[arg-type]  # transformers' stubs
+    if weights:
+        model.to(device)  # type: ignore[arg-type]  # transformers' stubs
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)

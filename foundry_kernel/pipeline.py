@@ -8,6 +8,7 @@ interrupted one from its last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -22,7 +23,20 @@ from foundry_kernel.config import BUILTIN_TEACHER, RunConfig
 from foundry_kernel.context import RunContext
 from foundry_kernel.data import DataBundle, build_data
 from foundry_kernel.errors import ConfigError
-from foundry_kernel.evaluate import evaluate_lm, generate_samples, generation_speed
+from foundry_kernel.evaluate import (
+    evaluate_lm,
+    evaluate_teacher,
+    generate_samples,
+    generation_speed,
+)
+from foundry_kernel.logit_cache import (
+    CacheKey,
+    LogitCache,
+    capture,
+    fingerprint_model_dir,
+    fingerprint_tokenizer,
+    fingerprint_tokens,
+)
 from foundry_kernel.models import (
     LoadedModel,
     build_student,
@@ -32,11 +46,17 @@ from foundry_kernel.models import (
     resolve_dtype,
     shared_vocab_size,
 )
+from foundry_kernel.modes import describe as describe_sequence
+from foundry_kernel.modes import sequence_data, sequence_key
 from foundry_kernel.paths import default_cache_dir
 from foundry_kernel.resources import estimate_memory, preflight
 from foundry_kernel.store import RunStore
+from foundry_kernel.targets import SparseTargets
 from foundry_kernel.teacher_builder import ensure_builtin_teacher, read_teacher_record
+from foundry_kernel.teacher_client import RetryPolicy, TeacherClient
+from foundry_kernel.teachers import CachedTeacher, HFTeacher, Teacher, VLLMTeacher, vllm_api_key
 from foundry_kernel.train import Trainer, TrainPlan
+from foundry_kernel.vllm_server import teacher_server
 
 log = logging.getLogger("foundry.pipeline")
 
@@ -68,6 +88,8 @@ class Job:
         self.teacher_record: dict[str, Any] | None = None
         self.amp: torch.dtype | None = None  # autocast dtype of the student
         self.teacher_amp: torch.dtype | None = None
+        self.teacher_path = config.teacher.source  # a folder once a built-in one is built
+        self.teacher_id = ""  # fingerprint of the teacher's weights (keys caches)
 
     def log_metrics(self, step: int, values: dict[str, float]) -> None:
         self.store.log_metrics(self.run_id, step, values)
@@ -96,20 +118,22 @@ def run_job(
     data = build_data(config.data, teacher.tokenizer, seed=config.data.split_seed)
     job.record(data=_data_report(job, data))
     ctx.set_phase("student")
-    student = build_student(config.student, teacher, device=job.device, seed=config.seed)
+    student = _build_student(job, teacher)
     vocab = shared_vocab_size(teacher, student)
     _preflight(job, teacher, student, vocab)
     job.amp = amp_dtype_for(config.optim.precision, job.device, student.model.config.hidden_size)
     job.teacher_amp = amp_dtype_for(
         config.optim.precision, job.device, teacher.model.config.hidden_size
     )
-    _train_phase(job, "distill", student, data, teacher, vocab, resume=resume)
-    baseline = None
-    if config.eval.baseline:
-        baseline = build_student(config.student, teacher, device=job.device, seed=config.seed)
-        _train_phase(job, "baseline", baseline, data, None, vocab, resume=resume)
-    ctx.set_phase("evaluate")
-    results = _evaluate_all(job, teacher, student, baseline, data, vocab)
+    with _open_teacher(job, teacher, vocab) as live:
+        trainer_teacher, train_data = _prepare_mode(job, live, teacher, data, vocab)
+        _train_phase(job, "distill", student, train_data, trainer_teacher, vocab, resume=resume)
+        baseline = None
+        if config.eval.baseline:
+            baseline = build_student(config.student, teacher, device=job.device, seed=config.seed)
+            _train_phase(job, "baseline", baseline, data, None, vocab, resume=resume)
+        ctx.set_phase("evaluate")
+        results = _evaluate_all(job, live, teacher, student, baseline, data, vocab)
     ctx.set_phase("export")
     export_dir = _export(job, student, results)
     job.record(
@@ -118,7 +142,137 @@ def run_job(
     return job.summary
 
 
+def _build_student(job: Job, teacher: LoadedModel) -> LoadedModel:
+    """The student; cutting it from a served teacher loads the teacher's weights once here."""
+    cfg = job.config
+    if cfg.student.init == "from_teacher" and cfg.teacher.backend == "vllm":
+        with_weights = load_causal_lm(
+            job.teacher_path, device=torch.device("cpu"), field="teacher.source"
+        )
+        student = build_student(cfg.student, with_weights, device=job.device, seed=cfg.seed)
+        del with_weights
+        return LoadedModel(student.model, teacher.tokenizer, student.source)
+    return build_student(cfg.student, teacher, device=job.device, seed=cfg.seed)
+
+
+def _open_teacher(job: Job, teacher: LoadedModel, vocab: int) -> Teacher:
+    """The run's live teacher: the loaded model, or a vLLM server (Foundry's own, started
+    here and stopped when the run ends however it ends, or the one at teacher.url)."""
+    cfg = job.config
+    if cfg.teacher.backend == "hf":
+        return HFTeacher(
+            teacher.model,
+            vocab_size=vocab,
+            amp_dtype=job.teacher_amp,
+            top_k=cfg.loss.top_k,
+            pad_token_id=teacher.tokenizer.pad_token_id,
+        )
+    srv = cfg.teacher.server
+    assert cfg.loss.top_k is not None  # the config requires it with this backend
+    server = None
+    url, api_key = cfg.teacher.url, vllm_api_key()
+    if url is None:
+        job.ctx.set_phase("teacher_server")
+        longest = cfg.data.seq_len + max(
+            cfg.distill.sequence.max_new_tokens, cfg.distill.on_policy.max_new_tokens
+        )
+        server = teacher_server(
+            job.teacher_path,
+            port=srv.port,
+            max_logprobs=cfg.loss.top_k,
+            max_model_len=srv.max_model_len or longest,
+            dtype=srv.dtype,
+            eager=srv.eager,
+            kv_cache_gib=srv.kv_cache_gib,
+            log_dir=job.run_dir / "teacher-server",
+            startup_timeout=srv.start_timeout_s,
+            check=job.ctx.check,
+        )
+        url, api_key = server.base_url, server.token
+        job.record(teacher_server={"url": url, "log": str(server.log_path)})
+    client = TeacherClient(
+        url,
+        api_key=api_key,
+        policy=RetryPolicy(
+            retries=srv.retries, backoff_s=srv.backoff_s, timeout_s=srv.request_timeout_s
+        ),
+        check=job.ctx.check,
+        wait=job.ctx.wait_stop,
+    )
+    return VLLMTeacher(client, top_k=cfg.loss.top_k, batch_blocks=srv.batch_blocks, server=server)
+
+
+def _prepare_mode(
+    job: Job, live: Teacher, teacher: LoadedModel, data: DataBundle, vocab: int
+) -> tuple[Teacher | None, DataBundle]:
+    """What the distillation phase trains against, and on, for the configured mode."""
+    mode = job.config.distill.mode
+    if mode == "offline":
+        return CachedTeacher(_capture(job, live, teacher, data, vocab), live), data
+    if mode == "sequence":
+        seq = job.config.distill.sequence
+        job.ctx.set_phase("sequence", prompts=seq.num_prompts)
+        made = sequence_data(
+            live,
+            data.train,
+            seq,
+            folder=job.run_dir / "sequence-data",
+            key=sequence_key(seq, job.teacher_id, fingerprint_tokens(data.train), job.config.seed),
+            tokenizer=teacher.tokenizer,
+            seed=job.config.seed,
+            ctx=job.ctx,
+        )
+        job.record(sequence=describe_sequence(made))
+        return (live if seq.logit_kd else None), dataclasses.replace(data, train=made.blocks)
+    return live, data
+
+
+def _capture(
+    job: Job, live: Teacher, teacher: LoadedModel, data: DataBundle, vocab: int
+) -> LogitCache:
+    """Capture (or reuse, or resume) the teacher's top-k over the training blocks."""
+    cfg = job.config
+    assert cfg.loss.top_k is not None
+    key = CacheKey(
+        teacher=job.teacher_id,
+        tokenizer=fingerprint_tokenizer(teacher.tokenizer),
+        data=fingerprint_tokens(data.train),
+        k=cfg.loss.top_k,
+    )
+    folder = default_cache_dir() / "logits" / key.digest()
+    job.ctx.set_phase("capture", blocks=len(data.train))
+    t0 = time.perf_counter()
+
+    def ask(index: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> SparseTargets:
+        signal = live.signal(None, ids.to(job.device), mask.to(job.device))
+        if not isinstance(signal, SparseTargets):  # an in-process teacher without top_k
+            signal = SparseTargets.from_logits(signal, key.k)
+        return signal.to(torch.device("cpu"))
+
+    cache = capture(
+        data.train,
+        ask,
+        key,
+        folder,
+        batch_size=cfg.optim.batch_size,
+        shard_blocks=cfg.distill.cache_shard_blocks,
+        ctx=job.ctx,
+        vocab_size=vocab,
+    )
+    job.record(
+        logit_cache={
+            "path": str(folder),
+            "k": key.k,
+            "bytes_per_token": cache.bytes_per_token,
+            "capture_seconds": round(time.perf_counter() - t0, 2),
+        }
+    )
+    return cache
+
+
 def _load_teacher(job: Job) -> LoadedModel:
+    """The teacher's tokenizer and model; a served teacher's model is built on the meta
+    device (shape and size only: its weights live in the server)."""
     cfg = job.config.teacher
     job.ctx.set_phase("teacher")
     source = cfg.source
@@ -139,8 +293,11 @@ def _load_teacher(job: Job) -> LoadedModel:
         dtype=resolve_dtype(cfg.dtype, job.device),
         revision=cfg.revision,
         field="teacher.source",
+        weights=cfg.backend == "hf",
     )
     teacher.model.eval().requires_grad_(False)
+    job.teacher_path = source
+    job.teacher_id = _teacher_id(source, cfg.revision)
     job.teacher_record = read_teacher_record(Path(source).expanduser())
     job.record(teacher_source=cfg.source)
     return teacher
@@ -160,9 +317,10 @@ def _preflight(job: Job, teacher: LoadedModel, student: LoadedModel, vocab: int)
             f"({limit} positions); set data.seq_len to at most {limit}",
             field="data.seq_len",
         )
+    served = job.config.teacher.backend == "vllm"  # its weights live in the server
     estimate = estimate_memory(
         job.config,
-        teacher_params=teacher.params,
+        teacher_params=0 if served else teacher.params,
         student_params=student.params,
         vocab_size=vocab,
         teacher_hidden=tconf.hidden_size,
@@ -205,7 +363,7 @@ def _train_phase(
     phase: str,
     student: LoadedModel,
     data: DataBundle,
-    teacher: LoadedModel | None,
+    teacher: Teacher | None,
     vocab: int,
     *,
     resume: bool,
@@ -224,7 +382,7 @@ def _train_phase(
         plan,
         ctx=job.ctx,
         on_metrics=job.log_metrics,
-        teacher=teacher.model if teacher is not None else None,
+        teacher=teacher,
         vocab_size=vocab,
         ckpt_dir=job.run_dir / "checkpoints" / phase,
         prefix="" if phase == "distill" else f"{phase}/",
@@ -235,6 +393,7 @@ def _train_phase(
 
 def _evaluate_all(
     job: Job,
+    live: Teacher,
     teacher: LoadedModel,
     student: LoadedModel,
     baseline: LoadedModel | None,
@@ -252,24 +411,32 @@ def _evaluate_all(
             batch_size=cfg.optim.batch_size,
             max_batches=cfg.eval.max_batches,
             ctx=job.ctx,
-            teacher=teacher.model if with_teacher else None,
+            teacher=live if with_teacher else None,
             vocab_size=vocab,
             amp_dtype=amp,
             teacher_amp_dtype=job.teacher_amp,
         )
 
-    t_eval = evaluate(teacher, job.teacher_amp, with_teacher=False)
+    t_eval = evaluate_teacher(
+        live,
+        data.val,
+        batch_size=cfg.optim.batch_size,
+        max_batches=cfg.eval.max_batches,
+        ctx=job.ctx,
+    )
+    prompts = list(cfg.eval.sample_prompts)
+    teacher_samples, teacher_speed = _teacher_samples(job, live, teacher, prompts)
     out: dict[str, Any] = {
         "teacher": {
             "params": teacher.params,
             "val_ppl": t_eval["ppl"],
             "val_loss": t_eval["loss"],
-            "tokens_per_s": generation_speed(teacher.model, teacher.tokenizer),
+            "tokens_per_s": teacher_speed,
+            "backend": live.kind,
         },
         "val_tokens": int(t_eval["tokens"]),
     }
-    prompts = list(cfg.eval.sample_prompts)
-    samples = {"teacher": _samples(job, teacher, prompts)}
+    samples = {"teacher": teacher_samples}
     for name, model in (("student", student), ("baseline", baseline)):
         if model is None:
             continue
@@ -292,6 +459,30 @@ def _evaluate_all(
         {"prompt": p, **{k: v[i] for k, v in samples.items()}} for i, p in enumerate(prompts)
     ]
     return out
+
+
+def _teacher_samples(
+    job: Job, live: Teacher, teacher: LoadedModel, prompts: list[str]
+) -> tuple[list[str], float]:
+    """Greedy samples and generation tokens/s of the teacher, wherever it runs."""
+    if isinstance(live, HFTeacher):
+        return _samples(job, teacher, prompts), generation_speed(teacher.model, teacher.tokenizer)
+    tok = teacher.tokenizer
+    n = job.config.eval.sample_tokens
+    ids = [tok(p).input_ids for p in prompts]
+    out = live.generate(ids, max_new_tokens=n, temperature=0.0, seed=0)
+    t0 = time.perf_counter()
+    timed = live.generate([tok("The").input_ids], max_new_tokens=64, temperature=0.0, seed=0)
+    speed = len(timed[0]) / max(time.perf_counter() - t0, 1e-9)
+    return [str(tok.decode(o, skip_special_tokens=True)) for o in out], speed
+
+
+def _teacher_id(source: str, revision: str | None) -> str:
+    """Fingerprint of a local teacher's files, or the hub id at its revision."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return fingerprint_model_dir(path)
+    return f"{source}@{revision or 'main'}"
 
 
 def _samples(job: Job, model: LoadedModel, prompts: list[str]) -> list[str]:

@@ -358,6 +358,7 @@ class ServerProcess:
         auth_probe: str,
         url_path: str = "/",
         startup_timeout: float = STARTUP_TIMEOUT_S,
+        check: Callable[[], None] | None = None,
     ) -> None:
         self.kind = kind
         self.argv = list(argv)
@@ -370,6 +371,7 @@ class ServerProcess:
         self.auth_probe = auth_probe
         self.url_path = url_path
         self.startup_timeout = startup_timeout
+        self.check = check  # called while waiting for start-up: raises to abandon it (cancel)
         self.proc: subprocess.Popen[bytes] | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=200)
         self._pump: threading.Thread | None = None
@@ -477,6 +479,8 @@ class ServerProcess:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
+            if self.check is not None:
+                self.check()
             if self.proc.poll() is not None:
                 self._join_pump(2.0)
                 raise ServerError(self._exit_message())

@@ -10,8 +10,10 @@ uninterrupted one: weights, AdamW state, batch position and RNG.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,11 +29,24 @@ from foundry_kernel.config import RunConfig
 from foundry_kernel.context import RunContext
 from foundry_kernel.data import BatchSampler, DataBundle
 from foundry_kernel.errors import DivergenceError, RunCancelled, RunTimeout
-from foundry_kernel.evaluate import autocast, evaluate_lm, shift_labels
-from foundry_kernel.losses import LossSpec, distillation_loss
+from foundry_kernel.evaluate import evaluate_lm, shift_labels
+from foundry_kernel.losses import LossSpec, distillation_loss, sparse_distillation_loss
+from foundry_kernel.precision import autocast
+from foundry_kernel.targets import SparseTargets
+from foundry_kernel.teachers import Teacher, as_teacher, sample_continuations
 
 log = logging.getLogger("foundry.train")
 MetricsSink = Callable[[int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class OnPolicyPlan:
+    """GKD-style steps: the student continues a prompt, the teacher scores its tokens."""
+
+    fraction: float
+    prompt_tokens: int
+    max_new_tokens: int
+    temperature: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,8 @@ class TrainPlan:
     teacher_amp_dtype: torch.dtype | None = None  # the teacher is wider: bf16 may pay for it alone
     gradient_checkpointing: bool = False
     loss: LossSpec | None = None  # None: plain cross-entropy (no teacher needed)
+    sparse_mass: str = "tail"  # how top-k teacher targets treat the missing mass
+    on_policy: OnPolicyPlan | None = None
     eval_every: int = 100
     eval_max_batches: int | None = None
     ckpt_every: int | None = None
@@ -82,7 +99,18 @@ class TrainPlan:
                 ce_weight=lo.ce_weight,
                 chunk_tokens=lo.chunk_tokens,
             )
+        on_policy = None
+        if distill and cfg.distill.mode == "on_policy":
+            op = cfg.distill.on_policy
+            on_policy = OnPolicyPlan(
+                fraction=op.fraction,
+                prompt_tokens=op.prompt_tokens,
+                max_new_tokens=op.max_new_tokens,
+                temperature=op.temperature,
+            )
         return cls(
+            sparse_mass=lo.top_k_mass,
+            on_policy=on_policy,
             max_steps=cfg.limits.max_steps,
             batch_size=o.batch_size,
             grad_accum=o.grad_accum,
@@ -127,7 +155,7 @@ class Trainer:
         *,
         ctx: RunContext,
         on_metrics: MetricsSink,
-        teacher: PreTrainedModel | None = None,
+        teacher: Teacher | PreTrainedModel | None = None,
         vocab_size: int | None = None,
         ckpt_dir: Path | None = None,
         prefix: str = "",
@@ -139,7 +167,7 @@ class Trainer:
         self.plan = plan
         self.ctx = ctx
         self.on_metrics = on_metrics
-        self.teacher = teacher
+        self.teacher = as_teacher(teacher, vocab_size=vocab_size, amp_dtype=plan.teacher_amp_dtype)
         self.vocab_size = vocab_size
         self.ckpt_dir = ckpt_dir
         self.prefix = prefix
@@ -151,9 +179,6 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         if plan.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        if teacher is not None:
-            teacher.eval()
-            teacher.requires_grad_(False)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         """AdamW; norms and biases (1-D tensors) are not decayed."""
@@ -278,17 +303,17 @@ class Trainer:
         lr = plan.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches = [self.sampler.next_indices() for _ in range(plan.grad_accum)]
-        labels = [shift_labels(self.data.train.labels[idx]) for idx in batches]
-        n_valid = max(sum(int((lab != -100).sum()) for lab in labels), 1)
+        rollout = self._on_policy_now()
+        micro = [
+            self._micro_batch(self.sampler.next_indices(), rollout, m)
+            for m in range(plan.grad_accum)
+        ]
+        n_valid = max(sum(int((mb[3] != -100).sum()) for mb in micro), 1)
         totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
         tokens = 0
-        for idx, target in zip(batches, labels, strict=True):
+        for idx, ids, mask, target in micro:
             self.ctx.check()
-            ids = self.data.train.input_ids[idx].to(self.device)
-            mask = self.data.train.attention_mask[idx].to(self.device)
-            target = target.to(self.device)
-            parts = self._micro_step(ids, mask, target, n_valid)
+            parts = self._micro_step(idx, ids, mask, target, n_valid, on_policy=rollout)
             for k, v in parts.items():
                 totals[k] += v
             tokens += int(mask.sum())
@@ -301,10 +326,56 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         out = {f"train/{k}": v for k, v in totals.items() if plan.loss is not None or k != "kd"}
         out.update({"train/lr": lr, "train/grad_norm": grad_norm, "tokens": float(tokens)})
+        if plan.on_policy is not None:
+            out["train/on_policy"] = float(rollout)
         return out
 
+    def _on_policy_now(self) -> bool:
+        """Whether this step trains on student samples: a pure function of (seed, step), so
+        a resumed run makes the same choices as an uninterrupted one."""
+        op = self.plan.on_policy
+        if op is None or op.fraction <= 0:
+            return False
+        return random.Random(f"{self.plan.seed}:{self.step}").random() < op.fraction
+
+    def _micro_batch(
+        self, idx: torch.Tensor, rollout: bool, micro: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(block index, input ids, attention mask, shifted labels) on the device; for an
+        on-policy step the blocks' first tokens are a prompt the student continues."""
+        ids = self.data.train.input_ids[idx].to(self.device)
+        mask = self.data.train.attention_mask[idx].to(self.device)
+        if not rollout:
+            return idx, ids, mask, shift_labels(self.data.train.labels[idx]).to(self.device)
+        op = self.plan.on_policy
+        assert op is not None
+        prompt = op.prompt_tokens
+        new = max(1, min(op.max_new_tokens, ids.shape[1] - prompt))
+        prompts = ids[:, :prompt].tolist()
+        continuations = sample_continuations(
+            self.model,
+            prompts,
+            max_new_tokens=new,
+            temperature=op.temperature,
+            seed=self.plan.seed * 1_000_003 + self.step * 97 + micro,
+            pad_token_id=None,
+        )
+        seq = torch.tensor(
+            [p + c[:new] for p, c in zip(prompts, continuations, strict=True)], device=self.device
+        )
+        labels = seq.clone()
+        labels[:, :prompt] = -100  # only the student's own tokens are scored
+        return None, seq, torch.ones_like(seq), shift_labels(labels)
+
     def _micro_step(
-        self, ids: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, n_valid: int
+        self,
+        idx: torch.Tensor | None,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        target: torch.Tensor,
+        n_valid: int,
+        *,
+        on_policy: bool = False,
     ) -> dict[str, float]:
         with autocast(self.device, self.plan.amp_dtype):
             logits = self.model(input_ids=ids, attention_mask=mask).logits
@@ -315,16 +386,25 @@ class Trainer:
             loss.backward()
             value = loss.item()
             return {"loss": value, "ce": value}
-        with torch.no_grad(), autocast(self.device, self.plan.teacher_amp_dtype):
-            t_logits = self.teacher(input_ids=ids, attention_mask=mask).logits  # type: ignore[misc]
-        out = distillation_loss(
-            logits,
-            t_logits,
-            target,
-            self.plan.loss,
-            num_valid_tokens=n_valid,
-            vocab_size=self.vocab_size,
-        )
+        assert self.teacher is not None
+        spec = self.plan.loss
+        if on_policy:  # hard labels on the student's own samples would teach it nothing new
+            spec = dataclasses.replace(spec, ce_weight=0.0)
+        signal = self.teacher.signal(idx, ids, mask)
+        if isinstance(signal, SparseTargets):
+            out = sparse_distillation_loss(
+                logits,
+                signal,
+                target,
+                spec,
+                mass=self.plan.sparse_mass,  # type: ignore[arg-type]  # checked by the config
+                num_valid_tokens=n_valid,
+                vocab_size=self.vocab_size,
+            )
+        else:
+            out = distillation_loss(
+                logits, signal, target, spec, num_valid_tokens=n_valid, vocab_size=self.vocab_size
+            )
         out.total.backward()
         return {"loss": out.total.item(), "kd": out.kd.item(), "ce": out.ce.item()}
 

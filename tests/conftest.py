@@ -92,3 +92,21 @@ def tiny_teacher_dir() -> Path:
         device=torch.device("cpu"),
         amp_dtype=None,
     )
+
+
+@pytest.fixture(scope="session")
+def vllm_teacher_dir() -> Path:
+    """The tiny teacher with one 32-wide head: vLLM's CPU attention has no kernel for
+    head_dim 16 ("Unsupported CPU attention configuration")."""
+    from foundry_kernel.config import TeacherBuild
+    from foundry_kernel.context import RunContext
+    from foundry_kernel.paths import default_cache_dir
+    from foundry_kernel.teacher_builder import ensure_builtin_teacher
+
+    return ensure_builtin_teacher(
+        TeacherBuild(**{**TINY_BUILD, "num_heads": 1}),
+        cache_dir=default_cache_dir(),
+        ctx=RunContext(),
+        device=torch.device("cpu"),
+        amp_dtype=None,
+    )

@@ -137,12 +137,12 @@ def test_cancel_mid_step_rewinds_its_batches(setup, tmp_path: Path) -> None:
     real_micro = trainer._micro_step
     calls = 0
 
-    def micro(*args):
+    def micro(*args, **kwargs):
         nonlocal calls
         calls += 1
         if calls == 2 * 4 + 1:  # first micro-batch of step 5
             ctx.cancel()
-        return real_micro(*args)
+        return real_micro(*args, **kwargs)
 
     trainer._micro_step = micro
     with pytest.raises(RunCancelled):

@@ -1,0 +1,706 @@
+"""Offline logit cache: capture a teacher's top-k once, train any number of students on it.
+
+Running the teacher is usually the expensive half of distillation. ``capture`` runs it
+once over a fixed set of ``TokenBlocks`` and stores, per block and position, its top-k
+token ids and log-probabilities (plus the tail mass and, when the teacher gives it, the
+log-probability of the true next token). ``LogitCache`` then serves those as
+:class:`~foundry_kernel.targets.SparseTargets` for any batch of block indices, for any
+number of epochs and students, without the teacher loaded.
+
+Layout of a cache folder::
+
+    manifest.json             key, shape, dtypes, the completed shards with SHA-256 + size
+    shard-00000.safetensors   blocks [0, shard_blocks): ids, values, tail[, label]
+    shard-00001.safetensors   ...
+
+Per shard of ``n`` blocks with ``P`` positions each:
+
+* ``ids`` ``[n, P, k]`` - uint16 when every id fits (vocab <= 65536; safetensors has a
+  native U16), else int32. Exact either way.
+* ``values`` ``[n, P, k]`` float16 - the top-k log-probabilities (temperature 1).
+* ``tail`` ``[n, P]`` float32 - log of the mass outside the top-k, computed from the
+  teacher's fp32 values *before* rounding to fp16: re-summing rounded values could miss a
+  small tail entirely.
+* ``label`` ``[n, P]`` float32, optional - the teacher's log p of the true next token.
+
+Robustness: every shard is written atomically (temp file + ``os.replace``) and then the
+manifest is rewritten atomically to list it, so a crash or cancel at any point leaves a
+valid manifest naming only complete shards, and ``capture`` resumes after them. Shards are
+checked against their recorded SHA-256 on resume and on open: on open a mismatch is
+refused, on resume the shard is captured again. Only safetensors and JSON are ever
+parsed: nothing in a cache folder can execute code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+from torch import Tensor
+
+from foundry_kernel.atomic import atomic_write_bytes, atomic_write_text
+from foundry_kernel.errors import CacheError, ConfigError, ModelError, StaleCacheError
+from foundry_kernel.targets import SparseTargets
+
+if TYPE_CHECKING:
+    from foundry_kernel.context import RunContext
+    from foundry_kernel.data import TokenBlocks
+
+__all__ = [
+    "CACHE_FORMAT_VERSION",
+    "CacheKey",
+    "LogitCache",
+    "TeacherFn",
+    "capture",
+    "fingerprint_model_dir",
+    "fingerprint_tokenizer",
+    "fingerprint_tokens",
+]
+
+log = logging.getLogger("foundry.logit_cache")
+
+CACHE_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_FORMAT_NAME = "foundry-logit-cache"
+_MIB = 2**20
+_HASH_CHUNK = 8 * _MIB
+_U16_IDS = 2**16  # ids below this fit uint16
+_FINGERPRINT_ROWS = 4096  # token rows hashed per step, so hashing never copies the data set
+
+TeacherFn = Callable[[Tensor, Tensor, Tensor], SparseTargets]
+"""``teacher_fn(indices, input_ids, attention_mask)`` -> top-k targets for those blocks."""
+
+
+# --------------------------------------------------------------------------- key
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What a cache's contents depend on; a cache is only reused under an equal key.
+
+    ``teacher``, ``tokenizer`` and ``data`` are fingerprints (see the ``fingerprint_*``
+    helpers); ``version`` is the on-disk format, bumped when the layout changes.
+    """
+
+    teacher: str
+    tokenizer: str
+    data: str
+    k: int
+    version: int = CACHE_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ConfigError(f"cache k must be a positive integer, got {self.k!r}", field="k")
+
+    def digest(self) -> str:
+        """A short stable id of the whole key (16 hex digits), e.g. to name its cache folder:
+        a folder per key means a changed teacher or data set never meets a stale cache."""
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def differences(self, other: CacheKey) -> list[str]:
+        """Names of the fields where ``other`` differs from this key."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> CacheKey:
+        """Parse a manifest's key; a malformed one is a corrupt cache, not a crash."""
+        try:
+            return cls(
+                teacher=str(raw["teacher"]),
+                tokenizer=str(raw["tokenizer"]),
+                data=str(raw["data"]),
+                k=int(raw["k"]),
+                version=int(raw["version"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CacheError(f"logit cache manifest has a malformed key: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def fingerprint_tokens(blocks: TokenBlocks) -> str:
+    """SHA-256 over the blocks' ``input_ids`` and ``attention_mask`` (values and shapes).
+
+    Values are hashed as little-endian int64 whatever the stored dtype, so an int32 copy
+    of the same tokens has the same fingerprint. Labels are left out: the teacher never
+    sees them (its label log-probabilities follow ``input_ids``).
+    """
+    digest = hashlib.sha256(b"foundry-tokens-v1\0")
+    for name, tensor in (
+        ("input_ids", blocks.input_ids),
+        ("attention_mask", blocks.attention_mask),
+    ):
+        digest.update(f"{name}{tuple(tensor.shape)}\0".encode())
+        for start in range(0, int(tensor.shape[0]), _FINGERPRINT_ROWS):
+            rows = tensor[start : start + _FINGERPRINT_ROWS].to("cpu", torch.int64)
+            digest.update(rows.contiguous().numpy().astype("<i8", copy=False).tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint_model_dir(path: Path) -> str:
+    """SHA-256 over ``config.json`` and, per weight file, its name, size and end samples.
+
+    Each ``*.safetensors`` / ``*.bin`` file contributes its name, byte size and the SHA-256
+    of its first and last MiB. Not the whole file, because teachers are tens to hundreds
+    of GB and hashing them would cost minutes on every capture and open. The samples still
+    catch what actually happens: another checkpoint or revision (different size, or a
+    different safetensors header, which sits in the first MiB and lists every tensor's
+    name, dtype, shape and offset) and re-quantisation (different size and header). What it
+    would miss is an edit of the same size in the middle of a file, i.e. deliberate
+    tampering, which the cache does not defend against.
+    """
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelError(f"cannot fingerprint teacher {path}: it has no config.json")
+    weights = sorted(
+        p for p in path.iterdir() if p.is_file() and p.suffix in {".safetensors", ".bin"}
+    )
+    if not weights:
+        raise ModelError(
+            f"cannot fingerprint teacher {path}: no *.safetensors or *.bin weight files"
+        )
+    digest = hashlib.sha256(b"foundry-model-v1\0")
+    digest.update(config.read_bytes())
+    for weight in weights:
+        size = weight.stat().st_size
+        head, tail = _end_digests(weight, size)
+        digest.update(f"\0{weight.name}\0{size}\0{head}\0{tail}".encode())
+    return digest.hexdigest()
+
+
+def _end_digests(path: Path, size: int) -> tuple[str, str]:
+    """SHA-256 of the first and of the last MiB of a file (the same bytes when it is small)."""
+    with path.open("rb") as handle:
+        head = handle.read(_MIB)
+        handle.seek(max(size - _MIB, 0))
+        tail = handle.read(_MIB)
+    return hashlib.sha256(head).hexdigest(), hashlib.sha256(tail).hexdigest()
+
+
+class _Tokenizer(Protocol):
+    def get_vocab(self) -> dict[str, int]: ...
+
+
+_SPECIAL_ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def fingerprint_tokenizer(tokenizer: _Tokenizer) -> str:
+    """SHA-256 of the sorted vocabulary (token, id) items and the special tokens.
+
+    The special tokens are hashed with their roles (bos/eos/unk/pad) as well as the full
+    ``all_special_tokens`` list: the same vocabulary with another end-of-text token would
+    produce different blocks and different teacher outputs.
+    """
+    roles = {role: _token_text(getattr(tokenizer, role, None)) for role in _SPECIAL_ROLES}
+    special = sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", None) or [])
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": special,
+        "roles": roles,
+    }
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(b"foundry-tokenizer-v1\0" + text.encode("utf-8")).hexdigest()
+
+
+def _token_text(token: object) -> str | None:
+    return None if token is None else str(token)
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """One completed shard as the manifest records it."""
+
+    index: int
+    file: str
+    start: int
+    stop: int
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class _Manifest:
+    """The cache's table of contents; rewritten atomically after every shard."""
+
+    key: CacheKey
+    num_blocks: int
+    seq_len: int
+    shard_blocks: int
+    vocab_size: int | None
+    positions: int | None = None  # per block; known once the teacher has answered
+    has_label: bool | None = None
+    shards: dict[int, _Shard] = field(default_factory=dict)
+    complete: bool = False
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_blocks / self.shard_blocks)
+
+    def shard_range(self, index: int) -> tuple[int, int]:
+        start = index * self.shard_blocks
+        return start, min(start + self.shard_blocks, self.num_blocks)
+
+    def to_json(self) -> str:
+        body = {
+            "format": _FORMAT_NAME,
+            "key": asdict(self.key),
+            "k": self.key.k,
+            "num_blocks": self.num_blocks,
+            "seq_len": self.seq_len,
+            "positions": self.positions,
+            "shard_blocks": self.shard_blocks,
+            "vocab_size": self.vocab_size,
+            "value_dtype": "float16",
+            "tail_dtype": "float32",
+            "has_label": self.has_label,
+            "shards": [asdict(s) for _, s in sorted(self.shards.items())],
+            "complete": self.complete,
+        }
+        return json.dumps(body, indent=1)
+
+    @classmethod
+    def read(cls, folder: Path) -> _Manifest:
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise CacheError(f"{folder} holds no logit cache ({MANIFEST} is missing)")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            if raw.get("format") != _FORMAT_NAME:
+                raise ValueError(f"format is {raw.get('format')!r}, not {_FORMAT_NAME!r}")
+            shards = [_Shard(**s) for s in raw["shards"]]
+            return cls(
+                key=CacheKey.from_dict(raw["key"]),
+                num_blocks=int(raw["num_blocks"]),
+                seq_len=int(raw["seq_len"]),
+                shard_blocks=int(raw["shard_blocks"]),
+                vocab_size=_optional_int(raw["vocab_size"]),
+                positions=_optional_int(raw["positions"]),
+                has_label=None if raw["has_label"] is None else bool(raw["has_label"]),
+                shards={s.index: s for s in shards},
+                complete=bool(raw["complete"]),
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CacheError(f"logit cache manifest {path} is unreadable: {exc}") from exc
+
+    def write(self, folder: Path) -> None:
+        atomic_write_text(folder / MANIFEST, self.to_json())
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _check_key(found: CacheKey, wanted: CacheKey, folder: Path) -> None:
+    """Refuse a cache captured under another key, naming what differs and the fix."""
+    diffs = wanted.differences(found)
+    if not diffs:
+        return
+    what = {
+        "teacher": "another teacher model",
+        "tokenizer": "another tokenizer",
+        "data": "other training data (token blocks)",
+        "k": f"k={found.k} (now k={wanted.k})",
+        "version": f"cache format {found.version} (this Foundry writes {wanted.version})",
+    }
+    raise StaleCacheError(
+        f"the logit cache in {folder} was captured for {', '.join(what[d] for d in diffs)}; "
+        "it cannot be reused. Delete that folder to capture again, or use another cache "
+        "folder.",
+        differences=diffs,
+    )
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _shard_problem(folder: Path, shard: _Shard, manifest: _Manifest) -> str | None:
+    """Why a recorded shard cannot be trusted, or None when it is intact."""
+    if (shard.start, shard.stop) != manifest.shard_range(shard.index):
+        return f"it claims blocks [{shard.start}, {shard.stop}), not its slot's"
+    path = folder / Path(shard.file).name
+    if not path.is_file():
+        return "the file is missing"
+    if path.stat().st_size != shard.bytes:
+        return f"it has {path.stat().st_size} bytes, the manifest recorded {shard.bytes}"
+    if _file_sha256(path) != shard.sha256:
+        return "its SHA-256 does not match the manifest (modified or damaged on disk)"
+    return None
+
+
+# --------------------------------------------------------------------------- capture
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the caller asked for; checked against an existing manifest on resume."""
+
+    key: CacheKey
+    num_blocks: int
+    seq_len: int
+    shard_blocks: int
+    vocab_size: int | None
+
+
+def capture(
+    blocks: TokenBlocks,
+    teacher_fn: TeacherFn,
+    key: CacheKey,
+    folder: Path,
+    *,
+    batch_size: int,
+    shard_blocks: int,
+    ctx: RunContext | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    vocab_size: int | None = None,
+) -> LogitCache:
+    """Run ``teacher_fn`` over every block not yet cached in ``folder``; return the cache.
+
+    ``teacher_fn(indices, input_ids, attention_mask)`` gets ``batch_size`` blocks at a time
+    (int64 block indices and their rows) and returns their top-``key.k`` targets, called
+    under ``torch.no_grad()``. ``key.data`` must be ``fingerprint_tokens(blocks)``.
+
+    Resumable: a folder whose manifest has the same key keeps its verified shards and
+    continues with the missing ones (a shard whose hash no longer matches is captured
+    again); a manifest with another key raises :class:`StaleCacheError`. ``ctx.check()``
+    runs before every teacher call, so a cancel stops within one batch and leaves every
+    completed shard usable. A shard (``shard_blocks`` blocks) is held in memory until it
+    is written; ``on_progress(done_blocks, total_blocks)`` follows every batch.
+
+    ``vocab_size``, when given, is checked against every id and recorded; ids are stored
+    as uint16 whenever they fit.
+    """
+    _check_capture_args(blocks, key, batch_size, shard_blocks, vocab_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_temp_files(folder)
+    layout = _Layout(key, len(blocks), blocks.seq_len, shard_blocks, vocab_size)
+    manifest = _resume_or_start(folder, layout)
+    progress = _Progress(on_progress, len(blocks))
+    progress.advance(sum(s.stop - s.start for s in manifest.shards.values()))
+    for index in range(manifest.num_shards):
+        if index in manifest.shards:
+            continue
+        start, stop = manifest.shard_range(index)
+        arrays = _capture_range(
+            blocks, teacher_fn, manifest, (start, stop), batch_size, ctx, progress
+        )
+        manifest.shards[index] = _write_shard(folder, index, (start, stop), arrays, manifest)
+        manifest.complete = len(manifest.shards) == manifest.num_shards
+        manifest.write(folder)
+    if not manifest.complete:  # nothing was missing, but the flag was never set (or reset)
+        manifest.complete = True
+        manifest.write(folder)
+    return LogitCache(folder, manifest)
+
+
+def _check_capture_args(
+    blocks: TokenBlocks, key: CacheKey, batch_size: int, shard_blocks: int, vocab: int | None
+) -> None:
+    for name, value in (("batch_size", batch_size), ("shard_blocks", shard_blocks)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}", field=name)
+    if vocab is not None and (isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1):
+        raise ConfigError(f"vocab_size must be a positive integer, got {vocab!r}", field="vocab")
+    if len(blocks) == 0:
+        raise ConfigError("cannot capture a logit cache for zero blocks", field="data")
+    if key.data != fingerprint_tokens(blocks):
+        raise ConfigError(
+            "key.data is not the fingerprint of these blocks; build the key with "
+            "data=fingerprint_tokens(blocks) so the cache can never be replayed on other data",
+            field="key.data",
+        )
+
+
+def _remove_temp_files(folder: Path) -> None:
+    """Delete what a killed atomic write left behind (``.manifest.json.*.tmp`` etc.)."""
+    for pattern in (f".{MANIFEST}.*.tmp", ".shard-*.safetensors.*.tmp"):
+        for tmp in folder.glob(pattern):
+            tmp.unlink(missing_ok=True)
+
+
+def _resume_or_start(folder: Path, layout: _Layout) -> _Manifest:
+    """The manifest to continue: the folder's (verified, same key) or a fresh one."""
+    if not (folder / MANIFEST).is_file():
+        if any(folder.glob("shard-*.safetensors")):
+            log.warning("%s has shards but no manifest; they will be overwritten", folder)
+        manifest = _Manifest(
+            layout.key, layout.num_blocks, layout.seq_len, layout.shard_blocks, layout.vocab_size
+        )
+        manifest.write(folder)
+        return manifest
+    manifest = _Manifest.read(folder)
+    _check_key(manifest.key, layout.key, folder)
+    _check_layout(manifest, layout, folder)
+    for index, shard in list(manifest.shards.items()):
+        problem = _shard_problem(folder, shard, manifest)
+        if problem is not None:
+            log.warning("re-capturing %s: %s", shard.file, problem)
+            del manifest.shards[index]
+            manifest.complete = False
+    return manifest
+
+
+def _check_layout(manifest: _Manifest, layout: _Layout, folder: Path) -> None:
+    """Same key, so same data; the only free choices are shard size and vocab_size."""
+    if (manifest.num_blocks, manifest.seq_len) != (layout.num_blocks, layout.seq_len):
+        raise CacheError(
+            f"the logit cache in {folder} holds {manifest.num_blocks} blocks of "
+            f"{manifest.seq_len} tokens but these blocks are {layout.num_blocks} x "
+            f"{layout.seq_len}; delete the folder or use another one"
+        )
+    if manifest.shard_blocks != layout.shard_blocks:
+        log.info(
+            "resuming %s with its own shard_blocks=%d (asked for %d)",
+            folder,
+            manifest.shard_blocks,
+            layout.shard_blocks,
+        )
+    if layout.vocab_size is not None and manifest.vocab_size not in (None, layout.vocab_size):
+        raise CacheError(
+            f"the logit cache in {folder} was captured with vocab_size={manifest.vocab_size}, "
+            f"not {layout.vocab_size}; delete the folder or use another one"
+        )
+
+
+class _Progress:
+    """Counts captured blocks and reports them."""
+
+    def __init__(self, callback: Callable[[int, int], None] | None, total: int) -> None:
+        self.callback = callback
+        self.total = total
+        self.done = 0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+
+def _capture_range(
+    blocks: TokenBlocks,
+    teacher_fn: TeacherFn,
+    manifest: _Manifest,
+    span: tuple[int, int],
+    batch_size: int,
+    ctx: RunContext | None,
+    progress: _Progress,
+) -> dict[str, Tensor]:
+    """The teacher's targets for blocks ``[start, stop)``, batch by batch, in storage form."""
+    parts: list[dict[str, Tensor]] = []
+    for indices in _batches(span, batch_size):
+        if ctx is not None:
+            ctx.check()
+        with torch.no_grad():
+            out = teacher_fn(indices, blocks.input_ids[indices], blocks.attention_mask[indices])
+        parts.append(_storage_arrays(out, indices, manifest))
+        progress.advance(len(indices))
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+
+def _batches(span: tuple[int, int], batch_size: int) -> Iterator[Tensor]:
+    start, stop = span
+    for first in range(start, stop, batch_size):
+        yield torch.arange(first, min(first + batch_size, stop), dtype=torch.int64)
+
+
+def _storage_arrays(out: SparseTargets, indices: Tensor, manifest: _Manifest) -> dict[str, Tensor]:
+    """Validate one teacher answer and convert it to what a shard stores (on CPU)."""
+    where = f"blocks {int(indices[0])}..{int(indices[-1])}"
+    _check_teacher_shape(out, len(indices), manifest, where)
+    ids = out.ids.detach().to("cpu", torch.int64)
+    low, high = int(ids.min()), int(ids.max())
+    limit = manifest.vocab_size if manifest.vocab_size is not None else 2**31
+    if low < 0 or high >= limit:
+        raise ModelError(
+            f"teacher returned token ids in [{low}, {high}] for {where}; expected [0, {limit})"
+        )
+    logprobs = out.logprobs.detach().to("cpu", torch.float32)
+    tail = out.tail_logmass().detach().to("cpu", torch.float32)
+    if torch.isnan(logprobs).any() or torch.isnan(tail).any():
+        raise ModelError(f"teacher returned NaN log-probabilities (or tail mass) for {where}")
+    arrays = {"ids": ids, "values": logprobs.to(torch.float16), "tail": tail}
+    if out.label_logprobs is not None:
+        arrays["label"] = out.label_logprobs.detach().to("cpu", torch.float32)
+    return arrays
+
+
+def _check_teacher_shape(out: SparseTargets, n: int, manifest: _Manifest, where: str) -> None:
+    """Every batch must agree on k, positions and label presence (recorded on first sight)."""
+    if not isinstance(out, SparseTargets):
+        raise ModelError(f"teacher_fn must return SparseTargets, got {type(out).__name__}")
+    batch, positions, k = out.ids.shape
+    if batch != n or k != manifest.key.k:
+        raise ModelError(
+            f"teacher returned targets of shape {tuple(out.ids.shape)} for {where}; expected "
+            f"[{n}, positions, {manifest.key.k}]"
+        )
+    if manifest.positions is None:
+        manifest.positions = positions
+    label = out.label_logprobs
+    has_label = label is not None
+    if manifest.has_label is None:
+        manifest.has_label = has_label
+    label_ok = label is None or tuple(label.shape) == (n, positions)
+    if positions != manifest.positions or has_label != manifest.has_label or not label_ok:
+        raise ModelError(
+            f"teacher output for {where} is inconsistent with earlier batches: "
+            f"{positions} positions (cache: {manifest.positions}), label log-probs "
+            f"{'present' if has_label else 'absent'} (cache: "
+            f"{'present' if manifest.has_label else 'absent'})"
+        )
+
+
+def _write_shard(
+    folder: Path, index: int, span: tuple[int, int], arrays: dict[str, Tensor], manifest: _Manifest
+) -> _Shard:
+    """Serialise one shard, write it atomically, and describe it for the manifest."""
+    ids = arrays["ids"]
+    fits_u16 = (manifest.vocab_size or int(ids.max()) + 1) <= _U16_IDS
+    tensors = dict(arrays, ids=ids.to(torch.uint16 if fits_u16 else torch.int32))
+    tensors = {name: t.contiguous() for name, t in tensors.items()}
+    # One metadata entry: safetensors writes several in random (hash map) order, and equal
+    # content should give equal bytes (so a resumed capture's shards equal a straight one's).
+    about = {"start": span[0], "stop": span[1], "version": CACHE_FORMAT_VERSION}
+    metadata = {_FORMAT_NAME: json.dumps(about, sort_keys=True)}
+    data = safetensors_save(tensors, metadata=metadata)
+    name = f"shard-{index:05d}.safetensors"
+    atomic_write_bytes(folder / name, data)
+    return _Shard(index, name, span[0], span[1], hashlib.sha256(data).hexdigest(), len(data))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class LogitCache:
+    """A captured cache, served as ``SparseTargets`` for any batch of block indices.
+
+    Build it with :meth:`open` (or get it from :func:`capture`). Shards are memory-mapped
+    lazily and only the requested rows are read, so a cache far larger than RAM is fine.
+    """
+
+    def __init__(self, folder: Path, manifest: _Manifest) -> None:
+        self.folder = folder
+        self._manifest = manifest
+        self._handles: dict[int, Any] = {}
+
+    @classmethod
+    def open(cls, folder: Path, key: CacheKey, *, allow_incomplete: bool = False) -> LogitCache:
+        """Open the cache in ``folder`` for ``key``, verifying the key and every shard's hash.
+
+        Raises :class:`StaleCacheError` for another key and :class:`CacheError` for a
+        missing or unreadable manifest, a modified or missing shard, or - unless
+        ``allow_incomplete`` - an interrupted capture (training on it would silently skip
+        the missing blocks' teacher signal).
+        """
+        manifest = _Manifest.read(folder)
+        _check_key(manifest.key, key, folder)
+        if not manifest.complete and not allow_incomplete:
+            done = sum(s.stop - s.start for s in manifest.shards.values())
+            raise CacheError(
+                f"the logit cache in {folder} is incomplete ({done} of {manifest.num_blocks} "
+                "blocks captured; the capture was interrupted). Run capture() again with the "
+                "same folder to finish it."
+            )
+        for shard in manifest.shards.values():
+            problem = _shard_problem(folder, shard, manifest)
+            if problem is not None:
+                raise CacheError(
+                    f"refusing to load logit cache shard {folder / shard.file}: {problem}. "
+                    "Run capture() again to re-capture it, or delete the folder."
+                )
+        return cls(folder, manifest)
+
+    @property
+    def key(self) -> CacheKey:
+        return self._manifest.key
+
+    @property
+    def num_blocks(self) -> int:
+        return self._manifest.num_blocks
+
+    @property
+    def k(self) -> int:
+        return self._manifest.key.k
+
+    @property
+    def positions(self) -> int:
+        """Target positions per block (the teacher's ``T``)."""
+        return self._manifest.positions or 0
+
+    @property
+    def complete(self) -> bool:
+        return self._manifest.complete
+
+    @property
+    def bytes_per_token(self) -> float:
+        """On-disk shard bytes per stored token position (headers included)."""
+        shards = self._manifest.shards.values()
+        positions = sum(s.stop - s.start for s in shards) * self.positions
+        return sum(s.bytes for s in shards) / positions if positions else 0.0
+
+    def targets(self, indices: Tensor | Sequence[int]) -> SparseTargets:
+        """The cached targets of these blocks, in the given order: int64 ids, fp32 values.
+
+        ``logprobs`` are the stored fp16 values shifted by one constant per position so
+        that ``tail_logmass()`` gives back the stored tail (the teacher's fp32 top-k mass,
+        not a re-sum of rounded values). The shift is within the fp16 rounding of the
+        largest values; ranks and differences between ids are unchanged.
+        """
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        if idx.numel() == 0:
+            raise ValueError("targets() needs at least one block index")
+        if int(idx.min()) < 0 or int(idx.max()) >= self.num_blocks:
+            raise IndexError(
+                f"block indices must be in [0, {self.num_blocks}), got "
+                f"[{int(idx.min())}, {int(idx.max())}]"
+            )
+        rows = [self._row(int(i)) for i in idx]
+        ids = torch.stack([r["ids"] for r in rows]).to(torch.int64)
+        values = torch.stack([r["values"] for r in rows]).to(torch.float32)
+        tail = torch.stack([r["tail"] for r in rows]).to(torch.float32)
+        label = torch.stack([r["label"] for r in rows]) if self._manifest.has_label else None
+        return SparseTargets(ids, _match_tail(values, tail), label)
+
+    def _row(self, block: int) -> dict[str, Tensor]:
+        """One block's tensors, read through the shard's memory map."""
+        index = block // self._manifest.shard_blocks
+        shard = self._manifest.shards.get(index)
+        if shard is None:
+            raise CacheError(
+                f"block {block} is not in the logit cache in {self.folder} (its shard was "
+                "never captured); run capture() again to finish the cache"
+            )
+        handle = self._handles.get(index)
+        if handle is None:
+            handle = safe_open(str(self.folder / shard.file), framework="pt")
+            self._handles[index] = handle
+        local = block - shard.start
+        return {name: handle.get_slice(name)[local] for name in handle.keys()}
+
+    def close(self) -> None:
+        """Drop the shard memory maps (they are reopened on demand)."""
+        self._handles.clear()
+
+
+def _match_tail(values: Tensor, tail: Tensor) -> Tensor:
+    """Shift each position's log-probabilities so their mass is ``1 - exp(tail)``."""
+    top = torch.log(-torch.expm1(tail.clamp(max=-1e-30)))
+    return values + (top - torch.logsumexp(values, dim=-1)).unsqueeze(-1)

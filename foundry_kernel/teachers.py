@@ -1,0 +1,358 @@
+"""Teacher backends behind one interface: in-process, a vLLM server, or a logit cache.
+
+The trainer and the evaluator only ever ask a teacher four things: its
+distribution over the next token for a batch of training blocks (``signal``),
+the same for held-out blocks with the true token's log-probability
+(``eval_signal``), continuations of prompts (``generate``), and to let go of
+what it holds (``close``). Whether the answer comes from a model in this
+process, from a vLLM server over HTTP, or from a cache on disk is the
+backend's business, so every distillation mode works with every backend that
+can answer it.
+
+Distributions come back either as full logits (in-process, exact) or as
+:class:`~foundry_kernel.targets.SparseTargets` (the top-k with the tail mass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from foundry_kernel.errors import TeacherServerError
+from foundry_kernel.precision import autocast
+from foundry_kernel.targets import SparseTargets, TeacherSignal
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from foundry_kernel.logit_cache import LogitCache
+    from foundry_kernel.servers import ServerProcess
+    from foundry_kernel.teacher_client import TeacherClient
+
+
+class Teacher(ABC):
+    """What a distillation run needs from its teacher, whatever serves it."""
+
+    kind: str = "teacher"
+
+    @abstractmethod
+    def signal(
+        self, index: Tensor | None, input_ids: Tensor, attention_mask: Tensor
+    ) -> TeacherSignal:
+        """The teacher's next-token distribution at every position of these blocks.
+
+        ``index`` names the training blocks (a cache looks them up by it); it is None
+        for blocks made on the fly (student samples), which a cache cannot answer.
+        """
+
+    def eval_signal(self, input_ids: Tensor, attention_mask: Tensor) -> TeacherSignal:
+        """The same for held-out blocks; sparse answers carry the true token's log p."""
+        return self.signal(None, input_ids, attention_mask)
+
+    @abstractmethod
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+    ) -> list[list[int]]:
+        """Token ids continuing each prompt (greedy when temperature is 0)."""
+
+    def close(self) -> None:
+        """Release what the teacher holds (a server it owns, connections)."""
+        self.closed = True
+
+    def __enter__(self) -> Teacher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class HFTeacher(Teacher):
+    """A transformers model in this process: exact full-vocabulary logits, or their top-k."""
+
+    kind = "hf"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        vocab_size: int | None = None,
+        amp_dtype: torch.dtype | None = None,
+        top_k: int | None = None,
+        pad_token_id: int | None = None,
+    ) -> None:
+        self.model = model
+        self.vocab_size = vocab_size
+        self.amp_dtype = amp_dtype
+        self.top_k = top_k
+        self.pad_token_id = pad_token_id
+        model.eval()
+        model.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        with autocast(self.device, self.amp_dtype):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return out[..., : self.vocab_size] if self.vocab_size is not None else out
+
+    def signal(
+        self, index: Tensor | None, input_ids: Tensor, attention_mask: Tensor
+    ) -> TeacherSignal:
+        logits = self.logits(input_ids, attention_mask)
+        if self.top_k is None:
+            return logits
+        return SparseTargets.from_logits(logits, self.top_k)
+
+    def eval_signal(self, input_ids: Tensor, attention_mask: Tensor) -> TeacherSignal:
+        return self.logits(input_ids, attention_mask)  # exact agreement and KL on held-out text
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+    ) -> list[list[int]]:
+        return sample_continuations(
+            self.model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            pad_token_id=self.pad_token_id,
+        )
+
+
+class VLLMTeacher(Teacher):
+    """A teacher behind a vLLM server: top-k log-probabilities by token id, over HTTP.
+
+    When ``server`` is given the teacher owns it and stops it on ``close``.
+    """
+
+    kind = "vllm"
+
+    def __init__(
+        self,
+        client: TeacherClient,
+        *,
+        top_k: int,
+        batch_blocks: int = 8,
+        server: ServerProcess | None = None,
+    ) -> None:
+        self.client = client
+        self.top_k = top_k
+        self.batch_blocks = batch_blocks
+        self.server = server
+
+    def signal(
+        self, index: Tensor | None, input_ids: Tensor, attention_mask: Tensor
+    ) -> SparseTargets:
+        lengths = _prefix_lengths(attention_mask)
+        rows = [input_ids[b, : int(n)].tolist() for b, n in enumerate(lengths)]
+        parts: list[SparseTargets] = []
+        for start in range(0, len(rows), self.batch_blocks):
+            with self._explained():
+                parts += self.client.prompt_topk(
+                    rows[start : start + self.batch_blocks], self.top_k
+                )
+        return _assemble(parts, input_ids.shape, self.top_k, input_ids.device)
+
+    @contextlib.contextmanager
+    def _explained(self) -> Iterator[None]:
+        """When our own server died under a request, say so and show why (its log)."""
+        try:
+            yield
+        except TeacherServerError as exc:
+            server = self.server
+            if server is None or server.is_running():
+                raise
+            raise TeacherServerError(
+                f"the vLLM teacher server exited (code {server.wait(0)}) during a request; "
+                f"log {server.log_path}:\n{_reason(server.log_tail(400))}",
+                url=exc.url,
+                status=exc.status,
+            ) from exc
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+    ) -> list[list[int]]:
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), self.batch_blocks):
+            with self._explained():
+                out += self.client.generate(
+                    prompts[start : start + self.batch_blocks],
+                    max_tokens=max_new_tokens,
+                    temperature=temperature,
+                    seed=seed + start,
+                )
+        return out
+
+    def close(self) -> None:
+        self.client.close()
+        if self.server is not None:
+            self.server.stop()
+
+
+class CachedTeacher(Teacher):
+    """Training targets read from an offline logit cache; everything else from ``live``
+    (held-out evaluation and generation still need a teacher that can answer new text)."""
+
+    kind = "cache"
+
+    def __init__(self, cache: LogitCache, live: Teacher) -> None:
+        self.cache = cache
+        self.live = live
+
+    def signal(
+        self, index: Tensor | None, input_ids: Tensor, attention_mask: Tensor
+    ) -> TeacherSignal:
+        if index is None:
+            return self.live.signal(None, input_ids, attention_mask)
+        return self.cache.targets(index).to(input_ids.device)
+
+    def eval_signal(self, input_ids: Tensor, attention_mask: Tensor) -> TeacherSignal:
+        return self.live.eval_signal(input_ids, attention_mask)
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+    ) -> list[list[int]]:
+        return self.live.generate(
+            prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+        )
+
+    def close(self) -> None:
+        self.live.close()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def as_teacher(teacher: Teacher | PreTrainedModel | None, **kwargs: Any) -> Teacher | None:
+    """Accept a bare transformers model where a Teacher is expected (library callers)."""
+    if teacher is None or isinstance(teacher, Teacher):
+        return teacher
+    return HFTeacher(teacher, **kwargs)
+
+
+@torch.no_grad()
+def sample_continuations(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    pad_token_id: int | None,
+) -> list[list[int]]:
+    """Continue each prompt with ``model`` (sampling at ``temperature``; 0 = greedy).
+
+    Seeded from ``seed`` alone, in a forked RNG, so a resumed run samples what the
+    uninterrupted one did and other users of torch's global RNG are not disturbed.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = []
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for lengths, group in _by_length(prompts):
+                ids = torch.tensor(group, dtype=torch.long, device=device)
+                generated = model.generate(  # type: ignore[operator]  # transformers' stubs
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    min_new_tokens=max_new_tokens,
+                    do_sample=temperature > 0,
+                    temperature=temperature if temperature > 0 else None,
+                    top_k=None,
+                    top_p=None,
+                    pad_token_id=pad_token_id,
+                )
+                out += [row[lengths:].tolist() for row in generated]
+    finally:
+        model.train(was_training)
+    order = _by_length_order(prompts)
+    result: list[list[int]] = [[] for _ in prompts]
+    for position, tokens in zip(order, out, strict=True):
+        result[position] = tokens
+    return result
+
+
+def _by_length(prompts: Sequence[Sequence[int]]) -> list[tuple[int, list[list[int]]]]:
+    """Prompts grouped by length (no padding inside a generate call), in a fixed order."""
+    groups: dict[int, list[list[int]]] = {}
+    for p in prompts:
+        groups.setdefault(len(p), []).append([int(t) for t in p])
+    return sorted(groups.items())
+
+
+def _by_length_order(prompts: Sequence[Sequence[int]]) -> list[int]:
+    return sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+
+
+def _prefix_lengths(attention_mask: Tensor) -> list[int]:
+    """Real tokens per row; the server gets only those, so padding must be on the right."""
+    lengths = attention_mask.sum(-1).tolist()
+    for b, n in enumerate(lengths):
+        if int(attention_mask[b, : int(n)].sum()) != int(n):
+            raise TeacherServerError(
+                "a vLLM teacher needs right-padded blocks (padding only at the end)"
+            )
+    return [int(n) for n in lengths]
+
+
+def _assemble(
+    parts: Sequence[SparseTargets], shape: torch.Size, k: int, device: torch.device
+) -> SparseTargets:
+    """Stack per-row answers into [B, T, k]; positions without an answer (the last real
+    token, padding) get a harmless uniform top-k, their labels being ignored anyway."""
+    batch, length = int(shape[0]), int(shape[1])
+    ids = torch.arange(k, dtype=torch.long).expand(batch, length, k).clone()
+    values = torch.full((batch, length, k), -math.log(k))
+    label = torch.zeros(batch, length)
+    for b, part in enumerate(parts):
+        n = part.ids.shape[1]
+        ids[b, :n] = part.ids[0]
+        values[b, :n] = part.logprobs[0]
+        if part.label_logprobs is not None:
+            label[b, :n] = part.label_logprobs[0]
+    return SparseTargets(ids.to(device), values.to(device), label.to(device))
+
+
+def _reason(log_tail: str) -> str:
+    """The error lines of a crashed server's log (vLLM prints long tracebacks per process)."""
+    lines = [ln for ln in log_tail.splitlines() if "Error" in ln or "error" in ln]
+    return "\n".join(dict.fromkeys(ln.split("] ", 1)[-1] for ln in lines[-40:]))[-2000:]
+
+
+def vllm_api_key() -> str | None:
+    """The key for a server Foundry did not start (``$FOUNDRY_VLLM_API_KEY``)."""
+    return os.environ.get("FOUNDRY_VLLM_API_KEY") or None

@@ -1,0 +1,336 @@
+"""The vLLM teacher for real: a managed server on 127.0.0.1, its client, and cleanup.
+
+These tests start vLLM (the CPU wheel, in its own environment made by
+``foundry teacher install-vllm``, as README's test command does) on the tiny
+Foundry-built teacher. They check what the backend promises: token-id top-k
+log-probabilities equal to transformers', retries on dropped connections and
+5xx but not on 4xx, a cancel honoured while waiting, and no process left behind
+after a normal stop, a cancel, a failed start or interpreter exit.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import torch
+
+from foundry_kernel.context import RunContext
+from foundry_kernel.errors import RunCancelled, TeacherServerError
+from foundry_kernel.models import load_causal_lm
+from foundry_kernel.servers import ServerProcess, free_port
+from foundry_kernel.teacher_client import RetryPolicy, TeacherClient
+from foundry_kernel.teachers import HFTeacher, VLLMTeacher
+from foundry_kernel.vllm_server import find_vllm_python, teacher_server
+
+K = 24  # above vLLM's default of 20: the server must be started with --max-logprobs
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> Path:
+    try:
+        return find_vllm_python()
+    except TeacherServerError as exc:  # README's test command installs it: this is a failure
+        pytest.fail(f"vLLM is not installed: {exc}")
+
+
+@pytest.fixture(scope="module")
+def server(vllm_teacher_dir: Path, vllm_python: Path) -> Iterator[ServerProcess]:
+    with teacher_server(
+        vllm_teacher_dir, max_logprobs=K, max_model_len=128, eager=True, python=vllm_python
+    ) as srv:
+        yield srv
+    assert not srv.is_running()
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> Iterator[TeacherClient]:
+    with TeacherClient(server.base_url, api_key=server.token) as c:
+        yield c
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        parent = psutil.Process(pid)
+        return [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _servers() -> list[int]:
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if "vllm.entrypoints.openai.api_server" in (p.info["cmdline"] or [])
+    ]
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+# --------------------------------------------------------------------------- answers
+
+
+def test_topk_matches_transformers(client: TeacherClient, vllm_teacher_dir: Path) -> None:
+    """fp32 prompt log-probabilities equal transformers' log_softmax, keyed by token id."""
+    teacher = load_causal_lm(str(vllm_teacher_dir), device=torch.device("cpu"))
+    ids = teacher.tokenizer("The list of built-in functions", return_tensors="pt").input_ids
+    mask = torch.ones_like(ids)
+    hf = HFTeacher(teacher.model, top_k=K).signal(None, ids, mask)
+    served = VLLMTeacher(client, top_k=K).signal(None, ids, mask)
+    n = ids.shape[1] - 1  # the last position has no next token in the prompt
+    assert torch.equal(served.ids[0, :n], hf.ids[0, :n])
+    assert torch.allclose(served.logprobs[0, :n], hf.logprobs[0, :n], atol=1e-4)
+    full = teacher.model(ids).logits.log_softmax(-1)[0, :n]
+    true = full.gather(-1, ids[0, 1:, None]).squeeze(-1)
+    assert served.label_logprobs is not None
+    assert torch.allclose(served.label_logprobs[0, :n], true, atol=1e-4)
+
+
+def test_generate_returns_token_ids(client: TeacherClient) -> None:
+    greedy = client.generate([[5, 6, 7], [8, 9]], max_tokens=6, temperature=0.0)
+    assert [len(g) for g in greedy] == [6, 6]
+    assert greedy == client.generate([[5, 6, 7], [8, 9]], max_tokens=6, temperature=0.0)
+
+
+def test_api_key_required(server: ServerProcess) -> None:
+    """The server Foundry starts listens on 127.0.0.1 and refuses requests without its key."""
+    assert server.base_url.startswith("http://127.0.0.1:")
+    assert httpx.get(server.base_url + "v1/models").status_code == 401
+    assert server.token not in " ".join(psutil.Process(server.pid).cmdline())
+
+
+def test_4xx_is_not_retried(client: TeacherClient, server: ServerProcess) -> None:
+    with pytest.raises(TeacherServerError) as err:
+        client.prompt_topk([[1, 2, 3]], k=5000)  # beyond --max-logprobs
+    assert err.value.status == 400 and client.retried == 0
+    assert server.base_url.rstrip("/") in str(err.value)
+
+
+# --------------------------------------------------------------------------- flaky networks
+
+
+class _DroppingProxy:
+    """A TCP proxy that closes the first ``drop`` connections at once, then forwards."""
+
+    def __init__(self, target_port: int, drop: int) -> None:
+        self.target_port = target_port
+        self.drop = drop
+        self.accepted = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            if self.accepted <= self.drop:
+                conn.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def test_dropped_connections_are_retried(server: ServerProcess) -> None:
+    proxy = _DroppingProxy(server.port, drop=2)
+    policy = RetryPolicy(retries=3, backoff_s=0.05)
+    try:
+        with TeacherClient(
+            f"http://127.0.0.1:{proxy.port}", api_key=server.token, policy=policy, model="teacher"
+        ) as c:
+            out = c.prompt_topk([[5, 6, 7, 8]], k=4)
+        assert out[0].ids.shape == (1, 3, 4)
+        assert c.retried == 2
+    finally:
+        proxy.close()
+
+
+def test_retries_are_bounded(server: ServerProcess) -> None:
+    proxy = _DroppingProxy(server.port, drop=100)
+    policy = RetryPolicy(retries=2, backoff_s=0.05)
+    try:
+        with TeacherClient(
+            f"http://127.0.0.1:{proxy.port}", api_key=server.token, policy=policy, model="teacher"
+        ) as c:
+            with pytest.raises(TeacherServerError, match="after 3 attempts"):
+                c.prompt_topk([[5, 6, 7]], k=4)
+        assert proxy.accepted == 3
+    finally:
+        proxy.close()
+
+
+def test_5xx_is_retried_then_answered(server: ServerProcess) -> None:
+    """A real HTTP front that fails twice with 503, then forwards to vLLM."""
+    failures = {"left": 2}
+
+    class Front(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # http.server's naming
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if failures["left"] > 0:
+                failures["left"] -= 1
+                payload = json.dumps({"error": {"message": "overloaded"}}).encode()
+                self.send_response(503)
+            else:
+                upstream = httpx.post(
+                    server.base_url + self.path.lstrip("/"),
+                    content=body,
+                    headers={
+                        "Authorization": self.headers["Authorization"],
+                        "Content-Type": "application/json",
+                    },
+                )
+                payload = upstream.content
+                self.send_response(upstream.status_code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Front)
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    try:
+        with TeacherClient(
+            f"http://127.0.0.1:{front.server_port}",
+            api_key=server.token,
+            policy=RetryPolicy(retries=3, backoff_s=0.05),
+            model="teacher",
+        ) as c:
+            out = c.prompt_topk([[5, 6, 7]], k=3)
+        assert c.retried == 2 and out[0].ids.shape == (1, 2, 3)
+    finally:
+        front.shutdown()
+
+
+def test_cancel_lands_during_backoff() -> None:
+    """Nothing listens: the client backs off; a cancel ends the wait at once."""
+    ctx = RunContext()
+    policy = RetryPolicy(retries=10, backoff_s=5.0, connect_timeout_s=0.5)
+    port = free_port()
+    threading.Timer(0.5, ctx.cancel).start()
+    t0 = time.monotonic()
+    with TeacherClient(
+        f"http://127.0.0.1:{port}",
+        policy=policy,
+        check=ctx.check,
+        wait=ctx.wait_stop,
+        model="teacher",
+    ) as c:
+        with pytest.raises(RunCancelled):
+            c.prompt_topk([[1, 2]], k=2)
+    assert time.monotonic() - t0 < 3.0
+
+
+# --------------------------------------------------------------------------- no process left
+
+
+def test_port_taken_is_a_clear_error(server: ServerProcess, vllm_teacher_dir: Path) -> None:
+    with pytest.raises(TeacherServerError, match=f"port {server.port} .* already in use"):
+        teacher_server(vllm_teacher_dir, port=server.port)
+
+
+def test_cancel_during_startup_leaves_nothing(vllm_teacher_dir: Path, vllm_python: Path) -> None:
+    ctx = RunContext()
+    seen: list[psutil.Process] = []
+    started = time.monotonic()
+    before = set(_servers())  # the module's server is not ours to judge
+
+    def check() -> None:
+        for pid in set(_servers()) - before:
+            seen.extend(p for p in _tree(pid) if p not in seen)
+        if time.monotonic() - started > 8:
+            ctx.cancel()
+        ctx.check()
+
+    with pytest.raises(RunCancelled):
+        teacher_server(vllm_teacher_dir, eager=True, check=check, python=vllm_python)
+    assert seen, "the server never started"
+    assert not _alive(seen)
+
+
+def test_failed_start_leaves_nothing(tmp_path: Path, vllm_python: Path) -> None:
+    bad = tmp_path / "broken-model"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    with pytest.raises(TeacherServerError, match="exited with code") as err:
+        teacher_server(bad, eager=True, python=vllm_python, startup_timeout=300)
+    assert "log" in str(err.value)
+    leftovers = [
+        p for p in psutil.process_iter(["cmdline"]) if str(bad) in " ".join(p.info["cmdline"] or [])
+    ]
+    assert not _alive(leftovers)
+
+
+def test_interpreter_exit_stops_the_server(vllm_teacher_dir: Path, tmp_path: Path) -> None:
+    """A script that starts a server and simply exits: atexit stops the whole tree."""
+    report = tmp_path / "pids.json"
+    script = (
+        "import json, sys, psutil\n"
+        "from pathlib import Path\n"
+        "from foundry_kernel.vllm_server import teacher_server\n"
+        "if __name__ == '__main__':\n"
+        f"    srv = teacher_server(Path({str(vllm_teacher_dir)!r}), eager=True)\n"
+        "    tree = [srv.pid] + [c.pid for c in psutil.Process(srv.pid).children(recursive=True)]\n"
+        f"    Path({str(report)!r}).write_text(json.dumps(tree))\n"
+        "    sys.exit(0)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    pids = json.loads(report.read_text())
+    assert len(pids) >= 2  # the API server and its engine core
+    time.sleep(1.0)
+    assert not [
+        pid
+        for pid in pids
+        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
