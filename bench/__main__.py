@@ -1,4 +1,4 @@
-"""``python -m bench [loss|throughput|overheads|mfu|all] [--quick] [--json PATH]``.
+"""``python -m bench [loss|throughput|overheads|mfu|cache|all] [--quick] [--json PATH]``.
 
 Runs the chosen benchmarks in this one process (the loss benchmark starts one fresh child
 process per contender and point), prints each table as it completes and a summary at the
@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-BENCHMARKS = ("loss", "throughput", "overheads", "mfu")
+BENCHMARKS = ("loss", "throughput", "overheads", "mfu", "cache")
 
 
 def _ints(text: str) -> list[int]:
@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="Foundry benchmarks: loss memory/time, training throughput, controller "
-        "overhead and MFU, each side by side with its baselines in one run.",
+        "overhead, MFU and the offline logit cache, each side by side with its baselines in "
+        "one run.",
     )
     p.add_argument("which", nargs="?", default="all", choices=(*BENCHMARKS, "all"))
     p.add_argument("--quick", action="store_true", help="one tiny size each: proves it runs")
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="subset of foundry,foundry_nomask,foundry_proposed,trl,plain",
     )
     g.add_argument("--gemm-n", type=int, help="matrix size of the matmul peak")
+    g = p.add_argument_group("cache")
+    g.add_argument("--cache-ks", type=_ints, help="top-k values to capture, e.g. 32,64,128")
     return p
 
 
@@ -68,7 +71,7 @@ def run_benchmarks(
     """Run what ``args`` asks for; returns the JSON document (also written to ``args.json``)."""
     import torch
 
-    from bench import loss_memory, mfu, overheads, throughput
+    from bench import cache, loss_memory, mfu, overheads, throughput
     from bench.common import GiB, clean_floats, environment, machine_snapshot, write_json
 
     if args.threads:
@@ -128,6 +131,9 @@ def run_benchmarks(
                 printer=printer,
             )
             text = overheads.render(section)
+        elif name == "cache":
+            section = cache.run(quick=args.quick, ks=args.cache_ks, printer=printer)
+            text = cache.render(section)
         else:
             section = mfu.run(
                 quick=args.quick,

@@ -5,7 +5,9 @@ Exit codes (a contract for scripts and CI):
 
 ``foundry distill --json`` ends stdout with one JSON object (see
 ``summary_json``): ``run_id``, ``state``, ``duration_s``, ``teacher``, ``student``,
-``baseline`` (each with ``params`` and ``val_ppl``), ``agreement`` and ``val_kl``.
+``baseline`` (each with ``params`` and ``val_ppl``), ``agreement`` and ``val_kl``;
+``logit_cache`` (offline mode: path, k, bytes_per_token, capture_seconds) and
+``sequence`` (sequence mode: the teacher-written data) are null in other modes.
 Progress goes to stderr, throttled, so stdout stays machine-readable.
 """
 
@@ -142,7 +144,16 @@ def summary_json(
     out: dict[str, Any] = {"run_id": run_id, "state": str(state), "duration_s": duration_s}
     for part in ("teacher", "student", "baseline"):
         out[part] = result.get(part)
-    for key in ("agreement", "val_kl", "gap_closed", "export_dir", "data", "samples"):
+    for key in (
+        "agreement",
+        "val_kl",
+        "gap_closed",
+        "export_dir",
+        "data",
+        "samples",
+        "logit_cache",  # offline mode
+        "sequence",  # sequence mode
+    ):
         out[key] = result.get(key)
     return out
 

@@ -59,6 +59,9 @@ __all__ = [
 CONFIG_SHORTCUTS: dict[str, str] = {
     "max_steps": "limits.max_steps",
     "loss_kind": "loss.kind",
+    "distill_mode": "distill.mode",
+    "top_k": "loss.top_k",
+    "teacher_backend": "teacher.backend",
 }
 """Top-level notebook parameters that set a config field (papermill names cannot hold
 dots). ``config_overrides`` is applied after them, so a dotted field wins."""

@@ -23,13 +23,37 @@ KEYS = [f"{s}.{k}" for s, ks in SECTIONS.items() for k in ks] + [
     k for k in RunConfig.model_fields if k not in SECTIONS
 ]
 NASTY = st.sampled_from(
-    ["../../etc/passwd", "/etc/shadow", "a;rm -rf /", "$(id)", "`id`", "x\x00y", "CON",
-     "..\\..\\win", "C:\\Windows\\system32", "\u202eevil", "ｆｕｌｌ", "nan", "inf", "-1e309",
-     "[1, 2", "{a: b}", "null", "true", "", " ", "🙂" * 20]
+    [
+        "../../etc/passwd",
+        "/etc/shadow",
+        "a;rm -rf /",
+        "$(id)",
+        "`id`",
+        "x\x00y",
+        "CON",
+        "..\\..\\win",
+        "C:\\Windows\\system32",
+        "\u202eevil",
+        "ｆｕｌｌ",
+        "nan",
+        "inf",
+        "-1e309",
+        "[1, 2",
+        "{a: b}",
+        "null",
+        "true",
+        "",
+        " ",
+        "🙂" * 20,
+    ]
 )
 VALUES = st.one_of(
-    st.integers(-(2**40), 2**40), st.floats(allow_nan=True, allow_infinity=True),
-    st.booleans(), st.none(), st.text(max_size=30), NASTY,
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=30),
+    NASTY,
     st.lists(st.integers(-5, 50), max_size=4),
 )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,14 +53,14 @@ def _positive(x: Any) -> bool:
 
 def test_cli_prints_every_table_and_writes_strict_json(quick: tuple[dict[str, Any], str]) -> None:
     doc, stdout = quick
-    for name in ("loss", "throughput", "overheads", "mfu"):
+    for name in ("loss", "throughput", "overheads", "mfu", "cache"):
         assert f"## {name}" in stdout
         assert name in doc
         assert doc["timings_s"][name] >= 0
     assert "| contender" in stdout and "wrote " in stdout
     meta = doc["meta"]
     assert meta["quick"] is True
-    assert meta["which"] == ["loss", "throughput", "overheads", "mfu"]
+    assert meta["which"] == ["loss", "throughput", "overheads", "mfu", "cache"]
     for when in ("machine_before", "machine_after"):
         assert "load average" in meta[when]["uptime"]
     assert meta["environment"]["versions"]["torch"]
@@ -145,6 +146,48 @@ def test_mfu_section(quick: tuple[dict[str, Any], str]) -> None:
         assert 0 < s["mfu_fp32"]
     flops = section["student_step"]["flops"]
     assert flops["total"] == flops["dense_flops"] + flops["attention_flops"]
+
+
+def test_cache_bench_prints_bytes_per_token_speedup_and_break_even(tmp_path: Path) -> None:
+    """``python -m bench cache --quick`` on its own: the printed figures are the cache's own
+    (bytes/token = shard bytes over positions = 4k + 4 plus headers) and the ratios add up."""
+    out = tmp_path / "cache.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "cache", "--quick", "--threads", "1", "--json", str(out)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text, section = proc.stdout, json.loads(out.read_text())["cache"]
+    rows = re.findall(r"^\| (\d+) +\| ([\d.]+) +\| (\d+) +\|", text, flags=re.MULTILINE)
+    printed = {int(k): (float(bpt), int(formula)) for k, bpt, formula in rows}
+    assert sorted(printed) == [32, 64]
+    for entry in section["storage"]:
+        k, bpt = entry["k"], entry["bytes_per_token"]
+        assert printed[k] == (pytest.approx(bpt, abs=0.005), 4 * k + 4)
+        assert bpt == pytest.approx(entry["cache_bytes"] / entry["positions"], rel=1e-12)
+        assert 4 * k + 4 <= bpt < 4 * k + 4 + 1  # safetensors headers add a fraction of a byte
+    assert "DistillKit reports ~300 B/token at k=128" in text
+    speedup = float(re.search(r"speed-up \(online / cached epoch\): ([\d.]+)x", text)[1])
+    assert _positive(speedup)
+    epoch = section["epoch"]
+    assert epoch["online"]["status"] == epoch["cached"]["status"] == "ok"
+    ratio = epoch["online"]["epoch_s"] / epoch["cached"]["epoch_s"]
+    assert speedup == pytest.approx(ratio, abs=0.005)
+    assert epoch["steps"] == section["data"]["train_blocks"] // section["config"]["batch"]
+    capture = float(re.search(r"capture time \(k=64\): ([\d.]+) s", text)[1])
+    assert capture == pytest.approx(section["storage"][-1]["capture_s"], abs=0.005)
+    assert _positive(capture)
+    even = re.search(r"break-even: (never|[\d.]+ epochs)", text)[1]
+    saved = section["saved_per_epoch_s"]
+    if saved > 0:
+        assert float(even.split()[0]) == pytest.approx(capture / saved, rel=0.01, abs=0.01)
+    else:
+        assert even == "never" and section["break_even_epochs"] is None
 
 
 def test_out_of_memory_is_a_result_and_larger_points_are_skipped() -> None:

@@ -25,10 +25,16 @@ import httpx
 import psutil
 import pytest
 import torch
+from conftest import tiny_config_dict
 
+from foundry_kernel.config import load_config
 from foundry_kernel.context import RunContext
+from foundry_kernel.control import run_sync
+from foundry_kernel.data import build_data
 from foundry_kernel.errors import RunCancelled, TeacherServerError
+from foundry_kernel.evaluate import evaluate_lm
 from foundry_kernel.models import load_causal_lm
+from foundry_kernel.paths import default_cache_dir
 from foundry_kernel.servers import ServerProcess, free_port
 from foundry_kernel.teacher_client import RetryPolicy, TeacherClient
 from foundry_kernel.teachers import HFTeacher, VLLMTeacher
@@ -334,3 +340,98 @@ def test_interpreter_exit_stops_the_server(vllm_teacher_dir: Path, tmp_path: Pat
         for pid in pids
         if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     ]
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+def _vllm_run_config(runs_dir: Path, teacher_dir: Path, **distill: object) -> dict[str, object]:
+    cfg = tiny_config_dict(
+        runs_dir,
+        teacher={"source": str(teacher_dir), "backend": "vllm"},
+        loss={"top_k": 8},
+        eval={"baseline": False},
+    )
+    cfg["distill"] = dict(distill)
+    return cfg
+
+
+def test_run_with_a_running_server(
+    server: ServerProcess, vllm_teacher_dir: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """teacher.url: the run's teacher numbers come from the server and equal transformers'."""
+    monkeypatch.setenv("FOUNDRY_VLLM_API_KEY", server.token)
+    cfg = _vllm_run_config(runs_dir, vllm_teacher_dir)
+    cfg["teacher"]["url"] = server.base_url  # type: ignore[index]
+    handle = run_sync(cfg)
+    assert handle.state.value == "completed", handle.error
+    summary = handle.result
+    assert summary is not None and summary["teacher"]["backend"] == "vllm"
+    local = load_causal_lm(str(vllm_teacher_dir), device=torch.device("cpu"))
+    data = build_data(load_config(cfg).data, local.tokenizer, seed=0)
+    hf = evaluate_lm(local.model, data.val, batch_size=4, max_batches=2)
+    assert summary["teacher"]["val_loss"] == pytest.approx(hf["loss"], rel=1e-4)
+    assert summary["teacher"]["params"] == local.params
+    assert 0 <= summary["student"]["agreement"] <= 1
+
+
+def test_managed_server_run_leaves_nothing(vllm_teacher_dir: Path, runs_dir: Path) -> None:
+    """No url: the run starts its own server, uses it, and stops it when the run ends."""
+    before = set(_servers())
+    cfg = _vllm_run_config(runs_dir, vllm_teacher_dir, mode="sequence")
+    cfg["teacher"]["server"] = {"eager": True}  # type: ignore[index]
+    cfg["distill"]["sequence"] = {"num_prompts": 4, "prompt_tokens": 8, "max_new_tokens": 8}  # type: ignore[index]
+    handle = run_sync(cfg)
+    assert handle.state.value == "completed", handle.error
+    summary = handle.result
+    assert summary is not None and summary["sequence"]["generated_tokens"] == 4 * 8
+    assert summary["teacher_server"]["url"].startswith("http://127.0.0.1:")
+    assert set(_servers()) <= before
+
+
+def test_server_killed_mid_capture_fails_cleanly_then_resumes(
+    server: ServerProcess, vllm_teacher_dir: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kill the teacher server while the logit cache is being captured: the client retries
+    within its budget, the run fails with a message naming the server, the shards already
+    written survive, and a rerun against a live server captures only what is missing."""
+    doomed = teacher_server(vllm_teacher_dir, max_logprobs=8, max_model_len=128, eager=True)
+    cfg = _vllm_run_config(runs_dir, vllm_teacher_dir, mode="offline", cache_shard_blocks=2)
+    cfg["teacher"]["url"] = doomed.base_url  # type: ignore[index]
+    cfg["teacher"]["server"] = {"retries": 2, "backoff_s": 0.2, "batch_blocks": 2}  # type: ignore[index]
+    cfg["optim"]["batch_size"] = 2  # type: ignore[index]
+    cfg["data"]["max_documents"] = 12  # type: ignore[index]  # ~100 requests: a few seconds
+    monkeypatch.setenv("FOUNDRY_VLLM_API_KEY", doomed.token)
+    shards: list[Path] = []
+
+    def kill_after_first_shards() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            shards[:] = sorted(default_cache_dir().glob("logits/*/shard-00001*.safetensors"))
+            if shards:
+                for p in _alive(_tree(doomed.pid)):
+                    p.kill()
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_first_shards)
+    killer.start()
+    try:
+        handle = run_sync(cfg)
+    finally:
+        killer.join()
+        doomed.stop()
+    assert handle.state.value == "failed"
+    assert doomed.base_url.rstrip("/") in str(handle.error) and "attempts" in str(handle.error)
+    folder = shards[0].parent
+    kept = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.safetensors")}
+    assert len(kept) >= 2
+
+    monkeypatch.setenv("FOUNDRY_VLLM_API_KEY", server.token)
+    cfg["teacher"]["url"] = server.base_url  # type: ignore[index]
+    again = run_sync(cfg)
+    assert again.state.value == "completed", again.error
+    after = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.safetensors")}
+    assert {name: after[name] for name in kept} == kept  # resumed, not recaptured
+    assert len(after) > len(kept)
+    assert again.result is not None and again.result["logit_cache"]["path"] == str(folder)

@@ -26,6 +26,9 @@ __all__ = ["PANEL_FIELDS", "ConfigForm", "FieldControl", "field_schema"]
 
 PANEL_FIELDS: tuple[str, ...] = (
     "teacher.source",
+    "teacher.backend",
+    "distill.mode",
+    "loss.top_k",
     "student.init",
     "student.hidden_size",
     "student.num_layers",
