@@ -85,7 +85,10 @@ def test_foundry_run_writes_the_executed_notebook_into_the_run_folder(
     ("argv", "expected"),
     [
         (["-p", "max_step", "3"], "did you mean 'max_steps'"),
-        (["-p", "learning_rate", "1"], "allowed: config_overrides, config_path, distill_mode, headless"),
+        (
+            ["-p", "learning_rate", "1"],
+            "allowed: config_overrides, config_path, distill_mode, headless",
+        ),
         (["-p", "loss.beta", "7"], "loss.beta"),
         (["-p", "max_steps", "many"], "parameter max_steps: 'many' is a str"),
         (["-p", "run_id", "x"], "set by foundry run itself"),
