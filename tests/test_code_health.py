@@ -90,3 +90,14 @@ def test_engine_imports_no_ui(path: Path) -> None:
             assert top not in {"widgets", "ipywidgets", "plotly", "anywidget", "voila"}, (
                 f"{path.name} imports {name}: the engine must not know the UI"
             )
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    """CI must run exactly what README tells a new developer to run (install steps included)."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    commands = [ln for ln in readme.splitlines() if ln.startswith("python3 -m venv .venv")]
+    assert len(commands) == 2, commands
+    ci = (root / ".ci" / "run").read_text(encoding="utf-8")
+    assert commands[1] in ci.splitlines()
+    assert "foundry teacher install-vllm" in commands[1]  # the vLLM tests need it
