@@ -60,6 +60,7 @@ def test_foundry_run_writes_the_executed_notebook_into_the_run_folder(
     params_file: Path, runs_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = [str(NOTEBOOK), "-f", str(params_file), "-p", "max_steps", "3"]
+    argv += ["-p", "distill_mode", "offline", "-p", "top_k", "8"]  # a mode from the notebook
     code = notebook_runner.main([*argv, "--runs-dir", str(runs_dir), "--timeout", CELL_TIMEOUT])
     out = capsys.readouterr()
     assert code == 0, out.err
@@ -69,6 +70,7 @@ def test_foundry_run_writes_the_executed_notebook_into_the_run_folder(
     executed = runs_dir / record.run_id / "distill.ipynb"
     assert record.summary["notebook"] == str(executed)
     assert record.summary["student"]["val_ppl"] > 0
+    assert record.summary["logit_cache"]["k"] == 8
     outputs = _outputs(executed)
     charts = [o for o in outputs if PLOTLY in o.get("data", {})]
     assert len(charts) >= 2  # loss, validation (and memory): static, kept in the file
@@ -187,3 +189,24 @@ def test_a_grid_runs_in_parallel_as_one_batch_and_a_failure_does_not_stop_it(
     assert good.run_id in out.out and bad.run_id in out.out and "FAILED" not in out.out
     summary = json.dumps(good.summary)
     assert "distill.ipynb" in summary
+
+
+@pytest.mark.parametrize("name", ["distill.ipynb", "dashboard.ipynb"])
+def test_papermill_sees_every_parameter(name: str) -> None:
+    """papermill silently skips a parameter line it cannot parse (an '=' or a quote in its
+    comment): then `-p` refuses a parameter the notebook plainly declares."""
+    import ast
+
+    from papermill.inspection import inspect_notebook
+
+    path = NOTEBOOK.parent / name
+    nb = nbformat.read(path, as_version=4)
+    (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assigned = [
+        t.id
+        for node in ast.parse(cell.source).body
+        if isinstance(node, ast.Assign)
+        for t in node.targets
+        if isinstance(t, ast.Name)
+    ]
+    assert assigned and list(inspect_notebook(str(path))) == assigned
