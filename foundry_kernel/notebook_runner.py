@@ -62,6 +62,7 @@ CONFIG_SHORTCUTS: dict[str, str] = {
     "distill_mode": "distill.mode",
     "top_k": "loss.top_k",
     "teacher_backend": "teacher.backend",
+    "seed": "seed",
 }
 """Top-level notebook parameters that set a config field (papermill names cannot hold
 dots). ``config_overrides`` is applied after them, so a dotted field wins."""

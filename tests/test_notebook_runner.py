@@ -18,6 +18,7 @@ from conftest import tiny_config_dict
 pytest.importorskip("papermill")
 
 from foundry_kernel import notebook_runner
+from foundry_kernel.control import run_sync
 from foundry_kernel.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,3 +211,32 @@ def test_papermill_sees_every_parameter(name: str) -> None:
         if isinstance(t, ast.Name)
     ]
     assert assigned and list(inspect_notebook(str(path))) == assigned
+
+
+@pytest.mark.slow
+def test_ten_concurrent_headless_runs_finish_with_their_own_results(
+    params_file: Path, runs_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ten papermill kernels at once over one run store: ten completed runs, each with its
+    own seed's result (equal to the same seed run alone in this process)."""
+    seeds = list(range(10))
+    overrides = {k: v for k, v in tiny_overrides().items() if k != "seed"}
+    params_file.write_text(yaml.safe_dump({"config_overrides": overrides}), encoding="utf-8")
+    argv = [str(NOTEBOOK), "-f", str(params_file), "-p", "max_steps", "3"]
+    argv += ["--grid", "seed=" + ",".join(map(str, seeds)), "--jobs", "10"]
+    code = notebook_runner.main([*argv, "--runs-dir", str(runs_dir), "--timeout", "600"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    with RunStore(runs_dir, read_only=True) as store:
+        records = store.list_runs()
+    assert len(records) == 10 and {r.state for r in records} == {"completed"}
+    assert len({r.run_id for r in records}) == 10 and len({r.batch_id for r in records}) == 1
+    by_seed = {r.config["seed"]: r for r in records}
+    assert sorted(by_seed) == seeds
+    for record in records:  # each execution and its metrics are its own
+        assert (runs_dir / record.run_id / "distill.ipynb").is_file()
+    losses = {s: by_seed[s].summary["student"]["val_loss"] for s in seeds}
+    assert len(set(losses.values())) == 10  # ten different seeds, ten different students
+    alone = run_sync(by_seed[3].config | {"runs_dir": str(runs_dir / "alone")})
+    assert alone.result is not None
+    assert alone.result["student"]["val_loss"] == pytest.approx(losses[3], abs=1e-6)
