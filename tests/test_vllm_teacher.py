@@ -36,6 +36,7 @@ from foundry_kernel.evaluate import evaluate_lm
 from foundry_kernel.models import load_causal_lm
 from foundry_kernel.paths import default_cache_dir
 from foundry_kernel.servers import ServerProcess, free_port
+from foundry_kernel.store import RunStore
 from foundry_kernel.teacher_client import RetryPolicy, TeacherClient
 from foundry_kernel.teachers import HFTeacher, VLLMTeacher
 from foundry_kernel.vllm_server import find_vllm_python, teacher_server
@@ -359,12 +360,17 @@ def _vllm_run_config(runs_dir: Path, teacher_dir: Path, **distill: object) -> di
 def test_run_with_a_running_server(
     server: ServerProcess, vllm_teacher_dir: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """teacher.url: the run's teacher numbers come from the server and equal transformers'."""
+    """teacher.url, on-policy: the served teacher scores student samples, and the run's
+    teacher numbers come from the server and equal transformers'."""
     monkeypatch.setenv("FOUNDRY_VLLM_API_KEY", server.token)
-    cfg = _vllm_run_config(runs_dir, vllm_teacher_dir)
+    on_policy = {"fraction": 0.5, "prompt_tokens": 8, "max_new_tokens": 8}
+    cfg = _vllm_run_config(runs_dir, vllm_teacher_dir, mode="on_policy", on_policy=on_policy)
     cfg["teacher"]["url"] = server.base_url  # type: ignore[index]
     handle = run_sync(cfg)
     assert handle.state.value == "completed", handle.error
+    with RunStore(runs_dir, read_only=True) as store:
+        flags = [row.value for row in store.metrics(handle.id, "train/on_policy")]
+    assert 0 < sum(flags) < len(flags)  # both kinds of step, scored by the served teacher
     summary = handle.result
     assert summary is not None and summary["teacher"]["backend"] == "vllm"
     local = load_causal_lm(str(vllm_teacher_dir), device=torch.device("cpu"))
