@@ -484,15 +484,21 @@ def _scale_grad(grad: Tensor | None, grad_output: Tensor) -> Tensor | None:
 
 
 class _ChunkedDistillation(torch.autograd.Function):
-    """Loss over precomputed logits; the gradient is made in forward, chunk by chunk.
+    """Loss over precomputed student logits; the gradient is made in forward, chunk by chunk.
 
-    Only the gradient wrt the student logits (same shape and dtype as them) is saved;
-    the teacher never receives a gradient.
+    ``teacher_rows(rows)`` gives the teacher's targets for a chunk of rows (dense logits
+    or sparse top-k) and ``chunk_fn`` computes that chunk's loss and gradient, so dense
+    and sparse losses share this one driver. Only the gradient wrt the student logits
+    (same shape and dtype as them) is saved; the teacher never receives a gradient.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, student: Tensor, teacher: Tensor, plan: _Plan
+        ctx: Any,
+        student: Tensor,
+        teacher_rows: Callable[[tuple[Tensor, ...]], Any],
+        chunk_fn: Callable[..., tuple[Tensor, Tensor, Tensor | None]],
+        plan: _Plan,
     ) -> tuple[Tensor, Tensor, Tensor]:
         with_grad = student.requires_grad
         grad = (
@@ -501,10 +507,10 @@ class _ChunkedDistillation(torch.autograd.Function):
         cdt = _compute_dtype(student)
         kd_sum = torch.zeros((), dtype=cdt, device=student.device)
         ce_sum = torch.zeros((), dtype=cdt, device=student.device)
-        s_view, t_view = student[..., : plan.vocab], teacher[..., : plan.vocab]
+        s_view = student[..., : plan.vocab]
         for rows, targets in plan.chunks():
-            kd_c, ce_c, g = _chunk_loss_and_grad(
-                s_view[rows], t_view[rows], targets, plan, with_grad=with_grad
+            kd_c, ce_c, g = chunk_fn(
+                s_view[rows], teacher_rows(rows), targets, plan, with_grad=with_grad
             )
             kd_sum += kd_c
             ce_sum += ce_c
@@ -518,9 +524,9 @@ class _ChunkedDistillation(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_total: Tensor, _grad_kd: Tensor, _grad_ce: Tensor
-    ) -> tuple[Tensor | None, None, None]:
+    ) -> tuple[Tensor | None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return _scale_grad(grad, grad_total), None, None
+        return _scale_grad(grad, grad_total), None, None, None
 
 
 def _valid_rows(
@@ -598,7 +604,10 @@ def distillation_loss(
     _check_leading_shapes(lead, teacher_logits.shape[:-1], "teacher_logits")
     rows, targets = _valid_rows(labels.to(student_logits.device), lead, v)
     plan = _Plan(spec, rows, targets, v, _normalizer(num_valid_tokens, targets.numel()))
-    total, kd, ce = _ChunkedDistillation.apply(student_logits, teacher_logits.detach(), plan)
+    t_view = teacher_logits.detach()[..., : plan.vocab]
+    total, kd, ce = _ChunkedDistillation.apply(
+        student_logits, lambda rows: t_view[rows], _chunk_loss_and_grad, plan
+    )
     return LossOutput(total=total, kd=kd, ce=ce, n_tokens=plan.n_rows)
 
 
@@ -875,46 +884,6 @@ def _sparse_chunk_loss_and_grad(
     return kd_sum.detach(), ce_sum.detach(), grad
 
 
-class _SparseChunkedDistillation(torch.autograd.Function):
-    """Sparse loss over precomputed student logits; gradient made in forward, per chunk.
-
-    Like :class:`_ChunkedDistillation`, only the gradient wrt the student logits (their
-    shape and dtype) is saved for backward.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, student: Tensor, teacher: _SparseTeacher, plan: _Plan
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        with_grad = student.requires_grad
-        grad = (
-            torch.zeros_like(student, memory_format=torch.contiguous_format) if with_grad else None
-        )
-        cdt = _compute_dtype(student)
-        kd_sum = torch.zeros((), dtype=cdt, device=student.device)
-        ce_sum = torch.zeros((), dtype=cdt, device=student.device)
-        s_view = student[..., : plan.vocab]
-        for rows, targets in plan.chunks():
-            kd_c, ce_c, g = _sparse_chunk_loss_and_grad(
-                s_view[rows], teacher.rows(rows), targets, plan, with_grad=with_grad
-            )
-            kd_sum += kd_c
-            ce_sum += ce_c
-            if grad is not None and g is not None:
-                grad[..., : plan.vocab][rows] = g.to(grad.dtype)
-        total, kd, ce = _finish(plan, kd_sum, ce_sum)
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(kd, ce)
-        return total, kd, ce
-
-    @staticmethod
-    def backward(
-        ctx: Any, grad_total: Tensor, _grad_kd: Tensor, _grad_ce: Tensor
-    ) -> tuple[Tensor | None, None, None]:
-        (grad,) = ctx.saved_tensors
-        return _scale_grad(grad, grad_total), None, None
-
-
 def _check_sparse_ids(ids: Tensor, vocab: int) -> None:
     """Refuse top-k ids the student cannot score: out of range, or repeated in a position.
 
@@ -1019,5 +988,7 @@ def sparse_distillation_loss(
     rows, labels_v = _valid_rows(labels.to(student_logits.device), lead, v)
     _check_sparse_ids(teacher.ids[rows], v)
     plan = _Plan(spec, rows, labels_v, v, _normalizer(num_valid_tokens, labels_v.numel()))
-    total, kd, ce = _SparseChunkedDistillation.apply(student_logits, teacher, plan)
+    total, kd, ce = _ChunkedDistillation.apply(
+        student_logits, teacher.rows, _sparse_chunk_loss_and_grad, plan
+    )
     return LossOutput(total=total, kd=kd, ce=ce, n_tokens=plan.n_rows)
