@@ -44,13 +44,18 @@ class TeacherBuild(_Section):
         "builtin:python-docs",
         description="Corpus the teacher is trained on (any data.source value).",
     )
-    vocab_size: int = Field(4096, ge=256, le=65536, description="BPE vocabulary size.")
-    hidden_size: int = Field(256, ge=16, le=4096, description="Teacher width.")
+    vocab_size: int = Field(1024, ge=256, le=65536, description="BPE vocabulary size.")
+    hidden_size: int = Field(128, ge=16, le=4096, description="Teacher width.")
     num_layers: int = Field(4, ge=1, le=48, description="Teacher depth.")
-    num_heads: int = Field(4, ge=1, le=64, description="Attention heads.")
+    num_heads: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Attention heads (head width 64: vLLM's CPU kernels need >= 32).",
+    )
     seq_len: int = Field(128, ge=16, le=4096, description="Training block length in tokens.")
     batch_size: int = Field(32, ge=1, le=1024, description="Blocks per step.")
-    steps: int = Field(400, ge=1, le=1_000_000, description="Optimizer steps.")
+    steps: int = Field(700, ge=1, le=1_000_000, description="Optimizer steps.")
     lr: float = Field(3e-3, gt=0, le=1.0, description="Peak learning rate.")
     max_documents: int | None = Field(
         None, ge=1, description="Use only the first N documents of the corpus (tests)."
@@ -151,13 +156,13 @@ class StudentConfig(_Section):
         None, description="Hub id or local folder when init='pretrained'.", max_length=1024
     )
     hidden_size: int | None = Field(
-        128, ge=16, le=8192, description="Width for init='fresh' (None = teacher's)."
+        64, ge=16, le=8192, description="Width for init='fresh' (None = teacher's)."
     )
     num_layers: int | None = Field(
         3, ge=1, le=128, description="Depth for init='fresh' (None = teacher's)."
     )
     num_heads: int | None = Field(
-        4, ge=1, le=128, description="Attention heads for init='fresh' (None = teacher's)."
+        2, ge=1, le=128, description="Attention heads for init='fresh' (None = teacher's)."
     )
     intermediate_size: int | None = Field(
         None, ge=16, le=65536, description="MLP width for init='fresh' (None = 8/3 x hidden)."

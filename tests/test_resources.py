@@ -101,7 +101,11 @@ def test_seq_len_grows_activations_superlinearly_through_attention() -> None:
     longer = _config(**{"optim.batch_size": 4, "data.seq_len": 128, "optim.precision": "float32"})
     a, b = _estimate(cfg), _estimate(longer)
     # per layer: tokens * (34*h + 5*heads*seq) * elem/2 (Korthikanti et al.), fp32 -> elem 4
-    heads, hidden, layers = 4, SHAPES["student_hidden"], SHAPES["student_layers"]
+    heads, hidden, layers = (
+        longer.student.num_heads,
+        SHAPES["student_hidden"],
+        SHAPES["student_layers"],
+    )
     expected = layers * (4 * 128) * (34 * hidden + 5 * heads * 128) * 4 // 2
     assert b.activations == expected
     assert b.activations > 2 * a.activations
