@@ -1,10 +1,10 @@
 """Offline logit cache: bytes per token on disk, and one training epoch online vs from it.
 
-Setup: a Foundry-built teacher (the built-in recipe, ``TeacherBuild()``: vocabulary 4096,
-hidden 256, 4 layers; with ``--quick`` the tests' tiny recipe) and a real data bundle (the
-built-in Python docs corpus, first 100 documents, 128-token blocks; ``--quick``: 4
-documents, 32-token blocks). The teacher is built and cached on first use, as ``foundry
-distill`` would; that one-time build is not part of any figure.
+Setup: a Foundry-built teacher (the built-in recipe, ``TeacherBuild()``, and the default
+student, ``StudentConfig()``; with ``--quick`` the tests' tiny recipe and student) and a real
+data bundle (the built-in Python docs corpus, first 100 documents, 128-token blocks;
+``--quick``: 4 documents, 32-token blocks). The teacher is built and cached on first use, as
+``foundry distill`` would; that one-time build is not part of any figure.
 
 1. **Storage.** For each k (32, 64, 128; ``--quick``: 32, 64) the teacher's top-k over every
    training block is captured into a fresh cache folder (``foundry_kernel.logit_cache.
@@ -86,7 +86,7 @@ class CacheBenchConfig:
     max_documents: int
     seq_len: int
     batch: int
-    student: dict[str, int]
+    student: dict[str, int] | None  # StudentConfig fields; None = its defaults
     lr: float = 3e-3
     seed: int = 0
 
@@ -107,6 +107,9 @@ class CacheBenchConfig:
             max_documents=40,
         )
 
+    def student_config(self) -> StudentConfig:
+        return StudentConfig(**(self.student or {}))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "quick": self.quick,
@@ -114,7 +117,7 @@ class CacheBenchConfig:
             "teacher_build": self.teacher_build().model_dump(),
             "data": {"max_documents": self.max_documents, "seq_len": self.seq_len},
             "batch": self.batch,
-            "student": self.student,
+            "student": self.student_config().model_dump(),
             "lr": self.lr,
             "loss": "forward KL, temperature 1, ce_weight 0.5; cached: top-k + tail bucket",
         }
@@ -126,7 +129,7 @@ FULL = CacheBenchConfig(
     max_documents=100,
     seq_len=128,
     batch=32,
-    student={"hidden_size": 128, "num_layers": 3, "num_heads": 4},
+    student=None,
 )
 QUICK = CacheBenchConfig(
     quick=True,
@@ -168,7 +171,7 @@ class Setup:
 
     def student(self) -> torch.nn.Module:
         """A fresh student, seeded: every call returns the same initial weights."""
-        config = StudentConfig(**self.cfg.student)
+        config = self.cfg.student_config()
         return build_student(config, self.teacher, device=CPU, seed=self.cfg.seed).model
 
     def live(self, top_k: int | None = None) -> Teacher:
@@ -197,7 +200,7 @@ def prepare(cfg: CacheBenchConfig, printer: Printer) -> Setup:
     teacher.model.eval().requires_grad_(False)
     data_cfg = DataConfig(max_documents=cfg.max_documents, seq_len=cfg.seq_len)
     data = build_data(data_cfg, teacher.tokenizer, seed=data_cfg.split_seed)
-    hidden = cfg.student["hidden_size"]
+    hidden = cfg.student_config().hidden_size or build.hidden_size
     return Setup(
         cfg=cfg,
         teacher_dir=teacher_dir,
