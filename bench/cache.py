@@ -35,7 +35,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -70,6 +70,9 @@ from foundry_kernel.targets import SparseTargets
 from foundry_kernel.teacher_builder import ensure_builtin_teacher
 from foundry_kernel.teachers import CachedTeacher, HFTeacher, Teacher
 from foundry_kernel.train import MetricsSink, Trainer, TrainPlan
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 PATHS = ("online", "cached")
 DISTILLKIT_K = 128
@@ -169,7 +172,7 @@ class Setup:
     student_amp: torch.dtype | None
     teacher_amp: torch.dtype | None
 
-    def student(self) -> torch.nn.Module:
+    def student(self) -> PreTrainedModel:
         """A fresh student, seeded: every call returns the same initial weights."""
         config = self.cfg.student_config()
         return build_student(config, self.teacher, device=CPU, seed=self.cfg.seed).model

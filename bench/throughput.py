@@ -308,24 +308,37 @@ def trainer_class(*, fused: bool, drop_mask: bool) -> Any:
         return _VARIANTS[key]
     from foundry_kernel.evaluate import autocast
     from foundry_kernel.losses import fused_linear_distillation_loss
+    from foundry_kernel.teachers import HFTeacher
     from foundry_kernel.train import Trainer
 
     class ProposedTrainer(Trainer):
         def _micro_step(
-            self, ids: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, n_valid: int
+            self,
+            idx: torch.Tensor | None,
+            ids: torch.Tensor,
+            mask: torch.Tensor,
+            target: torch.Tensor,
+            n_valid: int,
+            *,
+            on_policy: bool = False,
         ) -> dict[str, float]:
             attn: torch.Tensor | None = mask
             if drop_mask and bool(mask.all()):
                 attn = None
             if not fused or self.plan.loss is None or self.teacher is None:
-                return super()._micro_step(ids, attn, target, n_valid)  # type: ignore[arg-type]
+                mask_or_none: Any = attn  # None is fine for the models, not for the stubs
+                return super()._micro_step(
+                    idx, ids, mask_or_none, target, n_valid, on_policy=on_policy
+                )
+            assert isinstance(self.teacher, HFTeacher)  # the fused path needs its weights
+            teacher = self.teacher.model
             with autocast(self.device, self.plan.amp_dtype):
                 hidden = self.model.base_model(input_ids=ids, attention_mask=attn)[0]
             t_amp = getattr(self.plan, "teacher_amp_dtype", self.plan.amp_dtype)
             with torch.no_grad(), autocast(self.device, t_amp):
-                t_hidden = self.teacher.base_model(input_ids=ids, attention_mask=attn)[0]
+                t_hidden = teacher.base_model(input_ids=ids, attention_mask=attn)[0]
             s_head = self.model.get_output_embeddings()
-            t_head = self.teacher.get_output_embeddings()
+            t_head = teacher.get_output_embeddings()
             out = fused_linear_distillation_loss(
                 hidden,
                 s_head.weight,

@@ -441,3 +441,46 @@ def test_server_killed_mid_capture_fails_cleanly_then_resumes(
     assert {name: after[name] for name in kept} == kept  # resumed, not recaptured
     assert len(after) > len(kept)
     assert again.result is not None and again.result["logit_cache"]["path"] == str(folder)
+
+
+def test_cli_serve_answers_and_stops_on_sigterm(vllm_teacher_dir: Path) -> None:
+    """`foundry teacher serve`: prints where and with which key, answers, and SIGTERM stops
+    it and its whole tree."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "foundry_kernel.cli",
+            "teacher",
+            "serve",
+            "--model",
+            str(vllm_teacher_dir),
+            "--port",
+            str(port),
+            "--eager",
+            "--max-logprobs",
+            "32",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines: list[str] = []
+        assert proc.stdout is not None
+        while not any(ln.startswith("log:") for ln in lines):
+            line = proc.stdout.readline()
+            assert line, "\n".join(lines)
+            lines.append(line.strip())
+        key = next(ln for ln in lines if ln.startswith("API key")).rsplit(" ", 1)[-1]
+        tree = _tree(proc.pid)
+        with TeacherClient(f"http://127.0.0.1:{port}", api_key=key) as c:
+            (out,) = c.prompt_topk([[5, 6, 7]], k=32)
+        assert out.ids.shape == (1, 2, 32)
+    finally:
+        proc.terminate()
+        code = proc.wait(60)
+    assert code == 0
+    time.sleep(1.0)
+    assert not _alive(tree)
