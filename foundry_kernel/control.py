@@ -56,6 +56,7 @@ import functools
 import gc
 import logging
 import os
+import signal
 import sqlite3
 import threading
 import time
@@ -1102,11 +1103,38 @@ def start(
 
 def run_sync(config: RunConfig | Mapping[str, Any] | None = None, **kwargs: Any) -> RunHandle:
     """Start a run and wait for it (the CLI). Ctrl-C cancels the run and waits for it to
-    stop cleanly; a second Ctrl-C during that wait propagates as usual."""
+    stop cleanly; a second Ctrl-C during that wait propagates as usual.
+
+    In the main thread Ctrl-C is caught by a signal handler that only records it, and the
+    wait polls: a KeyboardInterrupt raised inside ``Event.wait`` could land between a
+    lock's acquire and release and leave the next wait deadlocked (seen once in CI).
+    """
     handle = start(config, **kwargs)
-    try:
-        handle.wait()
-    except KeyboardInterrupt:
-        handle.cancel(reason="interrupted (Ctrl-C)")
-        handle.wait()
+    cancelled = False
+    with _sigint_recorded() as interrupted:
+        while not handle.done:
+            handle.wait(0.1)
+            if interrupted and not cancelled:
+                handle.cancel(reason="interrupted (Ctrl-C)")
+                cancelled = True
     return handle
+
+
+@contextlib.contextmanager
+def _sigint_recorded() -> Iterator[list[int]]:
+    """Record Ctrl-C (the first one) instead of raising; a second one raises as usual."""
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def record(signum: int, frame: object) -> None:
+        if seen:
+            raise KeyboardInterrupt
+        seen.append(signum)
+
+    previous = signal.signal(signal.SIGINT, record)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)

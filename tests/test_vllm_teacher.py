@@ -409,11 +409,13 @@ def test_server_killed_mid_capture_fails_cleanly_then_resumes(
     cfg["data"]["max_documents"] = 12  # type: ignore[index]  # ~100 requests: a few seconds
     monkeypatch.setenv("FOUNDRY_VLLM_API_KEY", doomed.token)
     shards: list[Path] = []
+    pattern = "logits/*/shard-00001*.safetensors"
+    earlier = set(default_cache_dir().glob(pattern))  # other tests' caches are not this one
 
     def kill_after_first_shards() -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            shards[:] = sorted(default_cache_dir().glob("logits/*/shard-00001*.safetensors"))
+            shards[:] = sorted(set(default_cache_dir().glob(pattern)) - earlier)
             if shards:
                 for p in _alive(_tree(doomed.pid)):
                     p.kill()
