@@ -35,6 +35,11 @@ def ref_divergence(s: Tensor, t: Tensor, spec: LossSpec) -> Tensor:
     """Per-token divergence from the textbook definitions, on probabilities (no -inf inputs)."""
     q = torch.softmax(s.double() / spec.temperature, dim=-1)
     p = torch.softmax(t.double() / spec.temperature, dim=-1)
+    return ref_divergence_probs(p, q, spec)
+
+
+def ref_divergence_probs(p: Tensor, q: Tensor, spec: LossSpec) -> Tensor:
+    """Per-row divergence of probability vectors (teacher p, student q), by definition."""
 
     def kl(a: Tensor, b: Tensor) -> Tensor:
         return (a * (a.log() - b.log())).sum(-1)

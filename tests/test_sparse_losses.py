@@ -14,6 +14,7 @@ from typing import get_args
 
 import pytest
 import torch
+from test_losses import ref_divergence_probs
 from torch import Tensor
 
 from foundry_kernel.errors import ConfigError
@@ -35,29 +36,6 @@ VOCAB = 13
 
 
 # --------------------------------------------------------------------------- independent reference
-
-
-def ref_divergence_probs(p: Tensor, q: Tensor, spec: LossSpec) -> Tensor:
-    """Per-row divergence of probability vectors from the textbook definitions."""
-
-    def kl(a: Tensor, b: Tensor) -> Tensor:
-        return (a * (a.log() - b.log())).sum(-1)
-
-    kind, beta, alpha = spec.kind, spec.beta, spec.skew_alpha
-    if kind == "forward_kl" or (kind == "jsd" and beta == 0):
-        return kl(p, q)
-    if kind == "reverse_kl" or (kind == "jsd" and beta == 1):
-        return kl(q, p)
-    if kind == "jsd":
-        m = beta * p + (1 - beta) * q
-        value = beta * kl(p, m) + (1 - beta) * kl(q, m)
-        return value / (beta * (1 - beta)) if spec.jsd_normalized else value
-    if kind == "skew_forward_kl":
-        return kl(p, alpha * p + (1 - alpha) * q)
-    if kind == "skew_reverse_kl":
-        return kl(q, (1 - alpha) * p + alpha * q)
-    assert kind == "tvd"
-    return 0.5 * (p - q).abs().sum(-1)
 
 
 def ref_atoms(
