@@ -306,8 +306,8 @@ def trainer_class(*, fused: bool, drop_mask: bool) -> Any:
     key = (fused, drop_mask)
     if key in _VARIANTS:
         return _VARIANTS[key]
-    from foundry_kernel.evaluate import autocast
     from foundry_kernel.losses import fused_linear_distillation_loss
+    from foundry_kernel.precision import autocast
     from foundry_kernel.teachers import HFTeacher
     from foundry_kernel.train import Trainer
 

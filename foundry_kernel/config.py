@@ -114,7 +114,7 @@ class TeacherConfig(_Section):
         "None = Foundry starts its own on 127.0.0.1. Its API key comes from $FOUNDRY_VLLM_API_KEY.",
     )
     server: TeacherServerConfig = Field(
-        default_factory=lambda: TeacherServerConfig(),
+        default_factory=TeacherServerConfig,
         description="The vLLM server Foundry starts (backend='vllm', no url).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -325,11 +325,9 @@ class DistillConfig(_Section):
     cache_shard_blocks: int = Field(
         256, ge=1, le=1_000_000, description="Blocks per logit-cache shard (the resume unit)."
     )
-    sequence: SequenceConfig = Field(
-        default_factory=lambda: SequenceConfig(), description="mode='sequence'."
-    )
+    sequence: SequenceConfig = Field(default_factory=SequenceConfig, description="mode='sequence'.")
     on_policy: OnPolicyConfig = Field(
-        default_factory=lambda: OnPolicyConfig(), description="mode='on_policy'."
+        default_factory=OnPolicyConfig, description="mode='on_policy'."
     )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +19,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from foundry_kernel.context import RunContext
 from foundry_kernel.data import TokenBlocks
 from foundry_kernel.precision import autocast
-from foundry_kernel.targets import SparseTargets, TeacherSignal
-
-if TYPE_CHECKING:
-    from foundry_kernel.teachers import Teacher
+from foundry_kernel.targets import SparseTargets, TeacherSignal, log1mexp
+from foundry_kernel.teachers import HFTeacher, Teacher, as_teacher
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -69,8 +66,6 @@ def evaluate_lm(
     With a sparse teacher (vLLM, cache) agreement compares with its top-1 and the KL is
     the forward KL over its top-k plus the tail bucket (a lower bound of the full KL).
     """
-    from foundry_kernel.teachers import as_teacher  # teachers imports this module
-
     judge = as_teacher(teacher, vocab_size=vocab_size, amp_dtype=teacher_amp_dtype)
     device = next(model.parameters()).device
     was_training = model.training
@@ -112,8 +107,8 @@ def _compare(
         ids = signal.ids[valid]
         t_logp = signal.logprobs[valid].float()
         s_top = s_logp.gather(-1, ids)
-        t_tail = SparseTargets(ids[None], t_logp[None]).tail_logmass()[0]
-        s_tail = SparseTargets(ids[None], s_top[None]).tail_logmass()[0]
+        t_tail = log1mexp(torch.logsumexp(t_logp, dim=-1))
+        s_tail = log1mexp(torch.logsumexp(s_top, dim=-1))
         kl = (t_logp.exp() * (t_logp - s_top)).sum() + (t_tail.exp() * (t_tail - s_tail)).sum()
         agree = (ids[:, 0] == logits.argmax(-1)).sum()
         return kl.item(), agree.item()
@@ -135,8 +130,6 @@ def evaluate_teacher(
 ) -> dict[str, float]:
     """Held-out loss and perplexity of any teacher: its full logits, or (vLLM) the
     log-probability it gives the true token, which the server reports with the top-k."""
-    from foundry_kernel.teachers import HFTeacher
-
     if isinstance(teacher, HFTeacher):
         return evaluate_lm(
             teacher.model,

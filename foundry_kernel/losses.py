@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from foundry_kernel.errors import ConfigError
-from foundry_kernel.targets import TAIL_FLOOR, SparseTargets
+from foundry_kernel.targets import SparseTargets, log1mexp
 
 __all__ = [
     "IGNORE_INDEX",
@@ -772,26 +772,6 @@ SparseMass = Literal["tail", "renormalize"]
 """How :func:`sparse_distillation_loss` treats the probability mass outside the top-k."""
 _MASSES: tuple[str, ...] = get_args(SparseMass)
 
-_LN2 = math.log(2.0)
-# log(1 - e^x) drops below TAIL_FLOOR once x exceeds this (about -9.4e-14).
-_LOG1MEXP_CAP = math.log1p(-math.exp(TAIL_FLOOR))
-
-
-def _log1mexp(x: Tensor) -> Tensor:
-    """``log(1 - e^x)`` for ``x <= 0``, floored at ``TAIL_FLOOR``, with finite gradients.
-
-    Same two-branch evaluation as :meth:`SparseTargets.tail_logmass` (``-expm1`` near 0,
-    ``log1p`` further out), but each branch only ever sees inputs where it is finite:
-    ``torch.where`` routes a zero gradient to the unused branch, and ``0 * inf`` there
-    would otherwise turn the student's gradient into NaN. Inputs above
-    ``_LOG1MEXP_CAP`` (top-k mass within e^-30 of 1, or above 1 by rounding) land on the
-    floor, whose gradient is 0.
-    """
-    x = x.clamp(max=_LOG1MEXP_CAP)
-    near = torch.log(-torch.expm1(x.clamp(min=-_LN2)))
-    far = torch.log1p(-torch.exp(x.clamp(max=-_LN2)))
-    return torch.where(x > -_LN2, near, far).clamp(min=TAIL_FLOOR)
-
 
 @dataclass(frozen=True)
 class _SparseTeacher:
@@ -835,7 +815,7 @@ def _sparse_student_logp(
         return torch.log_softmax(z_ids / tau, dim=-1)
     lse_tau = lse if tau == 1.0 else torch.logsumexp(s / tau, dim=-1)
     log_q = z_ids / tau - lse_tau.unsqueeze(-1)
-    tail = _log1mexp(torch.logsumexp(log_q, dim=-1))
+    tail = log1mexp(torch.logsumexp(log_q, dim=-1))
     return torch.cat([log_q, tail.unsqueeze(-1)], dim=-1)
 
 

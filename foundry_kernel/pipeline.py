@@ -150,7 +150,6 @@ def _build_student(job: Job, teacher: LoadedModel) -> LoadedModel:
             job.teacher_path, device=torch.device("cpu"), field="teacher.source"
         )
         student = build_student(cfg.student, with_weights, device=job.device, seed=cfg.seed)
-        del with_weights
         return LoadedModel(student.model, teacher.tokenizer, student.source)
     return build_student(cfg.student, teacher, device=job.device, seed=cfg.seed)
 

@@ -13,12 +13,32 @@ either renormalise over the top-k or treat the tail as a (k+1)-th bucket.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 TAIL_FLOOR = -30.0  # log of the smallest tail mass we keep apart from zero (e^-30 ~ 1e-13)
+_LN2 = math.log(2.0)
+# log(1 - e^x) drops below TAIL_FLOOR once x exceeds this (about -9.4e-14).
+_LOG1MEXP_CAP = math.log1p(-math.exp(TAIL_FLOOR))
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - e^x)`` for ``x <= 0`` (the mass outside a set whose log-mass is ``x``),
+    floored at ``TAIL_FLOOR``, with finite gradients.
+
+    Two branches (``-expm1`` near 0, ``log1p`` further out), each fed only inputs where
+    it is finite: ``torch.where`` routes a zero gradient to the unused branch, and
+    ``0 * inf`` there would otherwise turn a student's gradient into NaN. Inputs above
+    ``_LOG1MEXP_CAP`` (mass within e^-30 of 1, or above 1 by rounding) land on the
+    floor, whose gradient is 0.
+    """
+    x = x.clamp(max=_LOG1MEXP_CAP)
+    near = torch.log(-torch.expm1(x.clamp(min=-_LN2)))
+    far = torch.log1p(-torch.exp(x.clamp(max=-_LN2)))
+    return torch.where(x > -_LN2, near, far).clamp(min=TAIL_FLOOR)
 
 
 @dataclass(frozen=True)
@@ -49,14 +69,7 @@ class SparseTargets:
 
     def tail_logmass(self) -> Tensor:
         """log(1 - sum of the top-k probabilities) [B, T], floored at ``TAIL_FLOOR``."""
-        top = torch.logsumexp(self.logprobs.float(), dim=-1).clamp(max=0.0)
-        # log(1 - e^top) computed stably (log1mexp): -expm1 for top near 0, log1p otherwise.
-        tail = torch.where(
-            top > -0.6931,
-            torch.log((-torch.expm1(top)).clamp(min=1e-38)),
-            torch.log1p(-torch.exp(top)),
-        )
-        return tail.clamp(min=TAIL_FLOOR)
+        return log1mexp(torch.logsumexp(self.logprobs.float(), dim=-1))
 
     def to(self, device: torch.device) -> SparseTargets:
         return SparseTargets(

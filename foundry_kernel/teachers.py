@@ -279,12 +279,12 @@ def sample_continuations(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out: list[list[int]] = []
+    result: list[list[int]] = [[] for _ in prompts]
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            for lengths, group in _by_length(prompts):
-                ids = torch.tensor(group, dtype=torch.long, device=device)
+            for length, rows in _by_length(prompts):  # equal lengths: no padding inside
+                ids = torch.tensor([list(prompts[i]) for i in rows], device=device)
                 generated = model.generate(  # type: ignore[operator]  # transformers' stubs
                     ids,
                     attention_mask=torch.ones_like(ids),
@@ -296,26 +296,19 @@ def sample_continuations(
                     top_p=None,
                     pad_token_id=pad_token_id,
                 )
-                out += [row[lengths:].tolist() for row in generated]
+                for i, row in zip(rows, generated, strict=True):
+                    result[i] = row[length:].tolist()
     finally:
         model.train(was_training)
-    order = _by_length_order(prompts)
-    result: list[list[int]] = [[] for _ in prompts]
-    for position, tokens in zip(order, out, strict=True):
-        result[position] = tokens
     return result
 
 
-def _by_length(prompts: Sequence[Sequence[int]]) -> list[tuple[int, list[list[int]]]]:
-    """Prompts grouped by length (no padding inside a generate call), in a fixed order."""
-    groups: dict[int, list[list[int]]] = {}
-    for p in prompts:
-        groups.setdefault(len(p), []).append([int(t) for t in p])
+def _by_length(prompts: Sequence[Sequence[int]]) -> list[tuple[int, list[int]]]:
+    """Indices of the prompts grouped by prompt length, shortest first, in a fixed order."""
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
     return sorted(groups.items())
-
-
-def _by_length_order(prompts: Sequence[Sequence[int]]) -> list[int]:
-    return sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
 
 
 def _prefix_lengths(attention_mask: Tensor) -> list[int]:

@@ -39,7 +39,6 @@ from foundry_kernel.servers import (
     HOST,
     ServerError,
     ServerProcess,
-    _child_env,
     _default_log_dir,
     _serve_foreground,
     _start_with_port,
@@ -197,8 +196,10 @@ def teacher_server(
     token = new_token()
     cache = default_cache_dir() / "vllm"
     logs = _default_log_dir(log_dir or cache / "logs")
-    env = _child_env(
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # not our packages
+    env.update(
         {
+            "PYTHONUNBUFFERED": "1",
             "VLLM_API_KEY": token,
             "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
             "VLLM_CACHE_ROOT": str(cache / "vllm-cache"),
@@ -207,7 +208,6 @@ def teacher_server(
             "DO_NOT_TRACK": "1",
         }
     )
-    env.pop("PYTHONPATH", None)  # vLLM's environment must not see the notebook's packages
 
     def build(chosen: int) -> ServerProcess:
         return ServerProcess(

@@ -396,7 +396,11 @@ def test_managed_server_run_leaves_nothing(vllm_teacher_dir: Path, runs_dir: Pat
 
 
 def test_server_killed_mid_capture_fails_cleanly_then_resumes(
-    server: ServerProcess, vllm_teacher_dir: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch
+    server: ServerProcess,
+    vllm_teacher_dir: Path,
+    runs_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Kill the teacher server while the logit cache is being captured: the client retries
     within its budget, the run fails with a message naming the server, the shards already
@@ -408,14 +412,14 @@ def test_server_killed_mid_capture_fails_cleanly_then_resumes(
     cfg["optim"]["batch_size"] = 2  # type: ignore[index]
     cfg["data"]["max_documents"] = 12  # type: ignore[index]  # ~100 requests: a few seconds
     monkeypatch.setenv("FOUNDRY_VLLM_API_KEY", doomed.token)
+    # A cache folder of its own: an earlier session's complete cache would need no capture.
+    monkeypatch.setenv("FOUNDRY_CACHE_DIR", str(tmp_path / "cache"))
     shards: list[Path] = []
-    pattern = "logits/*/shard-00001*.safetensors"
-    earlier = set(default_cache_dir().glob(pattern))  # other tests' caches are not this one
 
     def kill_after_first_shards() -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            shards[:] = sorted(set(default_cache_dir().glob(pattern)) - earlier)
+            shards[:] = sorted(default_cache_dir().glob("logits/*/shard-00001*.safetensors"))
             if shards:
                 for p in _alive(_tree(doomed.pid)):
                     p.kill()
