@@ -7,7 +7,7 @@ data bundle (the built-in Python docs corpus, first 100 documents, 128-token blo
 ``foundry distill`` would; that one-time build is not part of any figure.
 
 1. **Storage.** For each k (32, 64, 128; ``--quick``: 32, 64) the teacher's top-k over every
-   training block is captured into a fresh cache folder (``foundry_kernel.logit_cache.
+   training block is captured into a fresh cache folder (``foundry_kernel.teachers._logit_cache.
    capture``, as ``distill.mode=offline`` does). Printed per k: the cache's own
    ``bytes_per_token`` (shard bytes over token positions), the layout's formula (uint16
    ids and fp16 values, ``4k``, plus an fp32 tail mass, ``4``), what the safetensors
@@ -51,10 +51,15 @@ from bench.common import (
     table,
 )
 from bench.throughput import StepClock, Turns
+from foundry_kernel._context import RunContext
+from foundry_kernel._models import LoadedModel, build_student, load_causal_lm
 from foundry_kernel.config import DataConfig, StudentConfig, TeacherBuild
-from foundry_kernel.context import RunContext
-from foundry_kernel.data import DataBundle, build_data
-from foundry_kernel.logit_cache import (
+from foundry_kernel.data._blocks import DataBundle, build_data
+from foundry_kernel.paths import default_cache_dir
+from foundry_kernel.run._job import amp_dtype_for
+from foundry_kernel.teachers._builtin import ensure_builtin_teacher
+from foundry_kernel.teachers._interface import CachedTeacher, HFTeacher, Teacher
+from foundry_kernel.teachers._logit_cache import (
     CacheKey,
     LogitCache,
     capture,
@@ -62,14 +67,9 @@ from foundry_kernel.logit_cache import (
     fingerprint_tokenizer,
     fingerprint_tokens,
 )
-from foundry_kernel.losses import LossSpec
-from foundry_kernel.models import LoadedModel, build_student, load_causal_lm
-from foundry_kernel.paths import default_cache_dir
-from foundry_kernel.pipeline import amp_dtype_for
-from foundry_kernel.targets import SparseTargets
-from foundry_kernel.teacher_builder import ensure_builtin_teacher
-from foundry_kernel.teachers import CachedTeacher, HFTeacher, Teacher
-from foundry_kernel.train import MetricsSink, Trainer, TrainPlan
+from foundry_kernel.teachers._targets import SparseTargets
+from foundry_kernel.training._losses import LossSpec
+from foundry_kernel.training._trainer import MetricsSink, Trainer, TrainPlan
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -150,7 +150,7 @@ def config_for(quick: bool, ks: Sequence[int] | None = None) -> CacheBenchConfig
 
 
 def layout_bytes_per_token(k: int, vocab: int, *, label: bool = False) -> int:
-    """Bytes per token position of the cache layout (see ``foundry_kernel.logit_cache``):
+    """Bytes per token position of the cache layout (see ``foundry_kernel.teachers._logit_cache``):
     k ids (uint16 when the vocabulary fits, else int32), k fp16 values, an fp32 tail mass
     and, when the teacher gives it, an fp32 true-token log-probability. Headers excluded."""
     id_bytes = 2 if vocab <= 2**16 else 4

@@ -335,7 +335,7 @@ class _InplaceChunkedDistillation:
     def apply(cls, student: Any, teacher: Any, labels: Any, spec: Any) -> Any:
         import torch
 
-        from foundry_kernel import losses as L
+        from foundry_kernel.training import _losses as L
 
         if cls._fn is None:
 
@@ -434,7 +434,7 @@ def _loss_fn(name: str, vocab: int) -> Callable[[dict[str, Any]], Any]:
         fljsd = LigerFusedLinearJSD(jsd_beta=0.0)
         return lambda x: fljsd(x["h_s"], x["w_s"], x["h_t"], x["w_t"], x["labels"])
 
-    from foundry_kernel.losses import (
+    from foundry_kernel.training._losses import (
         LossSpec,
         distillation_loss,
         fused_linear_distillation_loss,

@@ -7,7 +7,7 @@ contender starts from identical weights), same random-token data, same thread co
 
 Contenders:
 
-``foundry``           ``foundry_kernel.train.Trainer.fit`` as it is (chunked loss on full
+``foundry``           ``Trainer.fit`` (``foundry_kernel.training``) as it is (chunked loss on full
                       logits, attention mask passed, metrics callback, events,
                       ``ctx.check()``); a step ends at its metrics report.
 ``foundry_nomask``    the same Trainer, not passing the all-ones attention mask of packed
@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from foundry_kernel.models import count_params
+from foundry_kernel._models import count_params
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -252,10 +252,10 @@ def foundry_trainer(
 ) -> Any:
     """Our Trainer on the workload (``fused``/``drop_mask``: with the proposed changes, see
     :func:`trainer_class`; ``distill=False``: the cross-entropy-only student step)."""
-    from foundry_kernel.context import RunContext
-    from foundry_kernel.data import DataBundle, TokenBlocks
-    from foundry_kernel.losses import LossSpec
-    from foundry_kernel.train import Trainer, TrainPlan
+    from foundry_kernel._context import RunContext
+    from foundry_kernel.data._blocks import DataBundle, TokenBlocks
+    from foundry_kernel.training._losses import LossSpec
+    from foundry_kernel.training._trainer import Trainer, TrainPlan
 
     cfg = w.cfg
     ones = torch.ones_like(w.ids)
@@ -306,10 +306,10 @@ def trainer_class(*, fused: bool, drop_mask: bool) -> Any:
     key = (fused, drop_mask)
     if key in _VARIANTS:
         return _VARIANTS[key]
-    from foundry_kernel.losses import fused_linear_distillation_loss
-    from foundry_kernel.precision import autocast
-    from foundry_kernel.teachers import HFTeacher
-    from foundry_kernel.train import Trainer
+    from foundry_kernel.teachers._interface import HFTeacher
+    from foundry_kernel.training._losses import fused_linear_distillation_loss
+    from foundry_kernel.training._precision import autocast
+    from foundry_kernel.training._trainer import Trainer
 
     class ProposedTrainer(Trainer):
         def _micro_step(
@@ -477,7 +477,7 @@ def run_plain(w: Workload, clock: StepClock) -> None:
     teacher, student = w.teacher(), w.student()
     student.train()
     opt = torch.optim.AdamW(_decay_groups(student, 0.1), lr=cfg.lr, betas=(0.9, 0.95))
-    from foundry_kernel.data import BatchSampler  # the same batch order as our Trainer's
+    from foundry_kernel.data._blocks import BatchSampler  # the same batch order as our Trainer's
 
     sampler = BatchSampler(w.ids.shape[0], cfg.batch, seed=cfg.seed)
     clock.begin()

@@ -90,8 +90,12 @@ def build(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     import foundry_kernel
 
+    # The public surface only: the package's exports and its public modules and
+    # subpackages (private ``_`` modules are implementation, see docs/architecture.md).
     modules = ["foundry_kernel"] + [
-        f"foundry_kernel.{m.name}" for m in pkgutil.iter_modules(foundry_kernel.__path__)
+        f"foundry_kernel.{m.name}"
+        for m in pkgutil.iter_modules(foundry_kernel.__path__)
+        if not m.name.startswith("_")
     ]
     pdoc.pdoc(*modules, output_directory=out)
     (out / "config-schema.md").write_text(schema_markdown(json_schema()), encoding="utf-8")

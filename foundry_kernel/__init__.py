@@ -25,17 +25,19 @@ _EXPORTS = {
     "RunConfig": "foundry_kernel.config",
     "json_schema": "foundry_kernel.config",
     "load_config": "foundry_kernel.config",
-    "RunHandle": "foundry_kernel.control",
-    "RunState": "foundry_kernel.control",
-    "get": "foundry_kernel.control",
-    "list_runs": "foundry_kernel.control",
-    "run_sync": "foundry_kernel.control",
-    "start": "foundry_kernel.control",
+    "RunHandle": "foundry_kernel.run._control",
+    "RunState": "foundry_kernel.run._control",
+    "get": "foundry_kernel.run._control",
+    "list_runs": "foundry_kernel.run._control",
+    "run_sync": "foundry_kernel.run._control",
+    "start": "foundry_kernel.run._control",
     "RunStore": "foundry_kernel.store",
 }
 
 __all__ = [
+    "SAMPLE_INTERVAL_S",
     "ConfigError",
+    "Event",
     "FoundryError",
     "RunConfig",
     "RunHandle",
@@ -50,9 +52,18 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from foundry_kernel._context import Event
     from foundry_kernel.config import RunConfig, json_schema, load_config
-    from foundry_kernel.control import RunHandle, RunState, get, list_runs, run_sync, start
     from foundry_kernel.errors import ConfigError, FoundryError
+    from foundry_kernel.run._control import (
+        SAMPLE_INTERVAL_S,
+        RunHandle,
+        RunState,
+        get,
+        list_runs,
+        run_sync,
+        start,
+    )
     from foundry_kernel.store import RunStore
 
 

@@ -14,21 +14,41 @@ Progress goes to stderr, throttled, so stdout stays machine-readable.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from foundry_kernel import notebook_runner, servers, vllm_server
+from foundry_kernel._context import Event
 from foundry_kernel.config import json_schema, load_config
-from foundry_kernel.context import Event
 from foundry_kernel.errors import FoundryError
 from foundry_kernel.logs import Throttle, configure_logging
 from foundry_kernel.paths import default_runs_dir, validate_run_id
 from foundry_kernel.store import RunRecord, RunStore
+from foundry_kernel.teachers import _vllm_server as vllm_server
 
 EXIT = {"completed": 0, "failed": 1, "timed_out": 124, "cancelled": 130}
+
+# The workbench's commands live in ``widgets`` and are imported only when one is used: the
+# engine imports nothing of Jupyter, and ``foundry distill`` does not pay for it. Each
+# command's module parses its own arguments: ``main(argv)``, where ``argv`` starts with the
+# command's name for the launchers (one ``main`` serves both) and without it for ``run``.
+WORKBENCH_COMMANDS: dict[str, tuple[str, bool, str]] = {
+    "run": (
+        "widgets.runner",
+        False,
+        "execute a notebook headless with papermill, as a run in the store "
+        "(`foundry run distill --help`)",
+    ),
+    "dashboard": (
+        "foundry_kernel.servers",
+        True,
+        "serve the read-only results dashboard (Voila) on 127.0.0.1",
+    ),
+    "lab": ("foundry_kernel.servers", True, "start JupyterLab on 127.0.0.1 with a token"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,16 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the config's JSON Schema")
     schema.set_defaults(handler=_schema)
-    servers.add_commands(sub)
-    notebook_runner.add_commands(sub)
+    for name, (_module, _named, text) in WORKBENCH_COMMANDS.items():
+        # add_help=False: ``foundry run --help`` reaches the command's own parser.
+        sub.add_parser(name, help=text, add_help=False)
     vllm_server.add_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
     configure_logging(args.log_level)
+    if args.command in WORKBENCH_COMMANDS:
+        module, named, _text = WORKBENCH_COMMANDS[args.command]
+        command_main = importlib.import_module(module).main
+        return int(command_main([args.command, *rest] if named else rest))
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.handler(args))
     except FoundryError as exc:
@@ -87,7 +114,7 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from foundry_kernel.control import run_sync
+    from foundry_kernel.run._control import run_sync
 
     overrides = list(args.overrides)
     if args.runs_dir is not None:

@@ -241,7 +241,7 @@ class DataConfig(_Section):
 
 
 class LossConfig(_Section):
-    """The distillation objective (see foundry_kernel.losses for the exact formulas)."""
+    """The distillation objective (see foundry_kernel.training._losses for the exact formulas)."""
 
     kind: Literal[
         "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"

@@ -153,7 +153,7 @@ def free_port(host: str = HOST) -> int:
 
 def dashboard_notebook() -> Path:
     """The dashboard notebook shipped next to the packages (``notebooks/dashboard.ipynb``)."""
-    return _REPO_ROOT / "notebooks" / "dashboard.ipynb"
+    return _REPO_ROOT / "widgets" / "notebooks" / "dashboard.ipynb"
 
 
 def _write_private_json(path: Path, data: Mapping[str, Any]) -> None:

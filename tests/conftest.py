@@ -80,10 +80,10 @@ def tiny_config(runs_dir: Path) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def tiny_teacher_dir() -> Path:
     """A real Foundry-built teacher (tiny recipe), cached for the session."""
+    from foundry_kernel._context import RunContext
     from foundry_kernel.config import TeacherBuild
-    from foundry_kernel.context import RunContext
     from foundry_kernel.paths import default_cache_dir
-    from foundry_kernel.teacher_builder import ensure_builtin_teacher
+    from foundry_kernel.teachers._builtin import ensure_builtin_teacher
 
     return ensure_builtin_teacher(
         TeacherBuild(**TINY_BUILD),
@@ -98,10 +98,10 @@ def tiny_teacher_dir() -> Path:
 def vllm_teacher_dir() -> Path:
     """The tiny teacher with one 32-wide head: vLLM's CPU attention has no kernel for
     head_dim 16 ("Unsupported CPU attention configuration")."""
+    from foundry_kernel._context import RunContext
     from foundry_kernel.config import TeacherBuild
-    from foundry_kernel.context import RunContext
     from foundry_kernel.paths import default_cache_dir
-    from foundry_kernel.teacher_builder import ensure_builtin_teacher
+    from foundry_kernel.teachers._builtin import ensure_builtin_teacher
 
     return ensure_builtin_teacher(
         TeacherBuild(**{**TINY_BUILD, "num_heads": 1}),

@@ -116,8 +116,8 @@ def test_cli_run_ids_never_execute_or_crash(
 )
 def test_paths_outside_allowed_roots_are_refused_when_used(override: str) -> None:
     """Local paths pass the schema (they may exist elsewhere) but are refused on use."""
-    from foundry_kernel.models import load_causal_lm
-    from foundry_kernel.sources import load_documents
+    from foundry_kernel._models import load_causal_lm
+    from foundry_kernel.data._sources import load_documents
 
     cfg = load_config(overrides=[override])
 

@@ -18,9 +18,9 @@ import psutil
 import pytest
 from test_report import build_demo_store
 
-from foundry_kernel import report, servers
 from foundry_kernel.servers import ServerProcess
 from foundry_kernel.store import RunStore
+from widgets import report, servers
 
 CHROMIUM = Path("/usr/bin/chromium")
 if shutil.which(str(CHROMIUM)) is None:

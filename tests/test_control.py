@@ -1,4 +1,4 @@
-"""Tests for foundry_kernel.control: the run controller's guarantees.
+"""Tests for foundry_kernel.run._control: the run controller's guarantees.
 
 The jobs here are small *real* training loops (torch matmuls, backward, SGD) that use
 the RunContext the way pipeline.run_job does: ``ctx.check()`` between batches,
@@ -26,10 +26,10 @@ from typing import Any
 import pytest
 import torch
 
-from foundry_kernel import control
+from foundry_kernel._context import Event, RunContext
 from foundry_kernel.config import RunConfig, load_config
-from foundry_kernel.context import Event, RunContext
 from foundry_kernel.errors import ConfigError, DivergenceError, StoreError
+from foundry_kernel.run import _control as control
 from foundry_kernel.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -589,7 +589,7 @@ def test_no_threads_or_fds_left_after_20_start_cancel_cycles(tmp_path: Path) -> 
 CHILD_JOB = """
 import logging, sys, time
 import torch
-from foundry_kernel import control
+from foundry_kernel.run import _control as control
 from foundry_kernel.config import load_config
 
 logging.basicConfig(level=logging.WARNING)  # as the CLI does: warnings reach stderr

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from foundry_kernel.config import DataConfig
-from foundry_kernel.data import (
+from foundry_kernel.data._blocks import (
     IGNORE_INDEX,
     BatchSampler,
     TokenBlocks,
@@ -19,8 +19,7 @@ from foundry_kernel.data import (
     pack_documents,
     split_documents,
 )
-from foundry_kernel.errors import ConfigError, DataError
-from foundry_kernel.sources import (
+from foundry_kernel.data._sources import (
     STDLIB_SKIP_DIRS,
     Document,
     collect_docstrings,
@@ -31,7 +30,8 @@ from foundry_kernel.sources import (
     stdlib_files,
     stdlib_root,
 )
-from foundry_kernel.tokenizer import train_bpe_tokenizer
+from foundry_kernel.data._tokenizer import train_bpe_tokenizer
+from foundry_kernel.errors import ConfigError, DataError
 
 N_TOPICS = len(topics)
 

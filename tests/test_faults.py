@@ -18,8 +18,8 @@ import pytest
 from conftest import tiny_config_dict
 
 from foundry_kernel import load_config, run_sync, start
-from foundry_kernel.checkpoint import load_latest
 from foundry_kernel.store import RunStore
+from foundry_kernel.training._checkpoint import load_latest
 
 
 def _can_mount() -> str | None:
@@ -126,7 +126,7 @@ KILL_CHILD = textwrap.dedent(
     """
     import sys, torch
     from pathlib import Path
-    from foundry_kernel.checkpoint import save_checkpoint
+    from foundry_kernel.training._checkpoint import save_checkpoint
     d = Path(sys.argv[1])
     big = {"w": torch.randn(4_000_000)}
     step = 0

@@ -53,7 +53,7 @@ class KernelJob:
 TORCH_LOOP = KernelJob(
     setup='''
 import time, torch
-from foundry_kernel import control
+from foundry_kernel.run import _control as control
 from foundry_kernel.config import load_config
 
 def kernel_job(config, *, store, run_id, ctx, resume=False):
@@ -85,9 +85,9 @@ def kernel_job(config, *, store, run_id, ctx, resume=False):
 
 REAL_PIPELINE = KernelJob(
     setup="""
-from foundry_kernel import control
+from foundry_kernel.run import _control as control
 from foundry_kernel.config import load_config
-import foundry_kernel.pipeline  # import transformers & co. now, not inside the timed cell
+import foundry_kernel.run._job  # import transformers & co. now, not inside the timed cell
 """,
     config=tiny_config_dict(
         Path(os.environ.get("FOUNDRY_TEST_CACHE", ".")) / "kernel-runs",

@@ -1,4 +1,4 @@
-"""Tests for foundry_kernel.logit_cache: capture, resume, staleness, tampering, atomicity.
+"""Tests for foundry_kernel.teachers._logit_cache: capture, resume, staleness, tampering, atomicity.
 
 The "teacher" is a seeded random dense model: block i always gets the same logits
 (generator seeded with i), whatever the batch it is asked in, so an interrupted and
@@ -19,10 +19,10 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from foundry_kernel.context import RunContext
-from foundry_kernel.data import TokenBlocks
+from foundry_kernel._context import RunContext
+from foundry_kernel.data._blocks import TokenBlocks
 from foundry_kernel.errors import CacheError, ConfigError, ModelError, RunCancelled, StaleCacheError
-from foundry_kernel.logit_cache import (
+from foundry_kernel.teachers._logit_cache import (
     MANIFEST,
     CacheKey,
     LogitCache,
@@ -31,8 +31,8 @@ from foundry_kernel.logit_cache import (
     fingerprint_tokenizer,
     fingerprint_tokens,
 )
-from foundry_kernel.losses import LossSpec, sparse_distillation_loss
-from foundry_kernel.targets import SparseTargets
+from foundry_kernel.teachers._targets import SparseTargets
+from foundry_kernel.training._losses import LossSpec, sparse_distillation_loss
 
 VOCAB = 300
 SEQ = 6

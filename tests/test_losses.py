@@ -1,4 +1,4 @@
-"""Tests for foundry_kernel.losses.
+"""Tests for foundry_kernel.training._losses.
 
 Every expected value is computed here, by dense torch formulas written independently of
 the module (probabilities, not log-space tricks; fp64), by TRL's own implementation, or
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from foundry_kernel.errors import ConfigError
-from foundry_kernel.losses import (
+from foundry_kernel.training._losses import (
     IGNORE_INDEX,
     LossKind,
     LossSpec,
@@ -628,7 +628,7 @@ def test_fused_path_saves_no_vocab_sized_activation() -> None:
 
 
 def test_chunk_rows_keep_large_vocabularies_within_budget() -> None:
-    from foundry_kernel.losses import chunk_rows
+    from foundry_kernel.training._losses import chunk_rows
 
     assert chunk_rows(1024, 128256) == 65
     assert chunk_rows(1024, 32000) == 262

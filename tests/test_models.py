@@ -7,9 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from foundry_kernel.config import StudentConfig
-from foundry_kernel.errors import ConfigError, ModelError
-from foundry_kernel.models import (
+from foundry_kernel._models import (
     LoadedModel,
     build_student,
     check_tokenizers,
@@ -18,8 +16,10 @@ from foundry_kernel.models import (
     shared_vocab_size,
     student_from_teacher,
 )
-from foundry_kernel.teacher_builder import read_teacher_record
-from foundry_kernel.tokenizer import train_bpe_tokenizer
+from foundry_kernel.config import StudentConfig
+from foundry_kernel.data._tokenizer import train_bpe_tokenizer
+from foundry_kernel.errors import ConfigError, ModelError
+from foundry_kernel.teachers._builtin import read_teacher_record
 
 CPU = torch.device("cpu")
 

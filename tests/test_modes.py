@@ -26,14 +26,14 @@ import yaml
 from conftest import tiny_config_dict
 from safetensors.torch import load_file
 
+from foundry_kernel._context import Event, RunContext
+from foundry_kernel._models import load_causal_lm
 from foundry_kernel.config import DataConfig, load_config
-from foundry_kernel.context import Event, RunContext
-from foundry_kernel.data import build_data
+from foundry_kernel.data._blocks import build_data
 from foundry_kernel.errors import ConfigError, RunCancelled
-from foundry_kernel.models import load_causal_lm
-from foundry_kernel.pipeline import run_job
+from foundry_kernel.run._job import run_job
 from foundry_kernel.store import RunStore
-from foundry_kernel.teachers import HFTeacher
+from foundry_kernel.teachers._interface import HFTeacher
 
 CPU = torch.device("cpu")
 SEQ_LEN = 32  # tiny_config_dict's data.seq_len

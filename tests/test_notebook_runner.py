@@ -17,12 +17,13 @@ from conftest import tiny_config_dict
 
 pytest.importorskip("papermill")
 
-from foundry_kernel import notebook_runner
-from foundry_kernel.control import run_sync
+from foundry_kernel.run._control import run_sync
 from foundry_kernel.store import RunStore
+from widgets import runner as notebook_runner
+from widgets.resources import shipped_notebook
 
 REPO = Path(__file__).resolve().parents[1]
-NOTEBOOK = REPO / "notebooks" / "distill.ipynb"
+NOTEBOOK = shipped_notebook("distill")
 PLOTLY = "application/vnd.plotly.v1+json"
 CELL_TIMEOUT = "300"
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from foundry_kernel._context import RunContext
 from foundry_kernel.config import load_config
-from foundry_kernel.context import RunContext
 from foundry_kernel.errors import RunCancelled
-from foundry_kernel.pipeline import model_card, run_job
+from foundry_kernel.run._job import model_card, run_job
 from foundry_kernel.store import RunStore
 
 

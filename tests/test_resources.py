@@ -1,4 +1,4 @@
-"""Tests for foundry_kernel.resources: the memory estimate, preflight, free memory/disk
+"""Tests for foundry_kernel.run._resources: the memory estimate, preflight, free memory/disk
 and the memory sampler.
 
 The estimate is checked against its own documented formula (each component scales with
@@ -19,10 +19,10 @@ import pynvml
 import pytest
 import torch
 
-from foundry_kernel import resources
 from foundry_kernel.config import RunConfig, load_config
 from foundry_kernel.errors import ResourceError
-from foundry_kernel.resources import (
+from foundry_kernel.run import _resources as resources
+from foundry_kernel.run._resources import (
     GiB,
     MemoryEstimate,
     MemorySampler,

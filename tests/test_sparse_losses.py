@@ -1,4 +1,4 @@
-"""Tests for foundry_kernel.losses.sparse_distillation_loss (top-k teacher targets).
+"""Tests for foundry_kernel.training._losses.sparse_distillation_loss (top-k teacher targets).
 
 Expected values come from the dense :func:`distillation_loss` (k = V, where both must
 agree) or from the sparse formulas written out here on probabilities in fp64, without
@@ -18,7 +18,8 @@ from test_losses import ref_divergence_probs
 from torch import Tensor
 
 from foundry_kernel.errors import ConfigError
-from foundry_kernel.losses import (
+from foundry_kernel.teachers._targets import TAIL_FLOOR, SparseTargets
+from foundry_kernel.training._losses import (
     IGNORE_INDEX,
     LossKind,
     LossOutput,
@@ -27,7 +28,6 @@ from foundry_kernel.losses import (
     distillation_loss,
     sparse_distillation_loss,
 )
-from foundry_kernel.targets import TAIL_FLOOR, SparseTargets
 
 KINDS: tuple[LossKind, ...] = get_args(LossKind)
 MASSES: tuple[SparseMass, ...] = get_args(SparseMass)

@@ -9,14 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from foundry_kernel.errors import ConfigError, DataError, ModelError
-from foundry_kernel.tokenizer import (
+from foundry_kernel.data._tokenizer import (
     EOS_TOKEN,
     MIN_VOCAB_SIZE,
     PAD_TOKEN,
     check_tokenizer_pair,
     train_bpe_tokenizer,
 )
+from foundry_kernel.errors import ConfigError, DataError, ModelError
 
 CORPUS = [
     "The list object has an append() method that adds an item to the end of the list.",

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from foundry_kernel.checkpoint import CheckpointError, load_latest, save_checkpoint
+from foundry_kernel._context import RunContext
+from foundry_kernel._models import LoadedModel, build_student, load_causal_lm
 from foundry_kernel.config import DataConfig, StudentConfig
-from foundry_kernel.context import RunContext
-from foundry_kernel.data import DataBundle, build_data
+from foundry_kernel.data._blocks import DataBundle, build_data
 from foundry_kernel.errors import DivergenceError, RunCancelled
-from foundry_kernel.losses import LossSpec
-from foundry_kernel.models import LoadedModel, build_student, load_causal_lm
-from foundry_kernel.train import Trainer, TrainPlan
+from foundry_kernel.training._checkpoint import CheckpointError, load_latest, save_checkpoint
+from foundry_kernel.training._losses import LossSpec
+from foundry_kernel.training._trainer import Trainer, TrainPlan
 
 CPU = torch.device("cpu")
 PLAN = TrainPlan(
@@ -158,7 +158,7 @@ def test_gradient_accumulation_uses_global_token_count(setup) -> None:
     ce_plan = dataclasses.replace(PLAN, loss=None, max_steps=1, eval_every=100, ckpt_every=None)
     whole = _train(setup, dataclasses.replace(ce_plan, batch_size=4))
     _, data = setup
-    from foundry_kernel.data import BatchSampler
+    from foundry_kernel.data._blocks import BatchSampler
 
     a = BatchSampler(len(data.train), 4, seed=1).next_indices()
     b = BatchSampler(len(data.train), 2, seed=1)

@@ -27,19 +27,19 @@ import pytest
 import torch
 from conftest import tiny_config_dict
 
+from foundry_kernel._context import RunContext
+from foundry_kernel._models import load_causal_lm
 from foundry_kernel.config import load_config
-from foundry_kernel.context import RunContext
-from foundry_kernel.control import run_sync
-from foundry_kernel.data import build_data
+from foundry_kernel.data._blocks import build_data
 from foundry_kernel.errors import RunCancelled, TeacherServerError
-from foundry_kernel.evaluate import evaluate_lm
-from foundry_kernel.models import load_causal_lm
 from foundry_kernel.paths import default_cache_dir
+from foundry_kernel.run._control import run_sync
 from foundry_kernel.servers import ServerProcess, free_port
 from foundry_kernel.store import RunStore
-from foundry_kernel.teacher_client import RetryPolicy, TeacherClient
-from foundry_kernel.teachers import HFTeacher, VLLMTeacher
-from foundry_kernel.vllm_server import find_vllm_python, teacher_server
+from foundry_kernel.teachers._client import RetryPolicy, TeacherClient
+from foundry_kernel.teachers._interface import HFTeacher, VLLMTeacher
+from foundry_kernel.teachers._vllm_server import find_vllm_python, teacher_server
+from foundry_kernel.training._evaluate import evaluate_lm
 
 K = 24  # above vLLM's default of 20: the server must be started with --max-logprobs
 
@@ -318,7 +318,7 @@ def test_interpreter_exit_stops_the_server(vllm_teacher_dir: Path, tmp_path: Pat
     script = (
         "import json, sys, psutil\n"
         "from pathlib import Path\n"
-        "from foundry_kernel.vllm_server import teacher_server\n"
+        "from foundry_kernel.teachers._vllm_server import teacher_server\n"
         "if __name__ == '__main__':\n"
         f"    srv = teacher_server(Path({str(vllm_teacher_dir)!r}), eager=True)\n"
         "    tree = [srv.pid] + [c.pid for c in psutil.Process(srv.pid).children(recursive=True)]\n"

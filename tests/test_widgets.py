@@ -19,8 +19,8 @@ pytest.importorskip("ipywidgets")
 pytest.importorskip("plotly")
 
 from foundry_kernel.config import load_config
-from foundry_kernel.control import RunState
 from foundry_kernel.errors import FoundryError
+from foundry_kernel.run._control import RunState
 from widgets import DistillPanel, LiveCharts, decimate, is_headless
 from widgets.charts import MAX_POINTS, MIN_INTERVAL_S
 from widgets.panel import LOG_LINES

@@ -6,7 +6,7 @@ therefore holds only a :class:`RunStore` opened with ``read_only=True`` (the con
 refuses anything else) and widgets that *select what to display*: two Dropdowns whose
 values can only be ids already in the store. There is no Text input, no button that
 starts, stops or changes anything, and no callback that evaluates what a viewer sends.
-All numbers come from :mod:`foundry_kernel.report`; this module only lays them out.
+All numbers come from :mod:`widgets.report`; this module only lays them out.
 
 This module must not import the control panel (``widgets.panel`` and friends): the
 dashboard kernel should not even have run-starting code loaded.
@@ -23,10 +23,10 @@ from typing import Any
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from foundry_kernel import report
 from foundry_kernel.errors import FoundryError
 from foundry_kernel.paths import default_runs_dir
 from foundry_kernel.store import DB_FILENAME, RunStore
+from widgets import report
 
 __all__ = [
     "Dashboard",
@@ -241,7 +241,7 @@ class Dashboard:
     """The whole stakeholder view; ``root`` is the widget to display.
 
     Callbacks only read: they look up the chosen id among the ids listed at start-up,
-    query :mod:`foundry_kernel.report` and replace what is shown.
+    query :mod:`widgets.report` and replace what is shown.
     """
 
     def __init__(self, store: RunStore | None, *, runs_dir: Path | str | None = None) -> None:

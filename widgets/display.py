@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from foundry_kernel import RunHandle, RunState
 from foundry_kernel.config import RunConfig
-from foundry_kernel.control import RunHandle, RunState
 from foundry_kernel.store import RunStore
 from widgets.charts import LiveCharts, metric_trace
 from widgets.frontend import in_ipython

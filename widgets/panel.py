@@ -34,10 +34,9 @@ import ipywidgets as ipw
 import yaml
 
 import foundry_kernel
+from foundry_kernel import SAMPLE_INTERVAL_S, Event, RunHandle, RunState
 from foundry_kernel.atomic import atomic_write_text
 from foundry_kernel.config import RunConfig
-from foundry_kernel.context import Event
-from foundry_kernel.control import SAMPLE_INTERVAL_S, RunHandle, RunState
 from foundry_kernel.errors import ConfigError, FoundryError
 from foundry_kernel.logs import Throttle
 from foundry_kernel.paths import allowed_roots, resolve_within

@@ -28,7 +28,7 @@ import httpx
 import torch
 
 from foundry_kernel.errors import TeacherServerError
-from foundry_kernel.targets import SparseTargets
+from foundry_kernel.teachers._targets import SparseTargets
 
 log = logging.getLogger("foundry.teacher_client")
 RETRYABLE = (httpx.TransportError,)  # connect/read/write errors, timeouts, dropped connections

@@ -18,26 +18,8 @@ from typing import Any
 
 import torch
 
-from foundry_kernel.atomic import atomic_write_text
-from foundry_kernel.config import BUILTIN_TEACHER, RunConfig
-from foundry_kernel.context import RunContext
-from foundry_kernel.data import DataBundle, build_data
-from foundry_kernel.errors import ConfigError
-from foundry_kernel.evaluate import (
-    evaluate_lm,
-    evaluate_teacher,
-    generate_samples,
-    generation_speed,
-)
-from foundry_kernel.logit_cache import (
-    CacheKey,
-    LogitCache,
-    capture,
-    fingerprint_model_dir,
-    fingerprint_tokenizer,
-    fingerprint_tokens,
-)
-from foundry_kernel.models import (
+from foundry_kernel._context import RunContext
+from foundry_kernel._models import (
     LoadedModel,
     build_student,
     count_params,
@@ -46,17 +28,41 @@ from foundry_kernel.models import (
     resolve_dtype,
     shared_vocab_size,
 )
-from foundry_kernel.modes import describe as describe_sequence
-from foundry_kernel.modes import sequence_data, sequence_key
+from foundry_kernel.atomic import atomic_write_text
+from foundry_kernel.config import BUILTIN_TEACHER, RunConfig
+from foundry_kernel.data._blocks import DataBundle, build_data
+from foundry_kernel.errors import ConfigError
 from foundry_kernel.paths import default_cache_dir
-from foundry_kernel.resources import estimate_memory, preflight
+from foundry_kernel.run._resources import estimate_memory, preflight
 from foundry_kernel.store import RunStore
-from foundry_kernel.targets import SparseTargets
-from foundry_kernel.teacher_builder import ensure_builtin_teacher, read_teacher_record
-from foundry_kernel.teacher_client import RetryPolicy, TeacherClient
-from foundry_kernel.teachers import CachedTeacher, HFTeacher, Teacher, VLLMTeacher, vllm_api_key
-from foundry_kernel.train import Trainer, TrainPlan
-from foundry_kernel.vllm_server import teacher_server
+from foundry_kernel.teachers._builtin import ensure_builtin_teacher, read_teacher_record
+from foundry_kernel.teachers._client import RetryPolicy, TeacherClient
+from foundry_kernel.teachers._interface import (
+    CachedTeacher,
+    HFTeacher,
+    Teacher,
+    VLLMTeacher,
+    vllm_api_key,
+)
+from foundry_kernel.teachers._logit_cache import (
+    CacheKey,
+    LogitCache,
+    capture,
+    fingerprint_model_dir,
+    fingerprint_tokenizer,
+    fingerprint_tokens,
+)
+from foundry_kernel.teachers._targets import SparseTargets
+from foundry_kernel.teachers._vllm_server import teacher_server
+from foundry_kernel.training._evaluate import (
+    evaluate_lm,
+    evaluate_teacher,
+    generate_samples,
+    generation_speed,
+)
+from foundry_kernel.training._sequence import describe as describe_sequence
+from foundry_kernel.training._sequence import sequence_data, sequence_key
+from foundry_kernel.training._trainer import Trainer, TrainPlan
 
 log = logging.getLogger("foundry.pipeline")
 

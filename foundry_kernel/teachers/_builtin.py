@@ -30,15 +30,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
+from foundry_kernel._context import RunContext
+from foundry_kernel._models import seeded_init
 from foundry_kernel.atomic import atomic_write_text
 from foundry_kernel.config import DataConfig, TeacherBuild
-from foundry_kernel.context import RunContext
-from foundry_kernel.data import build_data, split_documents
+from foundry_kernel.data._blocks import build_data, split_documents
+from foundry_kernel.data._sources import corpus_fingerprint, load_documents
+from foundry_kernel.data._tokenizer import train_bpe_tokenizer
 from foundry_kernel.errors import ModelError
-from foundry_kernel.models import seeded_init
-from foundry_kernel.sources import corpus_fingerprint, load_documents
-from foundry_kernel.tokenizer import train_bpe_tokenizer
-from foundry_kernel.train import MetricsSink, Trainer, TrainPlan
+from foundry_kernel.training._trainer import MetricsSink, Trainer, TrainPlan
 
 log = logging.getLogger("foundry.teacher")
 RECIPE_VERSION = 1

@@ -24,16 +24,16 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from foundry_kernel.checkpoint import load_latest, save_checkpoint
+from foundry_kernel._context import RunContext
 from foundry_kernel.config import RunConfig
-from foundry_kernel.context import RunContext
-from foundry_kernel.data import BatchSampler, DataBundle
+from foundry_kernel.data._blocks import BatchSampler, DataBundle
 from foundry_kernel.errors import DivergenceError, RunCancelled, RunTimeout
-from foundry_kernel.evaluate import evaluate_lm, shift_labels
-from foundry_kernel.losses import LossSpec, distillation_loss, sparse_distillation_loss
-from foundry_kernel.precision import autocast
-from foundry_kernel.targets import SparseTargets
-from foundry_kernel.teachers import Teacher, as_teacher, sample_continuations
+from foundry_kernel.teachers._interface import Teacher, as_teacher, sample_continuations
+from foundry_kernel.teachers._targets import SparseTargets
+from foundry_kernel.training._checkpoint import load_latest, save_checkpoint
+from foundry_kernel.training._evaluate import evaluate_lm, shift_labels
+from foundry_kernel.training._losses import LossSpec, distillation_loss, sparse_distillation_loss
+from foundry_kernel.training._precision import autocast
 
 log = logging.getLogger("foundry.train")
 MetricsSink = Callable[[int, dict[str, float]], None]

@@ -24,12 +24,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from foundry_kernel._context import RunContext
 from foundry_kernel.atomic import atomic_write_text
 from foundry_kernel.config import SequenceConfig
-from foundry_kernel.context import RunContext
-from foundry_kernel.data import TokenBlocks
+from foundry_kernel.data._blocks import TokenBlocks
 from foundry_kernel.errors import DataError
-from foundry_kernel.teachers import Teacher
+from foundry_kernel.teachers._interface import Teacher
 
 log = logging.getLogger("foundry.modes")
 SEQUENCE_FORMAT = 1

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from foundry_kernel.config import DataConfig
+from foundry_kernel.data._sources import Document, corpus_fingerprint, load_documents
 from foundry_kernel.errors import DataError, ModelError
-from foundry_kernel.sources import Document, corpus_fingerprint, load_documents
 
 log = logging.getLogger(__name__)
 

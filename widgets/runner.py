@@ -1,8 +1,8 @@
 """``foundry run NOTEBOOK``: execute notebooks headless with papermill, one store run each.
 
-    foundry run notebooks/distill.ipynb -p max_steps 100 -p loss.beta 0.5
-    foundry run notebooks/distill.ipynb --grid loss.beta=0,0.5,1 --jobs 2
-    foundry run notebooks/distill.ipynb -f sweep.yaml        # a mapping, or a list of them
+    foundry run distill -p max_steps 100 -p loss.beta 0.5
+    foundry run distill --grid loss.beta=0,0.5,1 --jobs 2
+    foundry run distill -f sweep.yaml        # a mapping, or a list of them
 
 Why a runner on top of papermill:
 
@@ -45,6 +45,7 @@ from foundry_kernel.config import RunConfig, load_config
 from foundry_kernel.errors import ConfigError, FoundryError
 from foundry_kernel.paths import allowed_roots, default_runs_dir, new_run_id, resolve_within
 from foundry_kernel.store import TERMINAL_STATES, RunStore
+from widgets.resources import SHIPPED_NOTEBOOKS, shipped_notebook
 
 __all__ = [
     "CONFIG_SHORTCUTS",
@@ -140,7 +141,10 @@ class Declared:
 
 
 def check_notebook(path: str | Path) -> Path:
-    """An existing ``.ipynb`` under the allowed roots (see ``paths.allowed_roots``)."""
+    """A shipped notebook by name (``distill``), or an existing ``.ipynb`` under the
+    allowed roots (see ``paths.allowed_roots``)."""
+    if isinstance(path, str) and path in SHIPPED_NOTEBOOKS:
+        return shipped_notebook(path)
     resolved = resolve_within(path, allowed_roots(), field="notebook", must_exist=True)
     if resolved.suffix != ".ipynb" or not resolved.is_file():
         raise ConfigError(f"notebook: {str(path)!r} is not an .ipynb file", field="notebook")
@@ -466,7 +470,10 @@ def summary_table(members: Sequence[Member], batch_id: str | None) -> str:
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("notebook", help="the notebook to execute, e.g. notebooks/distill.ipynb")
+    parser.add_argument(
+        "notebook",
+        help="the notebook to execute: a shipped one by name (distill) or an .ipynb path",
+    )
     parser.add_argument(
         "-p",
         "--parameter",

@@ -70,8 +70,8 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
+from foundry_kernel._context import Event, RunContext
 from foundry_kernel.config import RunConfig, load_config, validate_config
-from foundry_kernel.context import Event, RunContext
 from foundry_kernel.errors import (
     DivergenceError,
     FoundryError,
@@ -81,7 +81,7 @@ from foundry_kernel.errors import (
 )
 from foundry_kernel.logs import run_log
 from foundry_kernel.paths import default_runs_dir
-from foundry_kernel.resources import MemorySampler, memory_fixes
+from foundry_kernel.run._resources import MemorySampler, memory_fixes
 from foundry_kernel.store import RunStore
 
 __all__ = [
@@ -186,7 +186,7 @@ class RunFailure:
 
 
 class JobFn(Protocol):
-    """What a run executes: ``foundry_kernel.pipeline.run_job`` or anything shaped like it.
+    """What a run executes: ``foundry_kernel.run._job.run_job`` or anything shaped like it.
 
     It must call ``ctx.check()`` between batches (that is where cancel and the time
     limits land) and ``ctx.heartbeat()`` per step (the watchdog's evidence of progress).
@@ -1011,7 +1011,7 @@ class RunHandle:
 
 def _default_job() -> JobFn:
     """pipeline.run_job, imported lazily: importing the controller must stay cheap."""
-    from foundry_kernel.pipeline import run_job
+    from foundry_kernel.run._job import run_job
 
     return run_job
 

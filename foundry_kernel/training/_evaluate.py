@@ -16,11 +16,11 @@ from torch import Tensor
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from foundry_kernel.context import RunContext
-from foundry_kernel.data import TokenBlocks
-from foundry_kernel.precision import autocast
-from foundry_kernel.targets import SparseTargets, TeacherSignal, log1mexp
-from foundry_kernel.teachers import HFTeacher, Teacher, as_teacher
+from foundry_kernel._context import RunContext
+from foundry_kernel.data._blocks import TokenBlocks
+from foundry_kernel.teachers._interface import HFTeacher, Teacher, as_teacher
+from foundry_kernel.teachers._targets import SparseTargets, TeacherSignal, log1mexp
+from foundry_kernel.training._precision import autocast
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ backend's business, so every distillation mode works with every backend that
 can answer it.
 
 Distributions come back either as full logits (in-process, exact) or as
-:class:`~foundry_kernel.targets.SparseTargets` (the top-k with the tail mass).
+:class:`~foundry_kernel.teachers._targets.SparseTargets` (the top-k with the tail mass).
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ import torch
 from torch import Tensor
 
 from foundry_kernel.errors import TeacherServerError
-from foundry_kernel.precision import autocast
-from foundry_kernel.targets import SparseTargets, TeacherSignal
+from foundry_kernel.teachers._targets import SparseTargets, TeacherSignal
+from foundry_kernel.training._precision import autocast
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from foundry_kernel.logit_cache import LogitCache
     from foundry_kernel.servers import ServerProcess
-    from foundry_kernel.teacher_client import TeacherClient
+    from foundry_kernel.teachers._client import TeacherClient
+    from foundry_kernel.teachers._logit_cache import LogitCache
 
 
 class Teacher(ABC):

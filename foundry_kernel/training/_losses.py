@@ -19,7 +19,7 @@ Four entry points:
 * :func:`fused_linear_distillation_loss` - as above, but it also owns the student's
   ``lm_head`` projection, so full student logits never exist at all (Liger-style).
 * :func:`sparse_distillation_loss` - the same divergences against a teacher that only
-  gave its top-k log-probabilities (:class:`~foundry_kernel.targets.SparseTargets`, from
+  gave its top-k log-probabilities (:class:`~foundry_kernel.teachers._targets.SparseTargets`, from
   vLLM or the offline logit cache), compared on the k ids (+ one tail bucket).
 
 Gradients used by the chunked paths, with ``z = student_logits / tau`` and, for any
@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from foundry_kernel.errors import ConfigError
-from foundry_kernel.targets import SparseTargets, log1mexp
+from foundry_kernel.teachers._targets import SparseTargets, log1mexp
 
 __all__ = [
     "IGNORE_INDEX",

@@ -4,7 +4,7 @@ Running the teacher is usually the expensive half of distillation. ``capture`` r
 once over a fixed set of ``TokenBlocks`` and stores, per block and position, its top-k
 token ids and log-probabilities (plus the tail mass and, when the teacher gives it, the
 log-probability of the true next token). ``LogitCache`` then serves those as
-:class:`~foundry_kernel.targets.SparseTargets` for any batch of block indices, for any
+:class:`~foundry_kernel.teachers._targets.SparseTargets` for any batch of block indices, for any
 number of epochs and students, without the teacher loaded.
 
 Layout of a cache folder::
@@ -49,11 +49,11 @@ from torch import Tensor
 
 from foundry_kernel.atomic import atomic_write_bytes, atomic_write_text
 from foundry_kernel.errors import CacheError, ConfigError, ModelError, StaleCacheError
-from foundry_kernel.targets import SparseTargets
+from foundry_kernel.teachers._targets import SparseTargets
 
 if TYPE_CHECKING:
-    from foundry_kernel.context import RunContext
-    from foundry_kernel.data import TokenBlocks
+    from foundry_kernel._context import RunContext
+    from foundry_kernel.data._blocks import TokenBlocks
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
