@@ -92,11 +92,14 @@ def build(out: Path) -> Path:
 
     # The public surface only: the package's exports and its public modules and
     # subpackages (private ``_`` modules are implementation, see docs/architecture.md).
-    modules = ["foundry_kernel"] + [
-        f"foundry_kernel.{m.name}"
-        for m in pkgutil.iter_modules(foundry_kernel.__path__)
-        if not m.name.startswith("_")
+    names = [
+        m.name
+        for m in pkgutil.walk_packages(foundry_kernel.__path__, prefix="foundry_kernel.")
+        if m.name != "foundry_kernel.__main__"
     ]
+    private = [n for n in names if any(part.startswith("_") for part in n.split("."))]
+    public = [n for n in names if n not in private]
+    modules = ["foundry_kernel", *public, *(f"!{n}" for n in private)]
     pdoc.pdoc(*modules, output_directory=out)
     (out / "config-schema.md").write_text(schema_markdown(json_schema()), encoding="utf-8")
     (out / "config-schema.json").write_text(json.dumps(json_schema(), indent=2), encoding="utf-8")
