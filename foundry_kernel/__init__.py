@@ -25,6 +25,8 @@ _EXPORTS = {
     "RunConfig": "foundry_kernel.config",
     "json_schema": "foundry_kernel.config",
     "load_config": "foundry_kernel.config",
+    "Event": "foundry_kernel._context",
+    "SAMPLE_INTERVAL_S": "foundry_kernel.run._control",
     "RunHandle": "foundry_kernel.run._control",
     "RunState": "foundry_kernel.run._control",
     "get": "foundry_kernel.run._control",

@@ -237,20 +237,74 @@ def _decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
     return stack
 
 
-def check_tokenizers(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> None:
-    """Distillation compares distributions token by token: the vocabularies must agree."""
-    tv, sv = teacher.get_vocab(), student.get_vocab()
-    if tv == sv:
-        return
-    only_t = sorted(set(tv) - set(sv))[:5]
-    only_s = sorted(set(sv) - set(tv))[:5]
-    moved = sorted(k for k in set(tv) & set(sv) if tv[k] != sv[k])[:5]
-    raise ModelError(
-        "teacher and student tokenizers differ "
-        f"(sizes {len(tv)} vs {len(sv)}; only in teacher: {only_t}; only in student: {only_s}; "
-        f"different ids: {moved}). Distillation needs one vocabulary: pick a student from the "
-        "teacher's model family, or use student.init='fresh' / 'from_teacher'."
+#: Text encoded by both tokenizers of a pair: equal vocabularies can still split text
+#: differently (other merges or pre-tokenizer), and this catches the common cases.
+_PROBE_TEXT = "Hello, world! The list object's append() method: x = [1, 2]\n\tcafé 日本 🙂"
+_SPECIAL_ATTRS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def check_tokenizers(teacher_tok: Any, student_tok: Any) -> None:
+    """Raise ``ModelError`` unless both tokenizers map text to the same ids.
+
+    Compares the full vocabularies (added tokens included), the special tokens,
+    and the encoding of a probe string; the message names the first differences.
+    """
+    problems = [
+        *_vocab_differences(teacher_tok.get_vocab(), student_tok.get_vocab()),
+        *_special_token_differences(teacher_tok, student_tok),
+        *_probe_differences(teacher_tok, student_tok),
+    ]
+    if problems:
+        raise ModelError(
+            "teacher and student tokenizers differ, so their token distributions cannot "
+            "be compared: "
+            + "; ".join(problems)
+            + ". Use a student that shares the teacher's tokenizer (e.g. student.init="
+            "'fresh' or 'from_teacher')."
+        )
+
+
+def _vocab_differences(teacher: dict[str, int], student: dict[str, int]) -> list[str]:
+    if teacher == student:
+        return []
+    problems = []
+    if len(teacher) != len(student):
+        problems.append(f"vocabulary sizes differ (teacher {len(teacher)}, student {len(student)})")
+    by_id_teacher = {i: tok for tok, i in teacher.items()}
+    by_id_student = {i: tok for tok, i in student.items()}
+    for token_id in sorted(set(by_id_teacher) | set(by_id_student)):
+        a, b = by_id_teacher.get(token_id), by_id_student.get(token_id)
+        if a != b:
+            problems.append(f"first differing id {token_id}: teacher {a!r}, student {b!r}")
+            break
+    return problems
+
+
+def _special_token_differences(teacher_tok: Any, student_tok: Any) -> list[str]:
+    problems = []
+    for attr in _SPECIAL_ATTRS:
+        a, b = getattr(teacher_tok, attr, None), getattr(student_tok, attr, None)
+        a_id, b_id = (
+            getattr(teacher_tok, f"{attr}_id", None),
+            getattr(student_tok, f"{attr}_id", None),
+        )
+        if (a, a_id) != (b, b_id):
+            problems.append(f"{attr} differs (teacher {a!r}={a_id}, student {b!r}={b_id})")
+    return problems
+
+
+def _probe_differences(teacher_tok: Any, student_tok: Any) -> list[str]:
+    a = teacher_tok.encode(_PROBE_TEXT, add_special_tokens=False)
+    b = student_tok.encode(_PROBE_TEXT, add_special_tokens=False)
+    if a == b:
+        return []
+    first = next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
     )
+    return [
+        f"they split the same text differently from token {first} "
+        f"(teacher {a[first : first + 3]}, student {b[first : first + 3]})"
+    ]
 
 
 def shared_vocab_size(teacher: LoadedModel, student: LoadedModel) -> int:

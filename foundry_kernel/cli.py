@@ -152,16 +152,26 @@ def _progress_printer() -> Any:
             print(f"[{event.run_id}] phase: {p.get('phase')}", file=sys.stderr)
         elif event.kind == "alert":
             print(f"[{event.run_id}] alert: {p.get('message')}", file=sys.stderr)
-        elif event.kind == "step" and throttle.ready():
-            metrics = p.get("metrics", {})
-            loss = next((v for k, v in metrics.items() if k.endswith("train/loss")), None)
-            print(
-                f"[{event.run_id}] {p.get('prefix') or ''}step {p.get('step')}/"
-                f"{p.get('max_steps')} loss {loss if loss is None else round(loss, 4)}",
-                file=sys.stderr,
-            )
+        elif event.kind == "step":
+            line = _step_line(p.get("metrics", {}))
+            if line is not None and throttle.ready():
+                print(
+                    f"[{event.run_id}] {p.get('prefix') or ''}step {p.get('step')}/"
+                    f"{p.get('max_steps')} {line}",
+                    file=sys.stderr,
+                )
 
     return on_event
+
+
+def _step_line(metrics: dict[str, Any]) -> str | None:
+    """``loss 3.21`` for a training step, ``val_loss 3.40`` for an evaluation step, None
+    for a step that reports neither (nothing worth a line)."""
+    for suffix, label in (("train/loss", "loss"), ("val/loss", "val_loss")):
+        value = next((v for k, v in metrics.items() if k.endswith(suffix)), None)
+        if isinstance(value, (int, float)):
+            return f"{label} {round(float(value), 4)}"
+    return None
 
 
 def summary_json(

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from foundry_kernel.errors import ConfigError
 from foundry_kernel.paths import validate_run_id
@@ -36,13 +36,11 @@ __all__ = [
     "LOG_FORMAT",
     "RUN_LOG_FILENAME",
     "Throttle",
-    "ThrottledLogger",
     "bind_run",
     "configure_logging",
     "current_run_id",
     "get_logger",
     "run_log",
-    "throttled_logger",
 ]
 
 LOGGER_NAME = "foundry"
@@ -273,63 +271,3 @@ class Throttle:
         """Let the next call through regardless of timing (e.g. at the end of a run)."""
         with self._lock:
             self._last = None
-
-
-class ThrottledLogger:
-    """Logs through a :class:`Throttle`; the next line that gets through says how many didn't.
-
-    ``ERROR`` and above are never dropped: losing the one line explaining a crash to a
-    progress throttle would be worse than a few extra lines.
-    """
-
-    def __init__(self, logger: logging.Logger, throttle: Throttle) -> None:
-        self.logger = logger
-        self.throttle = throttle
-
-    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> bool:
-        """Log unless throttled; returns whether the message was emitted."""
-        kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 2
-        return self._log(level, msg, args, kwargs)
-
-    def _log(self, level: int, msg: object, args: tuple[Any, ...], kwargs: Any) -> bool:
-        if level >= logging.ERROR:
-            self.logger.log(level, msg, *args, **kwargs)
-            return True
-        if not self.logger.isEnabledFor(level):
-            return False
-        dropped = self.throttle.check()
-        if dropped is None:
-            return False
-        if dropped:
-            text = str(msg) % args if args else str(msg)
-            self.logger.log(level, "%s (%d messages suppressed)", text, dropped, **kwargs)
-        else:
-            self.logger.log(level, msg, *args, **kwargs)
-        return True
-
-    def _at(self, level: int, msg: object, args: tuple[Any, ...], kwargs: Any) -> bool:
-        kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 3
-        return self._log(level, msg, args, kwargs)
-
-    def debug(self, msg: object, *args: Any, **kwargs: Any) -> bool:
-        return self._at(logging.DEBUG, msg, args, kwargs)
-
-    def info(self, msg: object, *args: Any, **kwargs: Any) -> bool:
-        return self._at(logging.INFO, msg, args, kwargs)
-
-    def warning(self, msg: object, *args: Any, **kwargs: Any) -> bool:
-        return self._at(logging.WARNING, msg, args, kwargs)
-
-    def error(self, msg: object, *args: Any, **kwargs: Any) -> bool:
-        return self._at(logging.ERROR, msg, args, kwargs)
-
-
-def throttled_logger(
-    logger: logging.Logger | str,
-    interval: float,
-    *,
-    clock: Callable[[], float] = time.monotonic,
-) -> ThrottledLogger:
-    """A logger wrapper emitting at most one message per ``interval`` seconds."""
-    base = get_logger(logger) if isinstance(logger, str) else logger
-    return ThrottledLogger(base, Throttle(interval, clock=clock))

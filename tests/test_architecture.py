@@ -198,3 +198,11 @@ def test_only_two_packages_install() -> None:
     setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert setup["packages"]["find"]["include"] == ["foundry_kernel*", "widgets*"]
     assert setup["package-data"]["widgets"] == ["notebooks/*.ipynb"]
+
+
+def test_every_public_name_resolves() -> None:
+    """``foundry_kernel.__all__`` is the public surface: each name must import."""
+    import foundry_kernel
+
+    for name in foundry_kernel.__all__:
+        assert getattr(foundry_kernel, name) is not None, name

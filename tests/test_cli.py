@@ -138,3 +138,19 @@ def _wait_for_steps(runs_dir: Path, *, minimum: int, timeout: float) -> str:
                         return runs[0].run_id
         time.sleep(0.2)
     raise AssertionError("the child run never reached the wanted step")
+
+
+def test_progress_lines_never_print_a_missing_loss(capsys: pytest.CaptureFixture[str]) -> None:
+    """An evaluation step reports val metrics and no train loss: its line shows the
+    validation loss, never ``loss None``; a step with neither prints nothing."""
+    from foundry_kernel import Event
+    from foundry_kernel.cli import _progress_printer
+
+    printer = _progress_printer()
+    eval_step = {"step": 100, "max_steps": 300, "metrics": {"val/loss": 3.5, "val/ppl": 33.1}}
+    printer(Event("step", "r1", eval_step))
+    printer(Event("step", "r1", {"step": 101, "max_steps": 300, "metrics": {"lr": 1e-3}}))
+    err = capsys.readouterr().err
+    assert "None" not in err
+    assert "step 100/300 val_loss 3.5" in err
+    assert "101" not in err

@@ -448,8 +448,6 @@ def test_blocks_cut_the_stream_and_pad_the_last(tok, docs_subset):
     assert int((short.input_ids == tok.eos_token_id).sum()) == len(docs)
     # the first label of each block is never a target after the shift
     assert short.num_loss_tokens() == int((short.labels[:, 1:] != IGNORE_INDEX).sum())
-    batch = short.batch(torch.tensor([0, 2]))
-    assert batch["input_ids"].shape == (2, 48)
 
 
 def test_token_blocks_refuse_mismatched_shapes():
@@ -499,22 +497,20 @@ def test_sampler_resume_matches_uninterrupted_order():
 
 
 def test_sampler_epochs_are_permutations():
-    sampler = BatchSampler(10, 3, seed=0, drop_last=False)
+    """Each epoch visits a fresh permutation in full batches; the partial tail is left out
+    (and lands in a later epoch's permutation instead)."""
+    sampler = BatchSampler(10, 3, seed=0)
+    assert sampler.batches_per_epoch() == 3
     epochs = []
     for _ in range(3):
-        batch_sizes = []
         seen: list[int] = []
         for _ in range(sampler.batches_per_epoch()):
             idx = sampler.next_indices()
-            assert idx.dtype == torch.long
-            batch_sizes.append(len(idx))
+            assert idx.dtype == torch.long and len(idx) == 3
             seen += idx.tolist()
-        assert sorted(seen) == list(range(10))
-        assert batch_sizes == [3, 3, 3, 1]
+        assert len(set(seen)) == 9 and set(seen) <= set(range(10))
         epochs.append(seen)
     assert epochs[0] != epochs[1]
-    dropping = BatchSampler(10, 3, seed=0)
-    assert all(len(dropping.next_indices()) == 3 for _ in range(10))
     assert BatchSampler(10, 3, seed=0).next_indices().tolist() == epochs[0][:3]
 
 

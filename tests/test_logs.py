@@ -20,7 +20,6 @@ from foundry_kernel.logs import (
     current_run_id,
     get_logger,
     run_log,
-    throttled_logger,
 )
 
 RUN_A = "20261129-091500-run-a-0000000a"
@@ -244,41 +243,3 @@ def test_throttle_rejects_bad_intervals() -> None:
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="min_interval_s"):
             Throttle(bad)
-
-
-def test_throttled_logger_reports_suppressed_count(caplog: pytest.LogCaptureFixture) -> None:
-    clock = FakeClock()
-    log = throttled_logger(get_logger("progress"), 1.0, clock=clock)
-    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
-        emitted = []
-        for i in range(10):
-            clock.now = i * 0.1
-            emitted.append(log.info("step %d: 100%% of plan", i))
-        clock.now = 1.0
-        emitted.append(log.info("step %d", 10))
-        clock.now = 1.1
-        emitted.append(log.error("crash at step %d", 11))  # never dropped
-        emitted.append(log.info("dropped"))
-        clock.now = 5.0
-        emitted.append(log.info("50% done"))  # no args: the % must survive
-    messages = [r.getMessage() for r in caplog.records]
-    assert emitted == [True] + [False] * 9 + [True, True, False, True]
-    assert messages == [
-        "step 0: 100% of plan",
-        "step 10 (9 messages suppressed)",
-        "crash at step 11",
-        "50% done (1 messages suppressed)",
-    ]
-    assert caplog.records[1].funcName == "test_throttled_logger_reports_suppressed_count"
-
-
-def test_throttled_logger_does_not_count_disabled_levels(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    clock = FakeClock()
-    log = throttled_logger("quiet", 1.0, clock=clock)
-    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
-        assert not log.debug("invisible anyway")
-        assert log.info("shown")
-    assert log.throttle.total_suppressed == 0
-    assert [r.name for r in caplog.records] == ["foundry.quiet"]

@@ -9,11 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+from foundry_kernel._models import check_tokenizers as check_tokenizer_pair
 from foundry_kernel.data._tokenizer import (
     EOS_TOKEN,
     MIN_VOCAB_SIZE,
     PAD_TOKEN,
-    check_tokenizer_pair,
     train_bpe_tokenizer,
 )
 from foundry_kernel.errors import ConfigError, DataError, ModelError

@@ -381,6 +381,25 @@ def test_run_with_a_running_server(
     assert 0 <= summary["student"]["agreement"] <= 1
 
 
+def test_from_teacher_student_with_baseline_on_a_served_teacher(
+    server: ServerProcess, vllm_teacher_dir: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A served teacher is loaded without weights (vLLM holds them): the student *and* the
+    CE-only baseline cut from it must both load the real weights (the baseline once crashed
+    with "Cannot copy out of meta tensor" after the whole distillation phase)."""
+    monkeypatch.setenv("FOUNDRY_VLLM_API_KEY", server.token)
+    cfg = _vllm_run_config(runs_dir, vllm_teacher_dir, mode="online")
+    cfg["teacher"]["url"] = server.base_url  # type: ignore[index]
+    cfg["student"] = {"init": "from_teacher", "num_layers": 1}
+    cfg["eval"]["baseline"] = True  # type: ignore[index]
+    handle = run_sync(cfg)
+    assert handle.state.value == "completed", handle.error
+    summary = handle.result
+    assert summary is not None
+    assert summary["baseline"]["params"] == summary["student"]["params"]
+    assert summary["baseline"]["val_ppl"] > 0
+
+
 def test_managed_server_run_leaves_nothing(vllm_teacher_dir: Path, runs_dir: Path) -> None:
     """No url: the run starts its own server, uses it, and stops it when the run ends."""
     before = set(_servers())

@@ -312,15 +312,6 @@ class TokenBlocks:
         """Real (non-padding) tokens."""
         return int(self.attention_mask.sum())
 
-    def batch(self, indices: torch.Tensor | Sequence[int]) -> dict[str, torch.Tensor]:
-        """The blocks at ``indices`` as model keyword arguments."""
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return {
-            "input_ids": self.input_ids[idx],
-            "attention_mask": self.attention_mask[idx],
-            "labels": self.labels[idx],
-        }
-
 
 def pack_documents(docs: Sequence[Document], tokenizer: Any, seq_len: int) -> TokenBlocks:
     """Tokenize, join documents with eos, cut into ``seq_len`` blocks; pad the last one.
@@ -461,12 +452,12 @@ class BatchSampler:
     decides when to stop.
     """
 
-    def __init__(self, n_blocks: int, batch_size: int, *, seed: int, drop_last: bool = True):
+    def __init__(self, n_blocks: int, batch_size: int, *, seed: int):
         if n_blocks < 1 or batch_size < 1:
             raise DataError(
                 f"need at least one block and batch_size >= 1, got {n_blocks}, {batch_size}"
             )
-        if drop_last and n_blocks < batch_size:
+        if n_blocks < batch_size:
             raise DataError(
                 f"only {n_blocks} training block(s) for a batch of {batch_size}: lower "
                 "optim.batch_size, lower data.seq_len, or use more data"
@@ -474,7 +465,6 @@ class BatchSampler:
         self.n_blocks = n_blocks
         self.batch_size = batch_size
         self.seed = seed
-        self.drop_last = drop_last
         self.epoch = 0
         self.pos = 0
         self._order: list[int] | None = None
@@ -491,9 +481,8 @@ class BatchSampler:
         return torch.tensor(batch, dtype=torch.long)
 
     def batches_per_epoch(self) -> int:
-        """Full batches per epoch (plus a partial one when drop_last is False)."""
-        whole, rest = divmod(self.n_blocks, self.batch_size)
-        return whole + (1 if rest and not self.drop_last else 0)
+        """Full batches per epoch (a partial last batch is never drawn)."""
+        return self.n_blocks // self.batch_size
 
     def state_dict(self) -> dict[str, int]:
         """Where the sampler stands, plus what it was built for (checked on load)."""
@@ -520,7 +509,7 @@ class BatchSampler:
 
     def _epoch_done(self) -> bool:
         remaining = self.n_blocks - self.pos
-        return remaining <= 0 or (self.drop_last and remaining < self.batch_size)
+        return remaining < self.batch_size
 
     def _epoch_order(self) -> list[int]:
         if self._order is None:

@@ -136,7 +136,7 @@ def run_job(
         _train_phase(job, "distill", student, train_data, trainer_teacher, vocab, resume=resume)
         baseline = None
         if config.eval.baseline:
-            baseline = build_student(config.student, teacher, device=job.device, seed=config.seed)
+            baseline = _build_student(job, teacher)  # the same path as the student's
             _train_phase(job, "baseline", baseline, data, None, vocab, resume=resume)
         ctx.set_phase("evaluate")
         results = _evaluate_all(job, live, teacher, student, baseline, data, vocab)

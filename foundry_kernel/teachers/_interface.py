@@ -68,8 +68,9 @@ class Teacher(ABC):
         """Token ids continuing each prompt (greedy when temperature is 0)."""
 
     def close(self) -> None:
-        """Release what the teacher holds (a server it owns, connections)."""
-        self.closed = True
+        """Release what the teacher holds (a server it owns, connections); by default
+        nothing to release."""
+        return None
 
     def __enter__(self) -> Teacher:
         return self
