@@ -53,10 +53,10 @@ from bench.common import (
 from bench.throughput import StepClock, Turns
 from foundry_kernel._context import RunContext
 from foundry_kernel._models import LoadedModel, build_student, load_causal_lm
+from foundry_kernel._runtime import autocast_dtype
 from foundry_kernel.config import DataConfig, StudentConfig, TeacherBuild
 from foundry_kernel.data._blocks import DataBundle, build_data
 from foundry_kernel.paths import default_cache_dir
-from foundry_kernel.run._job import amp_dtype_for
 from foundry_kernel.teachers._builtin import ensure_builtin_teacher
 from foundry_kernel.teachers._interface import CachedTeacher, HFTeacher, Teacher
 from foundry_kernel.teachers._logit_cache import (
@@ -197,7 +197,7 @@ def prepare(cfg: CacheBenchConfig, printer: Printer) -> Setup:
         cache_dir=default_cache_dir(),
         ctx=RunContext(),
         device=CPU,
-        amp_dtype=amp_dtype_for("auto", CPU, build.hidden_size),
+        amp_dtype=autocast_dtype("auto", CPU, build.hidden_size),
     )
     teacher = load_causal_lm(str(teacher_dir), device=CPU)
     teacher.model.eval().requires_grad_(False)
@@ -210,8 +210,8 @@ def prepare(cfg: CacheBenchConfig, printer: Printer) -> Setup:
         teacher=teacher,
         data=data,
         vocab=len(teacher.tokenizer),
-        student_amp=amp_dtype_for("auto", CPU, hidden),
-        teacher_amp=amp_dtype_for("auto", CPU, build.hidden_size),
+        student_amp=autocast_dtype("auto", CPU, hidden),
+        teacher_amp=autocast_dtype("auto", CPU, build.hidden_size),
     )
 
 

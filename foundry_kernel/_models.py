@@ -62,24 +62,6 @@ def count_params(model: torch.nn.Module) -> int:
     return total
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' means CUDA when present; asking for CUDA without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ModelError("device='cuda' but no CUDA GPU is visible; set device=cpu or auto")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Weights dtype: bf16 on GPUs that support it, fp32 on CPU (autocast handles speed)."""
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def load_causal_lm(
     source: str,
     *,

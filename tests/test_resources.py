@@ -19,6 +19,7 @@ import pynvml
 import pytest
 import torch
 
+from foundry_kernel._runtime import Runtime, resolve_runtime
 from foundry_kernel.config import RunConfig, load_config
 from foundry_kernel.errors import ResourceError
 from foundry_kernel.run import _resources as resources
@@ -49,11 +50,24 @@ def _config(**overrides: Any) -> RunConfig:
     return load_config(None, {"device": "cpu", **overrides})
 
 
+def _runtime(config: RunConfig, device: str | None) -> Runtime:
+    """The run's Runtime; "cuda" (no GPU here) as a bf16-capable GPU would resolve it."""
+    if device == "cuda":
+        bf16 = torch.bfloat16
+        names = {"auto": bf16, "bfloat16": bf16, "float16": torch.float16}
+        teacher = names.get(config.teacher.dtype, torch.float32)
+        amp = None if config.optim.precision == "float32" else bf16
+        return Runtime(torch.device("cuda"), teacher, amp, amp)
+    return resolve_runtime(
+        config, teacher_hidden=SHAPES["teacher_hidden"], student_hidden=SHAPES["student_hidden"]
+    )
+
+
 def _estimate(config: RunConfig, device: str | None = None, **shape: int) -> MemoryEstimate:
     dims = {**SHAPES, **shape}
     return estimate_memory(
         config,
-        device=device,
+        runtime=_runtime(config, device),
         teacher_params=dims["teacher_params"],
         student_params=dims["student_params"],
         vocab_size=dims["vocab_size"],

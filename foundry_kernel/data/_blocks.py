@@ -28,6 +28,8 @@ from foundry_kernel.errors import DataError, ModelError
 
 log = logging.getLogger(__name__)
 
+#: The label of a position no loss scores (padding, prompts, a block's first token): the
+#: value PyTorch's cross-entropy and transformers use. The one definition in Foundry.
 IGNORE_INDEX = -100
 _ENCODE_BATCH_DOCS = 256  # docs per fast-tokenizer call: parallel, yet bounded memory
 #: Odd multiplier of the passage hash (odd => invertible mod 2**64, see _window_hashes).

@@ -24,9 +24,14 @@ from foundry_kernel._models import (
     build_student,
     count_params,
     load_causal_lm,
-    resolve_device,
-    resolve_dtype,
     shared_vocab_size,
+)
+from foundry_kernel._runtime import (
+    Runtime,
+    autocast_dtype,
+    resolve_device,
+    resolve_runtime,
+    weights_dtype,
 )
 from foundry_kernel.atomic import atomic_write_text
 from foundry_kernel.config import BUILTIN_TEACHER, RunConfig
@@ -67,19 +72,6 @@ from foundry_kernel.training._trainer import Trainer, TrainPlan
 log = logging.getLogger("foundry.pipeline")
 
 
-def amp_dtype_for(precision: str, device: torch.device, hidden_size: int) -> torch.dtype | None:
-    """Autocast dtype. 'auto' picks bf16 where it pays: CUDA with bf16, or an AVX512-BF16
-    CPU at widths from 256 up (measured: 1.6x at hidden 256, nothing at 128)."""
-    if precision == "float32":
-        return None
-    if precision == "bfloat16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return torch.bfloat16 if cpu_bf16 and hidden_size >= 256 else None
-
-
 class Job:
     """State shared by the phases of one run."""
 
@@ -92,10 +84,16 @@ class Job:
         self.device = resolve_device(config.device)
         self.summary: dict[str, Any] = {}
         self.teacher_record: dict[str, Any] | None = None
-        self.amp: torch.dtype | None = None  # autocast dtype of the student
-        self.teacher_amp: torch.dtype | None = None
+        self.runtime: Runtime | None = None  # resolved once both models are shaped
         self.teacher_path = config.teacher.source  # a folder once a built-in one is built
         self.teacher_id = ""  # fingerprint of the teacher's weights (keys caches)
+
+    @property
+    def rt(self) -> Runtime:
+        """The run's :class:`Runtime`; reading it before it is resolved is a bug."""
+        if self.runtime is None:
+            raise RuntimeError("the run's Runtime was read before it was resolved")
+        return self.runtime
 
     def log_metrics(self, step: int, values: dict[str, float]) -> None:
         self.store.log_metrics(self.run_id, step, values)
@@ -126,11 +124,14 @@ def run_job(
     ctx.set_phase("student")
     student = _build_student(job, teacher)
     vocab = shared_vocab_size(teacher, student)
-    _preflight(job, teacher, student, vocab)
-    job.amp = amp_dtype_for(config.optim.precision, job.device, student.model.config.hidden_size)
-    job.teacher_amp = amp_dtype_for(
-        config.optim.precision, job.device, teacher.model.config.hidden_size
+    job.runtime = resolve_runtime(
+        config,
+        teacher_hidden=teacher.model.config.hidden_size,
+        student_hidden=student.model.config.hidden_size,
+        device=job.device,
     )
+    job.record(runtime=job.runtime.describe())
+    _preflight(job, teacher, student, vocab)
     with _open_teacher(job, teacher, vocab) as live:
         trainer_teacher, train_data = _prepare_mode(job, live, teacher, data, vocab)
         _train_phase(job, "distill", student, train_data, trainer_teacher, vocab, resume=resume)
@@ -168,7 +169,7 @@ def _open_teacher(job: Job, teacher: LoadedModel, vocab: int) -> Teacher:
         return HFTeacher(
             teacher.model,
             vocab_size=vocab,
-            amp_dtype=job.teacher_amp,
+            amp_dtype=job.rt.teacher_amp,
             top_k=cfg.loss.top_k,
             pad_token_id=teacher.tokenizer.pad_token_id,
         )
@@ -288,14 +289,14 @@ def _load_teacher(job: Job) -> LoadedModel:
             cache_dir=default_cache_dir(),
             ctx=job.ctx,
             device=job.device,
-            amp_dtype=amp_dtype_for(job.config.optim.precision, job.device, hidden),
+            amp_dtype=autocast_dtype(job.config.optim.precision, job.device, hidden),
             on_metrics=job.log_metrics,
         )
         source = str(path)
     teacher = load_causal_lm(
         source,
         device=job.device,
-        dtype=resolve_dtype(cfg.dtype, job.device),
+        dtype=weights_dtype(cfg.dtype, job.device),
         revision=cfg.revision,
         field="teacher.source",
         weights=cfg.backend == "hf",
@@ -334,7 +335,7 @@ def _preflight(job: Job, teacher: LoadedModel, student: LoadedModel, vocab: int)
         student_layers=sconf.num_hidden_layers,
         teacher_heads=getattr(tconf, "num_attention_heads", None),
         student_heads=getattr(sconf, "num_attention_heads", None),
-        device=job.device.type,
+        runtime=job.rt,
     )
     checkpoint_bytes = student.params * 4 * 3 + 4096  # weights + two AdamW moments
     report = preflight(
@@ -378,8 +379,8 @@ def _train_phase(
     plan = TrainPlan.from_config(
         job.config,
         distill=teacher is not None,
-        amp_dtype=job.amp,
-        teacher_amp_dtype=job.teacher_amp,
+        amp_dtype=job.rt.student_amp,
+        teacher_amp_dtype=job.rt.teacher_amp,
     )
     trainer = Trainer(
         student.model,
@@ -419,7 +420,7 @@ def _evaluate_all(
             teacher=live if with_teacher else None,
             vocab_size=vocab,
             amp_dtype=amp,
-            teacher_amp_dtype=job.teacher_amp,
+            teacher_amp_dtype=job.rt.teacher_amp,
         )
 
     t_eval = evaluate_teacher(
@@ -446,7 +447,7 @@ def _evaluate_all(
         if model is None:
             continue
         job.ctx.check()
-        ev = evaluate(model, job.amp, with_teacher=True)
+        ev = evaluate(model, job.rt.student_amp, with_teacher=True)
         out[name] = {
             "params": count_params(model.model),
             "val_ppl": ev["ppl"],

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import psutil
 import torch
 
+from foundry_kernel._runtime import Runtime, resolve_device
 from foundry_kernel.config import RunConfig
 from foundry_kernel.errors import ResourceError
 
@@ -47,7 +48,6 @@ __all__ = [
     "free_memory",
     "gpu_count",
     "preflight",
-    "resolve_device_kind",
     "sample_memory",
 ]
 
@@ -134,34 +134,6 @@ def _gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def resolve_device_kind(name: str) -> str:
-    """'cuda' or 'cpu' for a config's device ('auto' = CUDA when one is visible)."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if name.startswith("cuda") else "cpu"
-
-
-def _teacher_elem(config: RunConfig, device: str) -> int:
-    """Bytes per teacher weight, mirroring models.resolve_dtype's 'auto' rule."""
-    dtype = config.teacher.dtype
-    if dtype == "auto":
-        return (
-            2
-            if device == "cuda" and torch.cuda.is_available() and (torch.cuda.is_bf16_supported())
-            else 4
-        )
-    return 4 if dtype == "float32" else 2
-
-
-def _activation_elem(config: RunConfig, device: str) -> int:
-    """Bytes per activation: 2 under bf16 autocast; 'auto' counts bf16 on GPU only
-    (on CPU the pipeline may keep fp32 for small widths, so fp32 is the safe guess)."""
-    precision = config.optim.precision
-    if precision == "bfloat16" or (precision == "auto" and device == "cuda"):
-        return 2
-    return 4
-
-
 def _layer_activation_bytes(tokens: int, seq: int, hidden: int, heads: int, elem: int) -> int:
     """Activations one transformer layer keeps for backward.
 
@@ -185,20 +157,22 @@ def estimate_memory(
     student_layers: int,
     teacher_heads: int | None = None,
     student_heads: int | None = None,
-    device: str | None = None,
+    runtime: Runtime,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one distillation run (see :class:`MemoryEstimate`).
 
     Formula (B = optim.batch_size micro-batch, S = data.seq_len, N = B*S tokens,
-    V = vocab, P = parameters, e = activation bytes, e_t = teacher weight bytes):
+    V = vocab, P = parameters, e = the student's activation bytes under its autocast,
+    e_t = the teacher's weight bytes, e_ta = its activation bytes; all from ``runtime``, the
+    same value the run trains with):
 
     - student weights 4P, grads 4P, AdamW state 8P (two fp32 moments);
     - activations: ``student_layers`` x the per-layer formula above; with
       optim.gradient_checkpointing only each layer's input (N*H*e) plus one layer;
     - logits: the student's [N, V] logits and their gradient at e bytes each; the loss
       is chunked over loss.chunk_tokens, so only ``min(chunk, N) * V * 4`` bytes times
-      4-6 fp32 intermediates exist at once; the teacher's [N, V] logits at e_t;
-    - teacher weights e_t * P_t and one layer of its no-grad forward;
+      4-6 fp32 intermediates exist at once; the teacher's [N, V] logits at e_ta;
+    - teacher weights e_t * P_t and one layer of its no-grad forward at e_ta;
     - eval.baseline trains a second (CE-only) student after distillation: its grads and
       AdamW state replace the freed ones, but the distilled student's weights (4P) stay;
     - on CUDA a fixed context overhead;
@@ -214,12 +188,13 @@ def estimate_memory(
     estimate to 0.99-1.22x of those measured peaks (277-302 / 888-928 / 1612-1662 MiB
     over two runs each).
     """
-    kind = device or resolve_device_kind(config.device)
+    kind = runtime.device.type
     heads_s = student_heads or config.student.num_heads or config.teacher.build.num_heads
     heads_t = teacher_heads or config.teacher.build.num_heads
     batch, seq = config.optim.batch_size, config.data.seq_len
     tokens = batch * seq
-    e_act, e_t = _activation_elem(config, kind), _teacher_elem(config, kind)
+    e_act, e_t = runtime.activation_bytes, runtime.teacher_weight_bytes
+    e_ta = runtime.teacher_activation_bytes
     layer = _layer_activation_bytes(tokens, seq, student_hidden, heads_s, e_act)
     if config.optim.gradient_checkpointing:
         activations = student_layers * tokens * student_hidden * e_act + layer
@@ -231,8 +206,8 @@ def estimate_memory(
         "activations": activations,
         "student_logits": 2 * tokens * vocab_size * e_act,
         "loss_chunks": chunk * vocab_size * 4 * copies,
-        "teacher_forward": _layer_activation_bytes(tokens, seq, teacher_hidden, heads_t, e_t),
-        "teacher_logits": tokens * vocab_size * e_t,
+        "teacher_forward": _layer_activation_bytes(tokens, seq, teacher_hidden, heads_t, e_ta),
+        "teacher_logits": tokens * vocab_size * e_ta,
     }
     return MemoryEstimate(
         device=kind,
@@ -341,7 +316,7 @@ def _cgroup_free() -> int | None:
 
 def _as_device(device: str | torch.device) -> torch.device:
     if isinstance(device, str) and device == "auto":
-        return torch.device(resolve_device_kind("auto"))
+        return resolve_device("auto")
     return torch.device(device)
 
 

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from foundry_kernel._context import RunContext
-from foundry_kernel.data._blocks import TokenBlocks
+from foundry_kernel.data._blocks import IGNORE_INDEX, TokenBlocks
 from foundry_kernel.teachers._interface import HFTeacher, Teacher, as_teacher
 from foundry_kernel.teachers._targets import SparseTargets, TeacherSignal, log1mexp
 from foundry_kernel.training._precision import autocast
@@ -29,7 +29,7 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     Shifting the (small) labels instead of slicing the (huge) logits avoids a
     full-vocabulary copy per batch.
     """
-    return F.pad(labels[:, 1:], (0, 1), value=-100)
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 def iter_batches(
@@ -77,7 +77,7 @@ def evaluate_lm(
             if ctx is not None:
                 ctx.check()
             target = shift_labels(labels)
-            valid = target != -100
+            valid = target != IGNORE_INDEX
             with autocast(device, amp_dtype):
                 logits = model(input_ids=ids, attention_mask=mask).logits
             logits = logits[..., :vocab_size].float()[valid]
@@ -145,7 +145,7 @@ def evaluate_teacher(
     for ids, mask, labels in iter_batches(blocks, batch_size, max_batches, torch.device("cpu")):
         if ctx is not None:
             ctx.check()
-        valid = shift_labels(labels) != -100
+        valid = shift_labels(labels) != IGNORE_INDEX
         signal = teacher.eval_signal(ids, mask)
         if not isinstance(signal, SparseTargets) or signal.label_logprobs is None:
             raise TypeError(f"{type(teacher).__name__} gave no true-token log-probabilities")

@@ -27,7 +27,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from foundry_kernel._context import RunContext
 from foundry_kernel.atomic import atomic_write_text
 from foundry_kernel.config import SequenceConfig
-from foundry_kernel.data._blocks import TokenBlocks
+from foundry_kernel.data._blocks import IGNORE_INDEX, TokenBlocks
 from foundry_kernel.errors import DataError
 from foundry_kernel.teachers._interface import Teacher
 
@@ -93,7 +93,9 @@ def sequence_data(
     if tensors_path.is_file():
         saved = load_file(tensors_path)
         blocks = TokenBlocks(saved["input_ids"], saved["attention_mask"], saved["labels"])
-        return SequenceData(blocks, tensors_path, 0.0, int((blocks.labels != -100).sum()), True)
+        return SequenceData(
+            blocks, tensors_path, 0.0, int((blocks.labels != IGNORE_INDEX).sum()), True
+        )
     t0 = time.perf_counter()
     prompts = pick_prompts(train, config, seed)
     seq_len = train.seq_len
@@ -125,7 +127,7 @@ def sequence_data(
     )
     tmp.replace(tensors_path)
     seconds = time.perf_counter() - t0
-    made = int((blocks.labels != -100).sum())
+    made = int((blocks.labels != IGNORE_INDEX).sum())
     log.info("teacher wrote %d completions (%d tokens) in %.1f s", len(prompts), made, seconds)
     return SequenceData(blocks, tensors_path, seconds, made, False)
 
@@ -141,7 +143,7 @@ def _to_blocks(
     n = len(prompts)
     ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
     mask = torch.zeros((n, seq_len), dtype=torch.long)
-    labels = torch.full((n, seq_len), -100, dtype=torch.long)
+    labels = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.long)
     for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         tokens = (prompt + completion)[:seq_len]
         ids[row, : len(tokens)] = torch.tensor(tokens)
