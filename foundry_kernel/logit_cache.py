@@ -735,7 +735,11 @@ class LogitCache:
     """A captured cache, served as ``SparseTargets`` for any batch of block indices.
 
     Build it with :meth:`open` (or get it from :func:`capture`). Shards are memory-mapped
-    lazily and only the requested rows are read, so a cache far larger than RAM is fine.
+    lazily, on first use, and hashed through that map before any row is taken from it;
+    the map is file-backed (the OS pages it in and out), so a cache far larger than RAM
+    is fine. Residual: a process that can write the shard file itself could still change
+    bytes in place after they were hashed; the cache defends the folder's *names*
+    (manifest entries, links), not a writer with access to its files.
     """
 
     def __init__(self, folder: Path, manifest: _Manifest) -> None:

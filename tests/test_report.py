@@ -388,9 +388,10 @@ def build_payload_store(root: Path) -> dict[str, Any]:
             )
             store.log_metrics(run_id, 1, {"train/loss": 3.0, "val/loss": 3.5})
             store.log_metrics(run_id, 2, {"train/loss": 2.0, "val/loss": 2.5})
-            # a metric name reaches the memory chart's legend through metric_label()
+            # metric names reach the memory chart's legend through metric_label()
             store.log_metrics_many(
-                run_id, [(s, f"mem/{payload}_mb", 100.0 + s, 1000.0 + s) for s in range(3)]
+                run_id,
+                [(s, f"mem/{p}_mb", 100.0 + s, 1000.0 + s) for p in PAYLOADS for s in range(3)],
             )
             store.set_state(run_id, "completed")
             ids["members"].append(run_id)
@@ -610,3 +611,13 @@ def test_foundry_runs_and_show_survive_damaged_rows(damaged: dict[str, Any]) -> 
         assert shown.returncode == 0, shown.stderr
         assert EXPECTED_DAMAGE[name] in " ".join(json.loads(shown.stdout)["damage"])
         assert f"run {run_id} has a damaged record" in shown.stderr
+
+
+def test_resuming_a_damaged_run_is_refused_not_run_on_blanks(damaged: dict[str, Any]) -> None:
+    """get_run refuses damaged records by default, so a resume never rebuilds a run from
+    a blanked config ({} would validate to the defaults and train something else)."""
+    bad = damaged["damaged"]["bad-json"]
+    proc = _foundry("distill", "--resume", bad, "--runs-dir", str(damaged["root"]))
+    assert proc.returncode == 2, proc.stderr
+    assert "damaged record: config is not valid JSON" in proc.stderr
+    assert "Traceback" not in proc.stderr
