@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -222,19 +223,31 @@ def _open_store(runs_dir: Path | None) -> RunStore:
 
 
 def _record_json(rec: RunRecord) -> dict[str, Any]:
+    """A record as JSON; ``damage`` lists what could not be read (empty when healthy)."""
     return {
         "run_id": rec.run_id,
         "name": rec.name,
         "kind": rec.kind,
         "state": rec.state,
-        "created_at": rec.created_at,
+        # a damaged created_at reads as NaN, which JSON cannot carry
+        "created_at": rec.created_at if math.isfinite(rec.created_at) else None,
         "started_at": rec.started_at,
         "ended_at": rec.ended_at,
         "error": rec.error,
         "batch_id": rec.batch_id,
         "summary": rec.summary,
         "config": rec.config,
+        "damage": list(rec.damage),
     }
+
+
+def _ppl_cell(summary: dict[str, Any], part: str) -> str:
+    """One perplexity column; anything but a number (absent, or a malformed summary) is '-'."""
+    section = summary.get(part)
+    value = section.get("val_ppl") if isinstance(section, dict) else None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:8.2f}"
+    return f"{'-':>8}"
 
 
 def _runs(args: argparse.Namespace) -> int:
@@ -245,21 +258,30 @@ def _runs(args: argparse.Namespace) -> int:
         return 0
     print(f"{'run id':<48} {'state':<10} {'teacher':>8} {'student':>8} {'baseline':>8}")
     for rec in records:
-        ppl = [
-            (rec.summary.get(k) or {}).get("val_ppl") for k in ("teacher", "student", "baseline")
-        ]
-        cells = [f"{v:8.2f}" if isinstance(v, int | float) else f"{'-':>8}" for v in ppl]
-        print(f"{rec.run_id:<48} {rec.state:<10} {' '.join(cells)}")
+        cells = " ".join(_ppl_cell(rec.summary, k) for k in ("teacher", "student", "baseline"))
+        flag = f"  DAMAGED: {'; '.join(rec.damage)}" if rec.damaged else ""
+        print(f"{rec.run_id:<48} {rec.state:<10} {cells}{flag}")
+    damaged = sum(rec.damaged for rec in records)
+    if damaged:
+        print(
+            f"foundry: {damaged} run record(s) are damaged and shown with blanks; "
+            "`foundry show RUN_ID` prints what could be read",
+            file=sys.stderr,
+        )
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
     run_id = validate_run_id(args.run_id)
     with _open_store(args.runs_dir) as store:
-        rec = store.get_run(run_id)
+        rec = store.get_run(run_id, damaged_ok=True)
         events = store.events(run_id)
     data = _record_json(rec)
     data["events"] = [{"kind": e.kind, "message": e.message, "step": e.step} for e in events]
+    if rec.damaged:
+        print(
+            f"foundry: run {run_id} has a damaged record: {'; '.join(rec.damage)}", file=sys.stderr
+        )
     if args.json:
         print(json.dumps(data, default=str))
     else:

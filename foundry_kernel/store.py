@@ -84,6 +84,14 @@ class RunRecord:
     error: str | None
     batch_id: str | None
     parent_run_id: str | None
+    damage: tuple[str, ...] = ()
+    """What could not be read from the row, one phrase per field (empty when healthy);
+    such fields hold a blank (``{}``, ``None``, ``nan``) instead."""
+
+    @property
+    def damaged(self) -> bool:
+        """Whether part of the row could not be read (see ``damage``)."""
+        return bool(self.damage)
 
     @property
     def is_terminal(self) -> bool:
@@ -273,26 +281,97 @@ def _unpack_row(run_id: str, row: Any) -> tuple[str, str, int, float, float]:
     return _metric_row(run_id, step, name, value, when)
 
 
+def _metric_from_row(row: Sequence[Any]) -> MetricRow | None:
+    """A metric row, or None for one that is not a point (a step or time that is not a
+    number: written by something other than this store); a value that is not a number
+    reads as NaN, i.e. a gap in the curve, like a logged NaN."""
+    name, step, value, when = row
+    if not isinstance(step, int) or isinstance(when, bool) or not isinstance(when, int | float):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        value = float("nan")
+    return MetricRow(name, step, float(value), float(when))
+
+
 _RUN_COLUMNS = (
     "run_id, name, kind, state, created_at, started_at, ended_at, config, summary, error, "
     "batch_id, parent_run_id"
 )
 
 
+_TIME_RANGE = (0.0, 32_503_680_000.0)
+"""Timestamps a run row may hold: 1970 to 3000 UTC, which ``datetime`` formats on every
+platform (Windows refuses negative ones, and every OS refuses years past 9999)."""
+
+
+def _clip(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
+def _decoded_text(value: Any, what: str, damage: list[str], *, optional: bool = False) -> Any:
+    if isinstance(value, str) or (value is None and optional):
+        return value
+    damage.append(f"{what} is {_clip(value)}, not text")
+    return None if optional else str(value)
+
+
+def _decoded_time(value: Any, what: str, damage: list[str]) -> float | None:
+    if value is None:
+        return None
+    low, high = _TIME_RANGE
+    if isinstance(value, int | float) and not isinstance(value, bool) and low <= value < high:
+        return float(value)
+    damage.append(f"{what} {_clip(value)} is not a time between 1970 and 3000")
+    return None
+
+
+def _decoded_object(text: Any, what: str, damage: list[str]) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        damage.append(f"{what} is not valid JSON ({exc})")
+        return {}
+    if not isinstance(value, dict):
+        damage.append(f"{what} is a JSON {type(value).__name__}, not an object")
+        return {}
+    return value
+
+
 def _record_from_row(row: Sequence[Any]) -> RunRecord:
+    """Decode one ``runs`` row; what cannot be read is blanked and named in ``damage``.
+
+    Why not raise: one bad row (a hand edit, a disk error, a crashed or older writer)
+    would otherwise take every listing down with it (``foundry runs``, the dashboard).
+    Listings show such a run flagged instead; :meth:`RunStore.get_run` refuses it unless
+    the caller only displays it, so nothing resumes a run from a blanked config.
+    """
+    damage: list[str] = []
+    run_id = _decoded_text(row[0], "run_id", damage)
+    try:
+        validate_run_id(run_id)
+    except ConfigError:
+        damage.append(f"run_id {_clip(run_id)} is not a valid run id")
+    state = _decoded_text(row[3], "state", damage)
+    if state not in RUN_STATES and isinstance(row[3], str):
+        damage.append(f"state {_clip(state)} is not one of {sorted(RUN_STATES)}")
+    created_at = _decoded_time(row[4], "created_at", damage)
+    if created_at is None and row[4] is None:
+        damage.append("created_at is missing")
     return RunRecord(
-        run_id=row[0],
-        name=row[1],
-        kind=row[2],
-        state=row[3],
-        created_at=row[4],
-        started_at=row[5],
-        ended_at=row[6],
-        config=json.loads(row[7]),
-        summary=json.loads(row[8]),
-        error=row[9],
-        batch_id=row[10],
-        parent_run_id=row[11],
+        run_id=run_id,
+        name=_decoded_text(row[1], "name", damage),
+        kind=_decoded_text(row[2], "kind", damage),
+        state=state,
+        created_at=float("nan") if created_at is None else created_at,
+        started_at=_decoded_time(row[5], "started_at", damage),
+        ended_at=_decoded_time(row[6], "ended_at", damage),
+        config=_decoded_object(row[7], "config", damage),
+        summary=_decoded_object(row[8], "summary", damage),
+        error=_decoded_text(row[9], "error", damage, optional=True),
+        batch_id=_decoded_text(row[10], "batch_id", damage, optional=True),
+        parent_run_id=_decoded_text(row[11], "parent_run_id", damage, optional=True),
+        damage=tuple(damage),
     )
 
 
@@ -606,8 +685,13 @@ class RunStore:
                 ),
             )
 
-    def get_run(self, run_id: str) -> RunRecord:
-        """The run's current record; ``StoreError`` naming the id if there is none."""
+    def get_run(self, run_id: str, *, damaged_ok: bool = False) -> RunRecord:
+        """The run's current record; ``StoreError`` naming the id if there is none.
+
+        A damaged record (see :attr:`RunRecord.damage`) is refused with what is wrong
+        unless ``damaged_ok``: callers that act on a run (resume its config) must not get
+        blanks, callers that only show it (``foundry show``, the dashboard) pass True.
+        """
         validate_run_id(run_id)
         with self._read("get_run") as conn:
             row = conn.execute(
@@ -615,7 +699,14 @@ class RunStore:
             ).fetchone()
         if row is None:
             raise StoreError(f"unknown run {run_id!r} in {self.db_path}")
-        return _record_from_row(row)
+        record = _record_from_row(row)
+        if record.damaged and not damaged_ok:
+            raise StoreError(
+                f"run {run_id!r} in {self.db_path} has a damaged record: "
+                f"{'; '.join(record.damage)}. It can be listed and shown (foundry show) but "
+                "not used; restore the database from a backup or start a new run."
+            )
+        return record
 
     def list_runs(
         self, *, batch_id: str | None = None, limit: int | None = None
@@ -743,11 +834,8 @@ class RunStore:
         with self._read("metrics") as conn:
             self._require_run(conn, run_id)
             rows = conn.execute(sql, params).fetchall()
-        nan = float("nan")
-        return [
-            MetricRow(name, step, nan if value is None else value, when)
-            for name, step, value, when in rows
-        ]
+        decoded = [_metric_from_row(row) for row in rows]
+        return [row for row in decoded if row is not None]
 
     def metric_names(self, run_id: str) -> list[str]:
         """Distinct metric names of a run, sorted."""

@@ -8,8 +8,11 @@ resumed capture must produce byte-identical shards to an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -316,6 +319,157 @@ def test_unreadable_manifest_and_empty_folder(tmp_path: Path) -> None:
     (tmp_path / MANIFEST).write_text("{not json")
     with pytest.raises(CacheError, match="unreadable"):
         LogitCache.open(tmp_path, key_for(make_blocks()))
+
+
+# --------------------------------------------------------------------------- crafted manifests
+# Issue 15, finding 8: the hash was checked on the shard named by the entry's base name,
+# while the entry's full path was read; "../evil/shard-00000.safetensors" next to the
+# genuine shard trained a student on poisoned targets without a warning.
+
+
+def poisoned_shard(tmp_path: Path, blocks: TokenBlocks) -> Path:
+    """A valid shard 0 for the same blocks from another teacher, in ``tmp_path/evil``."""
+
+    def liar(indices: Tensor, input_ids: Tensor, attention_mask: Tensor) -> SparseTargets:
+        logits = torch.stack([teacher_logits(int(i) + 777) for i in indices])
+        return SparseTargets.from_logits(logits, K, input_ids)
+
+    capture(blocks, liar, key_for(blocks), tmp_path / "evil-src", batch_size=2, shard_blocks=3)
+    evil = tmp_path / "evil" / "shard-00000.safetensors"
+    evil.parent.mkdir()
+    evil.write_bytes((tmp_path / "evil-src" / "shard-00000.safetensors").read_bytes())
+    return evil
+
+
+def set_shard_entry(folder: Path, slot: int, **fields: Any) -> None:
+    """Edit shard ``slot``'s manifest entry as an attacker with write access would."""
+    raw = manifest(folder)
+    entry = next(s for s in raw["shards"] if s["index"] == slot)
+    entry.update(fields)
+    (folder / MANIFEST).write_text(json.dumps(raw))
+
+
+def genuine_cache(tmp_path: Path) -> tuple[TokenBlocks, Path, Path]:
+    blocks = make_blocks()
+    folder = tmp_path / "cache"
+    run_capture(blocks, folder, Teacher())
+    evil = poisoned_shard(tmp_path, blocks)
+    genuine = folder / "shard-00000.safetensors"
+    # the crafted shard passes every check that looks at the genuine file's size
+    assert evil.stat().st_size == genuine.stat().st_size
+    assert evil.read_bytes() != genuine.read_bytes()
+    return blocks, folder, evil
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "../evil/shard-00000.safetensors",
+        "..\\evil\\shard-00000.safetensors",
+        "ABSOLUTE",
+        "./shard-00000.safetensors",
+        "sub/../shard-00000.safetensors",
+        "shard-00001.safetensors",  # another slot's file
+    ],
+)
+def test_a_manifest_entry_naming_another_path_is_refused(
+    tmp_path: Path, entry: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocks, folder, evil = genuine_cache(tmp_path)
+    entry = str(evil) if entry == "ABSOLUTE" else entry
+    set_shard_entry(folder, 0, file=entry)
+    started = time.perf_counter()
+    with pytest.raises(CacheError, match=re.escape(repr(entry))) as refused:
+        LogitCache.open(folder, key_for(blocks))
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    assert "shard 0" in str(refused.value) and "capture" in str(refused.value)
+    print(f"crafted entry {entry!r} refused in {elapsed_ms:.1f} ms")
+
+    # a resumed capture drops the entry and re-captures shard 0 under its own name
+    again = Teacher()
+    with caplog.at_level("WARNING", logger="foundry.logit_cache"):
+        cache = run_capture(blocks, folder, again)
+    assert again.blocks_asked == [0, 1, 2]
+    assert any("re-capturing" in r.message and repr(entry) in r.message for r in caplog.records)
+    assert manifest(folder)["shards"][0]["file"] == "shard-00000.safetensors"
+    want = expected_targets([0], blocks.input_ids[[0]], K)
+    assert torch.equal(cache.targets([0]).ids, want.ids)
+
+
+def test_a_shard_linked_out_of_the_folder_is_refused(tmp_path: Path) -> None:
+    """The manifest's hash even matches the link's target: only confinement refuses it."""
+    blocks, folder, evil = genuine_cache(tmp_path)
+    link = folder / "shard-00000.safetensors"
+    link.unlink()
+    link.symlink_to(evil)
+    set_shard_entry(
+        folder, 0, sha256=hashlib.sha256(evil.read_bytes()).hexdigest(), bytes=evil.stat().st_size
+    )
+    with pytest.raises(CacheError, match=r"shard-00000\.safetensors is a link to .*outside"):
+        LogitCache.open(folder, key_for(blocks))
+
+
+def test_a_symlinked_cache_folder_still_opens(tmp_path: Path) -> None:
+    """Confinement is to the resolved folder: a cache on another disk via a link works."""
+    blocks = make_blocks()
+    run_capture(blocks, tmp_path / "real", Teacher())
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    cache = LogitCache.open(tmp_path / "link", key_for(blocks))
+    assert torch.equal(cache.targets([4]).ids, expected_targets([4], blocks.input_ids[[4]], K).ids)
+
+
+def test_a_shard_swapped_after_open_is_refused_on_first_use(tmp_path: Path) -> None:
+    """What is read is what is hashed: open() verified the genuine file, then it was
+    replaced by the poisoned one (same size); the first read of it is refused."""
+    blocks, folder, evil = genuine_cache(tmp_path)
+    cache = LogitCache.open(folder, key_for(blocks))
+    cache.targets([4])  # shard 1 is mapped and verified; shard 0 not yet
+    evil.replace(folder / "shard-00000.safetensors")
+    started = time.perf_counter()
+    with pytest.raises(CacheError, match=r"shard-00000.*SHA-256 does not match"):
+        cache.targets([0])
+    print(f"swapped shard refused on first use in {(time.perf_counter() - started) * 1000:.1f} ms")
+    assert torch.equal(cache.targets([4]).ids, expected_targets([4], blocks.input_ids[[4]], K).ids)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("index", "0", "index must be a non-negative integer"),
+        ("file", ["shard-00000.safetensors"], "file must be a string"),
+        ("sha256", "../../etc/passwd", "sha256 must be 64 lowercase hex digits"),
+        ("bytes", -1, "bytes must be a non-negative integer"),
+    ],
+)
+def test_malformed_shard_entries_are_an_unreadable_manifest(
+    tmp_path: Path, field: str, value: Any, message: str
+) -> None:
+    blocks = make_blocks()
+    run_capture(blocks, tmp_path, Teacher())
+    set_shard_entry(tmp_path, 0, **{field: value})
+    with pytest.raises(CacheError, match=rf"unreadable.*{re.escape(message)}"):
+        LogitCache.open(tmp_path, key_for(blocks))
+
+
+def test_a_shard_whose_header_lies_about_its_tensors_is_refused(tmp_path: Path) -> None:
+    """A shard with a consistent manifest hash but offsets past its end is refused
+    before any tensor is viewed (the parser checks every extent)."""
+    blocks = make_blocks()
+    run_capture(blocks, tmp_path, Teacher())
+    shard = tmp_path / "shard-00000.safetensors"
+    data = shard.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + length])
+    header.pop("__metadata__")
+    header["ids"]["data_offsets"][1] += 10**9
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(length)
+    assert len(text) == length
+    crafted = data[:8] + text + data[8 + length :]
+    shard.write_bytes(crafted)
+    set_shard_entry(tmp_path, 0, sha256=hashlib.sha256(crafted).hexdigest())
+    cache = LogitCache.open(tmp_path, key_for(blocks))
+    with pytest.raises(CacheError, match="tensor 'ids' lies outside the file"):
+        cache.targets([0])
 
 
 # --------------------------------------------------------------------------- size, atomicity

@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import math
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ import ipywidgets as W
 import pytest
 from conftest import tiny_config_dict
 
+from foundry_kernel.errors import StoreError
 from foundry_kernel.store import DB_FILENAME, RunStore
 from widgets import report
 
@@ -342,10 +344,287 @@ def test_dashboard_module_imports_no_control_code() -> None:
         "foundry_kernel.cli",
     }
     assert not imported & forbidden
-    assert not any(name.startswith("widgets.") for name in imported)
+    # the read-only view and its queries; never the panel, the form or the run controls
+    allowed = {"widgets", "widgets.report", "widgets.plot_text"}
+    assert {name for name in imported if name.startswith("widgets")} <= allowed
 
 
 def test_importing_the_dashboard_does_not_load_the_panel() -> None:
     code = "import sys, widgets.dashboard; sys.exit('widgets.panel' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120, check=False)
     assert proc.returncode == 0
+
+
+# --- issue 15: strings typed by users are text in figures; damaged rows are shown -------
+
+PAYLOADS: tuple[str, ...] = (
+    '<a href="https://evil.example/phish">phish</a>',
+    "<img src=x onerror=\"window.__pwned='img'\">",
+    "<script>window.__pwned='script'</script>",
+    "<b>bold</b><i>it</i><sup>up</sup><br>next",
+    '<a href="javascript:alert(1)">js-link</a>',
+    '</text><a xlink:href="https://evil.example/svg">svg-break</a>',
+    '<span style="font-size:90px">huge</span>',
+    "<svg onload=alert(2)><iframe src=javascript:alert(3)>",
+    "&lt;b&gt;entity&lt;/b&gt; &amp; &#60;",
+)
+"""Markup plotly.js renders in titles, ticks, legends and hover text (``<a href>``,
+``<b>``, ``<span style>``, ...), markup a browser would run, and entities plotly would
+decode (``&lt;`` shows as ``<`` unless its ``&`` is escaped)."""
+PAYLOAD_BATCH = "b-payloads"
+
+
+def build_payload_store(root: Path) -> dict[str, Any]:
+    """Runs written through the store's API whose names, grid values, samples and a
+    metric name each hold one payload; no training (the strings are the point)."""
+    ids: dict[str, Any] = {"members": []}
+    with RunStore(root) as store:
+        for i, payload in enumerate(PAYLOADS):
+            config = {"name": f"p{i}", "teacher": {"source": "builtin:tiny-teacher"}}
+            config["data"] = {"source": payload}  # the grid: differs in every member
+            run_id = store.create_run(config, name=payload, batch_id=PAYLOAD_BATCH).run_id
+            store.set_state(run_id, "running")
+            store.update_summary(
+                run_id,
+                {
+                    "teacher": {"params": 2000, "val_ppl": 50.0},
+                    "student": {"params": 1000, "val_ppl": 80.0 + i},
+                    "baseline": {"params": 1000, "val_ppl": 95.0},
+                    "samples": [{"prompt": payload, "teacher": payload, "student": payload}],
+                },
+            )
+            store.log_metrics(run_id, 1, {"train/loss": 3.0, "val/loss": 3.5})
+            store.log_metrics(run_id, 2, {"train/loss": 2.0, "val/loss": 2.5})
+            # metric names reach the memory chart's legend through metric_label()
+            store.log_metrics_many(
+                run_id,
+                [(s, f"mem/{p}_mb", 100.0 + s, 1000.0 + s) for p in PAYLOADS for s in range(3)],
+            )
+            store.set_state(run_id, "completed")
+            ids["members"].append(run_id)
+    return ids
+
+
+DAMAGE: dict[str, tuple[str, str]] = {
+    # name: (column, SQL value)      what the row holds instead of what the store wrote
+    "bad-json": ("config", '\'{"name": "bad-json", \''),
+    "list-json": ("summary", "'[1, 2, 3]'"),
+    "far-future": ("created_at", "1e300"),
+    "text-time": ("started_at", "'yesterday'"),
+    "bad-state": ("state", "'exploded'"),
+}
+EXPECTED_DAMAGE = {
+    "bad-json": "config is not valid JSON",
+    "list-json": "summary is a JSON list, not an object",
+    "far-future": "created_at 1e+300 is not a time between 1970 and 3000",
+    "text-time": "started_at 'yesterday' is not a time between 1970 and 3000",
+    "bad-state": "state 'exploded' is not one of",
+}
+
+
+def add_damaged_rows(root: Path) -> dict[str, str]:
+    """Five runs created by the store, then damaged with plain sqlite3 (as a hand edit,
+    a disk error or another writer would), plus two metric rows that are not points.
+    The newest completed run is damaged, so the dashboard opens on a damaged run."""
+    ids: dict[str, str] = {}
+    with RunStore(root) as store:
+        for name in DAMAGE:
+            run_id = store.create_run({"name": name}, name=name).run_id
+            store.set_state(run_id, "running")
+            store.update_summary(run_id, {"student": {"val_ppl": 70.0}})
+            store.log_metrics(run_id, 1, {"train/loss": 1.5})
+            store.set_state(run_id, "completed")
+            ids[name] = run_id
+    conn = sqlite3.connect(root / DB_FILENAME)
+    try:
+        with conn:
+            for name, (column, value) in DAMAGE.items():
+                conn.execute(f"UPDATE runs SET {column} = {value} WHERE run_id = ?", (ids[name],))
+            conn.execute(
+                "INSERT INTO metrics (run_id, name, step, value, time) VALUES (?, ?, ?, ?, ?)",
+                (ids["bad-json"], "train/loss", "two", 1.0, 1.0),
+            )
+            conn.execute(
+                "INSERT INTO metrics (run_id, name, step, value, time) VALUES (?, ?, ?, ?, ?)",
+                (ids["bad-json"], "train/loss", 3, "lots", 2.0),
+            )
+    finally:
+        conn.close()
+    return ids
+
+
+@pytest.fixture(scope="module")
+def payloads(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("payloads") / "runs"
+    build_payload_store(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("damaged") / "runs"
+    ids = build_payload_store(root)
+    healthy = ids["members"]
+    return {"root": root, "healthy": healthy, "damaged": add_damaged_rows(root)}
+
+
+def test_plot_text_escapes_exactly_what_plotly_reads_as_markup() -> None:
+    from widgets.plot_text import plot_safe, plot_text
+
+    assert plot_text('<a href="x">&lt;</a>') == '&lt;a href="x"&gt;&amp;lt;&lt;/a&gt;'
+    assert plot_text("plain 'quotes' \"stay\"") == "plain 'quotes' \"stay\""
+    import numpy as np
+
+    spec = {"data": [{"x": np.array(["<b>", "a"]), "y": np.arange(2.0), "name": "<i>"}]}
+    safe = plot_safe(spec)
+    assert (
+        list(safe["data"][0]["x"]) == ["&lt;b&gt;", "a"] and safe["data"][0]["name"] == "&lt;i&gt;"
+    )
+    assert safe["data"][0]["y"] is spec["data"][0]["y"]  # numbers are not copied
+    assert spec["data"][0]["name"] == "<i>"  # the input is left as it was
+
+
+def test_dashboard_figures_hold_no_markup(payloads: Path) -> None:
+    """Issue 15, finding 7: every string in every figure of the dashboard is escaped (no
+    '<' left for plotly.js to parse), and unescaping gives back what the user typed."""
+    import html as html_lib
+
+    from widgets.dashboard import build_dashboard, figure_of
+
+    board = build_dashboard(payloads)
+    try:
+        specs = []
+        for _, run_id in board.run_picker.options:
+            board.run_picker.value = run_id
+            specs += [figure_of(w) for w in _walk(board.run_view) if isinstance(w, W.Output)]
+        specs += [figure_of(w) for w in _walk(board.batch_view) if isinstance(w, W.Output)]
+    finally:
+        assert board.store is not None
+        board.store.close()
+    strings = [s for spec in specs for s in _strings(spec)]
+    assert not [s for s in strings if "<" in s or ">" in s]
+    shown = {html_lib.unescape(s) for s in strings}
+    for payload in PAYLOADS:
+        assert any(payload in s for s in shown), payload  # batch ticks and memory legend
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in _strings(item)]
+    if isinstance(value, list | tuple):
+        return [s for item in value for s in _strings(item)]
+    return []
+
+
+def test_damaged_rows_are_listed_flagged_with_the_good_ones(damaged: dict[str, Any]) -> None:
+    """Issue 15, finding 9: one corrupt row used to crash list_runs (JSONDecodeError) and
+    with it ``foundry runs`` and the dashboard."""
+    with RunStore(damaged["root"], read_only=True) as store:
+        records = {r.run_id: r for r in store.list_runs()}
+        for run_id in damaged["healthy"]:
+            assert not records[run_id].damaged and records[run_id].summary["student"]
+        for name, run_id in damaged["damaged"].items():
+            record = records[run_id]
+            assert record.damaged and EXPECTED_DAMAGE[name] in " ".join(record.damage), record
+            assert record.name == name  # what could be read is kept
+        assert records[damaged["damaged"]["bad-json"]].summary == {"student": {"val_ppl": 70.0}}
+        assert records[damaged["damaged"]["list-json"]].summary == {}
+        assert records[damaged["damaged"]["far-future"]].started_at is not None
+
+        # acting on a damaged run is refused with what is wrong; showing it is allowed
+        bad = damaged["damaged"]["bad-json"]
+        with pytest.raises(StoreError, match=r"damaged record: config is not valid JSON"):
+            store.get_run(bad)
+        assert store.get_run(bad, damaged_ok=True).damage == records[bad].damage
+        # the two metric rows that are not points: one skipped, one a gap (NaN)
+        points = store.metrics(bad, ["train/loss"])
+        assert [p.step for p in points] == [1, 3] and math.isnan(points[1].value)
+
+        rows = {row["run_id"]: row for row in report.runs_table(store)}
+        assert len(rows) == len(PAYLOADS) + len(DAMAGE)
+        far = rows[damaged["damaged"]["far-future"]]
+        assert report.fmt("started", far["started"]) != "—"  # started_at is still good
+        assert "1970 and 3000" in far["damage"] and rows[damaged["healthy"][0]]["damage"] == ""
+        columns = report.with_damage_column(report.RUN_COLUMNS, rows.values())
+        assert columns[-1] == "damage"
+        assert [label for label, _ in report.run_choices(rows.values())].count(
+            next(label for label, _ in report.run_choices([far]))
+        ) == 1
+        assert report.fmt("started", 1e300) == "1e+300"  # an odd value is shown, not raised
+        for run_id in damaged["damaged"].values():
+            record = store.get_run(run_id, damaged_ok=True)
+            report.comparison(record), report.samples(record), report.run_row(record)
+            report.metric_series(store, run_id, report.LOSS_METRICS)
+
+
+def test_the_dashboard_renders_a_store_with_damaged_rows(damaged: dict[str, Any]) -> None:
+    from widgets.dashboard import build_dashboard
+
+    board = build_dashboard(damaged["root"])
+    try:
+        page = " ".join(w.value for w in _walk(board.root) if isinstance(w, W.HTML))
+        assert "Damaged record" in page and "config is not valid JSON" in page
+        # the newest completed run (by the row's own created_at, 1e300) is a damaged one
+        assert board.run_picker.value == damaged["damaged"]["far-future"]
+        assert "1970 and 3000" in board.run_view.children[0].value
+        for _, run_id in board.run_picker.options:
+            board.run_picker.value = run_id
+            assert board.message.value == "", board.message.value
+            assert board.run_view.children
+        status = board.run_view.children[0].value
+        assert "Damaged record" not in status  # the last option is a healthy payload run
+    finally:
+        assert board.store is not None
+        board.store.close()
+
+
+def _foundry(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "foundry_kernel.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=REPO,
+    )
+
+
+def test_foundry_runs_and_show_survive_damaged_rows(damaged: dict[str, Any]) -> None:
+    root = str(damaged["root"])
+    listing = _foundry("runs", "--runs-dir", root)
+    assert listing.returncode == 0, listing.stderr
+    assert "Traceback" not in listing.stderr
+    lines = listing.stdout.splitlines()
+    for name, run_id in damaged["damaged"].items():
+        line = next(line for line in lines if line.startswith(run_id))
+        assert f"DAMAGED: {EXPECTED_DAMAGE[name]}" in line, line
+    assert all(any(line.startswith(r) for line in lines) for r in damaged["healthy"])
+    assert f"{len(DAMAGE)} run record(s) are damaged" in listing.stderr
+
+    as_json = _foundry("runs", "--runs-dir", root, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+
+    def no_nan(text: str) -> None:
+        raise AssertionError(f"{text} is not JSON")
+
+    records = {r["run_id"]: r for r in json.loads(as_json.stdout, parse_constant=no_nan)}
+    assert records[damaged["damaged"]["far-future"]]["created_at"] is None
+    assert records[damaged["healthy"][0]]["damage"] == []
+
+    for name, run_id in damaged["damaged"].items():
+        shown = _foundry("show", run_id, "--runs-dir", root)
+        assert shown.returncode == 0, shown.stderr
+        assert EXPECTED_DAMAGE[name] in " ".join(json.loads(shown.stdout)["damage"])
+        assert f"run {run_id} has a damaged record" in shown.stderr
+
+
+def test_resuming_a_damaged_run_is_refused_not_run_on_blanks(damaged: dict[str, Any]) -> None:
+    """get_run refuses damaged records by default, so a resume never rebuilds a run from
+    a blanked config ({} would validate to the defaults and train something else)."""
+    bad = damaged["damaged"]["bad-json"]
+    proc = _foundry("distill", "--resume", bad, "--runs-dir", str(damaged["root"]))
+    assert proc.returncode == 2, proc.stderr
+    assert "damaged record: config is not valid JSON" in proc.stderr
+    assert "Traceback" not in proc.stderr

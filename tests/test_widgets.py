@@ -328,3 +328,50 @@ def test_a_100k_step_history_still_pushes_quickly() -> None:
         timings.append(time.perf_counter() - t0)
     assert min(timings) < 0.25  # ~10 ms here on an idle core; generous for shared CI
     assert all(length <= MAX_POINTS for length in charts.trace_lengths().values())
+
+
+# --------------------------------------------------------------------------- labels are text
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in a figure's JSON (layout, traces): what plotly.js may render."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in _strings(item)]
+    if isinstance(value, list | tuple):
+        return [s for item in value for s in _strings(item)]
+    return []
+
+
+LABEL_PAYLOADS = (
+    '<a href="https://evil.example/phish">results</a>',
+    "<img src=x onerror=alert(1)>",
+    "<b>bold</b> &lt;i&gt; &amp;",
+)
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_a_run_label_reaches_the_compare_chart_as_text(live: bool) -> None:
+    """Issue 15, finding 7: a run's name is a legend entry; plotly.js renders tags in
+    legends (an <a href> becomes a live link), so every string a ChartSet puts into a
+    figure is escaped where the figure and its traces are created."""
+    import html
+    import json
+
+    from widgets.charts import CompareChart
+
+    chart = CompareChart(live=live)
+    for label in LABEL_PAYLOADS:
+        chart.add_run(label)
+        chart.add(f"{label}|train", 1, 2.0)
+        chart.add(f"{label}|val", 1, 2.5)
+    chart.flush(force=True)
+    figure = chart.figures["compare"]
+    spec = json.loads(figure.to_json())
+    markup = [s for s in _strings(spec) if "<" in s or ">" in s]
+    assert not markup, markup
+    names = [html.unescape(t.name) for t in figure.data]
+    assert names == [f"{label} {part}" for label in LABEL_PAYLOADS for part in ("train", "val")]
+    # a literal entity stays literal: plotly would otherwise show "&lt;i&gt;" as "<i>"
+    assert "&amp;lt;i&amp;gt; &amp;amp;" in figure.data[4].name

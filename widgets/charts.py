@@ -14,6 +14,10 @@ through anywidget). Three rules keep a long run cheap for the kernel and the bro
 
 Headless kernels (papermill, nbval) get plain ``go.Figure`` objects from the same class
 and show them as static output, so an executed notebook keeps its charts.
+
+Labels are text: a figure's layout and every new trace go through
+:func:`widgets.plot_text.plot_safe` where they are created, so a run's name in
+:class:`CompareChart`'s legend can never become Plotly markup (a link, bold text).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from widgets.frontend import is_headless, show_static
+from widgets.plot_text import plot_safe
 
 __all__ = [
     "MAX_POINTS",
@@ -240,14 +245,16 @@ class ChartSet:
     def _new_figure(self, chart: str, height: int, width: int) -> go.Figure:
         # An explicit width: a FigureWidget does not size itself to its box (it renders at
         # plotly's 700 px default and would be clipped or leave the box half empty).
-        layout = {
-            **_CHART_LAYOUTS.get(chart, {"title": chart}),
-            "height": height,
-            "width": width,
-            "margin": {"l": 55, "r": 55, "t": 40, "b": 40},
-            "legend": {"orientation": "h", "y": -0.25},
-            "uirevision": chart,  # keep the user's zoom across data updates
-        }
+        layout = plot_safe(
+            {
+                **_CHART_LAYOUTS.get(chart, {"title": chart}),
+                "height": height,
+                "width": width,
+                "margin": {"l": 55, "r": 55, "t": 40, "b": 40},
+                "legend": {"orientation": "h", "y": -0.25},
+                "uirevision": chart,  # keep the user's zoom across data updates
+            }
+        )
         fig = go.FigureWidget(layout=layout) if self.live else go.Figure(layout=layout)
         if self.live:
             fig.observe(self._count_message, names=list(PY2JS_TRAITS))
@@ -354,14 +361,18 @@ class ChartSet:
         if spec.color is not None:
             line["color"] = spec.color
         return go.Scatter(
-            x=x,
-            y=y,
-            name=spec.label,
-            mode=spec.mode,
-            line=line,
-            yaxis=spec.yaxis,
-            legendrank=spec.rank,
-            marker={"size": 5},
+            plot_safe(
+                {
+                    "x": x,
+                    "y": y,
+                    "name": spec.label,  # a run's name in CompareChart: text, not markup
+                    "mode": spec.mode,
+                    "line": line,
+                    "yaxis": spec.yaxis,
+                    "legendrank": spec.rank,
+                    "marker": {"size": 5},
+                }
+            )
         )
 
     # -- output ---------------------------------------------------------------------

@@ -27,6 +27,7 @@ from foundry_kernel.errors import FoundryError
 from foundry_kernel.paths import default_runs_dir
 from foundry_kernel.store import DB_FILENAME, RunStore
 from widgets import report
+from widgets.plot_text import plot_safe
 
 __all__ = [
     "Dashboard",
@@ -181,9 +182,11 @@ def chart(fig: go.Figure) -> W.Output:
     relayout/restyle messages from viewers. The mime bundle is plain JSON rendered by
     the ``jupyterlab-plotly`` extension whose script the browser loads (and caches) once.
     Setting ``outputs`` directly (rather than ``with out: display(fig)``) puts the chart in
-    the widget state, which Voila sends to a page whenever it connects.
+    the widget state, which Voila sends to a page whenever it connects. Every string in it
+    is escaped here (:func:`plot_safe`), the one exit of every figure on this page: Plotly
+    renders tags in titles, labels and hover text, and run names are typed by users.
     """
-    spec = json.loads(fig.to_json())
+    spec = plot_safe(json.loads(fig.to_json()))
     bundle = {
         "application/vnd.plotly.v1+json": {
             "data": spec.get("data", []),
@@ -275,7 +278,13 @@ class Dashboard:
             ),
             self.message,
             _heading("All runs", "Newest first. Perplexity: how surprised a model is by new text."),
-            W.HTML(html_table(report.RUN_COLUMNS, table, empty="No runs yet.")),
+            W.HTML(
+                html_table(
+                    report.with_damage_column(report.RUN_COLUMNS, table),
+                    table,
+                    empty="No runs yet.",
+                )
+            ),
             _heading("One run in detail"),
             self.run_picker,
             self.run_view,
@@ -349,11 +358,11 @@ class Dashboard:
 
     def _run_children(self, run_id: str) -> tuple[W.Widget, ...]:
         assert self.store is not None
-        run = self.store.get_run(run_id)
+        run = self.store.get_run(run_id, damaged_ok=True)  # shown, never acted on
         rows = report.comparison(run)
-        status = html_table(
-            ("name", "state", "duration_s", "teacher", "student"), [report.run_row(run)]
-        )
+        row = report.run_row(run)
+        columns = ("name", "state", "duration_s", "teacher", "student")
+        status = html_table(report.with_damage_column(columns, [row]), [row])
         if run.error:
             status += f'<p style="color:#b91c1c">{html.escape(run.error)}</p>'
         loss = report.metric_series(self.store, run_id, report.LOSS_METRICS)

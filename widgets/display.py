@@ -152,11 +152,14 @@ def show_run(run: RunHandle | str, *, runs_dir: str | Path | None = None) -> Liv
         raise ValueError("show_run(run_id) needs runs_dir")
     with RunStore(root, read_only=True) as store:
         charts = charts_from_store(store, run_id)
-        record = store.get_run(run_id)
+        record = store.get_run(run_id, damaged_ok=True)  # shown, never acted on
     if in_ipython():
         from IPython.display import HTML, display
 
         charts.show()
+        if record.damaged:
+            title = f"Run {run_id}: part of its record could not be read"
+            display(HTML(error_html(title, "; ".join(record.damage), level="warning")))
         if isinstance(run, RunHandle):
             display(HTML(outcome_html(run)))
         elif record.state == "completed":

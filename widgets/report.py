@@ -42,6 +42,7 @@ __all__ = [
     "run_choices",
     "runs_table",
     "samples",
+    "with_damage_column",
 ]
 
 Series = tuple[list[float], list[float | None]]
@@ -76,6 +77,7 @@ LABELS: dict[str, str] = {
     "prompt": "Prompt",
     "baseline": "Student trained without teacher",
     "error": "Error",
+    "damage": "Damaged record: what could not be read",
 }
 
 RUN_COLUMNS: tuple[str, ...] = (
@@ -191,6 +193,7 @@ _FORMATTERS: dict[str, Callable[[Any], str]] = {
     "gap_closed": lambda v: f"{v:.0%}",
     "duration_s": _fmt_duration,
     "started": lambda v: datetime.fromtimestamp(v).strftime("%Y-%m-%d %H:%M"),
+    "damage": str,
     "best": lambda v: "★ best" if v else "",
 }
 
@@ -201,7 +204,12 @@ def fmt(key: str, value: Any) -> str:
         return "—"
     formatter = _FORMATTERS.get(key)
     if formatter is not None:
-        return formatter(value)
+        try:
+            return formatter(value)
+        except (TypeError, ValueError, OverflowError, OSError):
+            # a value of the wrong kind (a time past year 9999, text where a number
+            # belongs) is shown as it is: one odd cell must not take the page down
+            return str(value)
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, (int, float)):
@@ -304,6 +312,7 @@ def run_row(run: RunRecord, *, now: float | None = None) -> dict[str, Any]:
         "agreement": _number(summary.get("agreement", student.get("agreement"))),
         "gap_closed": _number(summary.get("gap_closed")),
         "error": run.error,
+        "damage": "; ".join(run.damage),
     }
 
 
@@ -314,11 +323,21 @@ def runs_table(
     return [run_row(run, now=now) for run in store.list_runs(batch_id=batch_id)]
 
 
+def with_damage_column(
+    columns: Sequence[str], rows: Iterable[Mapping[str, Any]]
+) -> tuple[str, ...]:
+    """``columns`` plus ``damage`` when a row's record is damaged (healthy stores keep
+    their table as it was; a damaged row says what could not be read)."""
+    extra = ("damage",) if any(row.get("damage") for row in rows) else ()
+    return (*columns, *extra)
+
+
 def run_choices(rows: Iterable[Mapping[str, Any]]) -> list[tuple[str, str]]:
     """``(label, run_id)`` pairs for a run picker from :func:`runs_table` rows, same order."""
     return [
         (
-            f"{row['name']} · {row['state']} · {fmt('started', row['started'])} · {row['run_id']}",
+            f"{row['name']} · {row['state']} · {fmt('started', row['started'])} · {row['run_id']}"
+            + (" · damaged record" if row.get("damage") else ""),
             row["run_id"],
         )
         for row in rows

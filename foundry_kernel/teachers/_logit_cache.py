@@ -29,6 +29,13 @@ valid manifest naming only complete shards, and ``capture`` resumes after them. 
 checked against their recorded SHA-256 on resume and on open: on open a mismatch is
 refused, on resume the shard is captured again. Only safetensors and JSON are ever
 parsed: nothing in a cache folder can execute code.
+
+The manifest is input, not trusted: a shard entry must name exactly the file its index
+is written to (``shard-00003.safetensors``; no folders, ``..`` or absolute paths) and that
+name, symlinks resolved, must stay inside the cache folder. Training reads a shard
+through one memory map whose every byte is hashed before the first tensor is taken from
+it, so the bytes checked are the bytes used (a shard replaced after ``open`` is refused
+on first use, not trusted because an earlier read of it matched).
 """
 
 from __future__ import annotations
@@ -37,13 +44,14 @@ import hashlib
 import json
 import logging
 import math
+import mmap
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
@@ -281,7 +289,7 @@ class _Manifest:
             raw = json.loads(path.read_text(encoding="utf-8"))
             if raw.get("format") != _FORMAT_NAME:
                 raise ValueError(f"format is {raw.get('format')!r}, not {_FORMAT_NAME!r}")
-            shards = [_Shard(**s) for s in raw["shards"]]
+            shards = [_shard_from_json(s) for s in raw["shards"]]
             return cls(
                 key=CacheKey.from_dict(raw["key"]),
                 num_blocks=int(raw["num_blocks"]),
@@ -304,6 +312,26 @@ def _optional_int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _shard_from_json(raw: Any) -> _Shard:
+    """One manifest shard entry with its types checked (a string index or a list as a file
+    name would otherwise surface later as a confusing error, or not at all)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"a shard entry must be an object, got {raw!r}")
+    shard = _Shard(**raw)
+    for name in ("index", "start", "stop", "bytes"):
+        value = getattr(shard, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"shard entry {raw!r}: {name} must be a non-negative integer")
+    if not isinstance(shard.file, str):
+        raise ValueError(f"shard entry {raw!r}: file must be a string")
+    if not isinstance(shard.sha256, str) or not _SHA256_HEX.fullmatch(shard.sha256):
+        raise ValueError(f"shard entry {raw!r}: sha256 must be 64 lowercase hex digits")
+    return shard
+
+
 def _check_key(found: CacheKey, wanted: CacheKey, folder: Path) -> None:
     """Refuse a cache captured under another key, naming what differs and the fix."""
     diffs = wanted.differences(found)
@@ -324,26 +352,140 @@ def _check_key(found: CacheKey, wanted: CacheKey, folder: Path) -> None:
     )
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def _shard_name(index: int) -> str:
+    """The one file name a shard of this index is ever written to."""
+    return f"shard-{index:05d}.safetensors"
+
+
+def _shard_path(folder: Path, shard: _Shard) -> Path:
+    """The shard's file, resolved once and confined to ``folder``; CacheError otherwise.
+
+    Why so strict: the manifest is data anyone with write access to the folder (a shared
+    cache, a copied archive) can edit. The entry must name exactly the file its index is
+    written to, so separators, ``..``, drive letters and absolute paths are all refused
+    by one comparison; then symlinks are resolved and the target must still sit directly
+    in the (resolved) cache folder. Every later read uses the returned path.
+    """
+    expected = _shard_name(shard.index)
+    if shard.file != expected:
+        raise CacheError(
+            f"logit cache manifest in {folder}: shard {shard.index}'s entry names file "
+            f"{shard.file!r}, but shard {shard.index} can only be {expected!r} in the cache "
+            "folder itself (no folders, '..' or absolute paths). The manifest was edited or "
+            "crafted; delete the folder and capture again."
+        )
+    path = folder / expected
+    try:
+        resolved = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise CacheError(f"logit cache shard {path}: the file is missing") from None
+    except (OSError, RuntimeError) as exc:  # a symlink loop is a RuntimeError before 3.13
+        raise CacheError(f"logit cache shard {path} cannot be resolved: {exc}") from exc
+    home = folder.resolve()
+    if resolved.parent != home:
+        raise CacheError(
+            f"logit cache shard {path} is a link to {resolved}, outside the cache folder "
+            f"{home}; refusing to read it. Delete the link and capture again."
+        )
+    return resolved
+
+
+def _map_verified(path: Path, shard: _Shard) -> mmap.mmap:
+    """Map the shard's file and hash every mapped byte; the caller reads only this map.
+
+    ``ACCESS_COPY``: the map is private (writes would never reach the file) and writable,
+    so torch can view it without copying and without warning about read-only memory.
+    """
+    size = path.stat().st_size
+    if size != shard.bytes:
+        raise CacheError(
+            f"logit cache shard {path}: it has {size} bytes, the manifest recorded {shard.bytes}"
+        )
+    if size == 0:
+        raise CacheError(f"logit cache shard {path} is empty")
     with path.open("rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        view = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    if len(view) != shard.bytes or hashlib.sha256(view).hexdigest() != shard.sha256:
+        view.close()
+        raise CacheError(
+            f"logit cache shard {path}: its SHA-256 does not match the manifest "
+            "(modified or damaged on disk)"
+        )
+    return view
 
 
 def _shard_problem(folder: Path, shard: _Shard, manifest: _Manifest) -> str | None:
     """Why a recorded shard cannot be trusted, or None when it is intact."""
     if (shard.start, shard.stop) != manifest.shard_range(shard.index):
-        return f"it claims blocks [{shard.start}, {shard.stop}), not its slot's"
-    path = folder / Path(shard.file).name
-    if not path.is_file():
-        return "the file is missing"
-    if path.stat().st_size != shard.bytes:
-        return f"it has {path.stat().st_size} bytes, the manifest recorded {shard.bytes}"
-    if _file_sha256(path) != shard.sha256:
-        return "its SHA-256 does not match the manifest (modified or damaged on disk)"
+        return (
+            f"manifest entry {shard.file!r} claims blocks [{shard.start}, {shard.stop}), "
+            f"not those of shard {shard.index}"
+        )
+    try:
+        _map_verified(_shard_path(folder, shard), shard).close()
+    except CacheError as exc:
+        return str(exc)
     return None
+
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "F16": torch.float16,
+    "F32": torch.float32,
+}
+"""The dtypes a shard is written with (see the module docstring); nothing else is read."""
+_MAX_HEADER = 1 * _MIB
+
+
+def _tensors_in(view: mmap.mmap, path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file held in ``view``, as zero-copy views into it.
+
+    The format: 8 bytes little-endian header length, a JSON header naming each tensor's
+    dtype, shape and ``[begin, end)`` offsets into the data that follows. Parsed here
+    (rather than ``safe_open``, which opens the file by name again) so that what is read
+    is exactly what was hashed; every offset and size is checked before it is used.
+    """
+    if len(view) < 8:
+        raise CacheError(f"logit cache shard {path} is too short to be a safetensors file")
+    length = int.from_bytes(view[:8], "little")
+    if not 2 <= length <= min(_MAX_HEADER, len(view) - 8):
+        raise CacheError(f"logit cache shard {path} has a malformed safetensors header")
+    try:
+        header = json.loads(view[8 : 8 + length])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CacheError(f"logit cache shard {path}: unreadable header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CacheError(f"logit cache shard {path}: the header is not a JSON object")
+    base, data_size = 8 + length, len(view) - 8 - length
+    tensors: dict[str, Tensor] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        tensors[name] = _tensor_view(view, path, name, entry, base, data_size)
+    return tensors
+
+
+def _tensor_view(
+    view: mmap.mmap, path: Path, name: str, entry: Any, base: int, data_size: int
+) -> Tensor:
+    """One header entry as a tensor over ``view``, after checking its dtype and extent."""
+    where = f"logit cache shard {path}: tensor {name!r}"
+    try:
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        shape = [int(d) for d in entry["shape"]]
+        begin, end = (int(o) for o in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CacheError(f"{where} has a malformed header entry: {exc!r}") from exc
+    numel = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size:
+        raise CacheError(f"{where} lies outside the file")
+    if end - begin != numel * itemsize:
+        raise CacheError(f"{where}: {end - begin} bytes cannot hold shape {shape}")
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(view, dtype=dtype, count=numel, offset=base + begin).reshape(shape)
 
 
 # --------------------------------------------------------------------------- capture
@@ -581,7 +723,7 @@ def _write_shard(
     about = {"start": span[0], "stop": span[1], "version": CACHE_FORMAT_VERSION}
     metadata = {_FORMAT_NAME: json.dumps(about, sort_keys=True)}
     data = safetensors_save(tensors, metadata=metadata)
-    name = f"shard-{index:05d}.safetensors"
+    name = _shard_name(index)
     atomic_write_bytes(folder / name, data)
     return _Shard(index, name, span[0], span[1], hashlib.sha256(data).hexdigest(), len(data))
 
@@ -593,13 +735,17 @@ class LogitCache:
     """A captured cache, served as ``SparseTargets`` for any batch of block indices.
 
     Build it with :meth:`open` (or get it from :func:`capture`). Shards are memory-mapped
-    lazily and only the requested rows are read, so a cache far larger than RAM is fine.
+    lazily, on first use, and hashed through that map before any row is taken from it;
+    the map is file-backed (the OS pages it in and out), so a cache far larger than RAM
+    is fine. Residual: a process that can write the shard file itself could still change
+    bytes in place after they were hashed; the cache defends the folder's *names*
+    (manifest entries, links), not a writer with access to its files.
     """
 
     def __init__(self, folder: Path, manifest: _Manifest) -> None:
         self.folder = folder
         self._manifest = manifest
-        self._handles: dict[int, Any] = {}
+        self._shards: dict[int, dict[str, Tensor]] = {}
 
     @classmethod
     def open(cls, folder: Path, key: CacheKey, *, allow_incomplete: bool = False) -> LogitCache:
@@ -623,8 +769,8 @@ class LogitCache:
             problem = _shard_problem(folder, shard, manifest)
             if problem is not None:
                 raise CacheError(
-                    f"refusing to load logit cache shard {folder / shard.file}: {problem}. "
-                    "Run capture() again to re-capture it, or delete the folder."
+                    f"refusing to load the logit cache in {folder}: {problem}. Run capture() "
+                    "again to re-capture it, or delete the folder."
                 )
         return cls(folder, manifest)
 
@@ -688,16 +834,41 @@ class LogitCache:
                 f"block {block} is not in the logit cache in {self.folder} (its shard was "
                 "never captured); run capture() again to finish the cache"
             )
-        handle = self._handles.get(index)
-        if handle is None:
-            handle = safe_open(str(self.folder / shard.file), framework="pt")
-            self._handles[index] = handle
+        tensors = self._shards.get(index)
+        if tensors is None:
+            tensors = self._load_shard(shard)
+            self._shards[index] = tensors
         local = block - shard.start
-        return {name: handle.get_slice(name)[local] for name in handle.keys()}
+        return {name: tensor[local] for name, tensor in tensors.items()}
+
+    def _load_shard(self, shard: _Shard) -> dict[str, Tensor]:
+        """Map a shard, hash the very map its tensors are then viewed from, and check them.
+
+        ``open`` verified every shard already; this second hash is what makes the check
+        hold for the bytes used: a file swapped or edited after ``open`` is refused here.
+        """
+        path = _shard_path(self.folder, shard)
+        view = _map_verified(path, shard)
+        tensors = _tensors_in(view, path)
+        rows, positions, k = shard.stop - shard.start, self.positions, self.k
+        wanted = {
+            "ids": (rows, positions, k),
+            "values": (rows, positions, k),
+            "tail": (rows, positions),
+        }
+        if self._manifest.has_label:
+            wanted["label"] = (rows, positions)
+        shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+        if shapes != wanted:
+            raise CacheError(
+                f"logit cache shard {path} holds tensors {shapes}, the manifest describes "
+                f"{wanted}; delete the folder and capture again"
+            )
+        return tensors
 
     def close(self) -> None:
-        """Drop the shard memory maps (they are reopened on demand)."""
-        self._handles.clear()
+        """Drop the shard memory maps (they are mapped and verified again on demand)."""
+        self._shards.clear()
 
 
 def _match_tail(values: Tensor, tail: Tensor) -> Tensor:
