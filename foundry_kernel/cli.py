@@ -3,9 +3,10 @@
 Exit codes (a contract for scripts and CI):
   0 completed · 1 the run failed · 2 bad usage or config · 124 timed out · 130 cancelled.
 
-``foundry distill --json`` ends stdout with one JSON object (see
-``summary_json``): ``run_id``, ``state``, ``duration_s``, ``teacher``, ``student``,
-``baseline`` (each with ``params`` and ``val_ppl``), ``agreement`` and ``val_kl``;
+``foundry distill --json`` ends stdout with one JSON object
+(``foundry_kernel.summary.RunSummary.to_json``): ``run_id``, ``state``, ``duration_s``,
+``teacher``, ``student``, ``baseline`` (each with ``params`` and ``val_ppl``), ``agreement``
+and ``val_kl``;
 ``logit_cache`` (offline mode: path, k, bytes_per_token, capture_seconds) and
 ``sequence`` (sequence mode: the teacher-written data) are null in other modes.
 Progress goes to stderr, throttled, so stdout stays machine-readable.
@@ -28,6 +29,7 @@ from foundry_kernel.errors import FoundryError
 from foundry_kernel.logs import Throttle, configure_logging
 from foundry_kernel.paths import default_runs_dir, validate_run_id
 from foundry_kernel.store import RunRecord, RunStore
+from foundry_kernel.summary import ROLES, RunSummary
 from foundry_kernel.teachers import _vllm_server as vllm_server
 
 EXIT = {"completed": 0, "failed": 1, "timed_out": 124, "cancelled": 130}
@@ -134,13 +136,16 @@ def _distill(args: argparse.Namespace) -> int:
             )
     else:
         handle = run_sync(config, on_event=_progress_printer())
-    summary = summary_json(handle.id, handle.state, handle.result or {}, handle.duration_s)
+    result = RunSummary.parse(handle.result)
+    run_id, state, duration = handle.id, str(handle.state), handle.duration_s
     if handle.error is not None:
-        print(f"foundry: run {handle.id} {handle.state}: {handle.error}", file=sys.stderr)
+        print(f"foundry: run {run_id} {state}: {handle.error}", file=sys.stderr)
     else:
-        print(render_summary(summary), file=sys.stderr)
+        text = render_summary(result, run_id=run_id, state=state, duration_s=duration)
+        print(text, file=sys.stderr)
     if args.json:
-        print(json.dumps(summary, default=str))
+        payload = result.to_json(run_id=run_id, state=state, duration_s=duration)
+        print(json.dumps(payload, default=str))
     return EXIT.get(str(handle.state), 1)
 
 
@@ -175,46 +180,26 @@ def _step_line(metrics: dict[str, Any]) -> str | None:
     return None
 
 
-def summary_json(
-    run_id: str, state: str, result: dict[str, Any], duration_s: float | None
-) -> dict[str, Any]:
-    """The documented ``--json`` contract, built from a run's summary."""
-    out: dict[str, Any] = {"run_id": run_id, "state": str(state), "duration_s": duration_s}
-    for part in ("teacher", "student", "baseline"):
-        out[part] = result.get(part)
-    for key in (
-        "agreement",
-        "val_kl",
-        "gap_closed",
-        "export_dir",
-        "data",
-        "samples",
-        "logit_cache",  # offline mode
-        "sequence",  # sequence mode
-    ):
-        out[key] = result.get(key)
-    return out
-
-
-def render_summary(summary: dict[str, Any]) -> str:
+def render_summary(
+    summary: RunSummary, *, run_id: str, state: str, duration_s: float | None
+) -> str:
     """A plain-language result a non-engineer can read."""
-    lines = [f"run {summary['run_id']}: {summary['state']} in {summary['duration_s'] or 0:.0f} s"]
-    rows = [(k, summary.get(k)) for k in ("teacher", "student", "baseline")]
-    for name, part in rows:
-        if part:
+    lines = [f"run {run_id}: {state} in {duration_s or 0:.0f} s"]
+    for name in ROLES:
+        part = summary.role(name)
+        if part is not None and part.params is not None and part.val_ppl is not None:
             lines.append(
-                f"  {name:<9} {part['params']:>10,} params   held-out perplexity "
-                f"{part['val_ppl']:8.2f}"
+                f"  {name:<9} {part.params:>10,} params   held-out perplexity {part.val_ppl:8.2f}"
             )
-    if summary.get("agreement") is not None:
-        lines.append(f"  student agrees with the teacher on {summary['agreement']:.1%} of tokens")
-    if summary.get("gap_closed") is not None:
+    if summary.agreement is not None:
+        lines.append(f"  student agrees with the teacher on {summary.agreement:.1%} of tokens")
+    if summary.gap_closed is not None:
         lines.append(
-            f"  distillation closed {summary['gap_closed']:.0%} of the CE-only student's gap "
+            f"  distillation closed {summary.gap_closed:.0%} of the CE-only student's gap "
             "to the teacher"
         )
-    if summary.get("export_dir"):
-        lines.append(f"  student saved to {summary['export_dir']}")
+    if summary.export_dir:
+        lines.append(f"  student saved to {summary.export_dir}")
     return "\n".join(lines)
 
 
@@ -241,12 +226,11 @@ def _record_json(rec: RunRecord) -> dict[str, Any]:
     }
 
 
-def _ppl_cell(summary: dict[str, Any], part: str) -> str:
+def _ppl_cell(summary: RunSummary, part: str) -> str:
     """One perplexity column; anything but a number (absent, or a malformed summary) is '-'."""
-    section = summary.get(part)
-    value = section.get("val_ppl") if isinstance(section, dict) else None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return f"{value:8.2f}"
+    result = summary.role(part)
+    if result is not None and result.val_ppl is not None:
+        return f"{result.val_ppl:8.2f}"
     return f"{'-':>8}"
 
 
@@ -258,7 +242,8 @@ def _runs(args: argparse.Namespace) -> int:
         return 0
     print(f"{'run id':<48} {'state':<10} {'teacher':>8} {'student':>8} {'baseline':>8}")
     for rec in records:
-        cells = " ".join(_ppl_cell(rec.summary, k) for k in ("teacher", "student", "baseline"))
+        parsed = RunSummary.parse(rec.summary)
+        cells = " ".join(_ppl_cell(parsed, k) for k in ROLES)
         flag = f"  DAMAGED: {'; '.join(rec.damage)}" if rec.damaged else ""
         print(f"{rec.run_id:<48} {rec.state:<10} {cells}{flag}")
     damaged = sum(rec.damaged for rec in records)

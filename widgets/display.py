@@ -10,13 +10,14 @@ from __future__ import annotations
 import html
 import itertools
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from foundry_kernel import RunHandle, RunState
 from foundry_kernel.config import RunConfig
 from foundry_kernel.store import RunStore
+from foundry_kernel.summary import ROLES, RunSummary
 from widgets.charts import LiveCharts, metric_trace
 from widgets.frontend import in_ipython
 
@@ -68,20 +69,21 @@ def _fmt(value: Any, spec: str) -> str:
     return "–"
 
 
-def summary_html(result: Mapping[str, Any]) -> str:
+def summary_html(result: Mapping[str, Any] | RunSummary) -> str:
     """Teacher vs distilled student vs CE-only student, then samples side by side."""
+    summary = result if isinstance(result, RunSummary) else RunSummary.parse(result)
     rows = []
-    for name, label in (("teacher", "teacher"), ("student", "student"), ("baseline", "CE-only")):
-        part = result.get(name)
-        if not isinstance(part, Mapping):
+    for name, label in zip(ROLES, ("teacher", "student", "CE-only"), strict=True):
+        part = summary.role(name)
+        if part is None:
             continue
         cells = [
-            _fmt(part.get("params"), ","),
-            _fmt(part.get("val_ppl"), ".2f"),
-            _fmt(part.get("val_loss"), ".4f"),
-            _fmt(part.get("agreement"), ".1%"),
-            _fmt(part.get("val_kl"), ".4f"),
-            _fmt(part.get("tokens_per_s"), ",.0f"),
+            _fmt(part.params, ","),
+            _fmt(part.val_ppl, ".2f"),
+            _fmt(part.val_loss, ".4f"),
+            _fmt(part.agreement, ".1%"),
+            _fmt(part.val_kl, ".4f"),
+            _fmt(part.tokens_per_s, ",.0f"),
         ]
         tds = "".join(f'<td style="{_CELL};text-align:right">{c}</td>' for c in cells)
         rows.append(f'<tr><th style="{_CELL};text-align:left">{label}</th>{tds}</tr>')
@@ -90,31 +92,30 @@ def summary_html(result: Mapping[str, Any]) -> str:
         for h in ("", "params", "val ppl", "val loss", "agreement", "val KL", "gen tok/s")
     )
     parts = [f'<table class="foundry-summary" {_TABLE}><tr>{head}</tr>{"".join(rows)}</table>']
-    gap = result.get("gap_closed")
-    if isinstance(gap, int | float):
-        parts.append(f"<p>Distillation closed <b>{gap:.0%}</b> of the CE-only student's gap.</p>")
-    parts.append(_samples_html(result.get("samples")))
-    if result.get("export_dir"):
+    if summary.gap_closed is not None:
         parts.append(
-            f"<p>Student saved to <code>{html.escape(str(result['export_dir']))}</code></p>"
+            f"<p>Distillation closed <b>{summary.gap_closed:.0%}</b> of the CE-only "
+            "student's gap.</p>"
         )
+    parts.append(_samples_html(summary.samples))
+    if summary.export_dir:
+        parts.append(f"<p>Student saved to <code>{html.escape(summary.export_dir)}</code></p>")
     return "".join(parts)
 
 
-def _samples_html(samples: Any) -> str:
-    if not isinstance(samples, list) or not samples:
+def _samples_html(samples: Sequence[Mapping[str, str]]) -> str:
+    if not samples:
         return ""
-    keys = [k for k in ("teacher", "student", "baseline") if any(k in s for s in samples)]
+    keys = [k for k in ROLES if any(k in s for s in samples)]
     head = "".join(f'<th style="{_CELL};text-align:left">{k}</th>' for k in ("prompt", *keys))
     body = "".join(
         "<tr>"
         + "".join(
-            f'<td style="{_CELL};font-family:monospace">{html.escape(str(s.get(k, "")))}</td>'
+            f'<td style="{_CELL};font-family:monospace">{html.escape(s.get(k, ""))}</td>'
             for k in ("prompt", *keys)
         )
         + "</tr>"
         for s in samples
-        if isinstance(s, Mapping)
     )
     return f'<table class="foundry-samples" {_TABLE}><tr>{head}</tr>{body}</table>'
 

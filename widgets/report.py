@@ -22,6 +22,7 @@ from pathlib import PurePath
 from typing import Any
 
 from foundry_kernel.store import RunRecord, RunStore
+from foundry_kernel.summary import ROLES, ModelResult, RunSummary
 
 __all__ = [
     "BATCH_COLUMNS",
@@ -228,9 +229,8 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _part(summary: Mapping[str, Any], part: str) -> Mapping[str, Any]:
-    value = summary.get(part)
-    return value if isinstance(value, Mapping) else {}
+#: A role that did not report (no baseline, a run that failed before evaluation).
+_NOTHING = ModelResult(params=None, val_ppl=None, val_loss=None)
 
 
 def _section(config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -289,10 +289,8 @@ def duration_s(run: RunRecord, *, now: float | None = None) -> float | None:
 
 def run_row(run: RunRecord, *, now: float | None = None) -> dict[str, Any]:
     """One row of the runs table: raw values keyed as in :data:`LABELS`."""
-    summary = run.summary
-    teacher, student, baseline = (_part(summary, p) for p in ("teacher", "student", "baseline"))
-    teacher_params = _number(teacher.get("params"))
-    student_params = _number(student.get("params"))
+    summary = RunSummary.parse(run.summary)
+    teacher, student, baseline = (summary.role(p) or _NOTHING for p in ROLES)
     return {
         "run_id": run.run_id,
         "name": run.name,
@@ -303,14 +301,14 @@ def run_row(run: RunRecord, *, now: float | None = None) -> dict[str, Any]:
         "duration_s": duration_s(run, now=now),
         "teacher": describe_teacher(run.config),
         "student": describe_student(run.config),
-        "teacher_params": teacher_params,
-        "student_params": student_params,
-        "size_ratio": _ratio(student_params, teacher_params),
-        "teacher_ppl": _number(teacher.get("val_ppl")),
-        "student_ppl": _number(student.get("val_ppl")),
-        "baseline_ppl": _number(baseline.get("val_ppl")),
-        "agreement": _number(summary.get("agreement", student.get("agreement"))),
-        "gap_closed": _number(summary.get("gap_closed")),
+        "teacher_params": _number(teacher.params),
+        "student_params": _number(student.params),
+        "size_ratio": _ratio(_number(student.params), _number(teacher.params)),
+        "teacher_ppl": teacher.val_ppl,
+        "student_ppl": student.val_ppl,
+        "baseline_ppl": baseline.val_ppl,
+        "agreement": summary.agreement,
+        "gap_closed": summary.gap_closed,
         "error": run.error,
         "damage": "; ".join(run.damage),
     }
@@ -418,24 +416,23 @@ def comparison(run: RunRecord | Mapping[str, Any]) -> list[dict[str, Any]]:
     Takes a run (or its summary). Roles missing from the summary (no baseline, a run that
     failed before evaluation) are left out.
     """
-    summary = _summary_of(run)
-    teacher = _part(summary, "teacher")
-    t_params = _number(teacher.get("params"))
-    t_speed = _number(teacher.get("tokens_per_s"))
+    summary = RunSummary.parse(_summary_of(run))
+    teacher = summary.teacher or _NOTHING
+    t_params, t_speed = _number(teacher.params), teacher.tokens_per_s
     rows = []
     for role, label in _ROLES:
-        part = _part(summary, role)
-        if not part:
+        part = summary.role(role)
+        if part is None:
             continue
-        params, speed = _number(part.get("params")), _number(part.get("tokens_per_s"))
+        params, speed = _number(part.params), part.tokens_per_s
         rows.append(
             {
                 "role": role,
                 "model": label,
                 "params": params,
                 "size_ratio": _ratio(params, t_params),
-                "val_ppl": _number(part.get("val_ppl")),
-                "agreement": _number(part.get("agreement")),
+                "val_ppl": part.val_ppl,
+                "agreement": part.agreement,
                 "tokens_per_s": speed,
                 "speed_vs_teacher": _ratio(speed, t_speed),
             }
@@ -445,14 +442,8 @@ def comparison(run: RunRecord | Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def samples(run: RunRecord | Mapping[str, Any]) -> list[dict[str, str]]:
     """The run's sample generations, one row per prompt, missing texts as empty strings."""
-    raw = _summary_of(run).get("samples")
-    if not isinstance(raw, list):
-        return []
-    out = []
-    for item in raw:
-        if isinstance(item, Mapping):
-            out.append({key: str(item.get(key) or "") for key in SAMPLE_COLUMNS})
-    return out
+    rows = RunSummary.parse(_summary_of(run)).samples
+    return [{key: row.get(key) or "" for key in SAMPLE_COLUMNS} for row in rows]
 
 
 # --- batches ------------------------------------------------------------------------------

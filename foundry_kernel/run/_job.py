@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from foundry_kernel.errors import ConfigError
 from foundry_kernel.paths import default_cache_dir
 from foundry_kernel.run._resources import estimate_memory, preflight
 from foundry_kernel.store import RunStore
+from foundry_kernel.summary import ModelResult, RunSummary
 from foundry_kernel.teachers._builtin import ensure_builtin_teacher, read_teacher_record
 from foundry_kernel.teachers._client import RetryPolicy, TeacherClient
 from foundry_kernel.teachers._interface import (
@@ -433,13 +435,13 @@ def _evaluate_all(
     prompts = list(cfg.eval.sample_prompts)
     teacher_samples, teacher_speed = _teacher_samples(job, live, teacher, prompts)
     out: dict[str, Any] = {
-        "teacher": {
-            "params": teacher.params,
-            "val_ppl": t_eval["ppl"],
-            "val_loss": t_eval["loss"],
-            "tokens_per_s": teacher_speed,
-            "backend": live.kind,
-        },
+        "teacher": ModelResult(
+            params=teacher.params,
+            val_ppl=t_eval["ppl"],
+            val_loss=t_eval["loss"],
+            tokens_per_s=teacher_speed,
+            backend=live.kind,
+        ).to_dict(),
         "val_tokens": int(t_eval["tokens"]),
     }
     samples = {"teacher": teacher_samples}
@@ -448,14 +450,14 @@ def _evaluate_all(
             continue
         job.ctx.check()
         ev = evaluate(model, job.rt.student_amp, with_teacher=True)
-        out[name] = {
-            "params": count_params(model.model),
-            "val_ppl": ev["ppl"],
-            "val_loss": ev["loss"],
-            "agreement": ev["agreement"],
-            "val_kl": ev["kl"],
-            "tokens_per_s": generation_speed(model.model, model.tokenizer),
-        }
+        out[name] = ModelResult(
+            params=count_params(model.model),
+            val_ppl=ev["ppl"],
+            val_loss=ev["loss"],
+            agreement=ev["agreement"],
+            val_kl=ev["kl"],
+            tokens_per_s=generation_speed(model.model, model.tokenizer),
+        ).to_dict()
         samples[name] = _samples(job, model, prompts)
     out["agreement"] = out["student"]["agreement"]
     out["val_kl"] = out["student"]["val_kl"]
@@ -519,33 +521,41 @@ def _export(job: Job, student: LoadedModel, results: dict[str, Any]) -> Path:
     return export
 
 
-def model_card(config: RunConfig, results: dict[str, Any]) -> str:
+def model_card(config: RunConfig, results: Mapping[str, Any] | RunSummary) -> str:
     """A short, plain-language card: what was distilled from what, and how well."""
-    t, s = results["teacher"], results["student"]
+    summary = results if isinstance(results, RunSummary) else RunSummary.parse(results)
+    t, s = summary.teacher, summary.student
+    if t is None or s is None:
+        raise ValueError("a model card needs the teacher's and the student's results")
+
+    def num(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     lines = [
         "# Distilled student (Foundry)",
         "",
-        f"Teacher: `{config.teacher.source}` ({t['params']:,} parameters).",
-        f"Student: {s['params']:,} parameters ({s['params'] / t['params']:.0%} of the teacher).",
+        f"Teacher: `{config.teacher.source}` ({num(t.params, ',')} parameters).",
+        f"Student: {num(s.params, ',')} parameters"
+        + (f" ({s.params / t.params:.0%} of the teacher)." if s.params and t.params else "."),
         f"Loss: {config.loss.kind}, temperature {config.loss.temperature}, "
         f"CE weight {config.loss.ce_weight}; {config.limits.max_steps} steps.",
         "",
         "| model | held-out perplexity | agreement with teacher | generation tokens/s |",
         "|---|---|---|---|",
-        f"| teacher | {t['val_ppl']:.2f} | - | {t['tokens_per_s']:.0f} |",
-        f"| student (distilled) | {s['val_ppl']:.2f} | {s['agreement']:.1%} | "
-        f"{s['tokens_per_s']:.0f} |",
+        f"| teacher | {num(t.val_ppl, '.2f')} | - | {num(t.tokens_per_s, '.0f')} |",
+        f"| student (distilled) | {num(s.val_ppl, '.2f')} | {num(s.agreement, '.1%')} | "
+        f"{num(s.tokens_per_s, '.0f')} |",
     ]
-    if "baseline" in results:
-        b = results["baseline"]
+    b = summary.baseline
+    if b is not None:
         lines.append(
-            f"| student (CE only, same budget) | {b['val_ppl']:.2f} | {b['agreement']:.1%} | "
-            f"{b['tokens_per_s']:.0f} |"
+            f"| student (CE only, same budget) | {num(b.val_ppl, '.2f')} | "
+            f"{num(b.agreement, '.1%')} | {num(b.tokens_per_s, '.0f')} |"
         )
-        if results.get("gap_closed") is not None:
+        if summary.gap_closed is not None:
             lines += [
                 "",
-                f"Distillation closed {results['gap_closed']:.0%} of the gap between "
+                f"Distillation closed {summary.gap_closed:.0%} of the gap between "
                 "the CE-only student and the teacher (held-out loss).",
             ]
     return "\n".join(lines) + "\n"
