@@ -484,6 +484,12 @@ def test_cli_serve_answers_and_stops_on_sigterm(vllm_teacher_dir: Path) -> None:
         with TeacherClient(f"http://127.0.0.1:{port}", api_key=key) as c:
             (out,) = c.prompt_topk([[5, 6, 7]], k=32)
         assert out.ids.shape == (1, 2, 32)
+        # issue 15: the CLI's server is gated too (tests/test_vllm_security.py has the rest)
+        base = f"http://127.0.0.1:{port}"
+        body = {"prompt": [5, 6, 7], "max_tokens": 1, "prompt_logprobs": 5}
+        assert httpx.post(base + "/invocations", json=body).status_code == 401
+        rebinding = {"Host": f"evil.example:{port}", "Authorization": f"Bearer {key}"}
+        assert httpx.get(base + "/version", headers=rebinding).status_code == 421
     finally:
         proc.terminate()
         code = proc.wait(60)
