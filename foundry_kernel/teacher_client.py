@@ -21,7 +21,8 @@ to a host the operator lists in ``$FOUNDRY_VLLM_KEY_HOSTS`` (comma-separated ``h
 ``host:port``; an environment variable, never the config) and then only over https:
 never over plain http to a non-loopback host. Otherwise the key is withheld (a warning
 says why, and a 401 from that server names the fix). Redirects are not followed, so a
-server cannot forward the key elsewhere either.
+server cannot forward the key elsewhere either, and requests to a loopback server ignore
+``$HTTP_PROXY`` (a proxy would receive the key and could not reach our loopback anyway).
 """
 
 from __future__ import annotations
@@ -142,6 +143,9 @@ class TeacherClient:
             base_url=self.base_url,
             headers=headers,
             follow_redirects=False,  # a redirect must not carry the key to another host
+            # $HTTP_PROXY would carry a loopback server's key to the proxy (which cannot
+            # reach our loopback anyway); other hosts may need the operator's proxy.
+            trust_env=not is_loopback_host(httpx.URL(self.base_url).host),
             timeout=httpx.Timeout(self.policy.timeout_s, connect=self.policy.connect_timeout_s),
             limits=httpx.Limits(max_connections=8, max_keepalive_connections=4),
             transport=transport,

@@ -463,6 +463,24 @@ def test_key_is_sent_to_a_loopback_server(
     assert recorder.seen[0][1]["Authorization"] == "Bearer " + "k" * 32
 
 
+def test_key_for_a_loopback_server_bypasses_a_proxy(
+    recorder: _Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With $HTTP_PROXY set, httpx would hand a loopback request, key and all, to the
+    proxy; the client goes straight to the loopback server instead."""
+    proxy = _Recorder()
+    try:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_port}")
+        for name in ("http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        with TeacherClient(f"http://127.0.0.1:{recorder.server_port}", api_key="k" * 32) as c:
+            assert c.model() == "teacher"
+        assert len(recorder.seen) == 1 and not proxy.seen
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
 def test_key_is_not_sent_to_a_foreign_host(
     recorder: _Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -137,7 +137,10 @@ def test_4xx_is_not_retried(client: TeacherClient, server: ServerProcess) -> Non
 
 
 class _DroppingProxy:
-    """A TCP proxy that closes the first ``drop`` connections at once, then forwards."""
+    """A TCP proxy that closes the first ``drop`` connections at once, then forwards.
+
+    It rewrites the Host header to the server's own port, as a reverse proxy would: the
+    server's gate answers a Host naming another port with 421 (issue 15)."""
 
     def __init__(self, target_port: int, drop: int) -> None:
         self.target_port = target_port
@@ -159,17 +162,21 @@ class _DroppingProxy:
                 conn.close()
                 continue
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            for a, b in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+            host = (
+                f"Host: 127.0.0.1:{self.port}".encode(),
+                f"Host: 127.0.0.1:{self.target_port}".encode(),
+            )
+            for a, b, rewrite in ((conn, upstream, host), (upstream, conn, None)):
+                threading.Thread(target=_pipe, args=(a, b, rewrite), daemon=True).start()
 
     def close(self) -> None:
         self.sock.close()
 
 
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
+def _pipe(src: socket.socket, dst: socket.socket, rewrite: tuple[bytes, bytes] | None) -> None:
     try:
         while data := src.recv(65536):
-            dst.sendall(data)
+            dst.sendall(data.replace(*rewrite) if rewrite else data)
     except OSError:
         pass
     finally:

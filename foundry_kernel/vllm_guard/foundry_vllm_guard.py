@@ -16,7 +16,9 @@ What it lets through, for HTTP and WebSocket alike:
   ``localhost``) *and* the port this socket accepted the connection on (taken from the
   ASGI ``scope['server']``, so it cannot drift from the real port); anything else, a
   missing or repeated Host included, is answered ``421 Misdirected Request``. A page that
-  reaches the port through DNS rebinding sends its own domain as Host and is refused;
+  reaches the port through DNS rebinding sends its own domain as Host and is refused. (A
+  tunnel or proxy in front must keep the port, ``ssh -L 8000:127.0.0.1:8000``, or rewrite
+  the Host header.)
 * then only ``GET``/``HEAD /health`` without a key (Foundry's and vLLM's health check; it
   says nothing but "up"); every other path and method needs ``Authorization: Bearer KEY``,
   compared in constant time (``hmac.compare_digest``), or is answered ``401``. With no key
