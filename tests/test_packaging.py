@@ -70,6 +70,7 @@ def test_the_wheel_holds_two_packages_and_the_notebooks(wheel: Path) -> None:
     assert "widgets/notebooks/distill.ipynb" in names
     assert "widgets/notebooks/dashboard.ipynb" in names
     assert "foundry_kernel/py.typed" in names
+    assert "foundry_kernel/teachers/_vllm_guard/foundry_vllm_guard.py" in names  # the gate
 
 
 @pytest.fixture(scope="module")

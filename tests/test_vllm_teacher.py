@@ -137,7 +137,10 @@ def test_4xx_is_not_retried(client: TeacherClient, server: ServerProcess) -> Non
 
 
 class _DroppingProxy:
-    """A TCP proxy that closes the first ``drop`` connections at once, then forwards."""
+    """A TCP proxy that closes the first ``drop`` connections at once, then forwards.
+
+    It rewrites the Host header to the server's own port, as a reverse proxy would: the
+    server's gate answers a Host naming another port with 421 (issue 15)."""
 
     def __init__(self, target_port: int, drop: int) -> None:
         self.target_port = target_port
@@ -159,17 +162,21 @@ class _DroppingProxy:
                 conn.close()
                 continue
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            for a, b in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+            host = (
+                f"Host: 127.0.0.1:{self.port}".encode(),
+                f"Host: 127.0.0.1:{self.target_port}".encode(),
+            )
+            for a, b, rewrite in ((conn, upstream, host), (upstream, conn, None)):
+                threading.Thread(target=_pipe, args=(a, b, rewrite), daemon=True).start()
 
     def close(self) -> None:
         self.sock.close()
 
 
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
+def _pipe(src: socket.socket, dst: socket.socket, rewrite: tuple[bytes, bytes] | None) -> None:
     try:
         while data := src.recv(65536):
-            dst.sendall(data)
+            dst.sendall(data.replace(*rewrite) if rewrite else data)
     except OSError:
         pass
     finally:
@@ -503,6 +510,12 @@ def test_cli_serve_answers_and_stops_on_sigterm(vllm_teacher_dir: Path) -> None:
         with TeacherClient(f"http://127.0.0.1:{port}", api_key=key) as c:
             (out,) = c.prompt_topk([[5, 6, 7]], k=32)
         assert out.ids.shape == (1, 2, 32)
+        # issue 15: the CLI's server is gated too (tests/test_vllm_security.py has the rest)
+        base = f"http://127.0.0.1:{port}"
+        body = {"prompt": [5, 6, 7], "max_tokens": 1, "prompt_logprobs": 5}
+        assert httpx.post(base + "/invocations", json=body).status_code == 401
+        rebinding = {"Host": f"evil.example:{port}", "Authorization": f"Bearer {key}"}
+        assert httpx.get(base + "/version", headers=rebinding).status_code == 421
     finally:
         proc.terminate()
         code = proc.wait(60)

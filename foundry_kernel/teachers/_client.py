@@ -13,12 +13,24 @@ The teacher's distribution is read through vLLM's *token-id* outputs:
 field is keyed by decoded strings, so two tokens that decode to the same text
 collide and one is silently lost. Prompts are sent as token ids, so the server
 never re-tokenizes text differently from the student.
+
+Where the API key may go: ``teacher.url`` comes from a run config, which may be shared,
+while the key (``$FOUNDRY_VLLM_API_KEY``) is the operator's. So the client sends the key
+only to a loopback server (``127.0.0.0/8``, ``::1``, ``localhost``; http or https), or
+to a host the operator lists in ``$FOUNDRY_VLLM_KEY_HOSTS`` (comma-separated ``host`` or
+``host:port``; an environment variable, never the config) and then only over https:
+never over plain http to a non-loopback host. Otherwise the key is withheld (a warning
+says why, and a 401 from that server names the fix). Redirects are not followed, so a
+server cannot forward the key elsewhere either, and requests to a loopback server ignore
+``$HTTP_PROXY`` (a proxy would receive the key and could not reach our loopback anyway).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +44,57 @@ from foundry_kernel.teachers._targets import SparseTargets
 
 log = logging.getLogger("foundry.teacher_client")
 RETRYABLE = (httpx.TransportError,)  # connect/read/write errors, timeouts, dropped connections
+KEY_HOSTS_ENV = "FOUNDRY_VLLM_KEY_HOSTS"
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback IP literal (127.0.0.0/8, ::1); other names may resolve
+    anywhere, so they are not loopback however they look (``127.0.0.1.example``)."""
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def key_hosts(raw: str | None = None) -> frozenset[str]:
+    """The operator's allow-list (``$FOUNDRY_VLLM_KEY_HOSTS``): lower-case ``host`` or
+    ``host:port`` entries, separated by commas or spaces."""
+    text = os.environ.get(KEY_HOSTS_ENV, "") if raw is None else raw
+    return frozenset(e.strip().lower() for e in text.replace(",", " ").split() if e.strip())
+
+
+def key_refusal(url: str, allowed: frozenset[str] | None = None) -> str | None:
+    """Why the API key must not be sent to ``url``, or None when it may be.
+
+    Parsed with httpx, the library that will connect, so the decision is about the host
+    the request really goes to (``http://127.0.0.1@evil.example`` goes to evil.example).
+    """
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        return f"{url!r} is not a valid URL ({exc})"
+    scheme, host = parsed.scheme.lower(), parsed.host.lower()
+    if scheme not in DEFAULT_PORTS or not host:
+        return f"{url!r} is not an http(s) URL with a host"
+    if is_loopback_host(host):
+        return None
+    if scheme != "https":
+        return (
+            f"{host} is not a loopback host and the URL is plain http (the key would travel "
+            "in clear text); use https and list the host in $" + KEY_HOSTS_ENV
+        )
+    port = parsed.port or DEFAULT_PORTS[scheme]
+    names = allowed if allowed is not None else key_hosts()
+    if host in names or f"{host}:{port}" in names:
+        return None
+    return (
+        f"{host} is not a loopback host and not in ${KEY_HOSTS_ENV}; the operator (not the "
+        f"config) allows it with {KEY_HOSTS_ENV}={host}"
+    )
 
 
 @dataclass(frozen=True)
@@ -70,10 +133,19 @@ class TeacherClient:
         self.policy = policy or RetryPolicy()
         self._check = check or (lambda: None)
         self._wait = wait or _sleep
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # Why the key was not sent (None: sent, or there is none); see the module docstring.
+        self.key_withheld = key_refusal(self.base_url) if api_key else None
+        if self.key_withheld:
+            log.warning("not sending the API key to %s: %s", self.base_url, self.key_withheld)
+        send_key = api_key and self.key_withheld is None
+        headers = {"Authorization": f"Bearer {api_key}"} if send_key else {}
         self._http = httpx.Client(
             base_url=self.base_url,
             headers=headers,
+            follow_redirects=False,  # a redirect must not carry the key to another host
+            # $HTTP_PROXY would carry a loopback server's key to the proxy (which cannot
+            # reach our loopback anyway); other hosts may need the operator's proxy.
+            trust_env=not is_loopback_host(httpx.URL(self.base_url).host),
             timeout=httpx.Timeout(self.policy.timeout_s, connect=self.policy.connect_timeout_s),
             limits=httpx.Limits(max_connections=8, max_keepalive_connections=4),
             transport=transport,
@@ -106,6 +178,8 @@ class TeacherClient:
                     return response.json()
                 problem = _server_message(response)
                 status = response.status_code
+                if status == 401 and self.key_withheld:
+                    problem += f" (the API key was not sent: {self.key_withheld})"
                 if status < 500:
                     raise TeacherServerError(
                         f"teacher server {url} refused the request (HTTP {status}): {problem}",

