@@ -27,6 +27,16 @@ ends with the process (CPython < 3.14 may then abort with SIGABRT if it sits in 
 C++ code); checkpoints and the store are written atomically (temp file + ``os.replace``;
 SQLite WAL), so even that leaves the previous checkpoint intact and the run resumable.
 
+Ownership: one process, one handle
+----------------------------------
+A run is owned by exactly one handle in one process: the handle holds the run's OS lock
+(``runs/<id>/run.lock``, :mod:`foundry_kernel.run_lock`) from the creation of a fresh
+run's folder, or from a resume's start, until its worker thread has ended. A resume is
+refused, before anything is touched, for a run that is completed, live in this process or
+another (the error names the owner ``pid@host``), or given a config that changes what the
+run is (:data:`RESUME_MAY_CHANGE`). When the store cannot take the final state (a full
+disk), it is kept in the lock file and recorded by the next writable open of the store.
+
 One shared watchdog thread serves all runs that have a limit; it exists only while
 such runs are alive, so an idle kernel has no Foundry threads at all. "Progress" for the
 step watchdog is any ``ctx.heartbeat()``, ``ctx.set_phase()`` or emitted event, so a

@@ -238,7 +238,9 @@ if hasattr(os, "register_at_fork"):
 class RunLock:
     """The held lock of one run. Create with :meth:`acquire`; :meth:`release` is idempotent."""
 
-    def __init__(self, path: Path, fd: int, owner: LockOwner | None, previous: LockOwner | None):
+    def __init__(
+        self, path: Path, fd: int, owner: LockOwner | None, previous: LockOwner | None
+    ) -> None:
         self.path = path
         self.owner = owner
         """Who holds it (None for a silent claim, see :func:`claim_unowned`)."""
@@ -404,7 +406,7 @@ def claim_unowned(run_dir: Path, run_id: str) -> Iterator[LockOwner | None]:
     """
     try:
         lock = RunLock.acquire(run_dir, run_id, wait_s=0.0, create=False)
-    except (RunLockedError, FileNotFoundError, NotADirectoryError):
+    except (RunLockedError, OSError):  # held, no lock file, or a folder we cannot open
         yield None
         return
     try:

@@ -23,6 +23,7 @@ from conftest import tiny_config_dict
 
 from foundry_kernel import load_config, run_sync, start
 from foundry_kernel.checkpoint import load_latest
+from foundry_kernel.errors import StoreError
 from foundry_kernel.store import RunStore
 
 
@@ -191,11 +192,13 @@ def _steps(runs_dir: Path, run_id: str) -> list[int]:
 def _wait_for_step(runs_dir: Path, minimum: int, timeout: float = 240) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (runs_dir / "foundry.sqlite").exists():
+        try:  # the child may not have created the schema yet: look again
             with RunStore(runs_dir, read_only=True) as store:
                 runs = store.list_runs()
-            if runs and max(_steps(runs_dir, runs[0].run_id), default=0) >= minimum:
-                return runs[0].run_id
+        except StoreError:
+            runs = []
+        if runs and max(_steps(runs_dir, runs[0].run_id), default=0) >= minimum:
+            return runs[0].run_id
         time.sleep(0.2)
     raise AssertionError(f"no run reached step {minimum} in {timeout} s")
 
