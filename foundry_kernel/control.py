@@ -1214,7 +1214,7 @@ def _new_handle(
     config: RunConfig | None,
     overrides: list[str] | dict[str, Any],
     resume: str | None,
-    job: JobFn,
+    job: JobFn | None,
     owns_store: bool,
     sample_interval_s: float | None,
 ) -> tuple[RunHandle, str]:
@@ -1227,13 +1227,14 @@ def _new_handle(
         return _resume_handle(store, config, overrides, resume, job, owns_store, sample_interval_s)
     assert config is not None  # start() always resolves a config for a new run
     config = _config_with(config, overrides)
+    job_fn = job if job is not None else _default_job()
     record, lock = store.create_locked_run(config.to_dict(), name=config.name, kind="distill")
     handle = RunHandle(
         record.run_id,
         config,
         store=store,
         owns_store=owns_store,
-        job=job,
+        job=job_fn,
         resume=False,
         sample_interval_s=sample_interval_s,
         run_lock=lock,
@@ -1246,7 +1247,7 @@ def _resume_handle(
     given: RunConfig | None,
     overrides: list[str] | dict[str, Any],
     run_id: str,
-    job: JobFn,
+    job: JobFn | None,
     owns_store: bool,
     sample_interval_s: float | None,
 ) -> tuple[RunHandle, str]:
@@ -1269,12 +1270,13 @@ def _resume_handle(
         _refuse_completed(record)
         if lock.previous is not None:
             store.settle_stale_run(run_id, lock.previous)  # no-op unless left live-looking
+        job_fn = job if job is not None else _default_job()  # (slow import: after refusals)
         handle = RunHandle(
             run_id,
             config,
             store=store,
             owns_store=owns_store,
-            job=job,
+            job=job_fn,
             resume=True,
             sample_interval_s=sample_interval_s,
             first_sample=_next_sample_index(store, run_id),
@@ -1319,7 +1321,6 @@ def start(
     starts, so it sees every event (on the worker thread). Config, store and ownership
     errors raise here, before any thread exists.
     """
-    job_fn = job if job is not None else _default_job()
     overrides = dict(overrides) if isinstance(overrides, Mapping) else list(overrides)
     given = None if config is None and resume is not None else _as_config(config)
     run_store, owns = _open_store(_runs_dir_for(given, overrides), store)
@@ -1327,7 +1328,7 @@ def start(
     launched = False
     try:
         handle, note = _new_handle(
-            run_store, given, overrides, resume, job_fn, owns, sample_interval_s
+            run_store, given, overrides, resume, job, owns, sample_interval_s
         )
         _register(handle)
         if resume is not None:

@@ -24,6 +24,7 @@ from conftest import tiny_config_dict
 from foundry_kernel import load_config, run_sync, start
 from foundry_kernel.checkpoint import load_latest
 from foundry_kernel.errors import StoreError
+from foundry_kernel.run_lock import read_owner
 from foundry_kernel.store import RunStore
 
 
@@ -102,10 +103,25 @@ def test_full_disk_fails_clearly_and_keeps_what_was_saved(
     with RunStore(small_disk / "runs", read_only=True) as store:
         steps = [r.step for r in store.metrics(handle.id, ["train/loss"])]
     assert steps == list(range(1, len(steps) + 1))  # readable, no holes
-    with RunStore(small_disk / "runs") as store:  # recorded, or settled from run.lock here
+    with RunStore(small_disk / "runs", read_only=True) as store:
+        record = store.get_run(handle.id)
+    if record.state != "failed":  # the store could not take it: run.lock's reserved bytes did
+        assert record.state == "running"
+        kept = read_owner(small_disk / "runs" / handle.id)
+        assert kept is not None and kept.final_state == "failed"
+        assert "disk is full" in (kept.final_error or "")
+    _grow(small_disk, "4m")  # space freed: the next writable open records the final state
+    with RunStore(small_disk / "runs") as store:
         record = store.get_run(handle.id)
     assert record.state == "failed"
     assert "disk is full" in (record.error or "")
+
+
+def _grow(mnt: Path, size: str) -> None:
+    mount = shutil.which("mount") or "/bin/mount"
+    subprocess.run(
+        [mount, "-o", f"remount,size={size}", str(mnt)], check=True, timeout=30, capture_output=True
+    )
 
 
 def _fill(folder: Path) -> int:

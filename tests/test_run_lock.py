@@ -200,7 +200,7 @@ def test_two_simultaneous_resumes_exactly_one_proceeds(
 ) -> None:
     runs_dir = tmp_path / "runs"
     run_id = _stopped_run(runs_dir, complete=False)
-    finish = max(_steps(runs_dir, run_id)) + 400  # long enough for the two to overlap
+    finish = max(_steps(runs_dir, run_id)) + 150  # long enough for the two to overlap
     args = ("distill", "--resume", run_id, "--runs-dir", str(runs_dir))
     limit = f"limits.max_steps={finish}"
     procs = [_popen(*args, "--set", limit, log=tmp_path / f"r{i}.log") for i in range(2)]
