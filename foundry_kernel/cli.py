@@ -122,20 +122,16 @@ def _distill(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.runs_dir is not None:
         overrides.append(f"runs_dir={args.runs_dir}")
-    config = load_config(args.config, overrides)
     if args.resume:
         validate_run_id(args.resume)
-        # Resume with the run's own saved config unless the user gave a new one.
-        given = bool(args.config or args.overrides)
-        with RunStore(config.runs_dir or default_runs_dir()) as store:
-            handle = run_sync(
-                config if given else None,
-                resume=args.resume,
-                store=store,
-                on_event=_progress_printer(),
-            )
+        # The run's saved config (or --config) with the --set overrides on top; the
+        # controller refuses overrides that would change what the run is.
+        given = load_config(args.config) if args.config else None
+        handle = run_sync(
+            given, resume=args.resume, overrides=overrides, on_event=_progress_printer()
+        )
     else:
-        handle = run_sync(config, on_event=_progress_printer())
+        handle = run_sync(load_config(args.config, overrides), on_event=_progress_printer())
     result = RunSummary.parse(handle.result)
     run_id, state, duration = handle.id, str(handle.state), handle.duration_s
     if handle.error is not None:

@@ -187,6 +187,41 @@ class _LevelLease:
 _level_lease = _LevelLease()
 
 
+class _QuietRunLogHandler(logging.handlers.RotatingFileHandler):
+    """A ``run.log`` that cannot be written (a full disk) costs its lines, not the run.
+
+    logging's default ``handleError`` prints a traceback per failed line to stderr, so a
+    full disk buried the one line that mattered. Here the first failure prints one line
+    naming the file and the error, later ones are silent, and a failing flush or close
+    (at the end of the run) raises nothing.
+    """
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord | None) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        error = sys.exc_info()[1]
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(
+                f"foundry: cannot write {self.baseFilename} ({error}); "
+                "dropping this run's further log lines\n"
+            )
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError:
+            self.handleError(None)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:
+            self.handleError(None)
+
+
 @contextlib.contextmanager
 def run_log(
     run_dir: Path,
@@ -207,7 +242,7 @@ def run_log(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / RUN_LOG_FILENAME
-    handler = logging.handlers.RotatingFileHandler(
+    handler = _QuietRunLogHandler(
         path, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8"
     )
     handler.set_name(f"foundry-run-{run_id}")

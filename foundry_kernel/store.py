@@ -22,6 +22,15 @@ wakes the next writer at once; other processes still coordinate through
 from any thread, and connections of threads that have ended are closed on the fly, so a
 long Jupyter kernel starting many runs does not accumulate open files.
 
+Run ownership: every process that runs a run holds that run's OS lock
+(``runs/<id>/run.lock``, see ``foundry_kernel._run_lock``) from the moment its folder
+exists (:meth:`RunStore.create_locked_run`) until it reaches a terminal state. A
+writable store, when it is opened and whenever it lists runs, settles the runs left
+``pending``/``running``/``cancelling`` by a process that ended without recording a final
+state (:meth:`RunStore.settle_stale_runs`): their lock is free, so nobody runs them. A
+read-only store (the dashboard, ``foundry runs``) never writes, so it shows such a run as
+it was left until the next writable open.
+
 Metric values: ``+inf``/``-inf`` are stored as SQLite REAL infinities and read back as
 such; NaN cannot be stored as REAL (SQLite turns it into NULL), so it is stored as NULL
 and read back as ``float("nan")``. A divergence is therefore still visible in the curve.
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import operator
 import os
 import shutil
@@ -42,9 +52,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from foundry_kernel._run_lock import LockOwner, RunLock, claim_unowned
 from foundry_kernel.atomic import atomic_write_text
 from foundry_kernel.errors import ConfigError, StoreError
 from foundry_kernel.paths import new_run_id, validate_run_id
+
+log = logging.getLogger("foundry.store")
 
 __all__ = [
     "DB_FILENAME",
@@ -61,6 +74,8 @@ RunState = Literal[
 ]
 RUN_STATES: frozenset[str] = frozenset(get_args(RunState))
 TERMINAL_STATES: frozenset[str] = frozenset({"cancelled", "completed", "failed", "timed_out"})
+LIVE_STATES: tuple[str, ...] = ("pending", "running", "cancelling")
+"""States that promise a process is (about to be) running the run: stale without its lock."""
 
 DB_FILENAME = "foundry.sqlite"
 CONFIG_FILENAME = "config.json"
@@ -420,6 +435,8 @@ class RunStore:
         except BaseException:
             self.close()
             raise
+        if not self.read_only:
+            self._settle_quietly()
 
     # -- context manager / lifecycle --
 
@@ -628,8 +645,41 @@ class RunStore:
         """Allocate an id, create the run folder with ``config.json``, insert a pending run.
 
         If anything fails after the folder was made, the folder is removed again so no
-        half-created run is left behind.
+        half-created run is left behind. Nobody owns the run yet (``foundry run``
+        prepares runs this way for a notebook kernel to start); a process that will run
+        it at once uses :meth:`create_locked_run`.
         """
+        record, _ = self._create(config, name, kind, batch_id, parent_run_id, lock=False)
+        return record
+
+    def create_locked_run(
+        self,
+        config: Mapping[str, Any],
+        *,
+        name: str | None = None,
+        kind: str = "distill",
+        batch_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> tuple[RunRecord, RunLock]:
+        """:meth:`create_run`, holding the run's lock from before its row exists.
+
+        So no moment exists where the run is in the store but owned by nobody; the caller
+        releases the lock once the run is terminal (or on any failure to start it).
+        """
+        record, lock = self._create(config, name, kind, batch_id, parent_run_id, lock=True)
+        assert lock is not None
+        return record, lock
+
+    def _create(
+        self,
+        config: Mapping[str, Any],
+        name: str | None,
+        kind: str,
+        batch_id: str | None,
+        parent_run_id: str | None,
+        *,
+        lock: bool,
+    ) -> tuple[RunRecord, RunLock | None]:
         self._require_writable("create_run")
         _check_text(name, what="run name", optional=True)
         _check_text(kind, what="run kind")
@@ -655,13 +705,21 @@ class RunStore:
             batch_id=batch_id,
             parent_run_id=parent_run_id,
         )
+        held: RunLock | None = None
         try:
+            if lock:
+                try:
+                    held = RunLock.acquire(run_dir, run_id)
+                except OSError as exc:
+                    raise StoreError(f"cannot create the lock of run {run_id}: {exc}") from exc
             atomic_write_text(run_dir / CONFIG_FILENAME, config_text + "\n")
             self._insert_run(record, config_text)
         except BaseException:
+            if held is not None:
+                held.release()
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        return record
+        return record, held
 
     def _insert_run(self, record: RunRecord, config_text: str) -> None:
         with self._write("create_run") as conn:
@@ -720,6 +778,8 @@ class RunStore:
             params.append(batch_id)
         sql += " ORDER BY created_at DESC, run_id DESC LIMIT ?"
         params.append(max_rows)
+        if not self.read_only:
+            self._settle_quietly()
         with self._read("list_runs") as conn:
             rows = conn.execute(sql, params).fetchall()
         return [_record_from_row(row) for row in rows]
@@ -746,6 +806,63 @@ class RunStore:
             )
             if cursor.rowcount == 0:
                 raise StoreError(f"unknown run {run_id!r} in {self.db_path}")
+
+    # -- stale runs --
+
+    def settle_stale_runs(self) -> list[str]:
+        """Mark failed the live-looking runs that no process runs any more; return their ids.
+
+        A ``pending``/``running``/``cancelling`` run is stale when its lock file names an
+        owner but nobody holds the lock (a ``kill -9``, a crash, a disk that filled before
+        the final state could be written). Each is settled under its own lock, so a resume
+        that starts meanwhile either waits for this or is seen here as the live owner.
+        """
+        self._require_writable("settle stale runs")
+        placeholders = ", ".join("?" * len(LIVE_STATES))
+        with self._read("find live runs") as conn:
+            rows = conn.execute(
+                f"SELECT run_id FROM runs WHERE state IN ({placeholders})", LIVE_STATES
+            ).fetchall()
+        settled = []
+        for (run_id,) in rows:
+            try:
+                run_dir = self.run_dir(run_id)
+            except ConfigError:
+                continue  # an id this Foundry would not create: not ours to settle
+            with claim_unowned(run_dir, run_id) as previous:
+                if previous is not None and self.settle_stale_run(run_id, previous):
+                    settled.append(run_id)
+        return settled
+
+    def settle_stale_run(self, run_id: str, previous: LockOwner) -> bool:
+        """Record the end of a run whose owner ``previous`` is gone; the caller holds the
+        run's lock. Uses the final state the owner left in the lock file when it could not
+        write it here; otherwise ``failed`` naming the process. False if already terminal.
+        """
+        with self._write("settle a stale run") as conn:
+            row = conn.execute("SELECT state FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None or row[0] not in LIVE_STATES:
+                return False
+            state, error = _stale_outcome(previous)
+            now = _wall_clock()
+            conn.execute(
+                "UPDATE runs SET state = ?, error = ?, ended_at = ? WHERE run_id = ?",
+                (state, error, now, run_id),
+            )
+            conn.execute(
+                "INSERT INTO events (run_id, time, kind, message, step) VALUES (?, ?, ?, ?, ?)",
+                (run_id, now, state, error or f"run {state}", None),
+            )
+        log.warning("run %s: %s", run_id, error, extra={"run_id": run_id})
+        return True
+
+    def _settle_quietly(self) -> None:
+        """Settling must never stop a store from opening or listing (a full disk, a busy
+        database): it is retried at the next open or listing."""
+        try:
+            self.settle_stale_runs()
+        except (StoreError, OSError) as exc:
+            log.warning("run store %s: could not settle stale runs: %s", self.root, exc)
 
     def update_summary(self, run_id: str, summary: Mapping[str, Any]) -> None:
         """Merge ``summary`` into the run's summary (read-modify-write in one transaction)."""
@@ -874,6 +991,22 @@ class RunStore:
                 (run_id,),
             ).fetchall()
         return [EventRow(*row) for row in rows]
+
+
+def _stale_outcome(previous: LockOwner) -> tuple[str, str | None]:
+    """The state and error to record for a run whose process ``previous`` is gone."""
+    final = previous.final_state
+    if final in TERMINAL_STATES:
+        note = (
+            f"(recorded by pid {previous.label} in its run.lock: the run store could not "
+            "be written then)"
+        )
+        error = previous.final_error
+        return final, f"{error} {note}" if error else f"run {final} {note}"
+    return "failed", (
+        "the process that ran it ended without recording a final state "
+        f"(pid {previous.label}); resume it to continue from its last checkpoint"
+    )
 
 
 _wall_clock = time.time  # module alias: log_metrics has a parameter named ``time``

@@ -557,6 +557,96 @@ def test_resume_continues_the_same_run_without_duplicate_or_missing_steps(
     assert [e.kind for e in events] == ["cancelled", "resume", "completed"]
 
 
+def _cancelled_run(tmp_path: Path) -> str:
+    def stop_at_3(step: int, ctx: RunContext) -> None:
+        if step == 3:
+            ctx.cancel()
+
+    handle = control.start(
+        _cfg(tmp_path), job=train_job(steps=50, on_step=stop_at_3), sample_interval_s=None
+    )
+    assert handle.wait(60) is S.CANCELLED
+    assert handle.join(10)
+    return handle.id
+
+
+def test_two_handles_on_one_run_in_one_process_are_refused(tmp_path: Path) -> None:
+    """Two threads resume one run at the same moment: exactly one gets a handle."""
+    run_id = _cancelled_run(tmp_path)
+    barrier = threading.Barrier(2)
+    outcomes: list[Any] = []
+
+    def resume() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(
+                control.start(resume=run_id, job=train_job(steps=50, pad_s=0.02),
+                              overrides=[f"runs_dir={tmp_path}"], sample_interval_s=None)
+            )  # fmt: skip
+        except control.RunConflictError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=resume) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    handles = [o for o in outcomes if isinstance(o, control.RunHandle)]
+    refusals = [o for o in outcomes if isinstance(o, control.RunConflictError)]
+    assert (len(handles), len(refusals)) == (1, 1), outcomes
+    assert f"{os.getpid()}@" in str(refusals[0]) or "still" in str(refusals[0])
+    assert handles[0].wait(60) is S.COMPLETED
+    with RunStore(tmp_path, read_only=True) as store:
+        kinds = [e.kind for e in store.events(run_id)]
+    assert kinds == ["cancelled", "resume", "completed"]
+
+
+def test_a_fresh_run_holds_its_lock_from_creation_to_its_final_state(tmp_path: Path) -> None:
+    from foundry_kernel._run_lock import RunLock, RunLockedError, read_owner
+
+    gate = threading.Event()
+    handle = control.start(
+        _cfg(tmp_path),
+        job=train_job(steps=3, on_step=lambda step, ctx: gate.wait(10)),
+        sample_interval_s=None,
+    )
+    run_dir = tmp_path / handle.id
+    owner = read_owner(run_dir)
+    assert owner is not None and owner.pid == os.getpid() and owner.released_at is None
+    with pytest.raises(RunLockedError, match="another handle in this process"):
+        RunLock.acquire(run_dir, handle.id, wait_s=0)
+    with RunStore(tmp_path) as store:  # a writable open does not take a live run for stale
+        assert store.settle_stale_runs() == []
+        assert store.get_run(handle.id).state in ("pending", "running")
+    gate.set()
+    assert handle.wait(60) is S.COMPLETED
+    released = read_owner(run_dir)
+    assert released is not None and released.released_at is not None
+    with RunLock.acquire(run_dir, handle.id, wait_s=0) as lock:  # free once terminal
+        assert lock.previous == released
+
+
+def test_resume_overrides_that_change_what_the_run_is_are_listed(tmp_path: Path) -> None:
+    stored = _cfg(tmp_path, seed=3)
+    allowed = load_config(
+        stored, {"limits.max_steps": 900, "eval.every_steps": 7, "device": "cpu", "threads": 1}
+    )
+    assert control.resume_differences(stored, allowed) == []
+    changed = load_config(
+        stored, {"student.hidden_size": 32, "seed": 4, "data.seq_len": 64, "limits.max_steps": 9}
+    )
+    assert control.resume_differences(stored, changed) == [
+        ("data.seq_len", 128, 64),
+        ("seed", 3, 4),
+        ("student.hidden_size", 64, 32),
+    ]
+    run_id = _cancelled_run(tmp_path)
+    with RunStore(tmp_path) as store, pytest.raises(ConfigError) as info:
+        control.start(resume=run_id, store=store, overrides=["optim.lr=0.5"], job=train_job())
+    assert info.value.field == "optim.lr"
+    assert "optim.lr: stored 0.003, given 0.5" in str(info.value)
+
+
 def test_resume_of_an_unknown_run_is_refused(tmp_path: Path) -> None:
     with RunStore(tmp_path) as store, pytest.raises(StoreError, match="unknown run"):
         control.start(resume="nope-123", store=store, job=train_job())

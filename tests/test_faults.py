@@ -3,6 +3,9 @@ and 100 start/cancel cycles without leaks."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
 import shutil
 import signal
@@ -11,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -18,24 +22,28 @@ import pytest
 from conftest import tiny_config_dict
 
 from foundry_kernel import load_config, run_sync, start
+from foundry_kernel._run_lock import read_owner
+from foundry_kernel.errors import StoreError
 from foundry_kernel.store import RunStore
 from foundry_kernel.training._checkpoint import load_latest
 
 
 def _can_mount() -> str | None:
     if os.name != "posix" or os.geteuid() != 0:
-        return "needs root to mount a small tmpfs as a full disk"
+        return (
+            "needs root: a real full disk is a small tmpfs mounted for the test, and only "
+            "root may mount one (run pytest as root, as CI does, to include it)"
+        )
     if shutil.which("mount") is None or shutil.which("umount") is None:
-        return "mount/umount not available"
+        return "needs the mount and umount commands (to mount a small tmpfs as a full disk)"
     return None
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
+@contextlib.contextmanager
+def _tmpfs(mnt: Path, size: str) -> Iterator[Path]:
     reason = _can_mount()
     if reason:
         pytest.skip(reason)
-    mnt = tmp_path / "disk"
     mnt.mkdir()
     done = subprocess.run(
         [
@@ -43,7 +51,7 @@ def small_disk(tmp_path: Path):
             "-t",
             "tmpfs",
             "-o",
-            "size=600k",
+            f"size={size}",
             "tmpfs",
             str(mnt),
         ],
@@ -53,12 +61,28 @@ def small_disk(tmp_path: Path):
         timeout=30,
     )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        pytest.skip(
+            f"needs root with the right to mount (CAP_SYS_ADMIN); mounting a tmpfs failed: "
+            f"{done.stderr.strip()}"
+        )
     try:
         yield mnt
     finally:
         umount = shutil.which("umount") or "/bin/umount"
         subprocess.run([umount, "-l", str(mnt)], check=False, timeout=30)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    with _tmpfs(tmp_path / "disk", "600k") as mnt:
+        yield mnt
+
+
+@pytest.fixture
+def filling_disk(tmp_path: Path) -> Iterator[Path]:
+    """Room for a run to start (preflight passes); the test then fills it mid-run."""
+    with _tmpfs(tmp_path / "disk", "8m") as mnt:
+        yield mnt
 
 
 def test_full_disk_fails_clearly_and_keeps_what_was_saved(
@@ -79,6 +103,120 @@ def test_full_disk_fails_clearly_and_keeps_what_was_saved(
     with RunStore(small_disk / "runs", read_only=True) as store:
         steps = [r.step for r in store.metrics(handle.id, ["train/loss"])]
     assert steps == list(range(1, len(steps) + 1))  # readable, no holes
+    with RunStore(small_disk / "runs", read_only=True) as store:
+        record = store.get_run(handle.id)
+    if record.state != "failed":  # the store could not take it: run.lock's reserved bytes did
+        assert record.state == "running"
+        kept = read_owner(small_disk / "runs" / handle.id)
+        assert kept is not None and kept.final_state == "failed"
+        assert "disk is full" in (kept.final_error or "")
+    _grow(small_disk, "4m")  # space freed: the next writable open records the final state
+    with RunStore(small_disk / "runs") as store:
+        record = store.get_run(handle.id)
+    assert record.state == "failed"
+    assert "disk is full" in (record.error or "")
+
+
+def _grow(mnt: Path, size: str) -> None:
+    mount = shutil.which("mount") or "/bin/mount"
+    subprocess.run(
+        [mount, "-o", f"remount,size={size}", str(mnt)], check=True, timeout=30, capture_output=True
+    )
+
+
+def _fill(folder: Path) -> int:
+    """Write a file until the disk refuses: bytes written."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    written = 0
+    try:
+        while True:
+            written += os.write(fd, b"x" * 65536)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+    return written
+
+
+def test_disk_filling_mid_run_fails_clearly_records_the_state_and_resumes(
+    filling_disk: Path, tmp_path: Path, tiny_teacher_dir: Path
+) -> None:
+    """Item 9 of the penetration test: a CLI run whose disk fills up mid-training.
+
+    It used to end with "database or disk is full", leave the run ``running`` forever and
+    print a logging traceback per line. Now: one clear failure naming the full disk, no
+    traceback; the final state the store could not take is kept in run.lock's reserved
+    bytes and recorded by the next writable open; once space is freed, resume completes.
+    """
+    runs_dir = filling_disk / "runs"
+    cfg = tiny_config_dict(
+        runs_dir,
+        limits={"max_steps": 100_000},
+        checkpoint={"every_steps": 5, "keep_last": 1},
+        eval={"baseline": False, "every_steps": 100_000},
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(cfg))
+    log = tmp_path / "child.log"
+    with log.open("w") as out:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "foundry_kernel.cli", "distill", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        run_id = _wait_for_step(runs_dir, 10)
+        filled = _fill(filling_disk)
+        code = child.wait(timeout=180)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=30)
+    output = log.read_text()
+    assert code == 1, output
+    assert "the disk is full" in output
+    assert "Traceback" not in output and "Logging error" not in output, output
+    assert output.count("cannot write") <= 1  # run.log: one line, then quiet
+    with RunStore(runs_dir, read_only=True) as store:
+        left_as = store.get_run(run_id).state  # "running" when even that write failed
+    (filling_disk / "filler").unlink()
+    with RunStore(runs_dir) as store:
+        record = store.get_run(run_id)
+    assert record.state == "failed", record
+    assert "the disk is full" in (record.error or "")
+    failed_at = max(_steps(runs_dir, run_id))
+    finish = failed_at + 3
+    again = subprocess.run(
+        [sys.executable, "-m", "foundry_kernel.cli", "distill", "--resume", run_id,
+         "--runs-dir", str(runs_dir), "--set", f"limits.max_steps={finish}"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert _steps(runs_dir, run_id) == list(range(1, finish + 1))
+    print(
+        f"disk filled ({filled} bytes) after step 10: exit 1 in one line, store said "
+        f"{left_as!r} until the next open settled it as failed; resumed to step {finish}"
+    )
+
+
+def _steps(runs_dir: Path, run_id: str) -> list[int]:
+    with RunStore(runs_dir, read_only=True) as store:
+        return [r.step for r in store.metrics(run_id, ["train/loss"])]
+
+
+def _wait_for_step(runs_dir: Path, minimum: int, timeout: float = 240) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:  # the child may not have created the schema yet: look again
+            with RunStore(runs_dir, read_only=True) as store:
+                runs = store.list_runs()
+        except StoreError:
+            runs = []
+        if runs and max(_steps(runs_dir, runs[0].run_id), default=0) >= minimum:
+            return runs[0].run_id
+        time.sleep(0.2)
+    raise AssertionError(f"no run reached step {minimum} in {timeout} s")
 
 
 OOM_CHILD = textwrap.dedent(

@@ -27,6 +27,16 @@ ends with the process (CPython < 3.14 may then abort with SIGABRT if it sits in 
 C++ code); checkpoints and the store are written atomically (temp file + ``os.replace``;
 SQLite WAL), so even that leaves the previous checkpoint intact and the run resumable.
 
+Ownership: one process, one handle
+----------------------------------
+A run is owned by exactly one handle in one process: the handle holds the run's OS lock
+(``runs/<id>/run.lock``, :mod:`foundry_kernel._run_lock`) from the creation of a fresh
+run's folder, or from a resume's start, until its worker thread has ended. A resume is
+refused, before anything is touched, for a run that is completed, live in this process or
+another (the error names the owner ``pid@host``), or given a config that changes what the
+run is (:data:`RESUME_MAY_CHANGE`). When the store cannot take the final state (a full
+disk), it is kept in the lock file and recorded by the next writable open of the store.
+
 One shared watchdog thread serves all runs that have a limit; it exists only while
 such runs are alive, so an idle kernel has no Foundry threads at all. "Progress" for the
 step watchdog is any ``ctx.heartbeat()``, ``ctx.set_phase()`` or emitted event, so a
@@ -71,8 +81,10 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from foundry_kernel._context import Event, RunContext
-from foundry_kernel.config import RunConfig, load_config, validate_config
+from foundry_kernel._run_lock import RunConflictError, RunLock, RunLockedError
+from foundry_kernel.config import RunConfig, load_config, parse_override, validate_config
 from foundry_kernel.errors import (
+    ConfigError,
     DivergenceError,
     FoundryError,
     RunCancelled,
@@ -82,15 +94,17 @@ from foundry_kernel.errors import (
 from foundry_kernel.logs import run_log
 from foundry_kernel.paths import default_runs_dir
 from foundry_kernel.run._resources import MemorySampler, memory_fixes
-from foundry_kernel.store import RunStore
+from foundry_kernel.store import RunRecord, RunStore
 
 __all__ = [
     "HISTORY_LEN",
+    "RESUME_MAY_CHANGE",
     "InvalidTransition",
     "JobFn",
     "RunConflictError",
     "RunFailure",
     "RunHandle",
+    "RunLockedError",
     "RunState",
     "get",
     "list_runs",
@@ -156,10 +170,6 @@ ALLOWED_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
 
 class InvalidTransition(RuntimeError):
     """A state change the table above does not allow (a controller bug, never user error)."""
-
-
-class RunConflictError(FoundryError):
-    """The run is already live in this process (e.g. resuming a run that is running)."""
 
 
 def check_transition(old: RunState, new: RunState) -> None:
@@ -251,14 +261,27 @@ def _oom_message(exc: BaseException, config: RunConfig) -> str:
 
 
 def _is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC from a file write, or SQLite's own wording for it."""
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return True
-    return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
+    """ENOSPC from a file write, or SQLite's own wording for it, also when wrapped (the
+    store re-raises SQLite's errors as StoreError ``from`` the original)."""
+    return _disk_full_cause(exc) is not None
+
+
+def _disk_full_cause(exc: BaseException) -> BaseException | None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return current
+        if isinstance(current, sqlite3.OperationalError) and "disk is full" in str(current):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _disk_full_message(exc: BaseException, config: RunConfig) -> str:
-    where = getattr(exc, "filename", None) or "the run store"
+    cause = _disk_full_cause(exc) or exc
+    where = getattr(cause, "filename", None) or "the run store"
     runs_dir = config.runs_dir or default_runs_dir()
     return (
         f"the disk is full (writing {where}). Free space on the disk holding {runs_dir}, or "
@@ -437,26 +460,49 @@ _REGISTRY: dict[str, RunHandle] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
+def _live_conflict(run_id: str) -> str | None:
+    """Why ``run_id`` cannot get a new handle in this process now, or None. Caller holds
+    _REGISTRY_LOCK."""
+    current = _REGISTRY.get(run_id)
+    if current is not None and not current.done:
+        return (
+            f"run {run_id} is still {current.state} in this process; "
+            "cancel it and wait before resuming it"
+        )
+    if current is not None and current.worker_alive:
+        # Declared failed by the watchdog, but its thread is still inside the hung step:
+        # a second worker would write the same checkpoints and metrics concurrently.
+        return (
+            f"run {run_id}'s previous worker is still stuck in a step; it was asked "
+            "to stop - resume once it has (handle.join())"
+        )
+    return None
+
+
+def _refuse_if_live_here(run_id: str) -> None:
+    with _REGISTRY_LOCK:
+        conflict = _live_conflict(run_id)
+    if conflict is not None:
+        raise RunConflictError(conflict)
+
+
 def _register(handle: RunHandle) -> None:
     with _REGISTRY_LOCK:
-        current = _REGISTRY.get(handle.id)
-        if current is not None and not current.done:
-            raise RunConflictError(
-                f"run {handle.id} is still {current.state} in this process; "
-                "cancel it and wait before resuming it"
-            )
-        if current is not None and current.worker_alive:
-            # Declared failed by the watchdog, but its thread is still inside the hung step:
-            # a second worker would write the same checkpoints and metrics concurrently.
-            raise RunConflictError(
-                f"run {handle.id}'s previous worker is still stuck in a step; it was asked "
-                "to stop - resume once it has (handle.join())"
-            )
+        conflict = _live_conflict(handle.id)
+        if conflict is not None:
+            raise RunConflictError(conflict)
         _REGISTRY.pop(handle.id, None)  # re-insert at the end (newest)
         _REGISTRY[handle.id] = handle
         finished = [k for k, h in _REGISTRY.items() if h.done]
         for key in finished[: max(len(finished) - KEEP_FINISHED, 0)]:
             del _REGISTRY[key]
+
+
+def _unregister(handle: RunHandle) -> None:
+    """Forget a handle that was never launched (its start failed half-way)."""
+    with _REGISTRY_LOCK:
+        if _REGISTRY.get(handle.id) is handle:
+            del _REGISTRY[handle.id]
 
 
 def list_runs(*, live_only: bool = False) -> list[RunHandle]:
@@ -531,8 +577,10 @@ class RunHandle:
         resume: bool,
         sample_interval_s: float | None,
         first_sample: int = 0,
+        run_lock: RunLock | None = None,
     ) -> None:
         self.id = run_id
+        self._run_lock = run_lock  # held until the worker ends (see _release_lock)
         self.config = config
         self.runs_dir: Path = store.root
         self.resume = resume
@@ -791,6 +839,7 @@ class RunHandle:
             self._thread = None
             self._finish(RunState.FAILED, RunFailure(f"could not start the run: {exc}", exc))
             self._cleanup()
+            self._release_lock()
             self._resolve()
 
     def _run(self) -> None:
@@ -808,6 +857,7 @@ class RunHandle:
         finally:
             self._cleanup()
             _release_memory(exc is not None and _is_oom(exc))
+            self._release_lock()  # before waking waiters: once wait() returns, resume works
             self._resolve()
         if isinstance(exc, _PROPAGATE):
             raise exc  # the state is recorded; let Python handle SystemExit/Ctrl-C as usual
@@ -916,13 +966,18 @@ class RunHandle:
         if self._sampler is not None:
             self._sampler.stop()
         message = failure.message if failure is not None else "run completed"
-        self._store_call(
+        recorded = self._store_call(
             "record the final state",
             self._store.set_state,
             self.id,
             state.value,
             error=None if failure is None else failure.message,
         )
+        if not recorded and self._run_lock is not None:
+            # A full disk: keep the outcome in the lock file's reserved bytes, from where
+            # the next writable open of the store records it (RunStore.settle_stale_runs).
+            if self._run_lock.record_final(state.value, failure.message if failure else None):
+                self._log(logging.WARNING, "final state kept in %s", self._run_lock.path)
         self._store_call(
             "record the final event",
             self._store.add_event,
@@ -934,6 +989,12 @@ class RunHandle:
         self._log(logging.INFO, "%s: %s", state, message)
         self._emit_state(state, failure)
         return True
+
+    def _release_lock(self) -> None:
+        """Give up the run's ownership: only when the worker has ended (a run the watchdog
+        declared hung keeps it while its thread is still inside the step)."""
+        if self._run_lock is not None:
+            self._run_lock.release()
 
     def _cleanup(self) -> None:
         """Release what the run holds; runs on the worker thread after the job returned."""
@@ -997,13 +1058,15 @@ class RunHandle:
 
     # -- store -----------------------------------------------------------------------
 
-    def _store_call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    def _store_call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
         """Store writes from the controller never end a run: a full disk or a closed
-        store is logged, the run's in-memory state stays authoritative."""
+        store is logged, the run's in-memory state stays authoritative. True if written."""
         try:
             fn(*args, **kwargs)
         except StoreError as exc:
             self._log(logging.WARNING, "could not %s: %s", what, exc)
+            return False
+        return True
 
 
 # --------------------------------------------------------------------------- starting
@@ -1022,39 +1085,210 @@ def _as_config(config: RunConfig | Mapping[str, Any] | None) -> RunConfig:
     return load_config(config)
 
 
-def _open_store(config: RunConfig, store: RunStore | None) -> tuple[RunStore, bool]:
+def _runs_dir_for(config: RunConfig | None, overrides: list[str] | dict[str, Any]) -> Path | None:
+    """Where the run lives: the config's runs_dir, else a ``runs_dir`` override (a resume
+    without a config), else None for the default folder."""
+    pairs = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
+    named = [value for key, value in pairs if key == "runs_dir"]
+    if named and named[-1] not in (None, ""):
+        return Path(str(named[-1]))
+    return config.runs_dir if config is not None else None
+
+
+def _open_store(runs_dir: Path | None, store: RunStore | None) -> tuple[RunStore, bool]:
     if store is not None:
         return store, False
-    return RunStore(config.runs_dir or default_runs_dir()), True
+    return RunStore(runs_dir or default_runs_dir()), True
+
+
+RESUME_MAY_CHANGE: tuple[str, ...] = (
+    "name",
+    "device",
+    "threads",
+    "runs_dir",
+    "limits.",
+    "checkpoint.",
+    "eval.",
+    "optim.gradient_checkpointing",
+    "teacher.server.port",
+    "teacher.server.start_timeout_s",
+    "teacher.server.request_timeout_s",
+    "teacher.server.retries",
+    "teacher.server.backoff_s",
+    "teacher.server.kv_cache_gib",
+)
+"""Config fields a resume may change (a trailing dot: the whole section).
+
+A resume continues the *same* run from its checkpoint, so what the run **is** must stay as
+it was created: the seed, the teacher (source, backend, url, dtype, build recipe), the
+student's shape and init, the data and its split, the loss, the distillation mode and the
+optimiser (lr, batch size, precision, ...). Changing any of those would load a checkpoint
+into another model (a shape error deep in torch) or silently mix two experiments in one
+curve. What may change is how long and how closely it is run and watched: ``limits.*``
+(train longer with ``limits.max_steps``, other time limits), ``checkpoint.*``,
+``eval.*`` (evaluation and reporting), where and how fast it runs (``device``,
+``threads``, ``runs_dir`` when the folder moved, ``optim.gradient_checkpointing``, a
+memory-for-compute trade), the operational settings of a Foundry-started teacher server,
+and the ``name`` label (the store keeps the name the run was created with). Anything else
+is refused before anything is touched, naming each field with its stored and given value.
+"""
+
+
+def _may_change(field: str) -> bool:
+    return any(
+        field == allowed or (allowed.endswith(".") and field.startswith(allowed))
+        for allowed in RESUME_MAY_CHANGE
+    )
+
+
+def _leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted field -> value for every non-section value (lists are values)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_leaves(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+_ABSENT = object()
+
+
+def resume_differences(stored: RunConfig, given: RunConfig) -> list[tuple[str, Any, Any]]:
+    """``(field, stored, given)`` for each field a resume may not change but ``given`` does."""
+    old, new = _leaves(stored.to_dict()), _leaves(given.to_dict())
+    return [
+        (field, old.get(field, _ABSENT), new.get(field, _ABSENT))
+        for field in sorted(old.keys() | new.keys())
+        if old.get(field, _ABSENT) != new.get(field, _ABSENT) and not _may_change(field)
+    ]
+
+
+def _changed_fields(stored: RunConfig, given: RunConfig) -> list[str]:
+    """The allowed changes a resume makes, as ``field old -> new`` (for its event)."""
+    old, new = _leaves(stored.to_dict()), _leaves(given.to_dict())
+    return [
+        f"{field} {old.get(field)!r} -> {new.get(field)!r}"
+        for field in sorted(old.keys() | new.keys())
+        if old.get(field) != new.get(field)
+    ]
+
+
+def _show(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else repr(value)
+
+
+def _check_resume_config(run_id: str, stored: RunConfig, given: RunConfig) -> None:
+    """Refuse a resume config that changes what the run is (see RESUME_MAY_CHANGE)."""
+    differences = resume_differences(stored, given)
+    if not differences:
+        return
+    lines = [f"{field}: stored {_show(a)}, given {_show(b)}" for field, a, b in differences]
+    raise ConfigError(
+        f"cannot resume run {run_id} with this config: {len(lines)} field(s) differ from the "
+        "run's stored config and may not change on resume:\n  "
+        + "\n  ".join(lines)
+        + "\nOnly limits.*, checkpoint.*, eval.*, device, threads, runs_dir, name, "
+        "optim.gradient_checkpointing and the teacher server's operational settings may "
+        "change on resume; start a new run to change the others. Nothing was modified.",
+        field=differences[0][0],
+    )
+
+
+def _refuse_completed(record: RunRecord) -> None:
+    if record.state == "completed":
+        raise RunConflictError(
+            f"run {record.run_id} is completed: there is nothing to resume, and it stays as "
+            "it is. Start a new run (without --resume / resume=) to train again or longer."
+        )
+
+
+def _config_with(base: RunConfig, overrides: list[str] | dict[str, Any]) -> RunConfig:
+    return load_config(base, overrides) if overrides else base
 
 
 def _new_handle(
     store: RunStore,
     config: RunConfig | None,
+    overrides: list[str] | dict[str, Any],
     resume: str | None,
-    job: JobFn,
+    job: JobFn | None,
     owns_store: bool,
     sample_interval_s: float | None,
-) -> RunHandle:
-    """A new run in the store, or the resumed one (its saved config unless one is given)."""
-    if resume is None:
-        assert config is not None  # start() always resolves a config for a new run
-        run_id = store.create_run(config.to_dict(), name=config.name, kind="distill").run_id
-        first_sample = 0
-    else:
-        record = store.get_run(resume)
-        config = validate_config(record.config) if config is None else config
-        run_id, first_sample = resume, _next_sample_index(store, resume)
-    return RunHandle(
-        run_id,
+) -> tuple[RunHandle, str]:
+    """A new run in the store, or the resumed one; plus what its resume event should say.
+
+    The handle holds the run's lock (foundry_kernel._run_lock); a new run is locked from
+    before its row exists.
+    """
+    if resume is not None:
+        return _resume_handle(store, config, overrides, resume, job, owns_store, sample_interval_s)
+    assert config is not None  # start() always resolves a config for a new run
+    config = _config_with(config, overrides)
+    job_fn = job if job is not None else _default_job()
+    record, lock = store.create_locked_run(config.to_dict(), name=config.name, kind="distill")
+    handle = RunHandle(
+        record.run_id,
         config,
         store=store,
         owns_store=owns_store,
-        job=job,
-        resume=resume is not None,
+        job=job_fn,
+        resume=False,
         sample_interval_s=sample_interval_s,
-        first_sample=first_sample,
+        run_lock=lock,
     )
+    return handle, ""
+
+
+def _resume_handle(
+    store: RunStore,
+    given: RunConfig | None,
+    overrides: list[str] | dict[str, Any],
+    run_id: str,
+    job: JobFn | None,
+    owns_store: bool,
+    sample_interval_s: float | None,
+) -> tuple[RunHandle, str]:
+    """Checks in this order, so every refusal leaves the store and the run folder as they
+    were: live in this process; completed; a config that changes what the run is; live
+    in another process (its lock); then, under the lock, completed again (it may have
+    finished meanwhile). A run left live-looking by a dead process is settled first."""
+    _refuse_if_live_here(run_id)
+    record = store.get_run(run_id)
+    _refuse_completed(record)
+    stored = validate_config(record.config)
+    config = _config_with(given if given is not None else stored, overrides)
+    _check_resume_config(run_id, stored, config)
+    try:
+        lock = RunLock.acquire(store.run_dir(run_id), run_id)
+    except OSError as exc:
+        raise StoreError(f"cannot take the lock of run {run_id}: {exc}") from exc
+    try:
+        record = store.get_run(run_id)
+        _refuse_completed(record)
+        if lock.previous is not None:
+            store.settle_stale_run(run_id, lock.previous)  # no-op unless left live-looking
+        job_fn = job if job is not None else _default_job()  # (slow import: after refusals)
+        handle = RunHandle(
+            run_id,
+            config,
+            store=store,
+            owns_store=owns_store,
+            job=job_fn,
+            resume=True,
+            sample_interval_s=sample_interval_s,
+            first_sample=_next_sample_index(store, run_id),
+            run_lock=lock,
+        )
+    except BaseException:
+        lock.release()
+        raise
+    changes = _changed_fields(stored, config)
+    how = "its saved config" + (f", changing {'; '.join(changes)}" if changes else "")
+    assert lock.owner is not None
+    return handle, f"resumed in process {lock.owner.label} with {how}"
 
 
 def _next_sample_index(store: RunStore, run_id: str) -> int:
@@ -1068,6 +1302,7 @@ def start(
     config: RunConfig | Mapping[str, Any] | None = None,
     *,
     resume: str | None = None,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
     store: RunStore | None = None,
     job: JobFn | None = None,
     on_event: EventCallback | None = None,
@@ -1075,29 +1310,41 @@ def start(
 ) -> RunHandle:
     """Start a run in a background thread and return its handle at once.
 
-    ``resume=RUN_ID`` reopens that run in the store (with its saved config unless one is
-    given) and calls the job with ``resume=True``. Without ``store``, one is opened on
-    ``config.runs_dir`` (or the default runs folder) and closed when the run ends.
-    ``on_event`` is subscribed before the run starts, so it sees every event (on the
-    worker thread). Config and store errors raise here, before any thread exists.
+    ``resume=RUN_ID`` reopens that run in the store and calls the job with
+    ``resume=True``. Its config is the saved one, or ``config`` if given, with
+    ``overrides`` (``"limits.max_steps=500"`` strings or a dotted mapping) applied on top;
+    a resume may change only the fields in :data:`RESUME_MAY_CHANGE`. A resume is refused
+    (before anything is touched) for a completed run, for a run live in this or another
+    process (the error names the owner ``pid@host``) and for a config that changes what
+    the run is. Without ``store``, one is opened on ``config.runs_dir`` (or the default
+    runs folder) and closed when the run ends. ``on_event`` is subscribed before the run
+    starts, so it sees every event (on the worker thread). Config, store and ownership
+    errors raise here, before any thread exists.
     """
-    job_fn = job if job is not None else _default_job()
+    overrides = dict(overrides) if isinstance(overrides, Mapping) else list(overrides)
     given = None if config is None and resume is not None else _as_config(config)
-    run_store, owns = _open_store(given if given is not None else load_config(), store)
-    registered = False
+    run_store, owns = _open_store(_runs_dir_for(given, overrides), store)
+    handle: RunHandle | None = None
+    launched = False
     try:
-        handle = _new_handle(run_store, given, resume, job_fn, owns, sample_interval_s)
+        handle, note = _new_handle(
+            run_store, given, overrides, resume, job, owns, sample_interval_s
+        )
         _register(handle)
-        registered = True
         if resume is not None:
-            how = "its saved config" if given is None else "a new config"
-            run_store.add_event(resume, "resume", f"resumed in process {os.getpid()} with {how}")
+            run_store.add_event(resume, "resume", note)
+        if on_event is not None:
+            handle.subscribe(on_event)
+        handle._launch()
+        launched = True
     finally:
-        if owns and not registered:  # nothing will run: do not leak the store's connection
-            run_store.close()
-    if on_event is not None:
-        handle.subscribe(on_event)
-    handle._launch()
+        if not launched:  # nothing will run: give the run and the store back
+            if handle is not None:
+                _unregister(handle)
+                handle._release_lock()
+            if owns:
+                run_store.close()
+    assert handle is not None
     return handle
 
 
