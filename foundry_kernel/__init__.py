@@ -28,7 +28,7 @@ _EXPORTS = {
     "Event": "foundry_kernel._context",
     "SAMPLE_INTERVAL_S": "foundry_kernel.run._control",
     "RunHandle": "foundry_kernel.run._control",
-    "RunState": "foundry_kernel.run._control",
+    "RunState": "foundry_kernel._run_state",
     "get": "foundry_kernel.run._control",
     "list_runs": "foundry_kernel.run._control",
     "run_sync": "foundry_kernel.run._control",

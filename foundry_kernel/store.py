@@ -50,9 +50,15 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 from foundry_kernel._run_lock import LockOwner, RunLock, claim_unowned
+from foundry_kernel._run_state import (
+    LIVE_STATES,
+    TERMINAL_STATES,
+    RunState,
+    check_store_transition,
+)
 from foundry_kernel.atomic import atomic_write_text
 from foundry_kernel.errors import ConfigError, StoreError
 from foundry_kernel.paths import new_run_id, validate_run_id
@@ -69,13 +75,7 @@ __all__ = [
     "RunStore",
 ]
 
-RunState = Literal[
-    "pending", "running", "cancelling", "cancelled", "completed", "failed", "timed_out"
-]
-RUN_STATES: frozenset[str] = frozenset(get_args(RunState))
-TERMINAL_STATES: frozenset[str] = frozenset({"cancelled", "completed", "failed", "timed_out"})
-LIVE_STATES: tuple[str, ...] = ("pending", "running", "cancelling")
-"""States that promise a process is (about to be) running the run: stale without its lock."""
+RUN_STATES: frozenset[str] = frozenset(s.value for s in RunState)
 
 DB_FILENAME = "foundry.sqlite"
 CONFIG_FILENAME = "config.json"
@@ -784,8 +784,11 @@ class RunStore:
             rows = conn.execute(sql, params).fetchall()
         return [_record_from_row(row) for row in rows]
 
-    def set_state(self, run_id: str, state: RunState, *, error: str | None = None) -> None:
+    def set_state(self, run_id: str, state: RunState | str, *, error: str | None = None) -> None:
         """Record a state change and its ``error`` (``None`` clears a previous one).
+
+        The change must be in the state table (``_run_state.STORE_TRANSITIONS``), checked
+        in the same transaction as the write: an ``InvalidTransition`` is a caller's bug.
 
         ``started_at`` is set the first time a run becomes ``running`` and kept across
         resumes; ``ended_at`` is set on terminal states and cleared when a run leaves
@@ -794,15 +797,21 @@ class RunStore:
         validate_run_id(run_id)
         if state not in RUN_STATES:
             raise StoreError(f"unknown run state {state!r}; expected one of {sorted(RUN_STATES)}")
+        new = RunState(state)
         now = time.time()
-        terminal = state in TERMINAL_STATES
+        terminal = new.terminal
         with self._write("set_state") as conn:
+            row = conn.execute("SELECT state FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"unknown run {run_id!r} in {self.db_path}")
+            if row[0] in RUN_STATES:  # a damaged state may be overwritten with any
+                check_store_transition(RunState(row[0]), new)
             cursor = conn.execute(
                 """UPDATE runs SET state = ?, error = ?,
                        started_at = CASE WHEN ? THEN COALESCE(started_at, ?) ELSE started_at END,
                        ended_at = CASE WHEN ? THEN ? ELSE NULL END
                    WHERE run_id = ?""",
-                (state, error, state == "running", now, terminal, now, run_id),
+                (new.value, error, new is RunState.RUNNING, now, terminal, now, run_id),
             )
             if cursor.rowcount == 0:
                 raise StoreError(f"unknown run {run_id!r} in {self.db_path}")

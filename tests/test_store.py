@@ -120,10 +120,12 @@ def test_set_state_timestamps_and_errors(store: RunStore) -> None:
     assert resumed.ended_at is None
     assert resumed.error is None
     for state in sorted(TERMINAL_STATES):
-        store.set_state(run_id, state)  # type: ignore[arg-type]
-        assert store.get_run(run_id).ended_at is not None
+        other = store.create_run({}).run_id
+        store.set_state(other, "running")
+        store.set_state(other, state)
+        assert store.get_run(other).ended_at is not None
     with pytest.raises(StoreError, match="unknown run state"):
-        store.set_state(run_id, "exploded")  # type: ignore[arg-type]
+        store.set_state(run_id, "exploded")
     with pytest.raises(StoreError, match="unknown run"):
         store.set_state("20990101-000000-00000000", "running")
 
@@ -504,3 +506,27 @@ def test_concurrent_writers_with_thread_and_process_readers(tmp_path: Path) -> N
         assert record.summary == {"steps": N_STEPS}
     store.close()
     assert _open_paths_under(tmp_path) == []
+
+
+def test_the_store_enforces_the_state_table(store: RunStore) -> None:
+    """Whoever writes (controller, notebook runner, stale-run sweep), the store records only
+    changes in the table: a completed run never changes; an unfinished one may resume."""
+    from foundry_kernel._run_state import InvalidTransition
+
+    run_id = store.create_run({}).run_id
+    with pytest.raises(InvalidTransition, match="from pending to completed"):
+        store.set_state(run_id, "completed")  # never ran
+    store.set_state(run_id, "running")
+    store.set_state(run_id, "running")  # the same state again is a no-op
+    store.set_state(run_id, "completed")
+    for later in ("running", "pending", "failed", "cancelled"):
+        with pytest.raises(InvalidTransition, match="from completed"):
+            store.set_state(run_id, later)
+    assert store.get_run(run_id).state == "completed"
+    other = store.create_run({}).run_id
+    store.set_state(other, "running")
+    store.set_state(other, "cancelled")
+    store.set_state(other, "running")  # a resume of an unfinished run
+    store.set_state(other, "timed_out")
+    with pytest.raises(InvalidTransition, match="from timed_out to cancelling"):
+        store.set_state(other, "cancelling")

@@ -60,7 +60,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import enum
 import errno
 import functools
 import gc
@@ -82,6 +81,11 @@ import torch
 
 from foundry_kernel._context import Event, RunContext
 from foundry_kernel._run_lock import RunConflictError, RunLock, RunLockedError
+from foundry_kernel._run_state import (
+    InvalidTransition,
+    RunState,
+    check_transition,
+)
 from foundry_kernel.config import RunConfig, load_config, parse_override, validate_config
 from foundry_kernel.errors import (
     ConfigError,
@@ -129,53 +133,6 @@ T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- states
-
-
-class RunState(str, enum.Enum):
-    """Where a run is. Terminal states never change (a resume starts a new handle)."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    CANCELLING = "cancelling"
-    CANCELLED = "cancelled"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-
-    def __str__(self) -> str:  # "completed", as the store, the CLI and JSON spell it
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
-    @property
-    def terminal(self) -> bool:
-        return not ALLOWED_TRANSITIONS[self]
-
-
-_S = RunState
-ALLOWED_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
-    # pending -> failed/cancelled: the worker could not start, or was cancelled first.
-    _S.PENDING: frozenset({_S.RUNNING, _S.CANCELLING, _S.CANCELLED, _S.FAILED}),
-    # running -> cancelled directly: the job stopped itself with RunCancelled.
-    _S.RUNNING: frozenset({_S.CANCELLING, _S.COMPLETED, _S.FAILED, _S.TIMED_OUT, _S.CANCELLED}),
-    # cancelling -> completed: the last step finished before the job saw the request.
-    _S.CANCELLING: frozenset({_S.CANCELLED, _S.COMPLETED, _S.FAILED, _S.TIMED_OUT}),
-    _S.CANCELLED: frozenset(),
-    _S.COMPLETED: frozenset(),
-    _S.FAILED: frozenset(),
-    _S.TIMED_OUT: frozenset(),
-}
-
-
-class InvalidTransition(RuntimeError):
-    """A state change the table above does not allow (a controller bug, never user error)."""
-
-
-def check_transition(old: RunState, new: RunState) -> None:
-    """Raise :class:`InvalidTransition` unless ``old -> new`` is in the table."""
-    if new not in ALLOWED_TRANSITIONS[old]:
-        raise InvalidTransition(f"run state cannot go from {old} to {new}")
 
 
 @dataclass(frozen=True)
