@@ -505,4 +505,6 @@ def choose_strategy(
             )
         return StrategyChoice(LogitsLoss(), requested, f"fell back to logits: {why}")
     project, t_why = _teacher_projection(teacher)
-    return StrategyChoice(FusedLinearLoss(project_teacher=project), requested, f"{why}; teacher: {t_why}")
+    return StrategyChoice(
+        FusedLinearLoss(project_teacher=project), requested, f"{why}; teacher: {t_why}"
+    )
