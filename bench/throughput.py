@@ -36,12 +36,13 @@ on one contender's whole run. Each contender starts from fresh models; its first
 ``warmup`` steps are dropped; the figure is the median of the remaining step times
 (over ``rounds`` such rounds).
 
-Memory: each ``foundry*`` contender also runs a few steps alone in a fresh process
-(``python -m bench.throughput --memory NAME``), whose peak memory growth from just before
-the first step is reported (RSS with ``VmHWM`` reset on CPU, ``max_memory_allocated`` on
-CUDA): weights' gradients, AdamW state and activations are the same for every strategy;
-what differs is the loss's transients (the logits). glibc's malloc is told to hand big
-blocks back at once (``MALLOC_MMAP_THRESHOLD_``), so RSS follows what is live.
+Memory: each ``foundry*`` contender also runs three steps alone in a fresh process
+(``python -m bench.throughput --memory NAME``); the peak memory growth over steps 2-3,
+from the end of step 1 on, is reported (RSS with ``VmHWM`` reset on CPU,
+``max_memory_allocated`` on CUDA): one step's transients. Activations and gradients are
+the same for every strategy; what differs is the loss's (the logits). glibc's malloc is
+told to hand big blocks back at once (``MALLOC_MMAP_THRESHOLD_``), so RSS follows what
+is live.
 """
 
 from __future__ import annotations
@@ -553,25 +554,37 @@ def measure(
 
 
 def step_memory(
-    name: str, cfg: StepConfig, *, steps: int = 2, device: str = "cpu"
+    name: str, cfg: StepConfig, *, steps: int = 3, device: str = "cpu"
 ) -> dict[str, Any]:
-    """Peak memory growth over ``steps`` training steps of foundry contender ``name``, in
-    this process, from just before the first step (models, data and Trainer built)."""
+    """Peak memory growth of training steps 2..``steps`` of foundry contender ``name``, in
+    this process: measured from the end of step 1 (so one-time lazy initialisation and the
+    AdamW state are not counted) to the end of the last step's report (so the evaluation
+    after the last step, which always uses logits, is not counted either). What remains is
+    one step's transients: activations, logits (or their chunks), gradients."""
     from bench.common import CpuMeter, CudaMeter
 
     w = make_workload(cfg)
     meter: Any = CudaMeter(torch.device(device)) if device == "cuda" else CpuMeter()
+    peak: dict[str, int] = {}
+
+    def sink(step: int, values: dict[str, float]) -> None:
+        if "train/loss" not in values:
+            return
+        if step == 1:
+            meter.start()
+        elif step == steps:
+            peak["bytes"] = meter.peak()
+
     trainer = foundry_trainer(
-        w, strategy=STRATEGIES[name], on_metrics=lambda s, v: None, max_steps=steps, device=device
+        w, strategy=STRATEGIES[name], on_metrics=sink, max_steps=steps, device=device
     )
-    meter.start()
     t0 = time.perf_counter()
     trainer.fit()
     return {
         "status": "ok",
-        "peak_bytes": meter.peak(),
+        "peak_bytes": peak["bytes"],
         "method": meter.method,
-        "steps": steps,
+        "steps_measured": steps - 1,
         "seconds": round(time.perf_counter() - t0, 3),
         "loss_strategy": trainer.loss_strategy.as_dict(),
     }

@@ -193,6 +193,7 @@ class Trainer:
         if plan.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.loss_strategy = self._choose_strategy()
+        self._setup, self._on_policy_setup = self._loss_setups()
 
     def _choose_strategy(self) -> StrategyChoice:
         """Resolve ``plan.loss_strategy`` for this model and teacher (a ConfigError for an
@@ -206,19 +207,22 @@ class Trainer:
                 level="info",
                 message=f"{where}: loss strategy {choice.name}, {choice.reason}",
             )
-        spec, mass = self.plan.loss, self.plan.sparse_mass
-        self._setup = LossSetup(
+        return choice
+
+    def _loss_setups(self) -> tuple[LossSetup, LossSetup]:
+        """What the strategy is handed: for ordinary steps, and for on-policy steps, whose
+        hard labels (the student's own samples) would teach it nothing new (ce_weight 0)."""
+        spec = self.plan.loss
+        setup = LossSetup(
             model=self.model,
             teacher=self.teacher,
             spec=spec,
-            sparse_mass=mass,  # type: ignore[arg-type]  # checked by the config
+            sparse_mass=self.plan.sparse_mass,  # type: ignore[arg-type]  # checked by the config
             vocab_size=self.vocab_size,
             amp_dtype=self.plan.amp_dtype,
         )
-        # Hard labels on the student's own samples would teach it nothing new.
-        on_policy_spec = None if spec is None else dataclasses.replace(spec, ce_weight=0.0)
-        self._on_policy_setup = dataclasses.replace(self._setup, spec=on_policy_spec)
-        return choice
+        on_policy = None if spec is None else dataclasses.replace(spec, ce_weight=0.0)
+        return setup, dataclasses.replace(setup, spec=on_policy)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         """AdamW; norms and biases (1-D tensors) are not decayed."""
