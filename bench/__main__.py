@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--step-contenders",
         type=_names,
-        help="subset of foundry,foundry_nomask,foundry_proposed,trl,plain",
+        help="subset of foundry,foundry_logits,foundry_nomask,trl,plain",
     )
     g.add_argument("--gemm-n", type=int, help="matrix size of the matmul peak")
     g = p.add_argument_group("cache")

@@ -6,13 +6,16 @@ benchmark that does not use them does not pay for (or depend on) them.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -159,6 +162,90 @@ def in_worker_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     if "error" in box:
         raise box["error"]
     return box.get("value")
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def proc_status() -> dict[str, int]:
+    """VmRSS / VmHWM / VmSize in bytes from /proc/self/status (empty off Linux)."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return {}
+    out = {}
+    for key in ("VmRSS", "VmHWM", "VmSize"):
+        m = re.search(rf"^{key}:\s+(\d+)\s+kB", text, re.MULTILINE)
+        if m:
+            out[key] = int(m.group(1)) * 1024
+    return out
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    status = proc_status()
+    return "VmHWM" in status and status["VmHWM"] <= status.get("VmRSS", 0) + 4 * 1024 * 1024
+
+
+def maxrss_bytes() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+class CpuMeter:
+    """Peak RSS growth of this process from ``start()`` on (``VmHWM`` reset, else
+    ``ru_maxrss``, which can only under-report)."""
+
+    def __init__(self) -> None:
+        self.method = "none"
+        self.base = 0
+
+    def start(self) -> None:
+        gc.collect()
+        status = proc_status()
+        if reset_peak_rss():
+            self.method = "VmHWM"
+            self.base = proc_status()["VmRSS"]
+        else:
+            self.method = "ru_maxrss"
+            self.base = max(maxrss_bytes(), status.get("VmRSS", 0))
+
+    def peak(self) -> int:
+        if self.method == "VmHWM":
+            return max(proc_status()["VmHWM"] - self.base, 0)
+        return max(maxrss_bytes() - self.base, 0)
+
+
+class CudaMeter:
+    """Peak CUDA memory allocated by this process from ``start()`` on."""
+
+    method = "cuda.max_memory_allocated"
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.base = 0
+
+    def start(self) -> None:
+        import torch
+
+        gc.collect()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        self.base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        return max(torch.cuda.max_memory_allocated(self.device) - self.base, 0)
 
 
 # --------------------------------------------------------------------------- tiny models

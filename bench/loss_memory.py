@@ -30,10 +30,8 @@ with the peak reached so far (a lower bound of what it needed).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -45,12 +43,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    CpuMeter,
+    CudaMeter,
     GiB,
     Printer,
     fmt_bytes,
     fmt_ratio,
     fmt_seconds,
     median,
+    proc_status,
     ratio,
     table,
 )
@@ -175,89 +176,11 @@ BY_NAME = {c.name: c for c in CONTENDERS}
 # =========================================================================== child side
 
 
-def _proc_status() -> dict[str, int]:
-    """VmRSS / VmHWM / VmSize in bytes from /proc/self/status (empty off Linux)."""
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return {}
-    out = {}
-    for key in ("VmRSS", "VmHWM", "VmSize"):
-        m = re.search(rf"^{key}:\s+(\d+)\s+kB", text, re.MULTILINE)
-        if m:
-            out[key] = int(m.group(1)) * 1024
-    return out
-
-
-def _reset_hwm() -> bool:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    status = _proc_status()
-    return "VmHWM" in status and status["VmHWM"] <= status.get("VmRSS", 0) + 4 * 1024 * 1024
-
-
-def _maxrss_bytes() -> int:
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-class _CpuMeter:
-    """Peak RSS growth of this process from ``start()`` on."""
-
-    def __init__(self) -> None:
-        self.method = "none"
-        self.base = 0
-
-    def start(self) -> None:
-        gc.collect()
-        status = _proc_status()
-        if _reset_hwm():
-            self.method = "VmHWM"
-            self.base = _proc_status()["VmRSS"]
-        else:
-            self.method = "ru_maxrss"
-            self.base = max(_maxrss_bytes(), status.get("VmRSS", 0))
-
-    def peak(self) -> int:
-        if self.method == "VmHWM":
-            return max(_proc_status()["VmHWM"] - self.base, 0)
-        return max(_maxrss_bytes() - self.base, 0)
-
-
-class _CudaMeter:
-    method = "cuda.max_memory_allocated"
-
-    def __init__(self, device: Any) -> None:
-        self.device = device
-        self.base = 0
-
-    def start(self) -> None:
-        import torch
-
-        gc.collect()
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        self.base = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak(self) -> int:
-        import torch
-
-        torch.cuda.synchronize(self.device)
-        return max(torch.cuda.max_memory_allocated(self.device) - self.base, 0)
-
-
 def _cap_address_space(cap: int) -> int | None:
     """Limit further growth so that RSS cannot exceed ``cap``; returns the allowed growth."""
     import resource
 
-    status = _proc_status()
+    status = proc_status()
     if "VmSize" not in status:
         return None
     allowed = cap - status["VmRSS"]
@@ -514,7 +437,7 @@ def run_one(
             status = "oom"
         return {**out, "status": status, "note": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
-    meter: _CpuMeter | _CudaMeter
+    meter: CpuMeter | CudaMeter
     try:
         inputs = _make_inputs(contender, vocab, tokens, hidden, dev, seed)
     except Exception as exc:  # noqa: BLE001
@@ -523,9 +446,9 @@ def run_one(
         v.numel() * v.element_size() for v in inputs.values() if hasattr(v, "numel")
     )
     if dev.type == "cuda":
-        meter = _CudaMeter(dev)
+        meter = CudaMeter(dev)
     else:
-        meter = _CpuMeter()
+        meter = CpuMeter()
         allowed = _cap_address_space(cap) if cap > 0 else None
         out["allowed_growth_bytes"] = allowed
         if allowed is not None and allowed <= 0:

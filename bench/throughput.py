@@ -7,14 +7,18 @@ contender starts from identical weights), same random-token data, same thread co
 
 Contenders:
 
-``foundry``           ``Trainer.fit`` (``foundry_kernel.training``) as it is (chunked loss on full
-                      logits, attention mask passed, metrics callback, events,
-                      ``ctx.check()``); a step ends at its metrics report.
-``foundry_nomask``    the same Trainer, not passing the all-ones attention mask of packed
-                      blocks to the models (proposed engine change 1, applied by overriding
-                      ``_micro_step`` here; the engine is not modified).
-``foundry_proposed``  change 1 plus the fused-linear loss on the models' final hidden states,
-                      so no ``[batch, seq, vocab]`` logits exist (proposed change 2).
+``foundry``           ``Trainer.fit`` (``foundry_kernel.training``) as it ships: the default
+                      ``loss.strategy=auto``, which for these Llama models is the fused-linear
+                      loss on the final hidden states (no ``[batch, seq, vocab]`` logits of
+                      student or teacher exist); attention mask passed, metrics callback,
+                      events, ``ctx.check()``; a step ends at its metrics report.
+``foundry_logits``    the same Trainer with ``loss_strategy="logits"``: the chunked loss over
+                      the models' full logits (the default before the fused strategy).
+``foundry_nomask``    the fused strategy wrapped in :class:`DropFullMask`, a
+                      :class:`~foundry_kernel.training._strategy.LossStrategy` defined here that
+                      does not pass the all-ones attention mask of packed blocks to the
+                      models (a proposed engine change, tried through the Trainer's public
+                      strategy switch: nothing is subclassed or overridden).
 ``trl``               ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=0`` (off-policy: no
                       generation), ``beta=0`` (forward KL), ``seq_kd=False``, no gradient
                       checkpointing, fp32 (TRL's SFT defaults turn both on; they are turned
@@ -31,6 +35,14 @@ load from elsewhere on the machine lands on neighbouring steps of all of them ra
 on one contender's whole run. Each contender starts from fresh models; its first
 ``warmup`` steps are dropped; the figure is the median of the remaining step times
 (over ``rounds`` such rounds).
+
+Memory: each ``foundry*`` contender also runs three steps alone in a fresh process
+(``python -m bench.throughput --memory NAME``); the peak memory growth over steps 2-3,
+from the end of step 1 on, is reported (RSS with ``VmHWM`` reset on CPU,
+``max_memory_allocated`` on CUDA): one step's transients. Activations and gradients are
+the same for every strategy; what differs is the loss's (the logits). glibc's malloc is
+told to hand big blocks back at once (``MALLOC_MMAP_THRESHOLD_``), so RSS follows what
+is live.
 """
 
 from __future__ import annotations
@@ -56,7 +68,9 @@ from bench.common import (
     ModelShape,
     Printer,
     build_llama,
+    fmt_bytes,
     fmt_ratio,
+    in_worker_thread,
     median,
     random_tokens,
     ratio,
@@ -64,7 +78,10 @@ from bench.common import (
     table,
 )
 
-CONTENDERS = ("foundry", "foundry_nomask", "foundry_proposed", "trl", "plain")
+CONTENDERS = ("foundry", "foundry_logits", "foundry_nomask", "trl", "plain")
+# foundry contenders: the Trainer's loss strategy each trains with (see run_contender)
+STRATEGIES = {"foundry": "auto", "foundry_logits": "logits", "foundry_nomask": "nomask"}
+RESULT_MARK = "BENCH_RESULT "
 
 
 @dataclass(frozen=True)
@@ -177,6 +194,7 @@ class StepClock:
         self.turns = turns
         self.durations: list[float] = []
         self.losses: list[float] = []
+        self.info: dict[str, Any] = {}  # what the contender reports about itself
         self._t0 = 0.0
 
     def begin(self) -> None:
@@ -240,18 +258,48 @@ class Turns:
 # --------------------------------------------------------------------------- contenders
 
 
+@dataclass(frozen=True)
+class DropFullMask:
+    """A loss strategy around another: an attention mask that is all ones (Foundry's packed
+    blocks) is not passed to the models. It changes nothing in the result, but with a mask
+    transformers hands SDPA an explicit ``[batch, 1, seq, seq]`` bias instead of using its
+    causal kernel. An experiment on the micro-step, run through the Trainer's public
+    ``loss_strategy`` switch."""
+
+    inner: Any  # a LossStrategy
+
+    @property
+    def name(self) -> str:
+        return f"{self.inner.name}+nomask"
+
+    def __call__(self, setup: Any, batch: Any) -> Any:
+        if bool(batch.attention_mask.all()):
+            batch = replace(batch, attention_mask=None)  # the models take None for "no padding"
+        return self.inner(setup, batch)
+
+
+def strategy_for(name: str) -> Any:
+    """What ``TrainPlan.loss_strategy`` gets for a contender: a name, or a strategy object."""
+    if name == "nomask":
+        from foundry_kernel.training._strategy import FusedLinearLoss
+
+        return DropFullMask(FusedLinearLoss(project_teacher=True))
+    return name
+
+
 def foundry_trainer(
     w: Workload,
     *,
-    fused: bool = False,
-    drop_mask: bool = False,
+    strategy: str = "auto",
     on_metrics: Callable[[int, dict[str, float]], None],
     ctx: Any = None,
     max_steps: int | None = None,
     distill: bool = True,
+    device: str = "cpu",
 ) -> Any:
-    """Our Trainer on the workload (``fused``/``drop_mask``: with the proposed changes, see
-    :func:`trainer_class`; ``distill=False``: the cross-entropy-only student step)."""
+    """Our Trainer on the workload with loss strategy ``strategy`` (``auto``, ``fused``,
+    ``logits`` or ``nomask``, see :func:`strategy_for`); ``distill=False``: the
+    cross-entropy-only student step."""
     from foundry_kernel._context import RunContext
     from foundry_kernel.data._blocks import DataBundle, TokenBlocks
     from foundry_kernel.training._losses import LossSpec
@@ -273,99 +321,22 @@ def foundry_trainer(
         ckpt_every=None,
         max_grad_norm=1.0,
         loss=LossSpec(kind="forward_kl", temperature=1.0, ce_weight=0.0) if distill else None,
+        loss_strategy=strategy_for(strategy),
         seed=cfg.seed,
     )
-    cls = trainer_class(fused=fused, drop_mask=drop_mask) if fused or drop_mask else Trainer
-    return cls(
-        w.student(),
+    return Trainer(
+        w.student().to(device),
         DataBundle(train=train, val=val, report={}),
         plan,
         ctx=ctx if ctx is not None else RunContext(),
         on_metrics=on_metrics,
-        teacher=w.teacher() if distill else None,
+        teacher=w.teacher().to(device) if distill else None,
         vocab_size=cfg.student.vocab,
     )
 
 
-_VARIANTS: dict[tuple[bool, bool], Any] = {}
-
-
-def trainer_class(*, fused: bool, drop_mask: bool) -> Any:
-    """``Trainer`` with the proposed engine changes applied by overriding ``_micro_step``
-    (the engine itself is not modified):
-
-    ``fused``      the micro-step runs the backbones only (``model.base_model``, final norm
-                   included) and ``fused_linear_distillation_loss`` projects student and
-                   teacher hidden states with their lm_head weights chunk by chunk, so
-                   neither model's ``[batch, seq, vocab]`` logits exist.
-    ``drop_mask``  an attention mask that is all ones (Foundry's packed blocks) is not
-                   passed to the models: it changes nothing in the result, but with a mask
-                   transformers hands SDPA an explicit ``[batch, 1, seq, seq]`` bias instead
-                   of using its causal kernel.
-    """
-    key = (fused, drop_mask)
-    if key in _VARIANTS:
-        return _VARIANTS[key]
-    from foundry_kernel.teachers._interface import HFTeacher
-    from foundry_kernel.training._losses import fused_linear_distillation_loss
-    from foundry_kernel.training._precision import autocast
-    from foundry_kernel.training._trainer import Trainer
-
-    class ProposedTrainer(Trainer):
-        def _micro_step(
-            self,
-            idx: torch.Tensor | None,
-            ids: torch.Tensor,
-            mask: torch.Tensor,
-            target: torch.Tensor,
-            n_valid: int,
-            *,
-            on_policy: bool = False,
-        ) -> dict[str, float]:
-            attn: torch.Tensor | None = mask
-            if drop_mask and bool(mask.all()):
-                attn = None
-            if not fused or self.plan.loss is None or self.teacher is None:
-                mask_or_none: Any = attn  # None is fine for the models, not for the stubs
-                return super()._micro_step(
-                    idx, ids, mask_or_none, target, n_valid, on_policy=on_policy
-                )
-            assert isinstance(self.teacher, HFTeacher)  # the fused path needs its weights
-            teacher = self.teacher.model
-            with autocast(self.device, self.plan.amp_dtype):
-                hidden = self.model.base_model(input_ids=ids, attention_mask=attn)[0]
-            t_amp = getattr(self.plan, "teacher_amp_dtype", self.plan.amp_dtype)
-            with torch.no_grad(), autocast(self.device, t_amp):
-                t_hidden = teacher.base_model(input_ids=ids, attention_mask=attn)[0]
-            s_head = self.model.get_output_embeddings()
-            t_head = teacher.get_output_embeddings()
-            out = fused_linear_distillation_loss(
-                hidden,
-                s_head.weight,
-                t_hidden,
-                target,
-                self.plan.loss,
-                student_bias=s_head.bias,
-                teacher_weight=t_head.weight,
-                teacher_bias=t_head.bias,
-                num_valid_tokens=n_valid,
-                vocab_size=self.vocab_size,
-            )
-            out.total.backward()
-            return {"loss": out.total.item(), "kd": out.kd.item(), "ce": out.ce.item()}
-
-    ProposedTrainer.__name__ = f"ProposedTrainer(fused={fused}, drop_mask={drop_mask})"
-    _VARIANTS[key] = ProposedTrainer
-    return ProposedTrainer
-
-
 def run_foundry(
-    w: Workload,
-    clock: StepClock,
-    *,
-    fused: bool = False,
-    drop_mask: bool = False,
-    distill: bool = True,
+    w: Workload, clock: StepClock, *, strategy: str = "auto", distill: bool = True
 ) -> None:
     """Our loop; a step ends when its metrics are reported (the report is part of it)."""
 
@@ -373,7 +344,8 @@ def run_foundry(
         if "train/loss" in values:
             clock.tick(values["train/loss"])
 
-    trainer = foundry_trainer(w, fused=fused, drop_mask=drop_mask, on_metrics=sink, distill=distill)
+    trainer = foundry_trainer(w, strategy=strategy, on_metrics=sink, distill=distill)
+    clock.info["loss_strategy"] = trainer.loss_strategy.as_dict()
     clock.begin()
     trainer.fit()
 
@@ -501,12 +473,8 @@ def run_plain(w: Workload, clock: StepClock) -> None:
 
 
 def run_contender(name: str, w: Workload, clock: StepClock) -> None:
-    if name == "foundry":
-        run_foundry(w, clock)
-    elif name == "foundry_nomask":
-        run_foundry(w, clock, drop_mask=True)
-    elif name == "foundry_proposed":
-        run_foundry(w, clock, fused=True, drop_mask=True)
+    if name in STRATEGIES:
+        run_foundry(w, clock, strategy=STRATEGIES[name])
     elif name == "trl":
         with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
             run_trl(w, clock, output_dir=tmp)
@@ -516,7 +484,7 @@ def run_contender(name: str, w: Workload, clock: StepClock) -> None:
         raise ValueError(f"unknown throughput contender {name!r}")
 
 
-# --------------------------------------------------------------------------- the benchmark
+# --------------------------------------------------------------------------- timing
 
 
 def measure(
@@ -531,6 +499,7 @@ def measure(
     n = cfg.warmup + cfg.steps
     timed: dict[str, list[float]] = {c: [] for c in contenders}
     first_loss: dict[str, float] = {}
+    info: dict[str, dict[str, Any]] = {}
     errors: dict[str, str] = {}
     for r in range(cfg.rounds):
         live = [c for c in contenders if c not in errors]
@@ -561,6 +530,7 @@ def measure(
             timed[name].extend(d[cfg.warmup : n])
             if clocks[name].losses:
                 first_loss.setdefault(name, clocks[name].losses[0])
+            info.setdefault(name, clocks[name].info)
             if printer:
                 ms = median(d[cfg.warmup : n]) * 1000
                 printer(f"  round {r + 1}: {name:14s} median step {ms:8.1f} ms")
@@ -575,8 +545,111 @@ def measure(
             "step_s": step,
             "tokens_per_s": cfg.tokens_per_step / step["median"],
             "first_loss": first_loss.get(name),
+            **info.get(name, {}),
         }
     return out
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def step_memory(
+    name: str, cfg: StepConfig, *, steps: int = 3, device: str = "cpu"
+) -> dict[str, Any]:
+    """Peak memory growth of training steps 2..``steps`` of foundry contender ``name``, in
+    this process: measured from the end of step 1 (so one-time lazy initialisation and the
+    AdamW state are not counted) to the end of the last step's report (so the evaluation
+    after the last step, which always uses logits, is not counted either). What remains is
+    one step's transients: activations, logits (or their chunks), gradients."""
+    from bench.common import CpuMeter, CudaMeter
+
+    w = make_workload(cfg)
+    meter: Any = CudaMeter(torch.device(device)) if device == "cuda" else CpuMeter()
+    peak: dict[str, int] = {}
+
+    def sink(step: int, values: dict[str, float]) -> None:
+        if "train/loss" not in values:
+            return
+        if step == 1:
+            meter.start()
+        elif step == steps:
+            peak["bytes"] = meter.peak()
+
+    trainer = foundry_trainer(
+        w, strategy=STRATEGIES[name], on_metrics=sink, max_steps=steps, device=device
+    )
+    t0 = time.perf_counter()
+    trainer.fit()
+    return {
+        "status": "ok",
+        "peak_bytes": peak["bytes"],
+        "method": meter.method,
+        "steps_measured": steps - 1,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "loss_strategy": trainer.loss_strategy.as_dict(),
+    }
+
+
+def measure_memory(
+    names: Sequence[str],
+    *,
+    quick: bool,
+    threads: int | None = None,
+    device: str = "cpu",
+    printer: Printer | None = None,
+) -> dict[str, dict[str, Any]]:
+    """:func:`step_memory` of each foundry contender, each in a fresh child process."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    out: dict[str, dict[str, Any]] = {}
+    for name in (n for n in names if n in STRATEGIES):
+        cmd = [sys.executable, "-m", "bench.throughput", "--memory", name, "--device", device]
+        cmd += ["--quick"] if quick else []
+        cmd += ["--threads", str(threads)] if threads else []
+        try:
+            proc = subprocess.run(
+                cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900, check=False
+            )
+        except subprocess.TimeoutExpired:
+            out[name] = {"status": "timeout", "note": "ran past 900 s"}
+            continue
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)]
+        if lines:
+            out[name] = json.loads(lines[-1][len(RESULT_MARK) :])
+        else:
+            note = f"child exited {proc.returncode}: {proc.stderr.strip()[-300:]}"
+            out[name] = {"status": "error", "note": note}
+        if printer and out[name]["status"] == "ok":
+            printer(f"  memory: {name:14s} peak {fmt_bytes(out[name]['peak_bytes'])}")
+    return out
+
+
+def _memory_main(argv: Sequence[str] | None = None) -> int:
+    """Child side of :func:`measure_memory`: one contender, one JSON line on stdout."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m bench.throughput")
+    p.add_argument("--memory", required=True, choices=sorted(STRATEGIES))
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = in_worker_thread(step_memory, args.memory, config_for(args.quick), device=args.device)
+    print(RESULT_MARK + json.dumps(result), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- the benchmark
 
 
 def run(
@@ -586,6 +659,7 @@ def run(
     steps: int | None = None,
     warmup: int | None = None,
     rounds: int | None = None,
+    memory: bool = True,
     printer: Printer = print,
 ) -> dict[str, Any]:
     cfg = config_for(quick, steps=steps, warmup=warmup, rounds=rounds)
@@ -601,18 +675,28 @@ def run(
         f"{cfg.rounds} round(s) x ({cfg.warmup} warm-up + {cfg.steps} timed) steps"
     )
     results = measure(cfg, names, printer, w)
+    threads = torch.get_num_threads()
+    mem = measure_memory(names, quick=quick, threads=threads, printer=printer) if memory else {}
     tps = {n: r.get("tokens_per_s") for n, r in results.items()}
+    peak = {n: m.get("peak_bytes") for n, m in mem.items()}
     ratios = {
         "foundry_vs_trl": ratio(tps.get("foundry"), tps.get("trl")),
         "foundry_vs_plain": ratio(tps.get("foundry"), tps.get("plain")),
+        "foundry_vs_foundry_logits": ratio(tps.get("foundry"), tps.get("foundry_logits")),
         "foundry_nomask_vs_foundry": ratio(tps.get("foundry_nomask"), tps.get("foundry")),
-        "foundry_proposed_vs_foundry": ratio(tps.get("foundry_proposed"), tps.get("foundry")),
-        "foundry_proposed_vs_trl": ratio(tps.get("foundry_proposed"), tps.get("trl")),
-        "foundry_proposed_vs_plain": ratio(tps.get("foundry_proposed"), tps.get("plain")),
+        "foundry_logits_vs_trl": ratio(tps.get("foundry_logits"), tps.get("trl")),
+        "memory_foundry_vs_foundry_logits": ratio(peak.get("foundry"), peak.get("foundry_logits")),
     }
+    logits_bytes = cfg.tokens_per_step * cfg.student.vocab * 4
     return {
-        "config": {**cfg.to_dict(), "params": params, "threads": torch.get_num_threads()},
+        "config": {
+            **cfg.to_dict(),
+            "params": params,
+            "threads": torch.get_num_threads(),
+            "logits_bytes": logits_bytes,
+        },
         "results": results,
+        "memory": mem,
         "ratios": ratios,
         "targets": _targets(ratios),
     }
@@ -628,30 +712,38 @@ def _targets(ratios: dict[str, float | None]) -> dict[str, Any]:
 
 def render(section: dict[str, Any]) -> str:
     res = section["results"]
+    mem = section.get("memory", {})
     tps = {n: r.get("tokens_per_s") for n, r in res.items()}
     rows = []
     for name, r in res.items():
         if r["status"] != "ok":
-            rows.append([name, r["status"], "-", "-", "-", "-", r.get("note", "")[:60]])
+            rows.append([name, r["status"], "-", "-", "-", "-", "-", "-", r.get("note", "")[:60]])
             continue
         s = r["step_s"]
+        m = mem.get(name, {})
         rows.append(
             [
                 name,
+                r.get("loss_strategy", {}).get("strategy", "-"),
                 f"{r['tokens_per_s']:,.0f}",
                 f"{s['median'] * 1000:.1f} ms",
                 f"{s['min'] * 1000:.0f}-{s['max'] * 1000:.0f} ms (n={s['n']})",
                 fmt_ratio(ratio(tps[name], tps.get("trl"))),
                 fmt_ratio(ratio(tps[name], tps.get("plain"))),
+                fmt_bytes(m.get("peak_bytes")) if m.get("status") == "ok" else "-",
                 "-" if r.get("first_loss") is None else f"{r['first_loss']:.6f}",
             ]
         )
-    t = section["targets"]
+    t, ratios = section["targets"], section["ratios"]
+    speed = fmt_ratio(ratios.get("foundry_vs_foundry_logits"))
+    memory = fmt_ratio(ratios.get("memory_foundry_vs_foundry_logits"))
+    logits = fmt_bytes(section["config"]["logits_bytes"])
+    headers = ["contender", "strategy", "tokens/s", "median step", "range", "vs TRL",
+               "vs plain", "peak memory", "first loss"]  # fmt: skip
     lines = [
-        table(
-            ["contender", "tokens/s", "median step", "range", "vs TRL", "vs plain", "first loss"],
-            rows,
-        ),
+        table(headers, rows),
+        f"fused (foundry) vs logits strategy: {speed} throughput, {memory} peak memory "
+        f"(one [batch, seq, vocab] fp32 logits tensor: {logits})",
         f"targets: >= 1.3x TRL: {_yn(t['foundry_vs_trl_at_least_1.3x'])}; "
         f"within 10% of plain: {_yn(t['foundry_within_10pct_of_plain'])}",
     ]
@@ -660,3 +752,9 @@ def render(section: dict[str, Any]) -> str:
 
 def _yn(v: bool | None) -> str:
     return "n/a" if v is None else ("met" if v else "MISSED")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_memory_main())

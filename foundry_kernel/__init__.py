@@ -34,6 +34,11 @@ _EXPORTS = {
     "run_sync": "foundry_kernel.run._control",
     "start": "foundry_kernel.run._control",
     "RunStore": "foundry_kernel.store",
+    "LossOutput": "foundry_kernel.training._losses",
+    "LossSetup": "foundry_kernel.training._strategy",
+    "LossStrategy": "foundry_kernel.training._strategy",
+    "MicroBatch": "foundry_kernel.training._strategy",
+    "fused_eligibility": "foundry_kernel.training._strategy",
 }
 
 __all__ = [
@@ -41,10 +46,15 @@ __all__ = [
     "ConfigError",
     "Event",
     "FoundryError",
+    "LossOutput",
+    "LossSetup",
+    "LossStrategy",
+    "MicroBatch",
     "RunConfig",
     "RunHandle",
     "RunState",
     "RunStore",
+    "fused_eligibility",
     "get",
     "json_schema",
     "list_runs",
@@ -67,6 +77,13 @@ if TYPE_CHECKING:
         start,
     )
     from foundry_kernel.store import RunStore
+    from foundry_kernel.training._losses import LossOutput
+    from foundry_kernel.training._strategy import (
+        LossSetup,
+        LossStrategy,
+        MicroBatch,
+        fused_eligibility,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -281,6 +281,14 @@ class LossConfig(_Section):
         description="With top_k: keep the missing mass as a (k+1)-th 'tail' bucket, or "
         "renormalise both distributions over the teacher's top-k.",
     )
+    strategy: Literal["auto", "fused", "logits"] = Field(
+        "auto",
+        description="How a training step computes its loss (every phase): 'fused' projects "
+        "the final hidden states through the lm_head chunk by chunk, so the [batch, seq, "
+        "vocab] logits never exist; 'logits' scores the model's logits; 'auto' is fused "
+        "where the model allows it (plain lm_head, no logit soft-capping or scaling) and "
+        "logits otherwise, recording why in the summary.",
+    )
 
 
 class SequenceConfig(_Section):

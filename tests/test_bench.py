@@ -114,14 +114,34 @@ def test_throughput_section(quick: tuple[dict[str, Any], str]) -> None:
     cfg = section["config"]
     assert cfg["tokens_per_step"] == cfg["batch"] * cfg["seq_len"]
     assert _positive(cfg["params"]["teacher"]) and _positive(cfg["params"]["student"])
-    for name in ("foundry", "foundry_nomask", "foundry_proposed", "trl", "plain"):
+    for name in ("foundry", "foundry_logits", "foundry_nomask", "trl", "plain"):
         r = section["results"][name]
         assert r["status"] == "ok", r
         assert _positive(r["tokens_per_s"])
         assert r["step_s"]["n"] == cfg["timed_steps_per_round"] * cfg["rounds"]
         assert _positive(r["first_loss"])
-    for key in ("foundry_vs_trl", "foundry_vs_plain", "foundry_proposed_vs_foundry"):
+    # The strategies are compared through the Trainer's public switch, and it is honoured:
+    # the default (auto) picks the fused loss for these Llama models.
+    chosen = {n: section["results"][n]["loss_strategy"] for n in ("foundry", "foundry_logits")}
+    assert chosen["foundry"]["strategy"] == "fused" and chosen["foundry"]["requested"] == "auto"
+    assert chosen["foundry_logits"]["strategy"] == "logits"
+    assert section["results"]["foundry_nomask"]["loss_strategy"]["strategy"] == "fused+nomask"
+    # Same weights, same data, same loss: the strategies start from the same loss value.
+    first = {n: section["results"][n]["first_loss"] for n in ("foundry", "foundry_logits")}
+    assert first["foundry"] == pytest.approx(first["foundry_logits"], rel=1e-5)
+    for name in ("foundry", "foundry_logits", "foundry_nomask"):
+        m = section["memory"][name]
+        assert m["status"] == "ok", m
+        assert _positive(m["peak_bytes"]) and m["method"] in ("VmHWM", "ru_maxrss")
+    assert section["memory"]["foundry"]["loss_strategy"]["strategy"] == "fused"
+    for key in (
+        "foundry_vs_trl",
+        "foundry_vs_plain",
+        "foundry_vs_foundry_logits",
+        "memory_foundry_vs_foundry_logits",
+    ):
         assert _positive(section["ratios"][key])
+    assert "fused (foundry) vs logits strategy:" in quick[1]
     assert set(section["targets"]) == {
         "foundry_vs_trl_at_least_1.3x",
         "foundry_within_10pct_of_plain",

@@ -15,12 +15,17 @@ import torch
 from torch import Tensor
 
 from foundry_kernel.errors import ConfigError
+from foundry_kernel.teachers._targets import SparseTargets
 from foundry_kernel.training._losses import (
     IGNORE_INDEX,
     LossKind,
     LossSpec,
+    SparseMass,
     distillation_loss,
+    fused_linear_cross_entropy,
     fused_linear_distillation_loss,
+    fused_linear_sparse_distillation_loss,
+    sparse_distillation_loss,
     token_divergence,
 )
 
@@ -563,6 +568,122 @@ def test_fused_linear_shape_errors() -> None:
         fused_linear_distillation_loss(h, w[:, :5], torch.randn(4, 10), labels, LossSpec())
     with pytest.raises(ConfigError, match="vocab"):
         fused_linear_distillation_loss(h, w, torch.randn(4, 11, dtype=F64), labels, LossSpec())
+
+
+@pytest.mark.parametrize("mass", ["tail", "renormalize"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_linear_sparse_equals_sparse_loss_on_projected_logits(
+    kind: LossKind, mass: SparseMass
+) -> None:
+    """The fused sparse loss is the sparse loss over ``h @ W.T + b``: value and the
+    gradients wrt hidden states, weight and bias, over several chunks, masked rows and a
+    padded student vocabulary (16 rows, 13 real)."""
+    spec = LossSpec(kind=kind, beta=0.4, ce_weight=0.25, temperature=1.5, chunk_tokens=4)
+    h, w, b = make_linear(31, 2 * 9, 8, 16)
+    h3 = leaf_copy(h.detach().view(2, 9, 8))
+    g = torch.Generator().manual_seed(5)
+    t_logits = 2.0 * torch.randn(2, 9, 13, generator=g, dtype=F64)
+    targets = SparseTargets.from_logits(t_logits, 5)
+    labels = torch.randint(0, 13, (2, 9), generator=g)
+    labels[1, :3] = IGNORE_INDEX
+    fused = fused_linear_sparse_distillation_loss(
+        h3, w, targets, labels, spec, student_bias=b, mass=mass, num_valid_tokens=20, vocab_size=13
+    )
+    fused.total.backward()
+    h_ref, w_ref, b_ref = leaf_copy(h3), leaf_copy(w), leaf_copy(b)
+    plain = sparse_distillation_loss(
+        h_ref @ w_ref.T + b_ref, targets, labels, spec, mass=mass, num_valid_tokens=20,
+        vocab_size=13,
+    )  # fmt: skip
+    plain.total.backward()
+    for part in ("total", "kd", "ce"):
+        assert_close(getattr(fused, part), getattr(plain, part))
+    assert_close(grad(h3), grad(h_ref))
+    assert_close(grad(w), grad(w_ref))
+    assert_close(grad(b), grad(b_ref))
+    assert torch.equal(grad(w)[13:], torch.zeros_like(grad(w)[13:]))
+    assert fused.n_tokens == plain.n_tokens == 15
+
+
+def test_fused_linear_sparse_refuses_what_the_sparse_loss_refuses() -> None:
+    h, w, _ = make_linear(32, 6, 8, 10)
+    targets = SparseTargets.from_logits(torch.randn(1, 6, 10, dtype=F64), 3)
+    labels = torch.zeros(1, 6, dtype=torch.long)
+    with pytest.raises(ConfigError, match="positions"):
+        fused_linear_sparse_distillation_loss(h.view(2, 3, 8), w, targets, labels.view(2, 3),
+                                              LossSpec())  # fmt: skip
+    with pytest.raises(ConfigError, match=r"\[0, 4\)"):
+        fused_linear_sparse_distillation_loss(
+            h.view(1, 6, 8), w, targets, labels, LossSpec(), vocab_size=4
+        )
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_linear_cross_entropy_equals_torch_cross_entropy(bias: bool) -> None:
+    """Plain CE through the lm_head, chunk by chunk, equals ``F.cross_entropy`` on the full
+    logits (sum over valid tokens / the accumulation window's count), gradients included."""
+    h, w, b = make_linear(33, 3 * 7, 8, 16)
+    h3 = leaf_copy(h.detach().view(3, 7, 8))
+    labels = torch.randint(0, 11, (3, 7), generator=torch.Generator().manual_seed(6))
+    labels[0, :4] = IGNORE_INDEX
+    labels[2, -2:] = IGNORE_INDEX
+    out = fused_linear_cross_entropy(
+        h3, w, labels, bias=b if bias else None, num_valid_tokens=30, vocab_size=11,
+        chunk_tokens=4,
+    )  # fmt: skip
+    out.total.backward()
+    h_ref, w_ref, b_ref = leaf_copy(h3), leaf_copy(w), leaf_copy(b)
+    logits = h_ref @ w_ref.T + (b_ref if bias else 0.0)
+    ref = torch.nn.functional.cross_entropy(
+        logits[..., :11].flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    ) / 30  # fmt: skip
+    ref.backward()
+    assert_close(out.total, ref)
+    assert_close(out.ce, ref)
+    assert float(out.kd) == 0.0
+    assert out.n_tokens == 15
+    assert_close(grad(h3), grad(h_ref))
+    assert_close(grad(w), grad(w_ref))
+    if bias:
+        assert_close(grad(b), grad(b_ref))
+    else:
+        assert b.grad is None
+
+
+def kept_bytes(fn: Any) -> tuple[int, Any]:
+    """Bytes of the tensors autograd saved while running ``fn()`` that are still alive once
+    it returned (a chunk's local graph, built and dropped inside the call, is not kept)."""
+    import gc
+    import weakref
+
+    refs: list[weakref.ref[Tensor]] = []
+
+    def pack(x: Tensor) -> Tensor:
+        refs.append(weakref.ref(x))
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = fn()
+    gc.collect()
+    alive = {id(t): t for r in refs if (t := r()) is not None}
+    return sum(t.numel() * t.element_size() for t in alive.values()), out
+
+
+def test_fused_sparse_and_ce_keep_no_vocab_sized_activation() -> None:
+    n, hid, vocab = 256, 32, 4096
+    h, w, _ = (x.detach().float().requires_grad_() for x in make_linear(34, n, hid, vocab))
+    h3 = h.detach().view(1, n, hid).requires_grad_()
+    labels = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(7))
+    targets = SparseTargets.from_logits(torch.randn(1, n, vocab), 8)
+    spec = LossSpec(kind="forward_kl", chunk_tokens=64)
+    expected = (n * hid + vocab * hid) * 4  # the gradients of hidden and weight, nothing more
+    sparse, out_sparse = kept_bytes(
+        lambda: fused_linear_sparse_distillation_loss(h3, w, targets, labels, spec)
+    )
+    ce, out_ce = kept_bytes(lambda: fused_linear_cross_entropy(h3, w, labels, chunk_tokens=64))
+    assert sparse == ce == expected < n * vocab * 4
+    assert torch.isfinite(out_sparse.total) and torch.isfinite(out_ce.total)
 
 
 # --------------------------------------------------------------------------- memory

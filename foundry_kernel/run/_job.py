@@ -395,6 +395,7 @@ def _train_phase(
         ckpt_dir=job.run_dir / "checkpoints" / phase,
         prefix="" if phase == "distill" else f"{phase}/",
     )
+    job.record(**{f"{phase}_loss_strategy": trainer.loss_strategy.as_dict()})
     trainer.fit(resume=resume)
     job.record(**{f"{phase}_steps": trainer.step, f"{phase}_skipped": trainer.skipped})
 

@@ -5,7 +5,7 @@ Notation: ``p`` is the teacher distribution and ``q`` the student's, both
 per token, then summed over *valid* tokens and divided by a normalizer (see
 :func:`distillation_loss`).
 
-Four entry points:
+Four entry points (and two fused variants, below):
 
 * :func:`token_divergence` - the plain reference path. Dense torch ops, autograd for
   gradients. It exists so the fast paths have something independent to be checked
@@ -21,6 +21,10 @@ Four entry points:
 * :func:`sparse_distillation_loss` - the same divergences against a teacher that only
   gave its top-k log-probabilities (:class:`~foundry_kernel.teachers._targets.SparseTargets`, from
   vLLM or the offline logit cache), compared on the k ids (+ one tail bucket).
+
+:func:`fused_linear_sparse_distillation_loss` and :func:`fused_linear_cross_entropy` are the
+sparse loss and plain hard-label cross-entropy with the lm_head fused in the same way; the
+Trainer's ``fused`` loss strategy (``foundry_kernel.training._strategy``) uses all three.
 
 Gradients used by the chunked paths, with ``z = student_logits / tau`` and, for any
 per-element "gradient wrt probabilities" ``g``, the softmax Jacobian
@@ -60,7 +64,9 @@ __all__ = [
     "LossSpec",
     "SparseMass",
     "distillation_loss",
+    "fused_linear_cross_entropy",
     "fused_linear_distillation_loss",
+    "fused_linear_sparse_distillation_loss",
     "sparse_distillation_loss",
     "token_divergence",
 ]
@@ -644,9 +650,14 @@ def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 class _FusedLinearDistillation(torch.autograd.Function):
     """Student logits are made chunk by chunk from hidden states and never exist in full.
 
-    Saved for backward: the gradients wrt hidden states, lm_head weight and bias (each the
-    size and dtype of its input). The weight gradient is accumulated across chunks in the
-    weight's dtype with addmm (each chunk's product is itself accumulated in fp32 by the
+    Like :class:`_ChunkedDistillation`, the driver is shared: ``teacher_rows(rows)`` gives
+    the teacher's side of a chunk (dense logits, sparse top-k, or nothing for plain
+    cross-entropy) and ``chunk_fn`` that chunk's loss and its gradient wrt the chunk's
+    logits, which is then projected back onto hidden states, weight and bias.
+
+    Saved for backward: the gradients wrt the hidden states, lm_head weight and bias (each
+    the size and dtype of its input). The weight gradient is accumulated across chunks in
+    the weight's dtype with addmm (each chunk's product is itself accumulated in fp32 by the
     matmul), to avoid a second fp32 copy of a vocabulary-sized matrix.
     """
 
@@ -656,7 +667,8 @@ class _FusedLinearDistillation(torch.autograd.Function):
         hidden: Tensor,
         weight: Tensor,
         bias: Tensor | None,
-        teacher: _Teacher,
+        teacher_rows: Callable[[tuple[Tensor, ...]], Any],
+        chunk_fn: Callable[..., tuple[Tensor, Tensor, Tensor | None]],
         plan: _Plan,
     ) -> tuple[Tensor, Tensor, Tensor]:
         v = plan.vocab
@@ -670,12 +682,8 @@ class _FusedLinearDistillation(torch.autograd.Function):
         ce_sum = torch.zeros((), dtype=cdt, device=hidden.device)
         for rows, targets in plan.chunks():
             h_c = hidden[rows].to(weight.dtype)
-            kd_c, ce_c, g = _chunk_loss_and_grad(
-                _project(h_c, w_v, b_v),
-                teacher.logits(rows, v),
-                targets,
-                plan,
-                with_grad=with_grad,
+            kd_c, ce_c, g = chunk_fn(
+                _project(h_c, w_v, b_v), teacher_rows(rows), targets, plan, with_grad=with_grad
             )
             kd_sum += kd_c
             ce_sum += ce_c
@@ -696,12 +704,13 @@ class _FusedLinearDistillation(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_total: Tensor, _grad_kd: Tensor, _grad_ce: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
         grad_h, grad_w, grad_b = ctx.saved_tensors
         return (
             _scale_grad(grad_h, grad_total),
             _scale_grad(grad_w, grad_total),
             _scale_grad(grad_b, grad_total),
+            None,
             None,
             None,
         )
@@ -761,7 +770,12 @@ def fused_linear_distillation_loss(
         None if teacher_bias is None else teacher_bias.detach(),
     )
     total, kd, ce = _FusedLinearDistillation.apply(
-        student_hidden, student_weight, student_bias, side, plan
+        student_hidden,
+        student_weight,
+        student_bias,
+        lambda rows: side.logits(rows, v),
+        _chunk_loss_and_grad,
+        plan,
     )
     return LossOutput(total=total, kd=kd, ce=ce, n_tokens=plan.n_rows)
 
@@ -970,5 +984,92 @@ def sparse_distillation_loss(
     plan = _Plan(spec, rows, labels_v, v, _normalizer(num_valid_tokens, labels_v.numel()))
     total, kd, ce = _ChunkedDistillation.apply(
         student_logits, teacher.rows, _sparse_chunk_loss_and_grad, plan
+    )
+    return LossOutput(total=total, kd=kd, ce=ce, n_tokens=plan.n_rows)
+
+
+def fused_linear_sparse_distillation_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    targets: SparseTargets,
+    labels: Tensor,
+    spec: LossSpec,
+    *,
+    student_bias: Tensor | None = None,
+    mass: SparseMass = "tail",
+    num_valid_tokens: int | Tensor | None = None,
+    vocab_size: int | None = None,
+) -> LossOutput:
+    """:func:`sparse_distillation_loss` with the student's lm_head fused in.
+
+    ``student_hidden`` ``[B, T, H]`` and ``student_weight`` ``[V, H]`` (+ ``student_bias``)
+    replace the student logits; each chunk's logits are projected, scored against the
+    teacher's top-k exactly as the unfused loss does, and dropped, so the student's
+    ``[B, T, V]`` logits never exist. Same validation, same value, same gradients.
+    """
+    _check_linear(student_hidden, student_weight, student_bias, "student")
+    width = student_weight.shape[0]
+    v = _resolve_vocab(width, width, vocab_size)
+    lead = student_hidden.shape[:-1]
+    teacher = _sparse_teacher(targets, lead, mass, student_hidden.device)
+    rows, labels_v = _valid_rows(labels.to(student_hidden.device), lead, v)
+    _check_sparse_ids(teacher.ids[rows], v)
+    plan = _Plan(spec, rows, labels_v, v, _normalizer(num_valid_tokens, labels_v.numel()))
+    total, kd, ce = _FusedLinearDistillation.apply(
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher.rows,
+        _sparse_chunk_loss_and_grad,
+        plan,
+    )
+    return LossOutput(total=total, kd=kd, ce=ce, n_tokens=plan.n_rows)
+
+
+# --------------------------------------------------------------------------- plain cross-entropy
+
+
+def _ce_chunk_loss_and_grad(
+    student: Tensor, _teacher: None, targets: Tensor, plan: _Plan, *, with_grad: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """CE sum of one chunk and its gradient ``(softmax - onehot) / normalizer``; no KD term."""
+    s = student.to(_compute_dtype(student))
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    ce_sum = (lse.squeeze(-1) - s.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).sum()
+    kd_sum = torch.zeros((), dtype=s.dtype, device=s.device)
+    if not with_grad:
+        return kd_sum, ce_sum, None
+    grad = (s - lse).exp_().mul_(plan.ce_coef)
+    rows = torch.arange(grad.shape[0], device=grad.device)
+    grad[rows, targets] -= plan.ce_coef
+    return kd_sum, ce_sum, grad
+
+
+def fused_linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    num_valid_tokens: int | Tensor | None = None,
+    vocab_size: int | None = None,
+    chunk_tokens: int = 1024,
+) -> LossOutput:
+    """Hard-label cross-entropy through the lm_head, chunk by chunk (no teacher).
+
+    What ``F.cross_entropy(hidden @ weight.T + bias, labels, ignore_index=IGNORE_INDEX,
+    reduction="sum") / num_valid_tokens`` computes, without the ``[..., V]`` logits: the
+    CE-only baseline and the built-in teacher's training use it under the fused strategy.
+    ``total`` and ``ce`` are that value; ``kd`` is 0.
+    """
+    _check_linear(hidden, weight, bias, "model")
+    width = weight.shape[0]
+    v = _resolve_vocab(width, width, vocab_size)
+    lead = hidden.shape[:-1]
+    rows, targets = _valid_rows(labels.to(hidden.device), lead, v)
+    spec = LossSpec(ce_weight=1.0, chunk_tokens=chunk_tokens)
+    plan = _Plan(spec, rows, targets, v, _normalizer(num_valid_tokens, targets.numel()))
+    total, kd, ce = _FusedLinearDistillation.apply(
+        hidden, weight, bias, lambda rows: None, _ce_chunk_loss_and_grad, plan
     )
     return LossOutput(total=total, kd=kd, ce=ce, n_tokens=plan.n_rows)

@@ -6,6 +6,11 @@ baseline use the very same loop). It reports through a metrics callback and
 the run context's events, never by printing, and it checkpoints everything
 needed for a resumed run to follow exactly the trajectory of an
 uninterrupted one: weights, AdamW state, batch position and RNG.
+
+How one micro-batch becomes a loss is not the loop's business but a
+:class:`~foundry_kernel.training._strategy.LossStrategy` chosen by ``plan.loss_strategy``
+(``loss.strategy``): fused-linear where the model allows it, logits otherwise. The choice
+and its reason are ``Trainer.loss_strategy``; the run's summary records them.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from foundry_kernel._context import RunContext
@@ -29,11 +33,16 @@ from foundry_kernel.config import RunConfig
 from foundry_kernel.data._blocks import BatchSampler, DataBundle
 from foundry_kernel.errors import DivergenceError, RunCancelled, RunTimeout
 from foundry_kernel.teachers._interface import Teacher, as_teacher, sample_continuations
-from foundry_kernel.teachers._targets import SparseTargets
 from foundry_kernel.training._checkpoint import load_latest, save_checkpoint
 from foundry_kernel.training._evaluate import evaluate_lm, shift_labels
-from foundry_kernel.training._losses import LossSpec, distillation_loss, sparse_distillation_loss
-from foundry_kernel.training._precision import autocast
+from foundry_kernel.training._losses import LossSpec
+from foundry_kernel.training._strategy import (
+    LossSetup,
+    LossStrategy,
+    MicroBatch,
+    StrategyChoice,
+    choose_strategy,
+)
 
 log = logging.getLogger("foundry.train")
 MetricsSink = Callable[[int, dict[str, float]], None]
@@ -67,6 +76,9 @@ class TrainPlan:
     gradient_checkpointing: bool = False
     loss: LossSpec | None = None  # None: plain cross-entropy (no teacher needed)
     sparse_mass: str = "tail"  # how top-k teacher targets treat the missing mass
+    # How a micro-step turns a batch into a loss (see training._strategy): "auto" (fused
+    # where the model allows it, else logits), "fused", "logits", or a LossStrategy object.
+    loss_strategy: str | LossStrategy = "auto"
     on_policy: OnPolicyPlan | None = None
     eval_every: int = 100
     eval_max_batches: int | None = None
@@ -110,6 +122,7 @@ class TrainPlan:
             )
         return cls(
             sparse_mass=lo.top_k_mass,
+            loss_strategy=lo.strategy,
             on_policy=on_policy,
             max_steps=cfg.limits.max_steps,
             batch_size=o.batch_size,
@@ -179,6 +192,37 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         if plan.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        self.loss_strategy = self._choose_strategy()
+        self._setup, self._on_policy_setup = self._loss_setups()
+
+    def _choose_strategy(self) -> StrategyChoice:
+        """Resolve ``plan.loss_strategy`` for this model and teacher (a ConfigError for an
+        explicit ``fused`` the model cannot take), and say which it is and why."""
+        choice = choose_strategy(self.plan.loss_strategy, self.model, self.teacher)
+        where = self.prefix.rstrip("/") or "training"
+        log.info("%s loss strategy: %s (%s)", where, choice.name, choice.reason)
+        if choice.fell_back:
+            self.ctx.emit(
+                "alert",
+                level="info",
+                message=f"{where}: loss strategy {choice.name}, {choice.reason}",
+            )
+        return choice
+
+    def _loss_setups(self) -> tuple[LossSetup, LossSetup]:
+        """What the strategy is handed: for ordinary steps, and for on-policy steps, whose
+        hard labels (the student's own samples) would teach it nothing new (ce_weight 0)."""
+        spec = self.plan.loss
+        setup = LossSetup(
+            model=self.model,
+            teacher=self.teacher,
+            spec=spec,
+            sparse_mass=self.plan.sparse_mass,  # type: ignore[arg-type]  # checked by the config
+            vocab_size=self.vocab_size,
+            amp_dtype=self.plan.amp_dtype,
+        )
+        on_policy = None if spec is None else dataclasses.replace(spec, ce_weight=0.0)
+        return setup, dataclasses.replace(setup, spec=on_policy)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         """AdamW; norms and biases (1-D tensors) are not decayed."""
@@ -377,34 +421,10 @@ class Trainer:
         *,
         on_policy: bool = False,
     ) -> dict[str, float]:
-        with autocast(self.device, self.plan.amp_dtype):
-            logits = self.model(input_ids=ids, attention_mask=mask).logits
-        if self.plan.loss is None:
-            flat = logits[..., : self.vocab_size].float().flatten(0, 1)
-            loss = F.cross_entropy(flat, target.flatten(), ignore_index=-100, reduction="sum")
-            loss = loss / n_valid
-            loss.backward()
-            value = loss.item()
-            return {"loss": value, "ce": value}
-        assert self.teacher is not None
-        spec = self.plan.loss
-        if on_policy:  # hard labels on the student's own samples would teach it nothing new
-            spec = dataclasses.replace(spec, ce_weight=0.0)
-        signal = self.teacher.signal(idx, ids, mask)
-        if isinstance(signal, SparseTargets):
-            out = sparse_distillation_loss(
-                logits,
-                signal,
-                target,
-                spec,
-                mass=self.plan.sparse_mass,  # type: ignore[arg-type]  # checked by the config
-                num_valid_tokens=n_valid,
-                vocab_size=self.vocab_size,
-            )
-        else:
-            out = distillation_loss(
-                logits, signal, target, spec, num_valid_tokens=n_valid, vocab_size=self.vocab_size
-            )
+        """Forward and loss by the phase's strategy, then backward (gradients accumulate)."""
+        batch = MicroBatch(idx, ids, mask, target, n_valid, on_policy=on_policy)
+        setup = self._on_policy_setup if on_policy else self._setup
+        out = self.loss_strategy.strategy(setup, batch)
         out.total.backward()
         return {"loss": out.total.item(), "kd": out.kd.item(), "ce": out.ce.item()}
 
