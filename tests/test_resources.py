@@ -340,3 +340,17 @@ def test_sampler_sees_a_real_allocation_and_numbers_from_start_index() -> None:
 def test_sampler_rejects_a_zero_interval() -> None:
     with pytest.raises(ValueError, match="interval_s"):
         MemorySampler(lambda *_: None, interval_s=0)
+
+
+def test_the_fused_strategy_counts_no_logits() -> None:
+    """The fused loss never materialises student (or projected teacher) logits: the
+    estimate drops them, so the preflight does not refuse runs that fit."""
+    cfg = _config()
+    plain = _estimate(cfg)
+    fused = estimate_memory(
+        cfg, runtime=_runtime(cfg, None), fused_student=True, fused_teacher=True, **SHAPES
+    )
+    assert plain.student_logits > 0 and plain.teacher_logits > 0
+    assert fused.student_logits == 0 and fused.teacher_logits == 0
+    assert fused.loss_chunks == plain.loss_chunks
+    assert fused.total < plain.total

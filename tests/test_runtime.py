@@ -62,6 +62,7 @@ def test_the_preflight_counts_what_training_runs_with(
     cfg = {**tiny_config, "optim": {**tiny_config["optim"], "precision": "bfloat16"}}
     cfg["limits"] = {**cfg.get("limits", {}), "max_steps": 2}
     cfg["eval"] = {**cfg["eval"], "baseline": False}
+    cfg["loss"] = {**cfg.get("loss", {}), "strategy": "logits"}  # logits exist: count them
     handle = run_sync(cfg)
     assert handle.state.value == "completed", handle.error
     summary = handle.result

@@ -158,6 +158,8 @@ def estimate_memory(
     teacher_heads: int | None = None,
     student_heads: int | None = None,
     runtime: Runtime,
+    fused_student: bool = False,
+    fused_teacher: bool = False,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one distillation run (see :class:`MemoryEstimate`).
 
@@ -173,6 +175,9 @@ def estimate_memory(
       is chunked over loss.chunk_tokens, so only ``min(chunk, N) * V * 4`` bytes times
       4-6 fp32 intermediates exist at once; the teacher's [N, V] logits at e_ta;
     - teacher weights e_t * P_t and one layer of its no-grad forward at e_ta;
+    - under the fused loss strategy (``fused_student``; ``fused_teacher`` when an
+      in-process teacher is projected the same way) those logits never exist: only the
+      loss chunks do;
     - eval.baseline trains a second (CE-only) student after distillation: its grads and
       AdamW state replace the freed ones, but the distilled student's weights (4P) stay;
     - on CUDA a fixed context overhead;
@@ -204,10 +209,10 @@ def estimate_memory(
     copies = _CHUNK_COPIES.get(config.loss.kind, _CHUNK_COPIES_MIXTURE)
     transient = {
         "activations": activations,
-        "student_logits": 2 * tokens * vocab_size * e_act,
+        "student_logits": 0 if fused_student else 2 * tokens * vocab_size * e_act,
         "loss_chunks": chunk * vocab_size * 4 * copies,
         "teacher_forward": _layer_activation_bytes(tokens, seq, teacher_hidden, heads_t, e_ta),
-        "teacher_logits": tokens * vocab_size * e_ta,
+        "teacher_logits": 0 if fused_teacher else tokens * vocab_size * e_ta,
     }
     return MemoryEstimate(
         device=kind,
