@@ -54,7 +54,16 @@ from bench.throughput import StepClock, Turns
 from foundry_kernel._context import RunContext
 from foundry_kernel._models import LoadedModel, build_student, load_causal_lm
 from foundry_kernel._runtime import autocast_dtype
-from foundry_kernel.config import DataConfig, StudentConfig, TeacherBuild
+from foundry_kernel.config import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    LimitsConfig,
+    LossConfig,
+    OptimConfig,
+    StudentConfig,
+    TeacherBuild,
+)
 from foundry_kernel.data._blocks import DataBundle, build_data
 from foundry_kernel.paths import default_cache_dir
 from foundry_kernel.teachers._builtin import ensure_builtin_teacher
@@ -68,7 +77,6 @@ from foundry_kernel.teachers._logit_cache import (
     fingerprint_tokens,
 )
 from foundry_kernel.teachers._targets import SparseTargets
-from foundry_kernel.training._losses import LossSpec
 from foundry_kernel.training._trainer import MetricsSink, Trainer, TrainPlan
 
 if TYPE_CHECKING:
@@ -286,17 +294,15 @@ def _trainer(
     sink: MetricsSink,
 ) -> Trainer:
     plan = TrainPlan(
-        max_steps=steps,
-        batch_size=s.cfg.batch,
-        lr=s.cfg.lr,
-        warmup_steps=min(30, max(steps // 10, 1)),
+        optim=OptimConfig(
+            batch_size=s.cfg.batch, lr=s.cfg.lr, warmup_steps=min(30, max(steps // 10, 1))
+        ),
+        limits=LimitsConfig(max_steps=steps),
+        eval=EvalConfig(every_steps=10**9, max_batches=1),
+        checkpoint=CheckpointConfig(every_steps=None),
+        loss=LossConfig(kind="forward_kl", temperature=1.0, ce_weight=0.5, top_k_mass="tail"),
         amp_dtype=s.student_amp,
         teacher_amp_dtype=s.teacher_amp,
-        loss=LossSpec(kind="forward_kl", temperature=1.0, ce_weight=0.5),
-        sparse_mass="tail",
-        eval_every=10**9,
-        eval_max_batches=1,
-        ckpt_every=None,
         seed=s.cfg.seed,
     )
     return Trainer(

@@ -301,8 +301,14 @@ def foundry_trainer(
     ``logits`` or ``nomask``, see :func:`strategy_for`); ``distill=False``: the
     cross-entropy-only student step."""
     from foundry_kernel._context import RunContext
+    from foundry_kernel.config import (
+        CheckpointConfig,
+        EvalConfig,
+        LimitsConfig,
+        LossConfig,
+        OptimConfig,
+    )
     from foundry_kernel.data._blocks import DataBundle, TokenBlocks
-    from foundry_kernel.training._losses import LossSpec
     from foundry_kernel.training._trainer import Trainer, TrainPlan
 
     cfg = w.cfg
@@ -312,15 +318,11 @@ def foundry_trainer(
         input_ids=w.ids[: cfg.batch], attention_mask=ones[: cfg.batch], labels=w.ids[: cfg.batch]
     )
     plan = TrainPlan(
-        max_steps=max_steps or (cfg.warmup + cfg.steps),
-        batch_size=cfg.batch,
-        lr=cfg.lr,
-        warmup_steps=1,
-        eval_every=10**9,
-        eval_max_batches=1,
-        ckpt_every=None,
-        max_grad_norm=1.0,
-        loss=LossSpec(kind="forward_kl", temperature=1.0, ce_weight=0.0) if distill else None,
+        optim=OptimConfig(batch_size=cfg.batch, lr=cfg.lr, warmup_steps=1, max_grad_norm=1.0),
+        limits=LimitsConfig(max_steps=max_steps or (cfg.warmup + cfg.steps)),
+        eval=EvalConfig(every_steps=10**9, max_batches=1),
+        checkpoint=CheckpointConfig(every_steps=None),
+        loss=LossConfig(kind="forward_kl", temperature=1.0, ce_weight=0.0) if distill else None,
         loss_strategy=strategy_for(strategy),
         seed=cfg.seed,
     )

@@ -14,7 +14,15 @@ from torch import Tensor
 
 from foundry_kernel._context import Event, RunContext
 from foundry_kernel._models import LoadedModel, build_student, load_causal_lm
-from foundry_kernel.config import DataConfig, StudentConfig, load_config
+from foundry_kernel.config import (
+    DataConfig,
+    EvalConfig,
+    LimitsConfig,
+    LossConfig,
+    OptimConfig,
+    StudentConfig,
+    load_config,
+)
 from foundry_kernel.data._blocks import DataBundle, TokenBlocks, build_data
 from foundry_kernel.errors import ConfigError
 from foundry_kernel.teachers._interface import HFTeacher, Teacher
@@ -30,14 +38,10 @@ from foundry_kernel.training._trainer import Trainer, TrainPlan
 
 CPU = torch.device("cpu")
 PLAN = TrainPlan(
-    max_steps=3,
-    batch_size=2,
-    grad_accum=2,
-    lr=1e-2,
-    warmup_steps=1,
-    eval_every=100,
-    eval_max_batches=1,
-    loss=LossSpec(ce_weight=0.5),
+    optim=OptimConfig(batch_size=2, grad_accum=2, lr=1e-2, warmup_steps=1),
+    limits=LimitsConfig(max_steps=3),
+    eval=EvalConfig(every_steps=100, max_batches=1),
+    loss=LossConfig(ce_weight=0.5),
     seed=3,
 )
 
@@ -108,26 +112,24 @@ def _trainer(setup, plan: TrainPlan, teacher_kind: str, *, ctx: RunContext | Non
 @pytest.mark.parametrize(
     ("teacher_kind", "loss"),
     [
-        ("projected", LossSpec(ce_weight=0.5)),
-        ("logits", LossSpec(kind="jsd", beta=0.3, ce_weight=0.2, temperature=2.0)),
-        ("sparse", LossSpec(kind="reverse_kl", ce_weight=0.3)),
+        ("projected", LossConfig(ce_weight=0.5)),
+        ("logits", LossConfig(kind="jsd", beta=0.3, ce_weight=0.2, temperature=2.0)),
+        ("sparse", LossConfig(kind="reverse_kl", ce_weight=0.3)),
         ("none", None),
     ],
 )
 def test_fused_and_logits_train_to_the_same_weights(setup, teacher_kind: str, loss) -> None:
     """Three AdamW steps of 2 accumulated micro-batches each, over masked blocks: the two
     strategies report the same losses and end at the same weights (fp32)."""
-    plan = dataclasses.replace(PLAN, loss=loss)
+    plan = PLAN.updated({"loss": loss})
     runs = {}
     for strategy in ("logits", "fused"):
-        trainer, log = _trainer(
-            setup, dataclasses.replace(plan, loss_strategy=strategy), teacher_kind
-        )
+        trainer, log = _trainer(setup, plan.updated({"loss_strategy": strategy}), teacher_kind)
         assert trainer.loss_strategy.name == strategy
         trainer.fit()
         runs[strategy] = (trainer.model.state_dict(), log)
     if teacher_kind != "none":
-        reason = _trainer(setup, dataclasses.replace(plan, loss_strategy="fused"), teacher_kind)[
+        reason = _trainer(setup, plan.updated({"loss_strategy": "fused"}), teacher_kind)[
             0
         ].loss_strategy.reason
         expect = {
@@ -193,7 +195,7 @@ def test_every_strategy_runs_through_the_model_forward(setup, strategy: str) -> 
     logits for no position (the loss made them chunk by chunk), under logits for all. (A
     fused loss that bypassed the wrapped module's forward would break DDP's gradient
     all-reduce.)"""
-    trainer, _ = _trainer(setup, dataclasses.replace(PLAN, loss_strategy=strategy), "projected")
+    trainer, _ = _trainer(setup, PLAN.updated({"loss_strategy": strategy}), "projected")
     assert trainer.loss_strategy.name == strategy
     seen: dict[str, list[tuple[int, ...]]] = {"student": [], "backbone": [], "teacher": []}
 
@@ -217,13 +219,13 @@ def test_every_strategy_runs_through_the_model_forward(setup, strategy: str) -> 
     finally:
         for h in handles:
             h.remove()
-    micro_steps = PLAN.max_steps * PLAN.grad_accum
+    micro_steps = PLAN.max_steps * PLAN.optim.grad_accum
     assert len(seen["student"]) == len(seen["backbone"]) == micro_steps
     vocab = trainer.model.get_output_embeddings().weight.shape[0]
     t_vocab = teacher.model.get_output_embeddings().weight.shape[0]
     positions = 0 if strategy == "fused" else trainer.data.train.seq_len
-    assert set(seen["student"]) == {(PLAN.batch_size, positions, vocab)}
-    assert (PLAN.batch_size, positions, t_vocab) in set(seen["teacher"])
+    assert set(seen["student"]) == {(PLAN.optim.batch_size, positions, vocab)}
+    assert (PLAN.optim.batch_size, positions, t_vocab) in set(seen["teacher"])
 
 
 # --------------------------------------------------------------------------- eligibility
@@ -358,7 +360,7 @@ def test_trainer_falls_back_says_why_and_refuses_explicit_fused(setup) -> None:
     )
     events: list[Event] = []
     ctx = RunContext(sink=events.append)
-    plan = dataclasses.replace(PLAN, loss=None, max_steps=1)
+    plan = PLAN.updated({"loss": None, "limits.max_steps": 1})
     trainer = Trainer(model, small, plan, ctx=ctx, on_metrics=lambda s, v: None, vocab_size=64)
     assert trainer.loss_strategy.as_dict()["strategy"] == "logits"
     assert "final_logit_softcapping" in trainer.loss_strategy.as_dict()["reason"]
@@ -370,7 +372,7 @@ def test_trainer_falls_back_says_why_and_refuses_explicit_fused(setup) -> None:
         Trainer(
             model,
             small,
-            dataclasses.replace(plan, loss_strategy="fused"),
+            plan.updated({"loss_strategy": "fused"}),
             ctx=RunContext(),
             on_metrics=lambda s, v: None,
             vocab_size=64,

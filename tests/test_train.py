@@ -11,23 +11,27 @@ import torch
 
 from foundry_kernel._context import RunContext
 from foundry_kernel._models import LoadedModel, build_student, load_causal_lm
-from foundry_kernel.config import DataConfig, StudentConfig
+from foundry_kernel.config import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    LimitsConfig,
+    LossConfig,
+    OptimConfig,
+    StudentConfig,
+)
 from foundry_kernel.data._blocks import DataBundle, build_data
 from foundry_kernel.errors import DivergenceError, RunCancelled
 from foundry_kernel.training._checkpoint import CheckpointError, load_latest, save_checkpoint
-from foundry_kernel.training._losses import LossSpec
 from foundry_kernel.training._trainer import Trainer, TrainPlan
 
 CPU = torch.device("cpu")
 PLAN = TrainPlan(
-    max_steps=8,
-    batch_size=4,
-    lr=1e-2,
-    warmup_steps=2,
-    eval_every=4,
-    eval_max_batches=2,
-    ckpt_every=3,
-    loss=LossSpec(ce_weight=0.5),
+    optim=OptimConfig(batch_size=4, lr=1e-2, warmup_steps=2),
+    limits=LimitsConfig(max_steps=8),
+    eval=EvalConfig(every_steps=4, max_batches=2),
+    checkpoint=CheckpointConfig(every_steps=3),
+    loss=LossConfig(ce_weight=0.5),
     seed=1,
 )
 
@@ -84,12 +88,12 @@ def test_deterministic_same_seed(setup) -> None:
     a, b = _train(setup, PLAN), _train(setup, PLAN)
     assert _losses(a) == _losses(b)
     assert len(a) == PLAN.max_steps
-    c = _train(setup, dataclasses.replace(PLAN, seed=2))
+    c = _train(setup, PLAN.updated({"seed": 2}))
     assert _losses(a) != _losses(c)
 
 
 def test_loss_decreases_and_reports_parts(setup) -> None:
-    log = _train(setup, dataclasses.replace(PLAN, max_steps=20, eval_every=10))
+    log = _train(setup, PLAN.updated({"limits.max_steps": 20, "eval.every_steps": 10}))
     first, last = log[1], log[20]
     assert last["train/loss"] < first["train/loss"]
     assert {"train/kd", "train/ce", "train/lr", "train/grad_norm", "tokens_per_s"} <= set(first)
@@ -103,7 +107,7 @@ def test_resume_follows_the_uninterrupted_trajectory(
 ) -> None:
     """Without a stop checkpoint (a crash) the run restarts from the periodic one at step 3;
     with it (a cancel) from step 5. Either way the rest matches an uninterrupted run."""
-    plan = dataclasses.replace(PLAN, ckpt_on_stop=on_stop)
+    plan = PLAN.updated({"checkpoint.on_stop": on_stop})
     full = _train(setup, plan)
     ckpt = tmp_path / "ckpt"
     partial = _train(setup, plan, ckpt, stop_after=5)
@@ -117,7 +121,7 @@ def test_resume_follows_the_uninterrupted_trajectory(
 
 def test_cancel_mid_step_rewinds_its_batches(setup, tmp_path: Path) -> None:
     """A cancel between micro-batches loses the partial step but not its data position."""
-    plan = dataclasses.replace(PLAN, grad_accum=2, batch_size=2)
+    plan = PLAN.updated({"optim.grad_accum": 2, "optim.batch_size": 2})
     full = _train(setup, plan)
     teacher, data = setup
     student = build_student(
@@ -155,20 +159,34 @@ def test_cancel_mid_step_rewinds_its_batches(setup, tmp_path: Path) -> None:
 
 def test_gradient_accumulation_uses_global_token_count(setup) -> None:
     """grad_accum=2 over batch 2 sees the same 4 blocks as batch 4: same first-step loss."""
-    ce_plan = dataclasses.replace(PLAN, loss=None, max_steps=1, eval_every=100, ckpt_every=None)
-    whole = _train(setup, dataclasses.replace(ce_plan, batch_size=4))
+    ce_plan = PLAN.updated(
+        {
+            "loss": None,
+            "limits.max_steps": 1,
+            "eval.every_steps": 100,
+            "checkpoint.every_steps": None,
+        }
+    )
+    whole = _train(setup, ce_plan.updated({"optim.batch_size": 4}))
     _, data = setup
     from foundry_kernel.data._blocks import BatchSampler
 
     a = BatchSampler(len(data.train), 4, seed=1).next_indices()
     b = BatchSampler(len(data.train), 2, seed=1)
     assert torch.equal(torch.cat([b.next_indices(), b.next_indices()]), a)
-    accum = _train(setup, dataclasses.replace(ce_plan, batch_size=2, grad_accum=2))
+    accum = _train(setup, ce_plan.updated({"optim.batch_size": 2, "optim.grad_accum": 2}))
     assert accum[1]["train/loss"] == pytest.approx(whole[1]["train/loss"], rel=1e-5)
 
 
+def _exploding(plan: TrainPlan) -> TrainPlan:
+    """lr 1e6 without clipping: far past what the schema accepts (lr <= 1), which is the
+    point; ``model_copy`` builds the section without validation to simulate a divergence."""
+    optim = plan.optim.model_copy(update={"lr": 1e6, "max_grad_norm": None})
+    return dataclasses.replace(plan, optim=optim)
+
+
 def test_divergence_fails_with_step_and_component(setup) -> None:
-    plan = dataclasses.replace(PLAN, lr=1e6, max_grad_norm=None, max_steps=30, ckpt_every=None)
+    plan = _exploding(PLAN.updated({"limits.max_steps": 30, "checkpoint.every_steps": None}))
     with pytest.raises(DivergenceError) as info:
         _train(setup, plan)
     assert info.value.step >= 1
@@ -177,14 +195,15 @@ def test_divergence_fails_with_step_and_component(setup) -> None:
 
 
 def test_nonfinite_skip_counts_then_fails(setup) -> None:
-    plan = dataclasses.replace(
-        PLAN,
-        lr=1e6,
-        max_grad_norm=None,
-        max_steps=30,
-        ckpt_every=None,
-        on_nonfinite="skip",
-        max_skips=2,
+    plan = _exploding(
+        PLAN.updated(
+            {
+                "limits.max_steps": 30,
+                "checkpoint.every_steps": None,
+                "limits.on_nonfinite": "skip",
+                "limits.max_skips": 2,
+            }
+        )
     )
     with pytest.raises(DivergenceError):
         _train(setup, plan)

@@ -33,7 +33,7 @@ from transformers.utils import logging as hf_logging
 from foundry_kernel._context import RunContext
 from foundry_kernel._models import seeded_init
 from foundry_kernel.atomic import atomic_write_text
-from foundry_kernel.config import DataConfig, TeacherBuild
+from foundry_kernel.config import DataConfig, EvalConfig, LimitsConfig, OptimConfig, TeacherBuild
 from foundry_kernel.data._blocks import build_data, split_documents
 from foundry_kernel.data._sources import corpus_fingerprint, load_documents
 from foundry_kernel.data._tokenizer import train_bpe_tokenizer
@@ -112,13 +112,12 @@ def _build(
     data = build_data(data_cfg, tokenizer, seed=data_cfg.split_seed, docs=docs)
     model = _fresh_teacher(build, tokenizer, device)
     plan = TrainPlan(
-        max_steps=build.steps,
-        batch_size=build.batch_size,
-        lr=build.lr,
-        warmup_steps=min(30, build.steps // 10),
+        optim=OptimConfig(
+            batch_size=build.batch_size, lr=build.lr, warmup_steps=min(30, build.steps // 10)
+        ),
+        limits=LimitsConfig(max_steps=build.steps),
+        eval=EvalConfig(every_steps=max(build.steps // 4, 1), max_batches=20),
         amp_dtype=amp_dtype,
-        eval_every=max(build.steps // 4, 1),
-        eval_max_batches=20,
     )
     result = Trainer(
         model, data, plan, ctx=ctx, on_metrics=on_metrics, prefix="teacher_build/"

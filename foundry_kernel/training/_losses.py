@@ -54,6 +54,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
+from foundry_kernel.config import LossConfig
 from foundry_kernel.errors import ConfigError
 from foundry_kernel.teachers._targets import SparseTargets, log1mexp
 
@@ -103,6 +104,20 @@ class LossSpec:
     scale_by_t2: bool = False
     ce_weight: float = 0.0
     chunk_tokens: int = 1024
+
+    @classmethod
+    def from_config(cls, loss: LossConfig) -> LossSpec:
+        """The loss functions' view of the ``loss`` config section."""
+        return cls(
+            kind=loss.kind,
+            beta=loss.beta,
+            jsd_normalized=loss.jsd_normalized,
+            skew_alpha=loss.skew_alpha,
+            temperature=loss.temperature,
+            scale_by_t2=loss.scale_by_t2,
+            ce_weight=loss.ce_weight,
+            chunk_tokens=loss.chunk_tokens,
+        )
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:

@@ -6,7 +6,7 @@
 * ``sequence``: the teacher writes completions for prompts cut from the training
   blocks (sequence-level KD, Kim & Rush 2016); the student learns them with
   cross-entropy, optionally plus logit KD on the same text.
-* ``on_policy`` lives in the trainer (``OnPolicyPlan``): it needs the student as it is
+* ``on_policy`` lives in the trainer (``TrainPlan.on_policy``): it needs the student as it is
   at each step.
 """
 

@@ -20,8 +20,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,15 @@ import torch
 from transformers import PreTrainedModel
 
 from foundry_kernel._context import RunContext
-from foundry_kernel.config import RunConfig
+from foundry_kernel.config import (
+    CheckpointConfig,
+    EvalConfig,
+    LimitsConfig,
+    LossConfig,
+    OnPolicyConfig,
+    OptimConfig,
+    RunConfig,
+)
 from foundry_kernel.data._blocks import BatchSampler, DataBundle
 from foundry_kernel.errors import DivergenceError, RunCancelled, RunTimeout
 from foundry_kernel.teachers._interface import Teacher, as_teacher, sample_continuations
@@ -49,45 +57,27 @@ MetricsSink = Callable[[int, dict[str, float]], None]
 
 
 @dataclass(frozen=True)
-class OnPolicyPlan:
-    """GKD-style steps: the student continues a prompt, the teacher scores its tokens."""
-
-    fraction: float
-    prompt_tokens: int
-    max_new_tokens: int
-    temperature: float = 1.0
-
-
-@dataclass(frozen=True)
 class TrainPlan:
-    """The knobs of one training phase, independent of where they came from."""
+    """One training phase: the config's own sections (validated there, so a plan cannot
+    hold a value the schema refuses) plus what the run resolved (the autocast dtypes).
 
-    max_steps: int
-    batch_size: int
-    grad_accum: int = 1
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 30
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float | None = 1.0
+    A distillation phase has a ``loss`` section; a CE-only phase (the baseline, the
+    built-in teacher's build) has none. ``on_policy`` is set for GKD-style phases only.
+    """
+
+    optim: OptimConfig
+    limits: LimitsConfig
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    loss: LossConfig | None = None  # None: plain cross-entropy (no teacher needed)
+    on_policy: OnPolicyConfig | None = None
+    seed: int = 0
     amp_dtype: torch.dtype | None = None
     teacher_amp_dtype: torch.dtype | None = None  # the teacher is wider: bf16 may pay for it alone
-    gradient_checkpointing: bool = False
-    loss: LossSpec | None = None  # None: plain cross-entropy (no teacher needed)
-    sparse_mass: str = "tail"  # how top-k teacher targets treat the missing mass
-    # How a micro-step turns a batch into a loss (see training._strategy): "auto" (fused
-    # where the model allows it, else logits), "fused", "logits", or a LossStrategy object.
-    loss_strategy: str | LossStrategy = "auto"
-    on_policy: OnPolicyPlan | None = None
-    eval_every: int = 100
-    eval_max_batches: int | None = None
-    ckpt_every: int | None = None
-    keep_last: int = 2
-    ckpt_on_stop: bool = True
-    on_nonfinite: str = "fail"
-    max_skips: int = 10
-    seed: int = 0
+    # How a micro-step turns a batch into a loss (see training._strategy): None follows
+    # ``loss.strategy`` ("auto" without a loss section); a name or a LossStrategy object
+    # overrides it (the benchmark compares strategies this way).
+    loss_strategy: str | LossStrategy | None = None
 
     @classmethod
     def from_config(
@@ -98,63 +88,63 @@ class TrainPlan:
         amp_dtype: torch.dtype | None,
         teacher_amp_dtype: torch.dtype | None = None,
     ) -> TrainPlan:
-        o, lo = cfg.optim, cfg.loss
-        spec = None
-        if distill:
-            spec = LossSpec(
-                kind=lo.kind,
-                beta=lo.beta,
-                jsd_normalized=lo.jsd_normalized,
-                skew_alpha=lo.skew_alpha,
-                temperature=lo.temperature,
-                scale_by_t2=lo.scale_by_t2,
-                ce_weight=lo.ce_weight,
-                chunk_tokens=lo.chunk_tokens,
-            )
-        on_policy = None
-        if distill and cfg.distill.mode == "on_policy":
-            op = cfg.distill.on_policy
-            on_policy = OnPolicyPlan(
-                fraction=op.fraction,
-                prompt_tokens=op.prompt_tokens,
-                max_new_tokens=op.max_new_tokens,
-                temperature=op.temperature,
-            )
+        on_policy = cfg.distill.mode == "on_policy"
         return cls(
-            sparse_mass=lo.top_k_mass,
-            loss_strategy=lo.strategy,
-            on_policy=on_policy,
-            max_steps=cfg.limits.max_steps,
-            batch_size=o.batch_size,
-            grad_accum=o.grad_accum,
-            lr=o.lr,
-            weight_decay=o.weight_decay,
-            betas=(o.beta1, o.beta2),
-            warmup_steps=o.warmup_steps,
-            min_lr_ratio=o.min_lr_ratio,
-            max_grad_norm=o.max_grad_norm,
+            optim=cfg.optim,
+            limits=cfg.limits,
+            eval=cfg.eval,
+            checkpoint=cfg.checkpoint,
+            loss=cfg.loss if distill else None,
+            on_policy=cfg.distill.on_policy if distill and on_policy else None,
+            seed=cfg.seed,
             amp_dtype=amp_dtype,
             teacher_amp_dtype=teacher_amp_dtype,
-            gradient_checkpointing=o.gradient_checkpointing,
-            loss=spec,
-            eval_every=cfg.eval.every_steps,
-            eval_max_batches=cfg.eval.max_batches,
-            ckpt_every=cfg.checkpoint.every_steps,
-            keep_last=cfg.checkpoint.keep_last,
-            ckpt_on_stop=cfg.checkpoint.on_stop,
-            on_nonfinite=cfg.limits.on_nonfinite,
-            max_skips=cfg.limits.max_skips,
-            seed=cfg.seed,
+            loss_strategy=cfg.loss.strategy,
         )
+
+    def updated(self, changes: Mapping[str, Any]) -> TrainPlan:
+        """A copy with changes named as in the config, ``{"limits.max_steps": 20}``
+        (each changed section re-validated by its schema), or a plain field by name
+        (``{"seed": 2, "loss": None}``)."""
+        plain: dict[str, Any] = {}
+        sections: dict[str, dict[str, Any]] = {}
+        for key, value in changes.items():
+            section, dot, name = key.partition(".")
+            if dot:
+                sections.setdefault(section, {})[name] = value
+            else:
+                plain[key] = value
+        for section, values in sections.items():
+            current = getattr(self, section)
+            if current is None:
+                raise ValueError(f"this plan has no {section!r} section to change")
+            plain[section] = type(current).model_validate({**current.model_dump(), **values})
+        return dataclasses.replace(self, **plain)
+
+    @property
+    def max_steps(self) -> int:
+        return self.limits.max_steps
+
+    @property
+    def spec(self) -> LossSpec | None:
+        """What the loss functions compute (None: plain cross-entropy)."""
+        return None if self.loss is None else LossSpec.from_config(self.loss)
+
+    @property
+    def strategy(self) -> str | LossStrategy:
+        if self.loss_strategy is not None:
+            return self.loss_strategy
+        return self.loss.strategy if self.loss is not None else "auto"
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up then cosine decay to ``min_lr_ratio``; a pure function of the step."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        span = max(self.max_steps - self.warmup_steps, 1)
-        progress = min((step - self.warmup_steps) / span, 1.0)
+        o = self.optim
+        if step < o.warmup_steps:
+            return o.lr * (step + 1) / o.warmup_steps
+        span = max(self.max_steps - o.warmup_steps, 1)
+        progress = min((step - o.warmup_steps) / span, 1.0)
         cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+        return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * cosine)
 
 
 class Trainer:
@@ -187,10 +177,10 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.step = 0
         self.skipped = 0
-        self.sampler = BatchSampler(len(data.train), plan.batch_size, seed=plan.seed)
+        self.sampler = BatchSampler(len(data.train), plan.optim.batch_size, seed=plan.seed)
         self.optimizer = self._make_optimizer()
         self.last_eval: dict[str, float] = {}
-        if plan.gradient_checkpointing:
+        if plan.optim.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.loss_strategy = self._choose_strategy()
         self._setup, self._on_policy_setup = self._loss_setups()
@@ -198,7 +188,7 @@ class Trainer:
     def _choose_strategy(self) -> StrategyChoice:
         """Resolve ``plan.loss_strategy`` for this model and teacher (a ConfigError for an
         explicit ``fused`` the model cannot take), and say which it is and why."""
-        choice = choose_strategy(self.plan.loss_strategy, self.model, self.teacher)
+        choice = choose_strategy(self.plan.strategy, self.model, self.teacher)
         where = self.prefix.rstrip("/") or "training"
         log.info("%s loss strategy: %s (%s)", where, choice.name, choice.reason)
         if choice.fell_back:
@@ -212,12 +202,12 @@ class Trainer:
     def _loss_setups(self) -> tuple[LossSetup, LossSetup]:
         """What the strategy is handed: for ordinary steps, and for on-policy steps, whose
         hard labels (the student's own samples) would teach it nothing new (ce_weight 0)."""
-        spec = self.plan.loss
+        spec = self.plan.spec
         setup = LossSetup(
             model=self.model,
             teacher=self.teacher,
             spec=spec,
-            sparse_mass=self.plan.sparse_mass,  # type: ignore[arg-type]  # checked by the config
+            sparse_mass=self.plan.loss.top_k_mass if self.plan.loss else "tail",
             vocab_size=self.vocab_size,
             amp_dtype=self.plan.amp_dtype,
         )
@@ -232,11 +222,16 @@ class Trainer:
             if p.requires_grad:
                 (decay if p.dim() >= 2 else no_decay).append(p)
         groups = [
-            {"params": decay, "weight_decay": self.plan.weight_decay},
+            {"params": decay, "weight_decay": self.plan.optim.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
         fused_ok = self.device.type == "cuda"
-        return torch.optim.AdamW(groups, lr=self.plan.lr, betas=self.plan.betas, fused=fused_ok)
+        return torch.optim.AdamW(
+            groups,
+            lr=self.plan.optim.lr,
+            betas=(self.plan.optim.beta1, self.plan.optim.beta2),
+            fused=fused_ok,
+        )
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -260,7 +255,10 @@ class Trainer:
     def checkpoint(self) -> None:
         if self.ckpt_dir is not None:
             save_checkpoint(
-                self.ckpt_dir, self.step, self.state_dict(), keep_last=self.plan.keep_last
+                self.ckpt_dir,
+                self.step,
+                self.state_dict(),
+                keep_last=self.plan.checkpoint.keep_last,
             )
 
     def try_resume(self) -> bool:
@@ -301,9 +299,9 @@ class Trainer:
         metrics["tokens_per_s"] = metrics.pop("tokens") / max(time.perf_counter() - t0, 1e-9)
         self.step += 1
         self._report(metrics)
-        if self.step % self.plan.eval_every == 0 or self.step == self.plan.max_steps:
+        if self.step % self.plan.eval.every_steps == 0 or self.step == self.plan.max_steps:
             self._report(self.evaluate())
-        every = self.plan.ckpt_every
+        every = self.plan.checkpoint.every_steps
         if every and self.step % every == 0 and self.step < self.plan.max_steps:
             self.checkpoint()
 
@@ -314,15 +312,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if rewind_to is not None:
             self.sampler.load_state_dict(rewind_to)
-        if self.plan.ckpt_on_stop and self.step > 0:
+        if self.plan.checkpoint.on_stop and self.step > 0:
             self.checkpoint()
 
     def evaluate(self) -> dict[str, float]:
         result = evaluate_lm(
             self.model,
             self.data.val,
-            batch_size=self.plan.batch_size,
-            max_batches=self.plan.eval_max_batches,
+            batch_size=self.plan.optim.batch_size,
+            max_batches=self.plan.eval.max_batches,
             ctx=self.ctx,
             teacher=self.teacher,
             vocab_size=self.vocab_size,
@@ -350,7 +348,7 @@ class Trainer:
         rollout = self._on_policy_now()
         micro = [
             self._micro_batch(self.sampler.next_indices(), rollout, m)
-            for m in range(plan.grad_accum)
+            for m in range(plan.optim.grad_accum)
         ]
         n_valid = max(sum(int((mb[3] != -100).sum()) for mb in micro), 1)
         totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
@@ -430,7 +428,7 @@ class Trainer:
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.plan.max_grad_norm or float("inf")
+        max_norm = self.plan.optim.max_grad_norm or float("inf")
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
     @staticmethod
@@ -445,7 +443,7 @@ class Trainer:
     def _handle_nonfinite(self, component: str, totals: dict[str, float]) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         where = f"{self.prefix}step {self.step + 1}"
-        if self.plan.on_nonfinite == "skip" and self.skipped < self.plan.max_skips:
+        if self.plan.limits.on_nonfinite == "skip" and self.skipped < self.plan.limits.max_skips:
             self.skipped += 1
             self.ctx.emit(
                 "alert",
@@ -453,7 +451,7 @@ class Trainer:
                 step=self.step + 1,
                 component=component,
                 message=f"non-finite {component} at {where}; step skipped "
-                f"({self.skipped}/{self.plan.max_skips})",
+                f"({self.skipped}/{self.plan.limits.max_skips})",
             )
             return None
         values = ", ".join(f"{k}={v:.4g}" for k, v in totals.items())
