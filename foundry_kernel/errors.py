@@ -21,6 +21,16 @@ class ConfigError(FoundryError, ValueError):
         self.field = field
 
 
+class LossInputError(FoundryError, ValueError):
+    """Tensors handed to a loss do not fit together (shapes, dtypes, label or id ranges,
+    token counts): a caller's bug or a model/tokenizer mismatch, not a config value.
+    ``argument`` names the loss function's argument at fault (``labels``, ``targets``...)."""
+
+    def __init__(self, message: str, *, argument: str) -> None:
+        super().__init__(message)
+        self.argument = argument
+
+
 class DataError(FoundryError):
     """A data source could not be read, parsed or split."""
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from foundry_kernel.errors import ConfigError
+from foundry_kernel.errors import ConfigError, LossInputError
 from foundry_kernel.teachers._targets import SparseTargets
 from foundry_kernel.training._losses import (
     IGNORE_INDEX,
@@ -317,9 +317,9 @@ def test_gradient_accumulation_with_global_count_is_exact(kind: LossKind) -> Non
 
 def test_num_valid_tokens_smaller_than_local_count_is_refused() -> None:
     s, t, labels = make_batch(9)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(LossInputError) as err:
         distillation_loss(s, t, labels, LossSpec(), num_valid_tokens=1)
-    assert err.value.field == "loss.num_valid_tokens"
+    assert err.value.argument == "num_valid_tokens"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -391,13 +391,13 @@ def test_padded_vocab_is_sliced() -> None:
 def test_mismatched_vocab_is_refused_with_both_sizes() -> None:
     s, _, labels = make_batch(15, vocab=12)
     t = torch.randn(*s.shape[:-1], 16, dtype=F64)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(LossInputError) as err:
         distillation_loss(s, t, labels, LossSpec())
     message = str(err.value)
     for needle in ("12", "16", "vocab_size"):
         assert needle in message
-    assert err.value.field == "loss.vocab_size"
-    with pytest.raises(ConfigError):
+    assert err.value.argument == "vocab_size"
+    with pytest.raises(LossInputError):
         distillation_loss(s, t, labels, LossSpec(), vocab_size=13)  # wider than the student
 
 
@@ -475,10 +475,10 @@ def test_spec_validation(kwargs: dict[str, Any], field: str) -> None:
 
 def test_bad_labels_are_refused() -> None:
     s, t, labels = make_batch(18)
-    with pytest.raises(ConfigError, match="leading shape"):
+    with pytest.raises(LossInputError, match="leading shape"):
         distillation_loss(s, t, labels[:, :-1], LossSpec())
     labels[0, 0] = 13  # == vocab
-    with pytest.raises(ConfigError, match="labels must be"):
+    with pytest.raises(LossInputError, match="labels must be"):
         distillation_loss(s, t, labels, LossSpec())
 
 
@@ -564,9 +564,9 @@ def test_fused_linear_bf16_runs_and_is_close() -> None:
 def test_fused_linear_shape_errors() -> None:
     h, w, _ = make_linear(23, 4, 8, 10)
     labels = torch.zeros(4, dtype=torch.long)
-    with pytest.raises(ConfigError, match="hidden size"):
+    with pytest.raises(LossInputError, match="hidden size"):
         fused_linear_distillation_loss(h, w[:, :5], torch.randn(4, 10), labels, LossSpec())
-    with pytest.raises(ConfigError, match="vocab"):
+    with pytest.raises(LossInputError, match="vocab"):
         fused_linear_distillation_loss(h, w, torch.randn(4, 11, dtype=F64), labels, LossSpec())
 
 
@@ -609,10 +609,10 @@ def test_fused_linear_sparse_refuses_what_the_sparse_loss_refuses() -> None:
     h, w, _ = make_linear(32, 6, 8, 10)
     targets = SparseTargets.from_logits(torch.randn(1, 6, 10, dtype=F64), 3)
     labels = torch.zeros(1, 6, dtype=torch.long)
-    with pytest.raises(ConfigError, match="positions"):
+    with pytest.raises(LossInputError, match="positions"):
         fused_linear_sparse_distillation_loss(h.view(2, 3, 8), w, targets, labels.view(2, 3),
                                               LossSpec())  # fmt: skip
-    with pytest.raises(ConfigError, match=r"\[0, 4\)"):
+    with pytest.raises(LossInputError, match=r"\[0, 4\)"):
         fused_linear_sparse_distillation_loss(
             h.view(1, 6, 8), w, targets, labels, LossSpec(), vocab_size=4
         )

@@ -433,7 +433,7 @@ def test_repeated_ids_and_bad_mode_are_refused() -> None:
         sparse_distillation_loss(s, SparseTargets(bad, targets.logprobs), labels, LossSpec())
     with pytest.raises(ConfigError, match="unknown sparse mass mode 'full'") as info:
         sparse_distillation_loss(s, targets, labels, LossSpec(), mass="full")  # type: ignore[arg-type]
-    assert info.value.field == "loss.mass"
+    assert info.value.field == "loss.top_k_mass"
 
 
 def test_labels_and_vocab_errors_match_the_dense_loss() -> None:

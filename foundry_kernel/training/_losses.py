@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from foundry_kernel.config import LossConfig
-from foundry_kernel.errors import ConfigError
+from foundry_kernel.errors import ConfigError, LossInputError
 from foundry_kernel.teachers._targets import SparseTargets, log1mexp
 
 __all__ = [
@@ -225,22 +225,22 @@ def _resolve_vocab(student_vocab: int, teacher_vocab: int, vocab_size: int | Non
     """
     if vocab_size is None:
         if student_vocab != teacher_vocab:
-            raise ConfigError(
+            raise LossInputError(
                 f"student vocabulary ({student_vocab}) and teacher vocabulary ({teacher_vocab}) "
                 "differ; if one model's embedding is padded beyond the shared tokenizer, pass "
                 "vocab_size=<tokenizer vocabulary size> to compare the first vocab_size logits",
-                field="loss.vocab_size",
+                argument="vocab_size",
             )
         return student_vocab
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ConfigError(
-            f"vocab_size must be a positive integer, got {vocab_size!r}", field="loss.vocab_size"
+        raise LossInputError(
+            f"vocab_size must be a positive integer, got {vocab_size!r}", argument="vocab_size"
         )
     if vocab_size > min(student_vocab, teacher_vocab):
-        raise ConfigError(
+        raise LossInputError(
             f"vocab_size={vocab_size} exceeds the logits' width (student {student_vocab}, "
             f"teacher {teacher_vocab})",
-            field="loss.vocab_size",
+            argument="vocab_size",
         )
     return vocab_size
 
@@ -555,23 +555,23 @@ def _valid_rows(
 ) -> tuple[tuple[Tensor, ...], Tensor]:
     """Indices and targets of positions whose label is not IGNORE_INDEX, with range checks."""
     if labels.shape != lead_shape:
-        raise ConfigError(
+        raise LossInputError(
             f"labels shape {tuple(labels.shape)} does not match the logits' leading shape "
             f"{tuple(lead_shape)}; labels must already be aligned with the logit positions",
-            field="loss.labels",
+            argument="labels",
         )
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ConfigError(
-            f"labels must be an integer tensor, got {labels.dtype}", field="loss.labels"
+        raise LossInputError(
+            f"labels must be an integer tensor, got {labels.dtype}", argument="labels"
         )
     valid = labels != IGNORE_INDEX
     rows = valid.nonzero(as_tuple=True)
     targets = labels[rows].long()
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
-        raise ConfigError(
+        raise LossInputError(
             f"labels must be {IGNORE_INDEX} or in [0, {vocab}); found values in "
             f"[{int(targets.min())}, {int(targets.max())}] (tokenizer/model vocabulary mismatch?)",
-            field="loss.labels",
+            argument="labels",
         )
     return rows, targets
 
@@ -582,19 +582,19 @@ def _normalizer(num_valid_tokens: int | Tensor | None, n_local: int) -> float:
         return float(max(n_local, 1))
     n = int(num_valid_tokens.item() if isinstance(num_valid_tokens, Tensor) else num_valid_tokens)
     if n < n_local:
-        raise ConfigError(
+        raise LossInputError(
             f"num_valid_tokens={n} is smaller than the {n_local} valid tokens in this call; it "
             "must be the count over the whole gradient-accumulation window",
-            field="loss.num_valid_tokens",
+            argument="num_valid_tokens",
         )
     return float(max(n, 1))
 
 
 def _check_leading_shapes(student: torch.Size, teacher: torch.Size, what: str) -> None:
     if student != teacher:
-        raise ConfigError(
+        raise LossInputError(
             f"{what} leading shape {tuple(teacher)} does not match the student's {tuple(student)}",
-            field="loss.inputs",
+            argument="inputs",
         )
 
 
@@ -734,15 +734,15 @@ class _FusedLinearDistillation(torch.autograd.Function):
 def _check_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None, who: str) -> None:
     """Shape checks that would otherwise surface as an opaque matmul error mid-loop."""
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ConfigError(
+        raise LossInputError(
             f"{who} hidden size {hidden.shape[-1]} does not match its lm_head weight "
             f"{tuple(weight.shape)} (expected [vocab, hidden])",
-            field="loss.inputs",
+            argument="inputs",
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ConfigError(
+        raise LossInputError(
             f"{who} lm_head bias shape {tuple(bias.shape)} does not match vocab {weight.shape[0]}",
-            field="loss.inputs",
+            argument="inputs",
         )
 
 
@@ -903,17 +903,17 @@ def _check_sparse_ids(ids: Tensor, vocab: int) -> None:
         return
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab:
-        raise ConfigError(
+        raise LossInputError(
             f"teacher top-k ids must be in [0, {vocab}) (the student's vocabulary); found "
             f"ids in [{low}, {high}]. Teacher and student must share one tokenizer; if the "
             "student's embedding is padded, pass vocab_size=<tokenizer vocabulary size>",
-            field="loss.targets",
+            argument="targets",
         )
     ordered = ids.sort(dim=-1).values
     if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
-        raise ConfigError(
+        raise LossInputError(
             "teacher top-k ids repeat within a position; each position needs k distinct ids",
-            field="loss.targets",
+            argument="targets",
         )
 
 
@@ -924,16 +924,16 @@ def _sparse_teacher(
     if mass not in _MASSES:
         raise ConfigError(
             f"unknown sparse mass mode {mass!r}; expected one of {', '.join(_MASSES)}",
-            field="loss.mass",
+            field="loss.top_k_mass",
         )
     if targets.ids.shape[:-1] != lead:
-        raise ConfigError(
+        raise LossInputError(
             f"sparse targets cover positions {tuple(targets.ids.shape[:-1])} but the student "
             f"logits cover {tuple(lead)}; both must be [B, T] for the same (shifted) positions",
-            field="loss.targets",
+            argument="targets",
         )
     if targets.k < 1:
-        raise ConfigError("sparse targets hold no ids (k = 0)", field="loss.targets")
+        raise LossInputError("sparse targets hold no ids (k = 0)", argument="targets")
     tail = targets.tail_logmass().to(device) if mass == "tail" else None
     return _SparseTeacher(
         targets.ids.detach().to(device).long(), targets.logprobs.detach().to(device), tail
