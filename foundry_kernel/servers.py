@@ -4,8 +4,8 @@ Why this module exists: both servers are unsafe with their stock settings for wh
 does with them. Voila 0.5 has token authentication *off* by default, hard-codes
 ``allow_remote_access=True`` (no Host-header check, so DNS rebinding works), silently moves
 to the next port when the asked one is taken (``port_retries=50``), and starts a kernel on
-every page load that is never shut down when the page closes (the page's shutdown POST is
-refused for a missing XSRF token). These launchers start the servers with:
+every page load, without limit, that is never shut down when the page closes (the page's
+shutdown POST is refused for a missing XSRF token). These launchers start the servers with:
 
 * listening on 127.0.0.1 only, token required (a random ``secrets.token_urlsafe`` token
   unless one is given); the token travels in a private (0700 folder) JSON config file,
@@ -13,17 +13,29 @@ refused for a missing XSRF token). These launchers start the servers with:
 * a strict origin policy: ``allow_origin`` empty and no origin pattern (never ``*``), so a
   cookie-authenticated request from a foreign ``Origin`` is refused; the Host header is
   checked (``allow_remote_access=False``); the login cookie is ``SameSite=Strict``;
-* for Voila: sources stripped, tracebacks hidden, no config files other than ours (a
-  ``voila.py`` in the working directory would otherwise be *executed*), and a kernel
-  culling policy: kernels with no open page that are idle for ``cull_idle_s`` seconds are
-  shut down. We chose culling over "fixing" the page's shutdown request because it needs
-  no change to Voila's JavaScript, keeps XSRF protection intact, and also reclaims kernels
-  whose browser crashed or lost the network (no shutdown request is ever sent then);
+* for Voila: sources stripped, tracebacks hidden (cells by Voila's ``show_tracebacks``,
+  widget errors and stderr by :class:`~foundry_kernel.dashboard_server.QuietKernelConnection`),
+  no config files other than ours (a ``voila.py`` in the working directory would otherwise
+  be *executed*), Foundry's page template (nothing fetched from a CDN; no ``?template=``
+  override), and at most ``max_kernels`` kernels
+  (:class:`~foundry_kernel.dashboard_server.DashboardKernelManager`: a load beyond it is
+  answered HTTP 503 with a "busy, try again" page). Kernels are culled by what their page
+  did: never connected (a script, a crawler) after ``unconnected_cull_s`` idle seconds,
+  page closed after ``cull_idle_s``, page open but untouched after ``connected_cull_s``.
+  We chose culling over "fixing" the page's shutdown request because it needs no change
+  to Voila's JavaScript, keeps XSRF protection intact, and also reclaims kernels whose
+  browser crashed or lost the network (no shutdown request is ever sent then);
+* for Voila again: an allow-listed environment (:func:`minimal_env`): the dashboard server
+  and its kernels never see the launcher's secrets (API keys, tokens, cloud credentials);
+* for Lab: its runtime files (server info, the ``jpserver-PID-open.html`` link that holds
+  the token) in the private state folder, the link file created 0600 before Lab writes it;
 * ``port_retries=0`` plus a pre-check, so a taken port is an error that names the port; with
   no port given a free one is picked and reported;
 * child processes as argument lists (never a shell), output to a rotating log file, and
   ``stop()`` = terminate, wait, kill, including kernels the server left behind; stopped at
-  interpreter exit too.
+  interpreter exit too; and the servers die with their launcher even when it is killed
+  with SIGKILL (:mod:`foundry_kernel.lifeline`: a pipe on the server's stdin that only the
+  launcher holds).
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -54,6 +67,7 @@ from typing import IO, Any
 
 import psutil
 
+from foundry_kernel import lifeline
 from foundry_kernel.errors import FoundryError
 from foundry_kernel.paths import default_runs_dir
 
@@ -70,6 +84,7 @@ __all__ = [
     "lab_argv",
     "lab_process",
     "main",
+    "minimal_env",
     "new_token",
     "serve_dashboard",
     "serve_lab",
@@ -81,13 +96,20 @@ log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
-CULL_IDLE_S = 600
-CULL_INTERVAL_S = 60
+CULL_IDLE_S = 120  # a closed page's kernel (a network blip reconnects within seconds)
+CULL_INTERVAL_S = 5
+UNCONNECTED_CULL_S = 30  # no page ever connected: a browser connects seconds after render
+CONNECTED_CULL_S = 3600  # a page left open but untouched for an hour
+DEFAULT_MAX_KERNELS = 10  # ~80 MiB each (measured): under 1 GiB for ten viewers at once
+MAX_KERNELS_LIMIT = 1000
 LOG_MAX_BYTES = 5 * 1024 * 1024
 LOG_BACKUPS = 3
 MIN_TOKEN_CHARS = 16
 _TOKEN_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 _REPO_ROOT = Path(__file__).resolve().parents[1]
+# Holds voila/templates/foundry: put on the dashboard server's JUPYTER_PATH.
+JUPYTER_DATA = Path(__file__).resolve().parent / "jupyter"
+DASHBOARD_TEMPLATE = "foundry"
 
 
 class ServerError(FoundryError):
@@ -164,15 +186,92 @@ def _write_private_json(path: Path, data: Mapping[str, Any]) -> None:
 
 
 def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
-    """The server's environment: ours, plus the repository on PYTHONPATH so the kernel
-    imports the same ``foundry_kernel``/``widgets`` as the launcher, plus ``extra``."""
+    """The Lab server's environment: ours, plus the repository on PYTHONPATH so the kernel
+    imports the same ``foundry_kernel``/``widgets`` as the launcher, plus ``extra``.
+    (Lab's kernels train models: they may need the user's credentials, e.g. ``HF_TOKEN``.)"""
     env = dict(os.environ)
     env.pop("JUPYTER_TOKEN", None)  # our config file is the only token source
+    return _with_repo_path(env, extra)
+
+
+def _with_repo_path(env: dict[str, str], extra: Mapping[str, str]) -> dict[str, str]:
     paths = [str(_REPO_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
+
+
+# The dashboard's environment allow-list: what Python, Jupyter and the locale need, and
+# nothing that could be a credential (a viewer's widget messages reach this kernel).
+_ENV_NAMES = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "TEMP",
+        "TMP",
+        "PYTHONPATH",
+        "PYTHONUNBUFFERED",
+        "PYTHONIOENCODING",
+        "PYTHONUTF8",
+        "VIRTUAL_ENV",
+        "CONDA_PREFIX",
+        "IPYTHONDIR",
+        "MPLCONFIGDIR",
+        "JPY_PARENT_PID",
+        # Windows: Python and its sockets need these
+        "SYSTEMROOT",
+        "SYSTEMDRIVE",
+        "WINDIR",
+        "COMSPEC",
+        "PATHEXT",
+        "USERPROFILE",
+        "APPDATA",
+        "LOCALAPPDATA",
+        "PROGRAMDATA",
+        # what Voila tells the kernel about the request (QUERY_STRING and
+        # VOILA_REQUEST_URL are left out: they carry the ?token=)
+        "SCRIPT_NAME",
+        "PATH_INFO",
+        "SERVER_NAME",
+        "SERVER_PORT",
+        "SERVER_PROTOCOL",
+        "SERVER_SOFTWARE",
+    }
+)
+_ENV_PREFIXES = ("LC_", "FOUNDRY_", "JUPYTER_", "XDG_", "VOILA_")
+_ENV_DENIED = frozenset({"VOILA_REQUEST_URL", "QUERY_STRING"})
+_SECRET_WORDS = re.compile(
+    r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE|AUTH|COOKIE"
+)
+
+
+def minimal_env(source: Mapping[str, str]) -> dict[str, str]:
+    """The allow-listed part of ``source``: locale, paths, Python/Jupyter settings and
+    non-secret ``FOUNDRY_*`` settings. A name that looks like a credential
+    (``*TOKEN*``, ``*SECRET*``, ``*API_KEY*``, ...) is dropped even under an allowed prefix."""
+    kept = {}
+    for name, value in source.items():
+        upper = name.upper()
+        allowed = upper in _ENV_NAMES or upper.startswith(_ENV_PREFIXES)
+        if allowed and upper not in _ENV_DENIED and not _SECRET_WORDS.search(upper):
+            kept[name] = value
+    return kept
+
+
+def _dashboard_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """The Voila server's environment (its kernels get the same, filtered again): the
+    allow-list, the repository on PYTHONPATH, Foundry's template on JUPYTER_PATH."""
+    env = minimal_env(os.environ)
+    jupyter_path = [str(JUPYTER_DATA), *filter(None, env.get("JUPYTER_PATH", "").split(os.pathsep))]
+    env["JUPYTER_PATH"] = os.pathsep.join(dict.fromkeys(jupyter_path))
+    return _with_repo_path(env, extra)
 
 
 def _identity_config(token: str) -> dict[str, Any]:
@@ -193,9 +292,14 @@ def voila_argv(
     config_dir: Path,
     cull_idle_s: int = CULL_IDLE_S,
     cull_interval_s: int = CULL_INTERVAL_S,
+    max_kernels: int = DEFAULT_MAX_KERNELS,
+    unconnected_cull_s: int = UNCONNECTED_CULL_S,
+    connected_cull_s: int = CONNECTED_CULL_S,
 ) -> list[str]:
-    """Voila's command line. Nothing secret is here: the token is in ``config_dir``."""
-    return [
+    """Voila's command line, run under :mod:`foundry_kernel.lifeline`. Nothing secret is
+    here: the token is in ``config_dir``."""
+    manager = "DashboardKernelManager"
+    argv = [
         sys.executable,
         "-m",
         "voila",
@@ -208,12 +312,32 @@ def voila_argv(
         f"--Voila.connection_dir_root={config_dir}",
         "--strip_sources=True",
         "--show_tracebacks=False",
+        f"--VoilaConfiguration.template={DASHBOARD_TEMPLATE}",
+        "--VoilaConfiguration.allow_template_override=NO",
+        "--VoilaConfiguration.allow_theme_override=NO",
         "--VoilaConfiguration.preheat_kernel=False",
+        f"--VoilaConfiguration.multi_kernel_manager_class=foundry_kernel.dashboard_server.{manager}",
+        "--Voila.kernel_websocket_connection_class="
+        "foundry_kernel.dashboard_server.QuietKernelConnection",
+        f"--{manager}.max_kernels={check_max_kernels(max_kernels)}",
+        f"--{manager}.unconnected_timeout={int(unconnected_cull_s)}",
+        f"--{manager}.connected_timeout={int(connected_cull_s)}",
         f"--MappingKernelManager.cull_idle_timeout={int(cull_idle_s)}",
         f"--MappingKernelManager.cull_interval={int(cull_interval_s)}",
         "--MappingKernelManager.cull_connected=False",
         "--MappingKernelManager.cull_busy=False",
     ]
+    return lifeline.wrap(argv)
+
+
+def check_max_kernels(value: int) -> int:
+    """Refuse a kernel cap that is not a whole number in 1..MAX_KERNELS_LIMIT."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_KERNELS_LIMIT:
+        raise ServerError(
+            f"--max-kernels must be a whole number between 1 and {MAX_KERNELS_LIMIT} (each "
+            f"dashboard viewer holds one kernel of about 80 MiB), got {value!r}"
+        )
+    return value
 
 
 def voila_config(token: str) -> dict[str, Any]:
@@ -291,8 +415,12 @@ def lab_argv(
     config_file: Path,
     allow_root: bool | None = None,
     extra_args: Sequence[str] = (),
+    runtime_dir: Path | None = None,
 ) -> list[str]:
-    """JupyterLab's command line with the same safe defaults as the dashboard."""
+    """JupyterLab's command line with the same safe defaults as the dashboard, run under
+    :mod:`foundry_kernel.lifeline`. With ``runtime_dir`` (Lab's ``JUPYTER_RUNTIME_DIR``),
+    the ``jpserver-PID-open.html`` file Lab writes the token link into is created there
+    0600 first (Lab has no setting to not write it, and writes it world-readable)."""
     extras = check_extra_args(extra_args)
     argv = [
         sys.executable,
@@ -313,7 +441,8 @@ def lab_argv(
     ]
     if allow_root if allow_root is not None else _is_root():
         argv.append("--allow-root")  # JupyterLab refuses to start as root without it
-    return argv + extras
+    private = [runtime_dir / "jpserver-{pid}-open.html"] if runtime_dir else []
+    return lifeline.wrap(argv + extras, private_files=private)
 
 
 def lab_config(token: str) -> dict[str, Any]:
@@ -341,7 +470,9 @@ class ServerProcess:
     Use as a context manager (``with serve_dashboard(d) as server: ...``) or call
     :meth:`stop`; it is also stopped at interpreter exit. The child's output goes to a
     rotating log file (``log_path``), with the token masked, and the last lines are kept
-    for error messages.
+    for error messages. The child's stdin is a pipe this process holds and never writes:
+    a command wrapped by :func:`foundry_kernel.lifeline.wrap` stops when it closes, so the
+    server dies with this process even when this process is killed with SIGKILL.
     """
 
     def __init__(
@@ -410,7 +541,9 @@ class ServerProcess:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self.proc = subprocess.Popen(  # argument list, no shell
                 self.argv,
-                stdin=subprocess.DEVNULL,
+                # a pipe only we hold: it closes when we die, however we die, and a child
+                # run under foundry_kernel.lifeline stops then; others never read it
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 cwd=self.cwd,
@@ -544,8 +677,10 @@ class ServerProcess:
         finally:
             _reap(leftovers, timeout)
             self._join_pump(timeout)
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
+            for pipe in (self.proc.stdin, self.proc.stdout):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
             shutil.rmtree(self.state_dir, ignore_errors=True)  # holds the token
         return self.proc.returncode
 
@@ -625,6 +760,9 @@ def dashboard_process(
     cull_idle_s: int = CULL_IDLE_S,
     cull_interval_s: int = CULL_INTERVAL_S,
     startup_timeout: float = STARTUP_TIMEOUT_S,
+    max_kernels: int = DEFAULT_MAX_KERNELS,
+    unconnected_cull_s: int = UNCONNECTED_CULL_S,
+    connected_cull_s: int = CONNECTED_CULL_S,
 ) -> ServerProcess:
     """The Voila dashboard server, configured but not started (see :func:`serve_dashboard`).
 
@@ -637,18 +775,26 @@ def dashboard_process(
     if not page.is_file():
         raise ServerError(f"dashboard notebook not found: {page}")
     secret = check_token(token)
+    check_max_kernels(max_kernels)
     logs = log_dir or _default_log_dir(root / "logs")
     state = Path(tempfile.mkdtemp(prefix="foundry-voila-"))
     _write_private_json(state / "voila.json", voila_config(secret))
     argv = voila_argv(
-        page, port=port, config_dir=state, cull_idle_s=cull_idle_s, cull_interval_s=cull_interval_s
+        page,
+        port=port,
+        config_dir=state,
+        cull_idle_s=cull_idle_s,
+        cull_interval_s=cull_interval_s,
+        max_kernels=max_kernels,
+        unconnected_cull_s=unconnected_cull_s,
+        connected_cull_s=connected_cull_s,
     )
     return ServerProcess(
         kind="dashboard",
         argv=argv,
         port=port,
         token=secret,
-        env=_child_env({"FOUNDRY_RUNS_DIR": str(root)}),
+        env=_dashboard_env({"FOUNDRY_RUNS_DIR": str(root)}),
         cwd=state,
         log_path=logs / f"dashboard-{port}.log",
         state_dir=state,
@@ -667,16 +813,25 @@ def serve_dashboard(
     cull_idle_s: int = CULL_IDLE_S,
     cull_interval_s: int = CULL_INTERVAL_S,
     startup_timeout: float = STARTUP_TIMEOUT_S,
+    max_kernels: int = DEFAULT_MAX_KERNELS,
+    unconnected_cull_s: int = UNCONNECTED_CULL_S,
+    connected_cull_s: int = CONNECTED_CULL_S,
 ) -> ServerProcess:
     """Serve the read-only dashboard with Voila on 127.0.0.1 and return the started server.
 
     ``runs_dir`` defaults to ``$FOUNDRY_RUNS_DIR`` or ``./runs``; the kernel gets it as
     ``FOUNDRY_RUNS_DIR`` and opens that store read-only. No ``token``: a random one. No
     ``port``: a free one (``server.port``). Logs go to ``log_dir`` (default
-    ``RUNS_DIR/logs``, or a temporary folder if that is not writable). ``cull_idle_s=0``
-    turns kernel culling off (only for tests that show why it is on).
+    ``RUNS_DIR/logs``, or a temporary folder if that is not writable).
+
+    At most ``max_kernels`` viewers at once (one kernel each); the next gets HTTP 503 and a
+    "busy, try again" page. A kernel is shut down once it has been idle for
+    ``unconnected_cull_s`` seconds if no page ever connected to it, ``cull_idle_s`` after
+    its page closed, ``connected_cull_s`` with its page open (0: never). ``cull_idle_s=0``
+    turns culling off (only for tests that show why it is on).
     """
     secret = check_token(token)
+    check_max_kernels(max_kernels)
     return _start_with_port(
         lambda chosen: dashboard_process(
             runs_dir,
@@ -687,6 +842,9 @@ def serve_dashboard(
             cull_idle_s=cull_idle_s,
             cull_interval_s=cull_interval_s,
             startup_timeout=startup_timeout,
+            max_kernels=max_kernels,
+            unconnected_cull_s=unconnected_cull_s,
+            connected_cull_s=connected_cull_s,
         ),
         port,
     )
@@ -711,12 +869,19 @@ def lab_process(
     state = Path(tempfile.mkdtemp(prefix="foundry-lab-"))
     config_file = state / "jupyter_foundry_config.json"
     _write_private_json(config_file, lab_config(secret))
+    # Lab's runtime files hold the token (server info, the browser-open link): keep them
+    # in the private state folder, which stop() removes, instead of ~/.local/share/jupyter
+    runtime = state / "runtime"
+    runtime.mkdir(mode=0o700)
+    argv = lab_argv(
+        root, port=port, config_file=config_file, extra_args=extra_args, runtime_dir=runtime
+    )
     return ServerProcess(
         kind="lab",
-        argv=lab_argv(root, port=port, config_file=config_file, extra_args=extra_args),
+        argv=argv,
         port=port,
         token=secret,
-        env=_child_env(env or {}),
+        env=_child_env({**(env or {}), "JUPYTER_RUNTIME_DIR": str(runtime)}),
         cwd=root,
         log_path=logs / f"lab-{port}.log",
         state_dir=state,
@@ -775,6 +940,13 @@ def add_commands(subparsers: Any) -> None:
     dash.add_argument(
         "--token", help="access token (default: a random one; a token typed here shows in ps)"
     )
+    dash.add_argument(
+        "--max-kernels",
+        type=int,
+        default=DEFAULT_MAX_KERNELS,
+        help=f"most viewers at once, one kernel (~80 MiB) each; the next gets a 'busy, try "
+        f"again' page (default: {DEFAULT_MAX_KERNELS})",
+    )
     dash.set_defaults(handler=_dashboard_command)
 
     lab = subparsers.add_parser("lab", help="start JupyterLab on 127.0.0.1 with a token")
@@ -785,7 +957,9 @@ def add_commands(subparsers: Any) -> None:
 
 
 def _dashboard_command(args: argparse.Namespace) -> int:
-    server = serve_dashboard(args.runs_dir, port=args.port, token=args.token)
+    server = serve_dashboard(
+        args.runs_dir, port=args.port, token=args.token, max_kernels=args.max_kernels
+    )
     return _serve_foreground(server, "Foundry dashboard (read-only)")
 
 
