@@ -111,16 +111,19 @@ def _watch(fd: int, grace: float) -> None:
             break
         if not data:
             break
-    print(
-        "foundry lifeline: the launcher is gone; stopping the server", file=sys.stderr, flush=True
-    )
+    # Nobody reads our output any more (it went to the launcher): a write to that pipe
+    # would raise BrokenPipeError, in this thread or in the server's shutdown code.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd_out in (1, 2):
+        with contextlib.suppress(OSError):
+            os.dup2(devnull, fd_out)
+    os.close(devnull)
     if os.name == "nt":  # os.kill ends the process at once there: children first
         _reap(_descendants())
         os._exit(EXIT_LAUNCHER_GONE)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(grace)
-    print("foundry lifeline: the server ignored SIGTERM; killing it", file=sys.stderr, flush=True)
-    _reap(_descendants(), timeout=1.0)
+    _reap(_descendants(), timeout=1.0)  # the server ignored SIGTERM or hangs in shutdown
     os._exit(EXIT_LAUNCHER_GONE)
 
 
