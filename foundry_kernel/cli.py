@@ -46,11 +46,11 @@ WORKBENCH_COMMANDS: dict[str, tuple[str, bool, str]] = {
         "(`foundry run distill --help`)",
     ),
     "dashboard": (
-        "foundry_kernel.servers",
+        "widgets.launchers",
         True,
         "serve the read-only results dashboard (Voila) on 127.0.0.1",
     ),
-    "lab": ("foundry_kernel.servers", True, "start JupyterLab on 127.0.0.1 with a token"),
+    "lab": ("widgets.launchers", True, "start JupyterLab on 127.0.0.1 with a token"),
 }
 
 

@@ -18,8 +18,8 @@ import psutil
 import pytest
 from test_report import build_demo_store
 
-from foundry_kernel.servers import ServerProcess
 from foundry_kernel.store import RunStore
+from foundry_kernel.supervisor import ServerProcess
 from widgets import report, servers
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -33,8 +33,8 @@ from test_browser_dashboard import (  # the module skips itself without Chromium
 )
 from test_report import EXPECTED_DAMAGE, PAYLOADS, add_damaged_rows, build_payload_store
 
-from foundry_kernel.servers import ServerProcess
 from foundry_kernel.store import RunStore
+from foundry_kernel.supervisor import ServerProcess
 from widgets import report, servers
 from widgets.plot_text import plot_text
 

@@ -69,6 +69,7 @@ def test_the_wheel_holds_two_packages_and_the_notebooks(wheel: Path) -> None:
     assert tops == {"foundry_kernel", "widgets"}  # no generic `bench`, nothing else
     assert "widgets/notebooks/distill.ipynb" in names
     assert "widgets/notebooks/dashboard.ipynb" in names
+    assert "widgets/jupyter/voila/templates/foundry/index.html.j2" in names  # no CDN page
     assert "foundry_kernel/py.typed" in names
     assert "foundry_kernel/teachers/_vllm_guard/foundry_vllm_guard.py" in names  # the gate
 

@@ -34,7 +34,7 @@ from conftest import tiny_config_dict
 
 from foundry_kernel.errors import TeacherServerError
 from foundry_kernel.run._control import run_sync
-from foundry_kernel.servers import ServerProcess, free_port
+from foundry_kernel.supervisor import ServerProcess, free_port
 from foundry_kernel.teachers._client import KEY_HOSTS_ENV, TeacherClient, key_refusal
 from foundry_kernel.teachers._vllm_guard import GUARD_DIR
 from foundry_kernel.teachers._vllm_guard import foundry_vllm_guard as guard

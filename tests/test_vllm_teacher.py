@@ -34,8 +34,8 @@ from foundry_kernel.data._blocks import build_data
 from foundry_kernel.errors import RunCancelled, TeacherServerError
 from foundry_kernel.paths import default_cache_dir
 from foundry_kernel.run._control import run_sync
-from foundry_kernel.servers import ServerProcess, free_port
 from foundry_kernel.store import RunStore
+from foundry_kernel.supervisor import ServerProcess, free_port
 from foundry_kernel.teachers._client import RetryPolicy, TeacherClient
 from foundry_kernel.teachers._interface import HFTeacher, VLLMTeacher
 from foundry_kernel.teachers._vllm_server import find_vllm_python, teacher_server

@@ -32,7 +32,7 @@ from foundry_kernel.training._precision import autocast
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from foundry_kernel.servers import ServerProcess
+    from foundry_kernel.supervisor import ServerProcess
     from foundry_kernel.teachers._client import TeacherClient
     from foundry_kernel.teachers._logit_cache import LogitCache
 

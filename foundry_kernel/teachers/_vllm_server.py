@@ -13,7 +13,7 @@ a dedicated virtual environment:
 3. else the environment ``foundry teacher install-vllm`` creates
    (``$FOUNDRY_VLLM_ENV``, default ``~/.cache/foundry/vllm-env``).
 
-The server process reuses :class:`~foundry_kernel.servers.ServerProcess`: an
+The server process reuses :class:`~foundry_kernel.supervisor.ServerProcess`: an
 argument list (no shell), 127.0.0.1 only, a random API key passed through the
 environment (``VLLM_API_KEY``, not argv, so ``ps`` does not show it), a free port
 or a clear "port taken" error, health polling with a start-up timeout that a
@@ -54,15 +54,15 @@ import httpx
 
 from foundry_kernel.errors import TeacherServerError
 from foundry_kernel.paths import allowed_roots, default_cache_dir, resolve_within
-from foundry_kernel.servers import (
+from foundry_kernel.supervisor import (
     HOST,
     ServerError,
     ServerProcess,
-    _default_log_dir,
-    _serve_foreground,
-    _start_with_port,
     check_port,
+    default_log_dir,
     new_token,
+    serve_foreground,
+    start_with_port,
 )
 from foundry_kernel.teachers._vllm_guard import GUARD_DIR, MIDDLEWARE
 from foundry_kernel.teachers._vllm_guard import foundry_vllm_guard as guard
@@ -315,7 +315,7 @@ def teacher_server(
     interpreter = python or find_vllm_python()
     token = new_token()
     cache = default_cache_dir() / "vllm"
-    logs = _default_log_dir(log_dir or cache / "logs")
+    logs = default_log_dir(log_dir or cache / "logs")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # not our packages
     env.update(
         {
@@ -355,7 +355,7 @@ def teacher_server(
         )
 
     try:
-        server = _start_with_port(build, port)
+        server = start_with_port(build, port)
     except ServerError as exc:
         raise TeacherServerError(f"vLLM teacher server: {exc}") from exc
     try:
@@ -406,7 +406,7 @@ def _serve_command(args: argparse.Namespace) -> int:
         f"{server.token}",
         flush=True,
     )
-    return _serve_foreground(server, "vLLM teacher")
+    return serve_foreground(server, "vLLM teacher")
 
 
 def _install_command(args: argparse.Namespace) -> int:
