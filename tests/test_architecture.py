@@ -57,6 +57,7 @@ PUBLIC_ENGINE_MODULES = {
     "foundry_kernel.config",
     "foundry_kernel.errors",
     "foundry_kernel.logs",
+    "foundry_kernel.metrics",
     "foundry_kernel.paths",
     "foundry_kernel.store",
     "foundry_kernel.summary",

@@ -22,7 +22,6 @@ Labels are text: a figure's layout and every new trace go through
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,6 +32,7 @@ import ipywidgets as ipw
 import numpy as np
 import plotly.graph_objects as go
 
+from foundry_kernel.metrics import BASELINE, TEACHER_BUILD, lookup
 from widgets.frontend import is_headless, show_static
 from widgets.plot_text import plot_safe
 
@@ -78,27 +78,18 @@ class TraceSpec:
     color: str | None = None
 
 
-_STEP_TRACES: dict[str, TraceSpec] = {
-    "train/loss": TraceSpec("loss", "train loss", 1),
-    "train/kd": TraceSpec("loss", "KD", 2),
-    "train/ce": TraceSpec("loss", "CE", 3),
-    "val/loss": TraceSpec("loss", "val loss", 4, mode="lines+markers"),
-    "baseline/train/loss": TraceSpec("loss", "CE-only train loss", 5, dash="dash"),
-    "baseline/val/loss": TraceSpec(
-        "loss", "CE-only val loss", 6, dash="dash", mode="lines+markers"
-    ),
-    "teacher_build/train/loss": TraceSpec("loss", "teacher build loss", 7, dash="dot"),
-    "val/ppl": TraceSpec("eval", "val perplexity", 1, mode="lines+markers"),
-    "baseline/val/ppl": TraceSpec("eval", "CE-only val perplexity", 2, "dash", "lines+markers"),
-    "val/agreement": TraceSpec("eval", "agreement", 3, "dot", "lines+markers", "y2"),
+# What each chart draws: registry names (foundry_kernel.metrics) and their place; labels
+# come from the registry. Validation points are sparse, so they get markers.
+_CHARTED: dict[str, tuple[str, ...]] = {
+    "loss": ("train/loss", "train/kd", "train/ce", "val/loss"),
+    "eval": ("val/ppl", "val/agreement"),
+    "memory": ("mem/rss_mb", "mem/torch_allocated_mb", "mem/torch_reserved_mb"),
 }
-_MEMORY_PATTERNS: tuple[tuple[re.Pattern[str], str, int, str], ...] = (
-    (re.compile(r"mem/rss_mb"), "process RSS", 1, "solid"),
-    (re.compile(r"mem/gpu(\d+)_used_mb"), "GPU{0} used", 10, "solid"),
-    (re.compile(r"mem/gpu(\d+)_total_mb"), "GPU{0} total", 11, "dot"),
-    (re.compile(r"mem/torch_allocated_mb"), "torch allocated", 20, "solid"),
-    (re.compile(r"mem/torch_reserved_mb"), "torch reserved", 21, "dash"),
-)
+_PREFIX_STYLE = {"": ("solid", 0), BASELINE: ("dash", 100), TEACHER_BUILD: ("dot", 200)}
+_SECOND_AXIS = frozenset({"val/agreement"})
+_MARKERS = frozenset({"val/loss", "val/ppl", "val/agreement"})
+_GPU_DASH = {"used": "solid", "total": "dot"}
+
 
 _CHART_LAYOUTS: dict[str, dict[str, Any]] = {
     "loss": {"title": "Loss", "xaxis": {"title": "step"}, "yaxis": {"title": "loss"}},
@@ -125,15 +116,28 @@ _CHART_LAYOUTS: dict[str, dict[str, Any]] = {
 
 def metric_trace(name: str) -> TraceSpec | None:
     """The trace a metric is drawn as, or None for metrics no chart shows (lr, ...)."""
-    spec = _STEP_TRACES.get(name)
-    if spec is not None:
-        return spec
-    for pattern, label, rank, dash in _MEMORY_PATTERNS:
-        match = pattern.fullmatch(name)
-        if match:
-            index = int(match.group(1)) if match.groups() else 0
-            return TraceSpec("memory", label.format(*match.groups()), rank + index, dash)
-    return None
+    metric = lookup(name)
+    if metric is None:
+        return None
+    dash, offset = _PREFIX_STYLE.get(metric.prefix, ("solid", 300))
+    base = name.removeprefix(metric.prefix)
+    if metric.index is not None:  # per-GPU memory: GPU0 used, GPU0 total, ...
+        what = metric.label.split(" ", 1)[1]
+        if what not in _GPU_DASH:
+            return None
+        rank = 10 + 2 * metric.index + (what == "total")
+        return TraceSpec("memory", metric.label, rank, _GPU_DASH[what])
+    charted = _CHARTED.get(metric.group, ())
+    if base not in charted or (metric.group == "memory" and metric.prefix):
+        return None
+    return TraceSpec(
+        metric.group,
+        metric.label,
+        offset + charted.index(base) + 1,
+        dash,
+        "lines+markers" if base in _MARKERS else "lines",
+        "y2" if base in _SECOND_AXIS else "y",
+    )
 
 
 def decimate(

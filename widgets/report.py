@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import PurePath
 from typing import Any
 
+from foundry_kernel.metrics import lookup, names_in
 from foundry_kernel.store import RunRecord, RunStore
 from foundry_kernel.summary import ROLES, ModelResult, RunSummary
 
@@ -116,28 +117,8 @@ BATCH_COLUMNS: tuple[str, ...] = (
     "best",
 )
 
-LOSS_METRICS: tuple[str, ...] = (
-    "train/loss",
-    "train/kd",
-    "train/ce",
-    "val/loss",
-    "baseline/train/loss",
-    "baseline/val/loss",
-)
-PPL_METRICS: tuple[str, ...] = ("val/ppl", "baseline/val/ppl")
-
-_METRIC_LABELS: dict[str, str] = {
-    "train/loss": "training loss (total)",
-    "train/kd": "training loss: imitating the teacher (KD)",
-    "train/ce": "training loss: predicting the text (CE)",
-    "val/loss": "held-out loss",
-    "val/ppl": "held-out perplexity (lower is better)",
-    "val/agreement": "agreement with the teacher (higher is better)",
-    "val/kl": "distance from the teacher (KL, lower is better)",
-    "tokens_per_s": "training speed (tokens per second)",
-    "mem/rss_mb": "process memory (RSS, MB)",
-    "mem/rss_peak_mb": "peak process memory (RSS, MB)",
-}
+LOSS_METRICS: tuple[str, ...] = names_in("loss")
+PPL_METRICS: tuple[str, ...] = tuple(n for n in names_in("eval") if n.endswith("/ppl"))
 
 # Flattened config keys that always differ between runs (or say nothing about the recipe).
 _SETTINGS_NOISE = frozenset({"name", "runs_dir", "schema_version"})
@@ -147,14 +128,11 @@ _SETTINGS_NOISE = frozenset({"name", "runs_dir", "schema_version"})
 
 
 def metric_label(name: str) -> str:
-    """A readable label for a metric name; ``baseline/...`` and per-GPU names included."""
-    if name.startswith("baseline/"):
-        return f"{metric_label(name.removeprefix('baseline/'))}, student without teacher"
-    if name in _METRIC_LABELS:
-        return _METRIC_LABELS[name]
-    if name.startswith("mem/gpu") and name.endswith("_mb"):
-        gpu, _, what = name.removeprefix("mem/gpu").removesuffix("_mb").partition("_")
-        return f"GPU {gpu} memory {what.replace('_', ' ') or 'used'} (MB)"
+    """A readable label for a metric name (the registry's description, ``baseline/...`` and
+    per-GPU names included); another ``mem/..._mb`` name is read as memory in MB."""
+    metric = lookup(name)
+    if metric is not None:
+        return metric.description
     if name.startswith("mem/") and name.endswith("_mb"):
         return f"{name.removeprefix('mem/').removesuffix('_mb').replace('_', ' ')} (MB)"
     return name
