@@ -20,7 +20,8 @@ from test_report import build_demo_store
 
 from foundry_kernel.store import RunStore
 from foundry_kernel.supervisor import ServerProcess
-from widgets import report, servers
+from widgets import launchers as servers
+from widgets import report
 
 CHROMIUM = Path("/usr/bin/chromium")
 if shutil.which(str(CHROMIUM)) is None:

@@ -35,7 +35,8 @@ from test_report import EXPECTED_DAMAGE, PAYLOADS, add_damaged_rows, build_paylo
 
 from foundry_kernel.store import RunStore
 from foundry_kernel.supervisor import ServerProcess
-from widgets import report, servers
+from widgets import launchers as servers
+from widgets import report
 from widgets.plot_text import plot_text
 
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
