@@ -110,3 +110,44 @@ def vllm_teacher_dir() -> Path:
         device=torch.device("cpu"),
         amp_dtype=None,
     )
+
+
+def recorded_steps(runs_dir: Path, run_id: str) -> list[int]:
+    """The optimizer steps whose training loss the run recorded, in order."""
+    from foundry_kernel.store import RunStore
+
+    with RunStore(runs_dir, read_only=True) as store:
+        return [r.step for r in store.metrics(run_id, ["train/loss"])]
+
+
+def wait_for_step(runs_dir: Path, minimum: int, timeout: float = 240) -> str:
+    """Poll a store another process writes until its first run reaches ``minimum`` steps;
+    returns that run's id. Bounded by ``timeout``."""
+    import time
+
+    from foundry_kernel.errors import StoreError
+    from foundry_kernel.store import RunStore
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:  # the child may not have created the schema yet: look again
+            with RunStore(runs_dir, read_only=True) as store:
+                runs = store.list_runs()
+        except StoreError:
+            runs = []
+        if runs and max(recorded_steps(runs_dir, runs[0].run_id), default=0) >= minimum:
+            return runs[0].run_id
+        time.sleep(0.2)
+    raise AssertionError(f"no run reached step {minimum} in {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """vLLM's interpreter; README's test command installs it, so a missing one fails."""
+    from foundry_kernel.errors import TeacherServerError
+    from foundry_kernel.teachers._vllm_server import find_vllm_python
+
+    try:
+        return find_vllm_python()
+    except TeacherServerError as exc:
+        pytest.fail(f"vLLM is not installed: {exc}")

@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from conftest import wait_for_step
 
 from foundry_kernel.store import RunStore
 
@@ -109,7 +109,7 @@ def test_kill_9_then_resume_leaves_a_consistent_store(
     )
     runs_dir = Path(tiny_config["runs_dir"])
     try:
-        run_id = _wait_for_steps(runs_dir, minimum=25, timeout=240)
+        run_id = wait_for_step(runs_dir, 25, timeout=240)
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
@@ -124,20 +124,6 @@ def test_kill_9_then_resume_leaves_a_consistent_store(
         assert store.get_run(run_id).state == "completed"
     assert steps == list(range(1, 251))
     assert json.loads(proc.stdout.strip().splitlines()[-1])["run_id"] == run_id
-
-
-def _wait_for_steps(runs_dir: Path, *, minimum: int, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (runs_dir / "foundry.sqlite").exists():
-            with RunStore(runs_dir, read_only=True) as store:
-                runs = store.list_runs()
-                if runs:
-                    rows = store.metrics(runs[0].run_id, ["train/loss"])
-                    if rows and max(r.step for r in rows) >= minimum:
-                        return runs[0].run_id
-        time.sleep(0.2)
-    raise AssertionError("the child run never reached the wanted step")
 
 
 def test_progress_lines_never_print_a_missing_loss(capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import tiny_config_dict
+from conftest import recorded_steps, tiny_config_dict, wait_for_step
 
 from foundry_kernel import load_config, run_sync, start
 from foundry_kernel._run_lock import read_owner
-from foundry_kernel.errors import StoreError
 from foundry_kernel.store import RunStore
 from foundry_kernel.training._checkpoint import load_latest
 
@@ -166,7 +165,7 @@ def test_disk_filling_mid_run_fails_clearly_records_the_state_and_resumes(
             stderr=subprocess.STDOUT,
         )
     try:
-        run_id = _wait_for_step(runs_dir, 10)
+        run_id = wait_for_step(runs_dir, 10)
         filled = _fill(filling_disk)
         code = child.wait(timeout=180)
     finally:
@@ -185,7 +184,7 @@ def test_disk_filling_mid_run_fails_clearly_records_the_state_and_resumes(
         record = store.get_run(run_id)
     assert record.state == "failed", record
     assert "the disk is full" in (record.error or "")
-    failed_at = max(_steps(runs_dir, run_id))
+    failed_at = max(recorded_steps(runs_dir, run_id))
     finish = failed_at + 3
     again = subprocess.run(
         [sys.executable, "-m", "foundry_kernel.cli", "distill", "--resume", run_id,
@@ -193,30 +192,11 @@ def test_disk_filling_mid_run_fails_clearly_records_the_state_and_resumes(
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
-    assert _steps(runs_dir, run_id) == list(range(1, finish + 1))
+    assert recorded_steps(runs_dir, run_id) == list(range(1, finish + 1))
     print(
         f"disk filled ({filled} bytes) after step 10: exit 1 in one line, store said "
         f"{left_as!r} until the next open settled it as failed; resumed to step {finish}"
     )
-
-
-def _steps(runs_dir: Path, run_id: str) -> list[int]:
-    with RunStore(runs_dir, read_only=True) as store:
-        return [r.step for r in store.metrics(run_id, ["train/loss"])]
-
-
-def _wait_for_step(runs_dir: Path, minimum: int, timeout: float = 240) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:  # the child may not have created the schema yet: look again
-            with RunStore(runs_dir, read_only=True) as store:
-                runs = store.list_runs()
-        except StoreError:
-            runs = []
-        if runs and max(_steps(runs_dir, runs[0].run_id), default=0) >= minimum:
-            return runs[0].run_id
-        time.sleep(0.2)
-    raise AssertionError(f"no run reached step {minimum} in {timeout} s")
 
 
 OOM_CHILD = textwrap.dedent(

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import tiny_config_dict
+from conftest import recorded_steps, tiny_config_dict, wait_for_step
 
 from foundry_kernel import load_config, run_sync, start
 from foundry_kernel._run_lock import (
@@ -33,7 +33,6 @@ from foundry_kernel._run_lock import (
     RunLockedError,
     read_owner,
 )
-from foundry_kernel.errors import StoreError
 from foundry_kernel.store import RunStore
 
 FOUNDRY = [sys.executable, "-m", "foundry_kernel.cli"]
@@ -65,25 +64,6 @@ def _long_config(tmp_path: Path, runs_dir: Path, max_steps: int = 100_000) -> Pa
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def _steps(runs_dir: Path, run_id: str) -> list[int]:
-    with RunStore(runs_dir, read_only=True) as store:
-        return [r.step for r in store.metrics(run_id, ["train/loss"])]
-
-
-def _wait_for_steps(runs_dir: Path, minimum: int, timeout: float = 240) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:  # the child may not have created the schema yet: look again
-            with RunStore(runs_dir, read_only=True) as store:
-                runs = store.list_runs()
-        except StoreError:
-            runs = []
-        if runs and max(_steps(runs_dir, runs[0].run_id), default=0) >= minimum:
-            return runs[0].run_id
-        time.sleep(0.2)
-    raise AssertionError(f"no run reached step {minimum} in {timeout} s")
 
 
 def _snapshot(runs_dir: Path, run_id: str) -> dict[str, Any]:
@@ -131,14 +111,14 @@ def test_resume_of_a_live_run_is_refused_naming_its_owner_and_kill_9_frees_it(
     config = _long_config(tmp_path, runs_dir)
     child = _popen("distill", "--config", str(config), log=tmp_path / "a.log")
     try:
-        run_id = _wait_for_steps(runs_dir, minimum=10)
+        run_id = wait_for_step(runs_dir, minimum=10)
         owner = read_owner(runs_dir / run_id)
         assert owner is not None and (owner.pid, owner.host) == (child.pid, HOST)
 
         t0 = time.monotonic()
         second = _foundry("distill", "--resume", run_id, "--runs-dir", str(runs_dir))
         cli_s = time.monotonic() - t0
-        at_refusal = max(_steps(runs_dir, run_id))
+        at_refusal = max(recorded_steps(runs_dir, run_id))
         # the same refusal from this (also a second) process, timed without CLI start-up
         with RunStore(runs_dir) as store:
             t0 = time.monotonic()
@@ -151,10 +131,12 @@ def test_resume_of_a_live_run_is_refused_naming_its_owner_and_kill_9_frees_it(
         assert "Traceback" not in second.stderr
         # the owner was not disturbed: still running, still training, same state row
         deadline = time.monotonic() + 60
-        while max(_steps(runs_dir, run_id)) < at_refusal + 5 and time.monotonic() < deadline:
+        while (
+            max(recorded_steps(runs_dir, run_id)) < at_refusal + 5 and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
         assert child.poll() is None
-        assert max(_steps(runs_dir, run_id)) >= at_refusal + 5
+        assert max(recorded_steps(runs_dir, run_id)) >= at_refusal + 5
         with RunStore(runs_dir, read_only=True) as store:
             record = store.get_run(run_id)
         assert (record.state, record.error) == ("running", None)
@@ -170,7 +152,7 @@ def test_resume_of_a_live_run_is_refused_naming_its_owner_and_kill_9_frees_it(
     assert record.error is not None
     assert "ended without recording a final state" in record.error
     assert f"(pid {child.pid}@{HOST})" in record.error
-    killed_at = max(_steps(runs_dir, run_id))
+    killed_at = max(recorded_steps(runs_dir, run_id))
 
     finish = killed_at + 5
     t0 = time.monotonic()
@@ -185,7 +167,7 @@ def test_resume_of_a_live_run_is_refused_naming_its_owner_and_kill_9_frees_it(
         record = store.get_run(run_id)
         kinds = [e.kind for e in store.events(run_id)]
     assert (record.state, record.error) == ("completed", None)
-    assert _steps(runs_dir, run_id) == list(range(1, finish + 1))
+    assert recorded_steps(runs_dir, run_id) == list(range(1, finish + 1))
     assert kinds[-3:] == ["failed", "resume", "completed"]
     print(
         f"refused a resume of a live run in {refuse_ms:.1f} ms (CLI: {cli_s:.1f} s with "
@@ -200,7 +182,7 @@ def test_two_simultaneous_resumes_exactly_one_proceeds(
 ) -> None:
     runs_dir = tmp_path / "runs"
     run_id = _stopped_run(runs_dir, complete=False)
-    finish = max(_steps(runs_dir, run_id)) + 150  # long enough for the two to overlap
+    finish = max(recorded_steps(runs_dir, run_id)) + 150  # long enough for the two to overlap
     args = ("distill", "--resume", run_id, "--runs-dir", str(runs_dir))
     limit = f"limits.max_steps={finish}"
     procs = [_popen(*args, "--set", limit, log=tmp_path / f"r{i}.log") for i in range(2)]
@@ -223,7 +205,7 @@ def test_two_simultaneous_resumes_exactly_one_proceeds(
         record = store.get_run(run_id)
         kinds = [e.kind for e in store.events(run_id)]
     assert record.state == "completed"
-    assert _steps(runs_dir, run_id) == list(range(1, finish + 1))
+    assert recorded_steps(runs_dir, run_id) == list(range(1, finish + 1))
     assert kinds.count("resume") == 1 and kinds.count("completed") == 1
     print("loser's refusal:", refusal.strip().splitlines()[-1])
 

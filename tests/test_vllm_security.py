@@ -40,7 +40,6 @@ from foundry_kernel.teachers._vllm_guard import GUARD_DIR
 from foundry_kernel.teachers._vllm_guard import foundry_vllm_guard as guard
 from foundry_kernel.teachers._vllm_server import (
     FOREIGN_HOST,
-    find_vllm_python,
     is_open,
     read_route_table,
     route_probes,
@@ -52,14 +51,6 @@ from foundry_kernel.teachers._vllm_server import (
 REFUSAL_HEADERS = {"content-type", "content-length", "connection", "www-authenticate"}
 REFUSAL_HEADERS |= {"date", "server"}
 KNOWN_OPEN_ROUTES = ["/invocations", "/tokenize", "/detokenize", "/metrics", "/load", "/version"]
-
-
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    try:
-        return find_vllm_python()
-    except TeacherServerError as exc:  # README's test command installs it: this is a failure
-        pytest.fail(f"vLLM is not installed: {exc}")
 
 
 @pytest.fixture(scope="module")

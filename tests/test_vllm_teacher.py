@@ -38,18 +38,10 @@ from foundry_kernel.store import RunStore
 from foundry_kernel.supervisor import ServerProcess, free_port
 from foundry_kernel.teachers._client import RetryPolicy, TeacherClient
 from foundry_kernel.teachers._interface import HFTeacher, VLLMTeacher
-from foundry_kernel.teachers._vllm_server import find_vllm_python, teacher_server
+from foundry_kernel.teachers._vllm_server import teacher_server
 from foundry_kernel.training._evaluate import evaluate_lm
 
 K = 24  # above vLLM's default of 20: the server must be started with --max-logprobs
-
-
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    try:
-        return find_vllm_python()
-    except TeacherServerError as exc:  # README's test command installs it: this is a failure
-        pytest.fail(f"vLLM is not installed: {exc}")
 
 
 @pytest.fixture(scope="module")
