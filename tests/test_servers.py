@@ -39,6 +39,7 @@ from test_report import build_demo_store, db_fingerprint
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from foundry_kernel import supervisor
 from foundry_kernel.store import DB_FILENAME
 from foundry_kernel.supervisor import HOST, ServerError, ServerProcess
 from widgets import launchers as servers
@@ -311,11 +312,11 @@ def test_lab_extra_args_cannot_undo_the_safe_defaults(extra: str, tmp_path: Path
 @pytest.mark.parametrize("bad", ["", "short", "x" * 20 + " ", "a" * 20 + "&next=/", "ä" * 20])
 def test_bad_tokens_are_refused(bad: str) -> None:
     with pytest.raises(ServerError, match="--token"):
-        servers.check_token(bad)
+        supervisor.check_token(bad)
 
 
 def test_generated_tokens_are_long_and_fresh() -> None:
-    first, second = servers.check_token(None), servers.check_token(None)
+    first, second = supervisor.check_token(None), supervisor.check_token(None)
     assert first != second and len(first) >= 40
 
 
@@ -608,7 +609,7 @@ def test_a_taken_port_is_a_clear_error(
         server.start()
     assert not server.is_running() and not server.state_dir.exists()
     with pytest.raises(ServerError, match="--port must be"):
-        servers.ensure_port_free(70000)
+        supervisor.ensure_port_free(70000)
 
 
 # --- the command line ---------------------------------------------------------------------
