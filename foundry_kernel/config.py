@@ -543,19 +543,31 @@ def validate_config(data: Mapping[str, Any]) -> RunConfig:
     return config
 
 
-def _refuse_nul_bytes(value: Any, where: str) -> None:
+def _refuse_nul_bytes(value: Any, where: str, seen: set[int] | None = None) -> None:
     """No config text may hold a NUL byte: every path, model id, field name and prompt
-    ends up in a C string (``open``, a tokenizer, SQLite) that would fail on it mid-run."""
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            _refuse_nul_bytes(item, f"{where}.{key}" if where else str(key))
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            _refuse_nul_bytes(item, f"{where}[{i}]")
+    ends up in a C string (``open``, a tokenizer, SQLite) that would fail on it mid-run.
+
+    Each container is visited once, so a mapping built in Python that shares one list
+    many times over (``[x] * 9`` nine levels deep) costs its distinct objects, not 9**9.
+    """
+    seen = set() if seen is None else seen
+    if isinstance(value, Mapping | list | tuple):
+        if id(value) in seen:
+            return
+        seen.add(id(value))
+        items = value.items() if isinstance(value, Mapping) else enumerate(value)
+        for key, item in items:
+            if isinstance(value, Mapping):
+                _refuse_nul_bytes(key, where, seen)
+                child = f"{where}.{key}" if where else str(key)
+            else:
+                child = f"{where}[{key}]"
+            _refuse_nul_bytes(item, child, seen)
     elif isinstance(value, str | PurePath) and "\x00" in str(value):
+        shown = where if len(where) <= 120 else where[:117] + "..."
         raise ConfigError(
-            f"{where}: {brief(str(value))} contains a NUL byte (\\x00), which no path, name or "
-            "model id can hold; remove it",
+            f"{shown or 'config'}: {brief(str(value))} contains a NUL byte (\\x00), which no "
+            "path, name or model id can hold; remove it",
             field=where or "config",
         )
 
@@ -670,12 +682,19 @@ def _field_names(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
+MAX_LISTED_ERRORS = 10
+"""Problems one ConfigError lists (a file of 5,000 unknown keys is not 5,000 lines)."""
+
+
 def _to_config_error(exc: ValidationError) -> ConfigError:
     lines: list[str] = []
     first_field: str | None = None
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:MAX_LISTED_ERRORS]:
         loc = tuple(err["loc"])
         field = ".".join(str(p) for p in loc) or "config"
+        if len(field) > 120:  # an unknown key may be long
+            field = field[:117] + "..."
         first_field = first_field or field
         value = err.get("input")
         if err["type"] == "extra_forbidden":
@@ -686,6 +705,8 @@ def _to_config_error(exc: ValidationError) -> ConfigError:
             continue
         msg = err["msg"].removeprefix("Value error, ")
         lines.append(f"{field}: {_short(value)} is not allowed ({msg})")
+    if len(errors) > MAX_LISTED_ERRORS:
+        lines.append(f"... and {len(errors) - MAX_LISTED_ERRORS} more")
     return ConfigError("invalid config:\n  " + "\n  ".join(lines), field=first_field)
 
 

@@ -447,7 +447,7 @@ def same_plain(a: Any, b: Any) -> bool:
     if type(a) is not type(b):
         return False
     if isinstance(a, dict):
-        return list(a) == list(b) and all(same_plain(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(same_plain(a[k], b[k]) for k in a)
     if isinstance(a, list):
         return len(a) == len(b) and all(same_plain(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b)
@@ -765,12 +765,12 @@ def _plan(args: argparse.Namespace) -> tuple[list[Member], Path, Path]:
     if not args.timeout > 0:
         raise ConfigError(f"--timeout must be positive, got {args.timeout}", field="timeout")
     notebook = check_notebook(args.notebook)
-    declared = declared_parameters(notebook)
-    declared.require(RUN_ID, RUNS_DIR, notebook=notebook)
     given_runs_dir = args.runs_dir or default_runs_dir()
     resolve_within(given_runs_dir, allowed_roots(), field="--runs-dir")
     runs_dir = given_runs_dir.expanduser().absolute()
-    sets = parameter_sets(args.parameters, args.files, args.grid)
+    sets = parameter_sets(args.parameters, args.files, args.grid)  # before papermill loads
+    declared = declared_parameters(notebook)
+    declared.require(RUN_ID, RUNS_DIR, notebook=notebook)
     keys = varying_keys(sets)
     members = [
         resolve_member(i, given, declared, notebook, runs_dir, label_keys=keys)

@@ -179,7 +179,8 @@ def is_within(path: PurePath, root: PurePath) -> bool:
 def _outside_error(field: str, path: object, roots: Sequence[Path]) -> ConfigError:
     allowed = ", ".join(str(root) for root in roots) or "(none configured)"
     return ConfigError(
-        f"{field}: {_describe(str(path), 200)} is outside the allowed folders: {allowed}",
+        f"{field}: {_describe(str(path), 200)} is outside the allowed folders: {allowed} "
+        "(to allow another folder, add it to FOUNDRY_ALLOWED_ROOTS)",
         field=field,
     )
 

@@ -7,13 +7,15 @@ into the kernel (and writes a type it has no rule for - bytes, a set, a date - a
 text, and error messages ``repr()`` what they refuse. So every such input is read here,
 into plain JSON types only, checked all the way down:
 
-- **No YAML tags** but the core ones (``!!str``, ``!!int``, ... which make plain values
-  anyway): ``!!binary``, ``!!set``, ``!!timestamp``, ``!!python/...`` and custom tags are
-  refused where the parser meets them, with the line and column.
+- **No YAML tags** but ``!!str`` on text, ``!!seq`` on lists and ``!!map`` on mappings
+  (which say what the node is anyway): ``!!binary``, ``!!set``, ``!!timestamp``,
+  ``!!python/...`` and custom tags are refused where the parser meets them, with the
+  line and column.
 - **No anchors or aliases.** ``&a`` / ``*a`` share one node many times over: nine levels of
   nine aliases are a few hundred bytes of YAML and 9**9 values once anything walks them
-  (the schema, a deep copy, an error message). Refused at the first anchor, so no input
-  under the size caps below can cost more than reading it.
+  (the schema, a deep copy, an error message). Every parser event is checked before
+  anything is composed, so a bomb is refused at its first anchor and no input under the
+  size caps below costs more than reading it (libyaml's parser when PyYAML has it).
 - **Bounded size and depth**: :data:`MAX_FILE_BYTES` per file, :data:`MAX_VALUE_CHARS`
   per command-line value, :data:`MAX_DEPTH` nested lists/mappings (Python's parser
   gives up on literals nested ~200 deep, so this also keeps every value writable).
@@ -41,7 +43,15 @@ from typing import Any
 import yaml
 from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
-from yaml.events import AliasEvent, CollectionStartEvent, NodeEvent, ScalarEvent
+from yaml.events import (
+    AliasEvent,
+    CollectionEndEvent,
+    CollectionStartEvent,
+    MappingStartEvent,
+    NodeEvent,
+    ScalarEvent,
+    SequenceStartEvent,
+)
 from yaml.nodes import MappingNode, Node, ScalarNode
 from yaml.parser import Parser
 from yaml.reader import Reader
@@ -68,15 +78,22 @@ MAX_DEPTH = 32
 """Most nested lists/mappings in one input (configs nest 3 deep, parameters a few more)."""
 MAX_VALUE_CHARS = 16 * 1024
 """Longest single ``--set`` / ``-p`` / ``--grid`` value, in characters."""
-MAX_FILE_BYTES = 256 * 1024
-"""Largest config or parameters file (a full config is ~3 KiB)."""
+MAX_FILE_BYTES = 64 * 1024
+"""Largest config or parameters file: a full config is ~3 KiB, a sweep of 300 parameter
+sets fits; the worst YAML of this size parses in under a second."""
 PLAIN_HINT = (
     "Foundry reads plain data only: text, numbers, true/false, null, lists and "
     "mappings with text keys"
 )
-_CORE_TAGS = frozenset(
-    f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "seq", "map")
-)
+_CORE = "tag:yaml.org,2002:"
+_ALLOWED_TAGS: dict[type[yaml.Event], frozenset[str]] = {
+    ScalarEvent: frozenset({"!", f"{_CORE}str"}),
+    SequenceStartEvent: frozenset({"!", f"{_CORE}seq"}),
+    MappingStartEvent: frozenset({"!", f"{_CORE}map"}),
+}
+"""Tags that only say what the node is anyway (``!!str 12`` is the text "12"). Not
+``!!int``/``!!bool``/...: PyYAML crashes on ``!!bool 0`` (KeyError) and ``!!map x``
+(TypeError), and an untagged number or true/false is that type already."""
 _TEXT_ONLY_TAGS = frozenset(f"tag:yaml.org,2002:{name}" for name in ("timestamp", "value", "merge"))
 
 
@@ -130,51 +147,14 @@ class _PlainResolver(Resolver):
     }
 
 
-class PlainLoader(Reader, Scanner, Parser, Composer, SafeConstructor, _PlainResolver):
-    """PyYAML's safe loader that refuses tags, anchors, aliases and deep nesting.
+class _PlainConstructor(SafeConstructor):
+    """PyYAML's safe constructor, refusing a key given twice in one mapping."""
 
-    The refusals happen while composing, event by event, before any node is built from
-    an alias: an alias bomb costs what reading its few hundred bytes costs.
-    """
-
-    def __init__(self, stream: str, *, field: str = "") -> None:
-        Reader.__init__(self, stream)
-        Scanner.__init__(self)
-        Parser.__init__(self)
-        Composer.__init__(self)
-        SafeConstructor.__init__(self)
-        _PlainResolver.__init__(self)
-        self.field = field
-        self.depth = 0
-
-    def _refuse(self, what: str, event: yaml.Event) -> ConfigError:
-        return _refusal(self.field, f"{what}{_where(event)} is not allowed; {PLAIN_HINT}")
-
-    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
-        event = self.peek_event()
-        if isinstance(event, AliasEvent):
-            raise self._refuse(f"the YAML alias *{event.anchor}", event)
-        if isinstance(event, NodeEvent) and event.anchor is not None:
-            raise self._refuse(
-                f"the YAML anchor &{event.anchor} (anchors and aliases repeat values)", event
-            )
-        tag = event.tag if isinstance(event, ScalarEvent | CollectionStartEvent) else None
-        if tag is not None and tag != "!" and tag not in _CORE_TAGS:
-            raise self._refuse(f"the YAML tag {_tag_name(tag)}", event)
-        if isinstance(event, CollectionStartEvent):
-            if self.depth >= MAX_DEPTH:
-                raise self._refuse(f"nesting deeper than {MAX_DEPTH} lists/mappings", event)
-            self.depth += 1
-            try:
-                return super().compose_node(parent, index)
-            finally:
-                self.depth -= 1
-        return super().compose_node(parent, index)
+    field = ""
 
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
-        """PyYAML's mapping, refusing a key given twice."""
         seen: set[Any] = set()
-        for key_node, _ in node.value:
+        for key_node, _ in node.value if isinstance(node, MappingNode) else ():
             if not isinstance(key_node, ScalarNode):
                 continue  # unhashable: PyYAML refuses it itself
             key = self.construct_object(key_node)  # cached: built once
@@ -186,6 +166,80 @@ class PlainLoader(Reader, Scanner, Parser, Composer, SafeConstructor, _PlainReso
         return super().construct_mapping(node, deep=deep)
 
 
+class PlainLoader(Reader, Scanner, Parser, Composer, _PlainConstructor, _PlainResolver):
+    """Pure-Python loader: PyYAML's safe loader with the plain resolver and constructor."""
+
+    def __init__(self, stream: str, *, field: str = "") -> None:
+        Reader.__init__(self, stream)
+        Scanner.__init__(self)
+        Parser.__init__(self)
+        Composer.__init__(self)
+        _PlainConstructor.__init__(self)
+        _PlainResolver.__init__(self)
+        self.field = field
+
+
+def _libyaml_parser() -> Any:
+    """libyaml's parser when PyYAML was built with it: the same events, ~7x faster."""
+    try:
+        from yaml import cyaml
+    except ImportError:  # pragma: no cover - PyYAML without libyaml
+        return None
+    return getattr(cyaml, "CParser", None)
+
+
+_CParser: Any = _libyaml_parser()
+
+if _CParser is not None:
+
+    class _CPlainLoader(_CParser, _PlainConstructor, _PlainResolver):
+        """libyaml's parser with the plain resolver and constructor (both Python)."""
+
+        def __init__(self, stream: str, *, field: str = "") -> None:
+            _CParser.__init__(self, stream)
+            _PlainConstructor.__init__(self)
+            _PlainResolver.__init__(self)
+            self.field = field
+
+    _Loader: Any = _CPlainLoader
+else:  # pragma: no cover - PyYAML without libyaml
+    _Loader = PlainLoader
+
+
+def _refuse_event(event: yaml.Event, depth: int, field: str) -> None:
+    """The rules, one event at a time: no alias, anchor, non-core tag, or nesting past
+    :data:`MAX_DEPTH` (``depth`` counts the collections open around ``event``)."""
+    what = None
+    if isinstance(event, AliasEvent):
+        what = f"the YAML alias *{event.anchor}"
+    elif isinstance(event, NodeEvent) and event.anchor is not None:
+        what = f"the YAML anchor &{event.anchor} (anchors and aliases repeat values)"
+    elif isinstance(event, ScalarEvent | CollectionStartEvent):
+        if event.tag is not None and event.tag not in _ALLOWED_TAGS[type(event)]:
+            what = f"the YAML tag {_tag_name(event.tag)}"
+        elif isinstance(event, CollectionStartEvent) and depth >= MAX_DEPTH:
+            what = f"nesting deeper than {MAX_DEPTH} lists/mappings"
+    if what is not None:
+        raise _refusal(field, f"{what}{_where(event)} is not allowed; {PLAIN_HINT}")
+
+
+def _scan(text: str, field: str) -> None:
+    """Check every event before anything is composed: an alias bomb is refused at its
+    first anchor, having cost what reading those few hundred bytes costs."""
+    loader = _Loader(text, field=field)
+    depth = 0
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            _refuse_event(event, depth, field)
+            if isinstance(event, CollectionStartEvent):
+                depth += 1
+            elif isinstance(event, CollectionEndEvent):
+                depth -= 1
+    finally:
+        loader.dispose()
+
+
 def load_plain_yaml(text: str, *, field: str = "", source: str | None = None) -> Any:
     """One YAML document as checked plain data (``None`` for an empty one).
 
@@ -194,16 +248,22 @@ def load_plain_yaml(text: str, *, field: str = "", source: str | None = None) ->
     is not plain data, and lets ``yaml.YAMLError`` through for text that is not YAML at
     all (a caller decides whether that is an error or, for a command-line value, text).
     """
-    loader = PlainLoader(text, field=field)
     try:
-        return check_plain(loader.get_single_data(), field=field)
+        _scan(text, field)
+        loader = _Loader(text, field=field)
+        try:
+            return check_plain(loader.get_single_data(), field=field)
+        finally:
+            loader.dispose()
     except ConfigError as exc:
         raise _from(source, exc) from None
-    except ValueError:  # int(): a number longer than Python's 4300-digit limit
-        refusal = _refusal(field, "a number with more than 4300 digits cannot be read")
-        raise _from(source, refusal) from None
-    finally:
-        loader.dispose()
+    except ValueError as exc:  # int(): a number longer than Python's 4300-digit limit
+        what = (
+            "a number with more than 4300 digits cannot be read"
+            if "digits" in str(exc)
+            else f"a value cannot be read: {brief(str(exc), 120)}"
+        )
+        raise _from(source, _refusal(field, what)) from None
 
 
 def parse_plain_json(text: str, *, field: str = "", source: str | None = None) -> Any:
