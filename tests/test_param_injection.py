@@ -9,6 +9,7 @@ command line into a real kernel and papermill's real parameter injection.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -73,3 +74,63 @@ def test_a_yaml_tag_cannot_run_code_in_the_kernel(
     assert "!!binary" in proc.stderr and "not allowed" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (runs_dir / "foundry.sqlite").exists()  # refused before any run was created
+
+
+def _probe_notebook(path: Path) -> Path:
+    """A notebook that records exactly what its kernel received, and completes its run."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    params = nbformat.v4.new_code_cell(
+        "run_id = None\nruns_dir = None\ntext = None\nnested = None\nblock = None\n"
+    )
+    params.metadata["tags"] = ["parameters"]
+    record = nbformat.v4.new_code_cell(
+        "import json\n"
+        "from pathlib import Path\n"
+        "from foundry_kernel.store import RunStore\n"
+        "received = {'text': text, 'nested': nested, 'block': block}\n"
+        "Path(runs_dir, run_id, 'received.json').write_text(json.dumps(received))\n"
+        "with RunStore(runs_dir) as store:\n"
+        "    store.set_state(run_id, 'completed')\n"
+    )
+    nb.cells = [params, record]
+    nbformat.write(nb, path)
+    return path
+
+
+def test_hostile_text_reaches_a_real_kernel_as_exactly_that_text(
+    tmp_path: Path, runs_dir: Path
+) -> None:
+    """Plain text that looks like the exploit (quotes, backslashes, newlines, triple
+    quotes) is not refused: it must arrive in the kernel verbatim, running nothing."""
+    canary = tmp_path / "canary"
+    text = _payload(canary)
+    nested = {
+        'a"b': ["\\", "\n", "'''", '"""', '\\"', "\r\n"],
+        "k": [1, -2.5, True, None, "2026-11-29", "=", "{run_id}"],
+        _payload(canary): {"deep": [[[_payload(canary)]]]},
+    }
+    block = f'line one "\nline \\two\\ {_payload(canary)}\n"""end'
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"nested": nested, "block": block}), encoding="utf-8")
+    notebook = _probe_notebook(tmp_path / "probe.ipynb")
+    argv = [*FOUNDRY, "run", str(notebook), "-p", "text", f"'{text}'", "-f", str(values)]
+    proc = subprocess.run(
+        [*argv, "--runs-dir", str(runs_dir), "--timeout", "120"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ.copy(),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert not canary.exists()
+    (received_file,) = runs_dir.glob("*/received.json")
+    received = json.loads(received_file.read_text(encoding="utf-8"))
+    assert received == {"text": text, "nested": nested, "block": block}
