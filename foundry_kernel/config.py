@@ -13,13 +13,21 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from foundry_kernel.errors import ConfigError
+from foundry_kernel.paths import allowed_roots, resolve_within
+from foundry_kernel.plaindata import (
+    brief,
+    check_value_length,
+    load_plain_yaml,
+    parse_plain_json,
+    read_text_capped,
+)
 
 SCHEMA_VERSION = 1
 BUILTIN_TEACHER = "builtin:tiny-teacher"
@@ -60,6 +68,11 @@ class TeacherBuild(_Section):
     max_documents: int | None = Field(
         None, ge=1, description="Use only the first N documents of the corpus (tests)."
     )
+
+    @field_validator("data")
+    @classmethod
+    def _check_data(cls, v: str) -> str:
+        return check_data_source(v)
 
 
 class TeacherServerConfig(_Section):
@@ -233,11 +246,7 @@ class DataConfig(_Section):
     @field_validator("source")
     @classmethod
     def _check_source(cls, v: str) -> str:
-        if "\x00" in v:
-            raise ValueError("contains a NUL byte")
-        if v.startswith("builtin:") and v not in BUILTIN_DATA:
-            raise ValueError(f"unknown built-in corpus {v!r}; choose one of {list(BUILTIN_DATA)}")
-        return v
+        return check_data_source(v)
 
 
 class LossConfig(_Section):
@@ -432,6 +441,18 @@ class RunConfig(_Section):
         default_factory=CheckpointConfig, description="Checkpoints."
     )
 
+    @field_validator("runs_dir")
+    @classmethod
+    def _check_runs_dir(cls, v: Path | None) -> Path | None:
+        """Confined like every local path (``paths.allowed_roots``), so a config cannot put
+        the store, its checkpoints and exports in /etc. The path is kept as written."""
+        if v is not None:
+            try:
+                resolve_within(v, allowed_roots(), field="runs_dir")
+            except ConfigError as exc:
+                raise ValueError(str(exc).removeprefix("runs_dir: ")) from None
+        return v
+
     @field_validator("name")
     @classmethod
     def _check_name(cls, v: str | None) -> str | None:
@@ -447,6 +468,19 @@ class RunConfig(_Section):
 
 
 # --------------------------------------------------------------------------- sources
+
+
+def check_data_source(v: str) -> str:
+    """A corpus: a built-in name, or a local path / glob checked when it is read.
+
+    One rule for ``data.source`` and ``teacher.build.data`` (both are read by
+    ``sources.load_documents``), so a typo'd built-in fails here, not mid-run.
+    """
+    if "\x00" in v:
+        raise ValueError("contains a NUL byte")
+    if v.startswith("builtin:") and v not in BUILTIN_DATA:
+        raise ValueError(f"unknown built-in corpus {v!r}; choose one of {list(BUILTIN_DATA)}")
+    return v
 
 
 def _check_model_source(v: str, field: str, *, builtin: Iterable[str]) -> str:
@@ -508,12 +542,42 @@ def validate_config(data: Mapping[str, Any]) -> RunConfig:
             f"({SCHEMA_VERSION}); upgrade Foundry or write a version-{SCHEMA_VERSION} config.",
             field="schema_version",
         )
+    _refuse_nul_bytes(data, "")
     try:
         config = RunConfig.model_validate(dict(data))
     except ValidationError as exc:
         raise _to_config_error(exc) from None
     _check_combinations(config)
     return config
+
+
+def _refuse_nul_bytes(value: Any, where: str, seen: set[int] | None = None) -> None:
+    """No config text may hold a NUL byte: every path, model id, field name and prompt
+    ends up in a C string (``open``, a tokenizer, SQLite) that would fail on it mid-run.
+
+    Each container is visited once, so a mapping built in Python that shares one list
+    many times over (``[x] * 9`` nine levels deep) costs its distinct objects, not 9**9.
+    """
+    seen = set() if seen is None else seen
+    if isinstance(value, Mapping | list | tuple):
+        if id(value) in seen:
+            return
+        seen.add(id(value))
+        items = value.items() if isinstance(value, Mapping) else enumerate(value)
+        for key, item in items:
+            if isinstance(value, Mapping):
+                _refuse_nul_bytes(key, where, seen)
+                child = f"{where}.{key}" if where else str(key)
+            else:
+                child = f"{where}[{key}]"
+            _refuse_nul_bytes(item, child, seen)
+    elif isinstance(value, str | PurePath) and "\x00" in str(value):
+        shown = where if len(where) <= 120 else where[:117] + "..."
+        raise ConfigError(
+            f"{shown or 'config'}: {brief(str(value))} contains a NUL byte (\\x00), which no "
+            "path, name or model id can hold; remove it",
+            field=where or "config",
+        )
 
 
 def _check_combinations(cfg: RunConfig) -> None:
@@ -555,24 +619,40 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
-        raise ConfigError(f"override key {key!r} is not a dotted field name", field=key)
+        raise ConfigError(f"override key {brief(key)} is not a dotted field name", field=key[:80])
+    return key, parse_plain_value(raw, field=key)
+
+
+def parse_plain_value(raw: str, *, field: str) -> Any:
+    """A command-line value as YAML plain data (see ``plaindata``); text that is not YAML
+    at all stays that text, but tags, anchors, aliases and over-long values are refused."""
+    check_value_length(raw, field=field)
+    if not raw.strip():
+        return ""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        return load_plain_yaml(raw, field=field)
     except yaml.YAMLError:
-        value = raw
-    return key, value
+        return raw
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
+    """A config file as plain data: at most ``plaindata.MAX_FILE_BYTES``, no YAML tags,
+    anchors or aliases, nothing JSON could not hold."""
+    if "\x00" in str(path):
+        raise ConfigError(f"config file {brief(str(path))} contains a NUL byte", field="config")
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist", field="config")
-    text = path.read_text(encoding="utf-8")
+        raise ConfigError(f"config file {brief(str(path), 200)} does not exist", field="config")
+    where = f"config file {brief(str(path), 200)}"
+    text = read_text_capped(path, field="config")
     try:
-        loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if path.suffix == ".json":
+            loaded = parse_plain_json(text, source=where)
+        else:
+            loaded = load_plain_yaml(text, source=where)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(
-            f"config file {str(path)!r} is not valid: {exc}", field="config"
-        ) from None
+        raise ConfigError(f"{where} is not valid: {exc}", field="config") from None
+    except ConfigError as exc:
+        raise ConfigError(str(exc), field=exc.field or "config") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -610,12 +690,19 @@ def _field_names(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
+MAX_LISTED_ERRORS = 10
+"""Problems one ConfigError lists (a file of 5,000 unknown keys is not 5,000 lines)."""
+
+
 def _to_config_error(exc: ValidationError) -> ConfigError:
     lines: list[str] = []
     first_field: str | None = None
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:MAX_LISTED_ERRORS]:
         loc = tuple(err["loc"])
         field = ".".join(str(p) for p in loc) or "config"
+        if len(field) > 120:  # an unknown key may be long
+            field = field[:117] + "..."
         first_field = first_field or field
         value = err.get("input")
         if err["type"] == "extra_forbidden":
@@ -626,12 +713,13 @@ def _to_config_error(exc: ValidationError) -> ConfigError:
             continue
         msg = err["msg"].removeprefix("Value error, ")
         lines.append(f"{field}: {_short(value)} is not allowed ({msg})")
+    if len(errors) > MAX_LISTED_ERRORS:
+        lines.append(f"... and {len(errors) - MAX_LISTED_ERRORS} more")
     return ConfigError("invalid config:\n  " + "\n  ".join(lines), field=first_field)
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return brief(value, 80)
 
 
 def json_schema() -> dict[str, Any]:

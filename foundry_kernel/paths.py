@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 
 from foundry_kernel.errors import ConfigError
+from foundry_kernel.plaindata import brief
 
 __all__ = [
     "RUN_ID_MAX_LEN",
@@ -60,9 +61,9 @@ _FILENAME_MAX_BYTES = 255  # NAME_MAX on Linux/macOS; Windows allows 255 UTF-16 
 
 
 def _describe(value: object, limit: int = 80) -> str:
-    """Quote a rejected value for an error message without flooding it."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """Quote a rejected value for an error message without flooding it (``plaindata.brief``:
+    bounded work too, whatever the value holds)."""
+    return brief(value, limit)
 
 
 def _is_reserved_windows_name(name: str) -> bool:
@@ -178,7 +179,8 @@ def is_within(path: PurePath, root: PurePath) -> bool:
 def _outside_error(field: str, path: object, roots: Sequence[Path]) -> ConfigError:
     allowed = ", ".join(str(root) for root in roots) or "(none configured)"
     return ConfigError(
-        f"{field}: {_describe(str(path), 200)} is outside the allowed folders: {allowed}",
+        f"{field}: {_describe(str(path), 200)} is outside the allowed folders: {allowed} "
+        "(to allow another folder, add it to FOUNDRY_ALLOWED_ROOTS)",
         field=field,
     )
 

@@ -145,3 +145,86 @@ def test_config_is_strict_on_assignment() -> None:
     cfg = RunConfig()
     with pytest.raises(ValueError, match="temperature"):
         cfg.loss.temperature = -1
+
+
+# --- pen test, issue 15 (#9): every path field, teacher.build.data ------------------
+
+
+def _text_fields() -> list[str]:
+    """Every leaf of the schema that holds text (paths, ids, names, prompts, choices)."""
+    out = []
+    for name, prop in _leaf_properties(json_schema()):
+        variants = [prop, *prop.get("anyOf", [])]
+        if any(v.get("type") == "string" or "enum" in v for v in variants):
+            out.append(name)
+        elif any(
+            v.get("type") == "array" and v.get("items", {}).get("type") == "string"
+            for v in variants
+        ):
+            out.append(name + "[]")
+    return out
+
+
+TEXT_FIELDS = _text_fields()
+PATH_FIELDS = ["runs_dir", "data.source", "teacher.source", "student.source", "teacher.build.data"]
+
+
+def test_the_text_fields_include_every_path_field() -> None:
+    assert set(PATH_FIELDS) <= set(TEXT_FIELDS) and len(TEXT_FIELDS) > 15
+
+
+@pytest.mark.parametrize("field", TEXT_FIELDS)
+def test_a_nul_byte_in_any_text_field_is_a_clear_error(field: str, tmp_path: Path) -> None:
+    """A NUL in runs_dir used to pass the schema and end in a traceback from the file
+    system; the class is every text field, from a file (YAML's "\\0") or a mapping."""
+    name = field.removesuffix("[]")
+    value: Any = ["ok", "a\x00b"] if field.endswith("[]") else "a\x00b"
+    where = f"{name}[1]" if field.endswith("[]") else name
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={name: value})
+    assert info.value.field == where and "NUL byte" in str(info.value)
+    section, _, key = name.rpartition(".")
+    nested: dict[str, Any] = {key: value}
+    for part in reversed(section.split(".") if section else []):
+        nested = {part: nested}
+    path = tmp_path / "nul.yaml"
+    path.write_text(yaml.safe_dump(nested), encoding="utf-8")
+    assert "\\0" in path.read_text(encoding="utf-8")  # the dumper escapes it
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.field == where and "NUL byte" in str(info.value)
+
+
+def test_teacher_build_data_is_checked_like_data_source() -> None:
+    """``builtin:evil`` used to fail at run time with a traceback; one rule checks both."""
+    messages = []
+    for field in ("data.source", "teacher.build.data"):
+        with pytest.raises(ConfigError) as info:
+            load_config(overrides={field: "builtin:evil"})
+        assert info.value.field == field
+        messages.append(str(info.value).split("(", 1)[1])
+    assert messages[0] == messages[1] and "builtin:python-docs" in messages[0]
+    assert load_config(overrides={"teacher.build.data": "builtin:python-stdlib"})
+
+
+def test_runs_dir_is_confined_like_other_local_paths(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from foundry_kernel.cli import main as cli_main
+
+    for outside in ("/etc/foundry-runs", "/proc/self/x", "../" * 30 + "etc/x"):
+        with pytest.raises(ConfigError) as info:
+            load_config(overrides={"runs_dir": outside})
+        assert info.value.field == "runs_dir" and "outside the allowed folders" in str(info.value)
+    for inside in (tmp_path / "runs", "runs", "~/foundry-runs"):
+        assert load_config(overrides={"runs_dir": str(inside)}).runs_dir == Path(inside)
+    assert cli_main(["distill", "--set", "runs_dir=/etc/foundry-runs"]) == 2
+    assert cli_main(["distill", "--runs-dir", "/etc/foundry-runs"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("outside the allowed folders") == 2 and "Traceback" not in err
+    assert not Path("/etc/foundry-runs").exists()
+    nul = tmp_path / "nul-runs.yaml"
+    nul.write_text('runs_dir: "runs\\0x"\n', encoding="utf-8")
+    assert cli_main(["distill", "--config", str(nul)]) == 2
+    err = capsys.readouterr().err
+    assert "runs_dir" in err and "NUL byte" in err and "Traceback" not in err

@@ -1,4 +1,4 @@
-"""nbval over notebooks/distill.ipynb, with small parameters injected by papermill's CLI.
+"""nbval over the shipped distill notebook, with small parameters injected by papermill.
 
 How nbval gets small parameters: the notebook's defaults are real (a 300-step run on the
 default teacher), and nbval executes a notebook as it is. Rather than teach the notebook

@@ -1,4 +1,4 @@
-"""``foundry run``: papermill executions of notebooks/distill.ipynb as runs in the store.
+"""``foundry run``: papermill executions of the shipped distill notebook as runs in the store.
 
 Real kernels, real (tiny) runs: each execution starts its own ipykernel through papermill.
 The runner is called as ``notebook_runner.main([...])``, what ``foundry run`` calls.
@@ -7,10 +7,15 @@ The runner is called as ``notebook_runner.main([...])``, what ``foundry run`` ca
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import nbformat
+import psutil
 import pytest
 import yaml
 from conftest import tiny_config_dict
@@ -100,6 +105,29 @@ def test_foundry_run_writes_the_executed_notebook_into_the_run_folder(
         (["--grid", "loss.temprature=1,2"], "did you mean 'loss.temperature'"),
         (["--grid", "loss.beta"], "must look like key=v1,v2"),
         (["--jobs", "0"], "--jobs must be at least 1"),
+        # plain data only (pen test #2, #3): the !!set used to crash with a TypeError
+        # after its run was created, leaving it pending
+        (["-p", "config_overrides", "{eval.sample_prompts: !!set {a: null}}"], "!!set"),
+        (["-p", "headless", "!!binary aGk="], "YAML tag !!binary"),
+        (["-p", "headless", "!!timestamp 2026-11-29"], "YAML tag !!timestamp"),
+        (["-p", "seed", "&a 1"], "YAML anchor &a"),
+        (["-p", "headless", "[*a]"], "YAML alias *a"),
+        (["-p", "config_overrides", "{loss.beta: .nan}"], "not a finite number"),
+        (["-p", "config_overrides", "{1: 2}"], "keys must be text"),
+        (["-p", "headless", "x" * 20_000], "at most 16,384"),
+        (["-p", "config_path", "/etc/hostname"], "outside the allowed folders"),
+        (["-p", "config_path", '"c\\0.yaml"'], "NUL byte"),
+        (["-p", "config_overrides", '{data.source: "a\\0b"}'], "NUL byte"),
+        (["-p", "config_overrides", "{teacher.build.data: 'builtin:evil'}"], "builtin:evil"),
+        (
+            [
+                "--grid",
+                "seed=" + ",".join(map(str, range(40))),
+                "--grid",
+                "loss.beta=" + ",".join(["0.5"] * 26),
+            ],
+            "at most 1,000",
+        ),
     ],
 )
 def test_bad_parameters_are_refused_before_any_kernel_starts(
@@ -241,3 +269,69 @@ def test_ten_concurrent_headless_runs_finish_with_their_own_results(
     alone = run_sync(by_seed[3].config | {"runs_dir": str(runs_dir / "alone")})
     assert alone.result is not None
     assert alone.result["student"]["val_loss"] == pytest.approx(losses[3], abs=1e-6)
+
+
+def test_runs_dir_is_confined_like_other_paths(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = notebook_runner.main([str(NOTEBOOK), "--runs-dir", "/etc/foundry-runs"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--runs-dir: '/etc/foundry-runs' is outside the allowed folders" in err
+    assert not Path("/etc/foundry-runs").exists()
+
+
+FOUNDRY = [sys.executable, "-m", "foundry_kernel.cli"]
+
+
+def _wait_for_training(runs_dir: Path, *, steps: int, timeout: float) -> str:
+    """The id of the first run that has logged ``steps`` training steps."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (runs_dir / "foundry.sqlite").exists():
+            with RunStore(runs_dir, read_only=True) as store:
+                for record in store.list_runs():
+                    rows = store.metrics(record.run_id, ["train/loss"])
+                    if record.state == "running" and len(rows) >= steps:
+                        return record.run_id
+        time.sleep(0.3)
+    raise AssertionError(f"no run reached {steps} steps in {timeout} s")
+
+
+def test_sigterm_stops_the_kernels_and_cancels_the_runs(params_file: Path, runs_dir: Path) -> None:
+    """A real ``foundry run`` (two runs, one kernel at a time) gets SIGTERM while its first
+    kernel trains: it stops that kernel and everything under it, marks the running run and
+    the queued one ``cancelled`` with the reason, and exits 143. It used to exit at once
+    and leave the run ``running`` and its kernel alive."""
+    overrides = {k: v for k, v in tiny_overrides().items() if k != "seed"}
+    overrides["eval.every_steps"] = 100_000
+    params_file.write_text(yaml.safe_dump({"config_overrides": overrides}), encoding="utf-8")
+    argv = [*FOUNDRY, "run", str(NOTEBOOK), "-f", str(params_file), "-p", "max_steps", "100000"]
+    argv += ["--grid", "seed=0,1", "--jobs", "1", "--runs-dir", str(runs_dir)]
+    child = subprocess.Popen(
+        [*argv, "--timeout", "600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _wait_for_training(runs_dir, steps=3, timeout=300)
+        tree = psutil.Process(child.pid).children(recursive=True)
+        assert tree, "the kernel should be a child of foundry run"
+        t0 = time.monotonic()
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=60)
+        stopped_s = time.monotonic() - t0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate(timeout=30)
+    assert child.returncode == 128 + signal.SIGTERM, err
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    assert not alive, f"left behind: {alive}"
+    with RunStore(runs_dir, read_only=True) as store:
+        by_seed = {r.config["seed"]: r for r in store.list_runs()}
+    assert sorted(by_seed) == [0, 1]
+    assert by_seed[0].state == "cancelled"
+    assert by_seed[0].error == "foundry run was stopped by SIGTERM while its notebook ran"
+    assert by_seed[1].state == "cancelled"
+    assert by_seed[1].error == "foundry run was stopped by SIGTERM before its notebook started"
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    assert by_seed[0].run_id in out  # the summary table still ends the output
+    print(f"\nSIGTERM: {len(tree)} processes stopped, exit after {stopped_s:.1f} s")

@@ -370,3 +370,18 @@ def test_atomic_write_failure_keeps_old_content(tmp_path: Path) -> None:
         atomic_write_bytes(target, "not bytes")  # type: ignore[arg-type]
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.bin"]
+
+
+def test_refusals_quote_huge_values_briefly() -> None:
+    """Error messages show a bounded excerpt of what they refuse (pen test, issue 15)."""
+    import time
+
+    huge = "/" + "x" * 1_000_000
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        resolve_within(huge, [Path("/nonexistent-root")], field="data.source")
+    assert time.perf_counter() - t0 < 1.0
+    assert len(str(info.value)) < 600 and "FOUNDRY_ALLOWED_ROOTS" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        validate_run_id("A" * 1_000_000)
+    assert len(str(info.value)) < 600

@@ -21,6 +21,19 @@ Why a runner on top of papermill:
   parallelism, each papermill execution in its own kernel process, each its own run
   sharing one ``batch_id``. A failing member does not stop the others; the exit code is
   1 if any failed; a summary table ends the output.
+- **Parameters are plain data, written as literals.** papermill writes each parameter as
+  Python source in an injected cell, and a type it has no rule for (bytes from a YAML
+  ``!!binary``, a set, a date) as ``"<str(value)>"`` without escaping: a YAML tag ran
+  code in the kernel. So parameter files and ``-p`` values are read by
+  ``plaindata`` (no tags, anchors or aliases; bounded size and depth; JSON types only),
+  every parameter set is rebuilt from plain types (``check_plain``), and before any run
+  exists the cell papermill will inject is parsed with ``ast`` and must be exactly one
+  literal assignment per parameter, equal to the checked value.
+- **Stopping is recorded.** SIGTERM or SIGINT stops the kernels this command started
+  (terminate, wait, kill, bounded; jupyter_client starts them in their own session, so
+  they would outlive it) and marks every unfinished run ``cancelled`` with the reason;
+  the exit code is 128 + the signal number. Whatever ends the batch, no run it created
+  stays ``pending`` or ``running``.
 
 Nothing here imports the widgets: a notebook may, the runner does not.
 """
@@ -31,29 +44,40 @@ import argparse
 import ast
 import difflib
 import itertools
+import math
+import signal
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
+import psutil
 import yaml
 
-from foundry_kernel.config import RunConfig, load_config
+from foundry_kernel.config import RunConfig, load_config, parse_plain_value
 from foundry_kernel.errors import ConfigError, FoundryError
 from foundry_kernel.paths import allowed_roots, default_runs_dir, new_run_id, resolve_within
-from foundry_kernel.store import TERMINAL_STATES, RunStore
+from foundry_kernel.plaindata import brief, check_plain, load_plain_yaml, read_text_capped
+from foundry_kernel.store import TERMINAL_STATES, RunState, RunStore
 from widgets.resources import SHIPPED_NOTEBOOKS, shipped_notebook
 
 __all__ = [
     "CONFIG_SHORTCUTS",
     "DEFAULT_TIMEOUT_S",
+    "MAX_PARAMETER_SETS",
     "add_commands",
     "build_parser",
+    "injected_assignments",
     "main",
     "notebook_config",
+    "papermill_injection",
+    "parameter_sets",
     "run_command",
 ]
 
@@ -77,7 +101,14 @@ DESCRIPTION = "Execute a notebook headless with papermill, as runs in the store.
 DEFAULT_TIMEOUT_S = 24 * 3600.0
 """papermill's per-cell execution timeout: a backstop; ``limits.timeout_s`` is the real
 limit of a run."""
-_PLAIN_TYPES = (str, int, float, bool, type(None), list, dict)
+MAX_PARAMETER_SETS = 1000
+"""Most runs one ``foundry run`` may plan (``-f`` sets x ``--grid`` product): a typo'd
+grid of 10 axes x 10 values would otherwise build 10**10 sets before refusing."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+KILL_GRACE_S = 5.0
+"""Seconds a kernel gets to exit after SIGTERM before SIGKILL (and again after it)."""
+_POLL_S = 0.2
+_PREFLIGHT_RUN_ID = "00000000-000000-preflight-00000000"
 
 
 # --------------------------------------------------------------------------- the config
@@ -107,7 +138,7 @@ def notebook_config(
     if config_overrides:
         if not isinstance(config_overrides, Mapping):
             raise ConfigError(
-                f"{OVERRIDES} must be a mapping of dotted fields, got {config_overrides!r}",
+                f"{OVERRIDES} must be a mapping of dotted fields, got {brief(config_overrides)}",
                 field=OVERRIDES,
             )
         overrides.update(config_overrides)
@@ -173,13 +204,9 @@ def declared_parameters(notebook: Path) -> Declared:
     return Declared(defaults, frozenset(expressions))
 
 
-def _parse_value(text: str) -> Any:
-    """A command-line value as YAML (like ``--set``); odd YAML types stay strings."""
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        return text
-    return value if isinstance(value, _PLAIN_TYPES) else text
+def _parse_value(text: str, name: str) -> Any:
+    """A command-line value as YAML plain data, like ``--set`` (``config.parse_plain_value``)."""
+    return parse_plain_value(text, field=name)
 
 
 def _check_type(name: str, value: Any, declared: Declared) -> None:
@@ -196,8 +223,8 @@ def _check_type(name: str, value: Any, declared: Declared) -> None:
         ok = isinstance(value, type(default))
     if not ok:
         raise ConfigError(
-            f"parameter {name}: {value!r} is a {type(value).__name__}; the notebook's default "
-            f"{default!r} is a {type(default).__name__}",
+            f"parameter {name}: {brief(value)} is a {type(value).__name__}; the notebook's "
+            f"default {brief(default)} is a {type(default).__name__}",
             field=name,
         )
 
@@ -208,7 +235,7 @@ def _unknown(name: str, declared: Declared, notebook: Path) -> ConfigError:
     fix = f"did you mean {hint[0]!r}? " if hint else ""
     dotted = " or a dotted config field like loss.beta" if OVERRIDES in declared.defaults else ""
     return ConfigError(
-        f"unknown parameter {name!r} for {notebook.name}; {fix}allowed: "
+        f"unknown parameter {brief(name)} for {notebook.name}; {fix}allowed: "
         f"{', '.join(allowed)}{dotted}",
         field=name,
     )
@@ -226,6 +253,7 @@ class Member:
     output: Path | None = None
     error: str | None = None
     seconds: float = 0.0
+    started: bool = False
     state: str = "pending"
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -282,13 +310,14 @@ def _label(given: Mapping[str, Any], keys: Sequence[str] | None = None) -> str:
 
 
 def _short(value: Any) -> str:
-    text = value if isinstance(value, str) else repr(value)
+    text = value if isinstance(value, str) else brief(value, 40)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _resolve(
     given: Mapping[str, Any], declared: Declared, notebook: Path, runs_dir: Path
 ) -> tuple[dict[str, Any], RunConfig]:
+    given = check_plain(dict(given))  # whoever built the set: nothing but plain types
     plain = {k: v for k, v in given.items() if "." not in k}
     dotted = {k: v for k, v in given.items() if "." in k}
     for name, value in plain.items():
@@ -325,11 +354,19 @@ def parameter_sets(
     pairs: Sequence[Sequence[str]], files: Sequence[Path], grid: Sequence[str]
 ) -> list[dict[str, Any]]:
     """``-f`` sets x ``--grid`` product, each with the ``-p`` values on top."""
-    fixed = {name: _parse_value(value) for name, value in pairs}
-    bases: list[dict[str, Any]] = [{}]
-    for path in files:
-        bases = [{**b, **f} for b in bases for f in _read_sets(path)]
+    fixed = {name: _parse_value(value, name) for name, value in pairs}
+    file_sets = [_read_sets(path) for path in files]
     axes = [_grid_axis(spec) for spec in grid]
+    count = math.prod(len(sets) for sets in file_sets) * math.prod(len(v) for _, v in axes)
+    if count > MAX_PARAMETER_SETS:
+        raise ConfigError(
+            f"these -f files and --grid axes make {count:,} parameter sets; at most "
+            f"{MAX_PARAMETER_SETS:,} runs can be planned at once",
+            field="grid",
+        )
+    bases: list[dict[str, Any]] = [{}]
+    for sets in file_sets:
+        bases = [{**b, **f} for b in bases for f in sets]
     for key, _ in axes:
         if key in fixed:
             raise ConfigError(f"{key} is given by both -p and --grid", field=key)
@@ -344,25 +381,97 @@ def _grid_axis(spec: str) -> tuple[str, list[Any]]:
     key, sep, values = spec.partition("=")
     key = key.strip()
     if not sep or not key or not values.strip():
-        raise ConfigError(f"--grid {spec!r} must look like key=v1,v2,...", field="grid")
-    return key, [_parse_value(v) for v in values.split(",")]
+        raise ConfigError(f"--grid {brief(spec)} must look like key=v1,v2,...", field="grid")
+    return key, [_parse_value(v, key) for v in values.split(",")]
 
 
 def _read_sets(path: Path) -> list[dict[str, Any]]:
+    """A params file: plain YAML (``plaindata``), a mapping or a non-empty list of them."""
     resolved = resolve_within(path, allowed_roots(), field="params file", must_exist=True)
+    where = f"params file {brief(str(path), 200)}"
+    text = read_text_capped(resolved, field="params file")
     try:
-        loaded = yaml.safe_load(resolved.read_text(encoding="utf-8"))
+        loaded = load_plain_yaml(text, source=where)
     except yaml.YAMLError as exc:
-        raise ConfigError(
-            f"params file {path}: not valid YAML: {exc}", field="params file"
-        ) from None
+        raise ConfigError(f"{where}: not valid YAML: {exc}", field="params file") from None
     sets = [loaded] if isinstance(loaded, dict) else loaded
     if not isinstance(sets, list) or not all(isinstance(s, dict) for s in sets) or not sets:
         raise ConfigError(
-            f"params file {path}: must hold a mapping of parameters or a list of mappings",
+            f"{where}: must hold a mapping of parameters or a list of mappings",
             field="params file",
         )
-    return [{str(k): v for k, v in s.items()} for s in sets]
+    return sets
+
+
+# --------------------------------------------------------------------------- injection
+
+
+def papermill_injection(nb: Any, params: Mapping[str, Any]) -> str:
+    """The source of the cell papermill injects for ``params`` (its own code path:
+    ``parameterize_notebook``, as ``execute_notebook`` calls it)."""
+    from papermill.parameterize import parameterize_notebook
+
+    injected = parameterize_notebook(nb, dict(params))
+    (cell,) = [c for c in injected.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    return str(cell.source)
+
+
+def injected_assignments(source: str) -> dict[str, Any]:
+    """``name = <literal>`` statements of an injected cell as a dict; anything else (a
+    call, an operator between literals, a second statement per name) is refused."""
+    out: dict[str, Any] = {}
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        raise ConfigError(f"the injected parameters do not parse: {exc.msg}") from None
+    for node in tree.body:
+        if (
+            not isinstance(node, ast.Assign)
+            or len(node.targets) != 1
+            or not isinstance(node.targets[0], ast.Name)
+            or node.targets[0].id in out
+        ):
+            raise ConfigError(
+                f"the injected parameters hold a statement other than name = value: "
+                f"{brief(ast.unparse(node), 120)}"
+            )
+        target = node.targets[0]
+        try:
+            out[target.id] = ast.literal_eval(node.value)
+        except (ValueError, TypeError, SyntaxError, RecursionError):
+            raise ConfigError(
+                f"parameter {target.id}: papermill would write {brief(ast.unparse(node.value))}, "
+                "which is not a literal"
+            ) from None
+    return out
+
+
+def same_plain(a: Any, b: Any) -> bool:
+    """Equal and of the same types all the way down (``1 == 1.0 == True`` is not enough)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_plain(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same_plain(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def _check_injection(nb: Any, member: Member) -> None:
+    """Refuse a parameter set unless papermill writes it as exactly its literals.
+
+    Checked with a stand-in run id before any run exists (the real one is a validated
+    ``[a-z0-9_-]`` id, written the same way).
+    """
+    params = {**member.params, RUN_ID: _PREFLIGHT_RUN_ID}
+    written = injected_assignments(papermill_injection(nb, params))
+    if not same_plain(written, params):
+        differ = sorted(k for k in params if not same_plain(written.get(k), params[k]))
+        raise ConfigError(
+            f"parameter set {member.index} ({member.label}): papermill would not write "
+            f"{differ or sorted(written)} as the given values",
+            field=(differ or ["notebook"])[0],
+        )
 
 
 # --------------------------------------------------------------------------- executing
@@ -384,16 +493,63 @@ def _prepare(members: list[Member], store: RunStore, notebook: Path) -> str | No
     return batch_id
 
 
-def _execute(member: Member, notebook: Path, timeout_s: float) -> Member:
+class _Stop:
+    """SIGTERM / SIGINT while the batch runs: remembered here, acted on by the main loop.
+
+    The handler only records the signal (it may land between any two bytecodes, even
+    inside a store write); ``_run_all`` then stops the kernels and ``_record_outcome``
+    marks the runs. Installed only in the main thread (``signal`` allows no other).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.signum = signum
+
+    @contextmanager
+    def installed(self) -> Iterator[_Stop]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        try:
+            yield self
+        finally:
+            for sig, previous in self._previous.items():
+                signal.signal(sig, previous)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def reason(self) -> str:
+        name = signal.Signals(self.signum).name if self.signum is not None else "a signal"
+        return f"foundry run was stopped by {name}"
+
+
+def _format_safe(path: Path | str) -> str:
+    """papermill ``str.format``s its paths with the parameters: braces in a folder name
+    would pull parameter values into the path, so they are escaped."""
+    return str(path).replace("{", "{{").replace("}", "}}")
+
+
+def _execute(member: Member, notebook: Path, timeout_s: float, stop: _Stop) -> Member:
     """Run one member's notebook with papermill; failures become ``member.error``."""
     import papermill
     from papermill.exceptions import PapermillException, PapermillExecutionError
 
+    if stop.requested:  # queued behind --jobs when the signal came: never started
+        return member
+    member.started = True
     t0 = time.monotonic()
     try:
         papermill.execute_notebook(
-            str(notebook),
-            str(member.output),
+            _format_safe(notebook),
+            _format_safe(member.output or ""),
             parameters=member.params,
             progress_bar=False,
             log_output=False,
@@ -408,13 +564,20 @@ def _execute(member: Member, notebook: Path, timeout_s: float) -> Member:
     return member
 
 
-def _record_outcome(member: Member, store: RunStore) -> None:
-    """Make the store agree with what happened (a run the notebook never finished fails)."""
+def _record_outcome(member: Member, store: RunStore, stop: _Stop) -> None:
+    """Make the store agree with what happened: a run the notebook never finished is
+    ``failed``, or ``cancelled`` when a signal stopped the batch (with the reason)."""
     record = store.get_run(member.run_id)
     if record.state not in TERMINAL_STATES:
-        reason = member.error or "the notebook ended without finishing the run"
-        store.set_state(member.run_id, "failed", error=reason)
-        store.add_event(member.run_id, "failed", reason)
+        state: RunState
+        if stop.requested:
+            when = "while its notebook ran" if member.started else "before its notebook started"
+            state, reason = RunState.CANCELLED, f"{stop.reason} {when}"
+        else:
+            state = RunState.FAILED
+            reason = member.error or "the notebook ended without finishing the run"
+        store.set_state(member.run_id, state, error=reason)
+        store.add_event(member.run_id, state.value, reason)
     if member.output is not None:
         store.update_summary(member.run_id, {"notebook": str(member.output)})
     record = store.get_run(member.run_id)
@@ -423,17 +586,64 @@ def _record_outcome(member: Member, store: RunStore) -> None:
         member.error = record.error or member.state
 
 
-def _run_all(members: list[Member], notebook: Path, jobs: int, timeout_s: float) -> None:
+def _child_pids() -> set[int]:
+    return {child.pid for child in psutil.Process().children()}
+
+
+def _stop_kernels(baseline: set[int], grace_s: float = KILL_GRACE_S) -> int:
+    """Terminate, wait, kill (bounded: 2 x ``grace_s``) every process started since
+    ``baseline`` was taken - papermill's kernels - and everything they started."""
+    procs: list[psutil.Process] = []
+    for child in psutil.Process().children():
+        if child.pid in baseline:
+            continue
+        try:
+            procs += [child, *child.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(alive, timeout=grace_s)
+    return len(procs)
+
+
+def _run_all(
+    members: list[Member], notebook: Path, jobs: int, timeout_s: float, stop: _Stop
+) -> None:
+    """Execute with ``jobs`` kernels at once; on a stop signal, stop every kernel (also
+    one a worker starts while the others are being stopped) until all workers return."""
     total = len(members)
-    with ThreadPoolExecutor(max_workers=max(1, min(jobs, total))) as pool:
-        futures = {}
+    baseline = _child_pids()
+    pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, total)))
+    try:
+        pending: set[Future[Member]] = set()
         for member in members:
             _say(f"[{member.index}/{total}] {member.run_id}: {member.label}")
-            futures[pool.submit(_execute, member, notebook, timeout_s)] = member
-        for future in as_completed(futures):
-            member = future.result()
-            outcome = "ok" if member.error is None else f"FAILED - {member.error}"
-            _say(f"[{member.index}/{total}] {member.run_id}: {outcome} ({member.seconds:.0f} s)")
+            pending.add(pool.submit(_execute, member, notebook, timeout_s, stop))
+        announced = False
+        while pending:
+            done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_COMPLETED)
+            for future in done:
+                m = future.result()
+                outcome = "ok" if m.error is None else f"FAILED - {m.error}"
+                if m.started:
+                    _say(f"[{m.index}/{total}] {m.run_id}: {outcome} ({m.seconds:.0f} s)")
+            if stop.requested:
+                if not announced:
+                    _say(f"{stop.reason}: stopping the kernels, cancelling unfinished runs")
+                    announced = True
+                _stop_kernels(baseline)
+    finally:
+        pool.shutdown(wait=True)
 
 
 def _say(text: str) -> None:
@@ -532,18 +742,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Validate everything, then execute; exit 0 if every run completed, 2 on bad usage."""
+    """Validate everything, then execute; exit 0 if every run completed, 2 on bad usage,
+    128 + the signal number when SIGTERM/SIGINT stopped the batch."""
     try:
         members, notebook, runs_dir = _plan(args)
     except FoundryError as exc:
         print(f"foundry run: error: {exc}", file=sys.stderr)
         return 2
-    with RunStore(runs_dir) as store:
-        batch_id = _prepare(members, store, notebook)
-        _run_all(members, notebook, args.jobs, args.timeout)
-        for member in members:
-            _record_outcome(member, store)
+    stop = _Stop()
+    batch_id = None
+    with RunStore(runs_dir) as store, stop.installed():
+        try:
+            batch_id = _prepare(members, store, notebook)
+            _run_all(members, notebook, args.jobs, args.timeout, stop)
+        finally:  # whatever ended the batch, no run it created stays pending or running
+            for member in members:
+                if member.run_id:
+                    _record_outcome(member, store, stop)
     print(summary_table(members, batch_id))
+    if stop.signum is not None:
+        return 128 + stop.signum
     return 0 if all(m.state == "completed" for m in members) else 1
 
 
@@ -554,15 +772,22 @@ def _plan(args: argparse.Namespace) -> tuple[list[Member], Path, Path]:
     if not args.timeout > 0:
         raise ConfigError(f"--timeout must be positive, got {args.timeout}", field="timeout")
     notebook = check_notebook(args.notebook)
+    given_runs_dir = args.runs_dir or default_runs_dir()
+    resolve_within(given_runs_dir, allowed_roots(), field="--runs-dir")
+    runs_dir = given_runs_dir.expanduser().absolute()
+    sets = parameter_sets(args.parameters, args.files, args.grid)  # before papermill loads
     declared = declared_parameters(notebook)
     declared.require(RUN_ID, RUNS_DIR, notebook=notebook)
-    runs_dir = (args.runs_dir or default_runs_dir()).expanduser().absolute()
-    sets = parameter_sets(args.parameters, args.files, args.grid)
     keys = varying_keys(sets)
     members = [
         resolve_member(i, given, declared, notebook, runs_dir, label_keys=keys)
         for i, given in enumerate(sets, start=1)
     ]
+    from papermill.iorw import load_notebook_node
+
+    nb = load_notebook_node(str(notebook))
+    for member in members:
+        _check_injection(nb, member)
     return members, notebook, runs_dir
 
 
