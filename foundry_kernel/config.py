@@ -300,17 +300,22 @@ class LossConfig(_Section):
     )
 
 
-class SequenceConfig(_Section):
+class _Continuations(_Section):
+    """What sequence and on-policy distillation share: a prompt cut from a training block,
+    and a sampled continuation of it (one definition of these fields, bounds and meaning)."""
+
+    prompt_tokens: int = Field(32, ge=1, le=65536, description="Prompt length in tokens.")
+    max_new_tokens: int = Field(32, ge=1, le=65536, description="Tokens generated per prompt.")
+    temperature: float = Field(1.0, ge=0, le=10, description="Sampling temperature (0 = greedy).")
+
+
+class SequenceConfig(_Continuations):
     """Sequence-level distillation: the teacher writes completions, the student learns them."""
 
     num_prompts: int = Field(
         256, ge=1, le=10_000_000, description="Training blocks whose start becomes a prompt."
     )
-    prompt_tokens: int = Field(32, ge=1, le=65536, description="Prompt length in tokens.")
     max_new_tokens: int = Field(64, ge=1, le=65536, description="Tokens the teacher generates.")
-    temperature: float = Field(
-        1.0, ge=0, le=10, description="Teacher sampling temperature (0 = greedy)."
-    )
     logit_kd: bool = Field(
         False,
         description="Also match the teacher's distribution on the generated text "
@@ -318,14 +323,12 @@ class SequenceConfig(_Section):
     )
 
 
-class OnPolicyConfig(_Section):
+class OnPolicyConfig(_Continuations):
     """On-policy distillation (GKD): the student's own continuations, scored by the teacher."""
 
     fraction: float = Field(
         0.5, ge=0, le=1, description="Share lambda of steps trained on student-generated text."
     )
-    prompt_tokens: int = Field(32, ge=1, le=65536, description="Prompt length in tokens.")
-    max_new_tokens: int = Field(32, ge=1, le=65536, description="Tokens the student generates.")
     temperature: float = Field(1.0, gt=0, le=10, description="Student sampling temperature.")
 
 
