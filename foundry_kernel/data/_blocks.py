@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 #: value PyTorch's cross-entropy and transformers use. The one definition in Foundry.
 IGNORE_INDEX = -100
 _ENCODE_BATCH_DOCS = 256  # docs per fast-tokenizer call: parallel, yet bounded memory
+#: ... and characters per call: one call is one unit of work between two stop points
+#: (~0.3 s for 200 k characters with a small BPE on one busy core).
+_ENCODE_BATCH_CHARS = 200_000
 Check = Callable[[], None]
 """A run's ``ctx.check`` (raises to stop), called between units of work; or a no-op."""
 
@@ -381,9 +384,8 @@ def encode_texts(
     """
     out: list[list[int]] = [[] for _ in texts]
     todo = [i for i, text in enumerate(texts) if text]
-    for start in range(0, len(todo), _ENCODE_BATCH_DOCS):
+    for chunk in _batches(todo, texts):
         check()
-        chunk = todo[start : start + _ENCODE_BATCH_DOCS]
         encoded = tokenizer(
             [texts[i] for i in chunk],
             add_special_tokens=False,
@@ -394,6 +396,21 @@ def encode_texts(
         for i, token_ids in zip(chunk, encoded, strict=True):
             out[i] = list(token_ids)
     return out
+
+
+def _batches(todo: Sequence[int], texts: Sequence[str]) -> Iterator[list[int]]:
+    """Indices in order, in batches of at most ``_ENCODE_BATCH_DOCS`` documents and (unless
+    one document alone is longer) ``_ENCODE_BATCH_CHARS`` characters."""
+    batch: list[int] = []
+    chars = 0
+    for i in todo:
+        if batch and (len(batch) >= _ENCODE_BATCH_DOCS or chars + len(texts[i]) > _ENCODE_BATCH_CHARS):
+            yield batch
+            batch, chars = [], 0
+        batch.append(i)
+        chars += len(texts[i])
+    if batch:
+        yield batch
 
 
 def _eos_id(tokenizer: Any) -> int:

@@ -942,11 +942,12 @@ class RunHandle:
     def _cancel_message(self) -> str:
         reason = self.ctx.reason or "cancelled"
         asked, stopped = self._cancel_step, self.step
+        where = f"in phase {self.ctx.where!r}"
         if stopped is None:
-            return f"cancelled in phase {self.ctx.where!r}, before the first step ({reason})"
+            return f"cancelled {where}, before the first step ({reason})"
         if asked is None:  # the job (or its own context) asked, not handle.cancel()
-            return f"cancelled ({reason}), stopped after step {stopped}"
-        return f"cancelled ({reason}): asked at step {asked}, stopped after step {stopped}"
+            return f"cancelled {where} ({reason}), stopped after step {stopped}"
+        return f"cancelled {where} ({reason}): asked at step {asked}, stopped after step {stopped}"
 
     def _finish(
         self, state: RunState, failure: RunFailure | None, result: dict[str, Any] | None = None
