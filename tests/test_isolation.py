@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +158,7 @@ def test_a_process_wide_thread_setting_refuses_a_conflicting_run() -> None:
 
 # --------------------------------------------------------------------------- hub downloads
 
-HUB_SCRIPT = r'''
+HUB_SCRIPT = r"""
 import hashlib, json, os, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -252,9 +251,9 @@ if mode == "lock":
     out["still_downloading"] = loader.is_alive()
     loader.join(120)
     local = load_causal_lm(str(teacher), device=cpu)
-    served = done["model"].model.state_dict()
+    served, mine = done["model"].model.state_dict(), local.model.state_dict()
     out.update(lock_wait_s=waited, build_s=built_s, download_s=done["download_s"],
-               same_weights=all(torch.equal(v, local.model.state_dict()[k]) for k, v in served.items()))
+               same_weights=all(torch.equal(v, mine[k]) for k, v in served.items()))
 else:
     ctx = RunContext()
     threading.Timer(1.0, ctx.cancel).start()
@@ -271,7 +270,7 @@ else:
     )
     out["snapshot_weights"] = [str(p) for p in hub.rglob("snapshots/*/model.safetensors")]
 print(json.dumps(out))
-'''
+"""
 
 
 def _hub(

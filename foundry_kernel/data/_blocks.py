@@ -404,7 +404,9 @@ def _batches(todo: Sequence[int], texts: Sequence[str]) -> Iterator[list[int]]:
     batch: list[int] = []
     chars = 0
     for i in todo:
-        if batch and (len(batch) >= _ENCODE_BATCH_DOCS or chars + len(texts[i]) > _ENCODE_BATCH_CHARS):
+        if batch and (
+            len(batch) >= _ENCODE_BATCH_DOCS or chars + len(texts[i]) > _ENCODE_BATCH_CHARS
+        ):
             yield batch
             batch, chars = [], 0
         batch.append(i)

@@ -15,6 +15,9 @@ one JSON string per line on stdin, closes it, and reads the trained tokenizer's 
 ``OUT`` once the child exited with status 0 (written to a temporary name, then renamed,
 so a killed child never leaves a half-written file under that name).
 
+Run by path, the child has this folder first on its ``sys.path``; nothing here shadows
+what it imports (the standard library's ``json``/``os``/``sys`` and ``tokenizers``).
+
 The in-process path (small corpora, library callers) uses the very same
 :func:`new_backend` and :func:`new_trainer`, so both give identical tokenizers.
 """

@@ -39,9 +39,17 @@ disk), it is kept in the lock file and recorded by the next writable open of the
 
 One shared watchdog thread serves all runs that have a limit; it exists only while
 such runs are alive, so an idle kernel has no Foundry threads at all. "Progress" for the
-step watchdog is any ``ctx.heartbeat()``, ``ctx.set_phase()`` or emitted event, so a
-phase that runs longer than ``limits.step_timeout_s`` without any (model download,
-tokenizer training) must heartbeat, or the watchdog will call it hung.
+step watchdog is any ``ctx.check()``, ``ctx.heartbeat()``, ``ctx.set_phase()``/``set_stage()``
+or emitted event. Every phase has stop points at the grain of its work (see
+:mod:`foundry_kernel._context`): a document, a batch of documents, a downloaded chunk, a
+captured or evaluated batch, a generated token, a saved file; the tokenizer's trainer runs
+in a child process that heartbeats while it uses CPU. So a slow phase that progresses is
+never called hung, and one stuck inside a single unit (a read that never returns) is.
+
+``start()`` does only what must raise at once - validating the config, opening the store,
+taking the run's lock - and starts the worker; importing the pipeline (torch,
+transformers: seconds to tens of seconds on a cold, busy machine) and starting the memory
+sampler happen on the worker, so a notebook cell gets its handle in a fraction of a second.
 
 Proven against a real ipykernel 7.4 kernel (tests/test_kernel_control.py): a run keeps
 training after its cell returns, and cells and widget clicks are served in milliseconds.
