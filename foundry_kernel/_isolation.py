@@ -15,7 +15,8 @@ the global generator's state.
 - Weight initialisation (``_models.seeded_init``) cannot be given a generator:
   transformers' ``_init_weights`` draws from the global one. It runs under
   :data:`GLOBAL_RNG_LOCK` inside :func:`seeded_global_rng`: the generator is forked,
-  seeded, used and restored while no other Foundry code touches it.
+  seeded, used and restored while no other Foundry code touches it. ``from_pretrained``
+  (which initialises any weight a checkpoint lacks) holds the lock too.
 - Dropout inside a model also draws from the global generator (``nn.Dropout``,
   ``F.dropout`` inside attention, SDPA's ``dropout_p``: none accepts a generator). A model
   with any dropout active (:func:`uses_dropout`) trains each micro-step inside

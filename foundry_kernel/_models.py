@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from foundry_kernel._isolation import seeded_global_rng
+from foundry_kernel._isolation import GLOBAL_RNG_LOCK, seeded_global_rng
 from foundry_kernel.config import StudentConfig, looks_like_path
 from foundry_kernel.errors import ModelError
 from foundry_kernel.paths import allowed_roots, resolve_within
@@ -109,8 +109,8 @@ def load_causal_lm(
         if check is not None:
             check()
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
-        if weights:
-            with MODEL_BUILD_LOCK:
+        if weights:  # (weights a checkpoint lacks are initialised from the global RNG)
+            with MODEL_BUILD_LOCK, GLOBAL_RNG_LOCK:
                 model = AutoModelForCausalLM.from_pretrained(
                     where, dtype=dtype, local_files_only=True
                 )
