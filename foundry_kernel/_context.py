@@ -5,6 +5,15 @@ The training loop, the evaluator and the teacher builder all take a
 how cancellation, the whole-run timeout and the step watchdog reach code that
 runs in a worker thread: nothing is killed from outside, the job stops itself
 at the next safe point and leaves no half-written state behind.
+
+Every phase of a run does this, not only training: loading documents (per
+document), the split (per batch of documents hashed), packing (per batch of
+documents tokenized), tokenizer training (per document fed; the merge step runs
+in a child process that a cancel kills), the teacher's and the student's
+builds, logit capture (per batch), evaluation (per batch, and per generated
+token in samples), and export (per file). A phase names its current part with
+:meth:`RunContext.set_stage`, so events, the watchdog's verdict and a cancelled
+run's record say where the run stood.
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ class RunContext:
         self._lock = threading.Lock()
         self.last_beat = clock()
         self.phase = "pending"
+        self.stage: str | None = None
 
     # controller side ---------------------------------------------------------
     def cancel(self, reason: str = "cancelled") -> None:
@@ -96,9 +106,29 @@ class RunContext:
         self.last_beat = self._clock()
 
     def set_phase(self, phase: str, **payload: Any) -> None:
+        """Enter a phase of the run (teacher, data, student, distill, ...); a ``phase``
+        event. Entering a phase is progress (a heartbeat) and clears the stage."""
         self.phase = phase
+        self.stage = None
         self.heartbeat()
         self.emit("phase", phase=phase, **payload)
+
+    def set_stage(self, stage: str, **payload: Any) -> None:
+        """Name the part of the current phase that runs now (e.g. the teacher build's
+        ``tokenizer``, the data phase's ``split``); a ``stage`` event with both names.
+
+        Also a stop point: it calls :meth:`check` first, so a cancel that came during the
+        previous stage lands before this one starts any work. Subscribers see the event
+        on the worker thread before the stage's work begins.
+        """
+        self.check()
+        self.stage = stage
+        self.emit("stage", phase=self.phase, stage=stage, **payload)
+
+    @property
+    def where(self) -> str:
+        """``phase`` or ``phase/stage``: where the run stands, for messages."""
+        return self.phase if self.stage is None else f"{self.phase}/{self.stage}"
 
     def emit(self, kind: str, **payload: Any) -> None:
         """Send an event to the sink (sinks must not raise: they belong to the controller)."""

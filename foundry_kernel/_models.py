@@ -8,30 +8,42 @@ turned into a ``ModelError`` that says what to do, before any training starts.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from foundry_kernel._isolation import GLOBAL_RNG_LOCK, seeded_global_rng
 from foundry_kernel.config import StudentConfig, looks_like_path
 from foundry_kernel.errors import ModelError
 from foundry_kernel.paths import allowed_roots, resolve_within
 
 log = logging.getLogger("foundry.models")
 
-# transformers builds models under process-global switches (a meta-device context during
-# from_pretrained, patched init functions), so a model built in one thread while another
-# thread loads one can come out on the meta device. Every construction and load in
-# Foundry holds this lock; runs still train concurrently.
 MODEL_BUILD_LOCK = threading.RLock()
+"""Held while a model is *constructed*, and only then.
+
+transformers builds models under process-global switches (a meta-device context during
+``from_pretrained``, patched ``torch.nn.init`` functions, the default dtype), so a model
+built in one thread while another thread builds one can come out on the meta device or
+uninitialised. So every construction holds this lock: ``from_pretrained`` of a local
+folder (construction plus reading its weights), ``from_config``, ``seeded_init`` and the
+deep copy of ``student_from_teacher``. What does not construct a model runs outside it:
+hub downloads (:func:`fetch_hub_model`, which can take minutes and must not stop every
+other run's build), tokenizers and configs. Runs still train concurrently.
+"""
+
+Check = Callable[[], None]
 
 # Config attributes a Llama-style architecture uses for its shape; students
 # built "fresh" override these on a copy of the teacher's config.
@@ -70,34 +82,43 @@ def load_causal_lm(
     revision: str | None = None,
     field: str = "teacher.source",
     weights: bool = True,
+    check: Check | None = None,
 ) -> LoadedModel:
     """``from_pretrained`` on a local folder or a hub id, with errors a user can act on.
 
     ``weights=False`` builds the model on the meta device from its config alone: its
     shape, class and parameter count without its memory, for a teacher that runs in a
     server (a student can still be shaped after it).
+
+    A hub id is first brought into the local hub cache by :func:`fetch_hub_model`
+    (outside :data:`MODEL_BUILD_LOCK`; ``check`` - a run's ``ctx.check`` - runs per file
+    and per downloaded chunk), then loaded from that folder like a local one.
     """
     local = looks_like_path(source)
-    where: str | Path = source
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    hf_logging.disable_progress_bar()  # one bar per load floods notebooks and logs
     if local:
         where = resolve_within(source, allowed_roots(), field=field, must_exist=True)
         if not where.is_dir():
             raise ModelError(f"{field}: {str(where)!r} is not a model folder")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-    kwargs: dict[str, Any] = {"local_files_only": local or offline}
-    if revision and not local:
-        kwargs["revision"] = revision
-    hf_logging.disable_progress_bar()  # one bar per load floods notebooks and logs
     try:
-        with MODEL_BUILD_LOCK:
-            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-            if weights:
-                model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
-            else:
-                config = AutoConfig.from_pretrained(where, **kwargs)
-                with torch.device("meta"):
-                    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except OSError as exc:
+        if not local:
+            where = fetch_hub_model(
+                source, revision=revision, weights=weights, offline=offline, check=check
+            )
+        if check is not None:
+            check()
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
+        if weights:  # (weights a checkpoint lacks are initialised from the global RNG)
+            with MODEL_BUILD_LOCK, GLOBAL_RNG_LOCK:
+                model = AutoModelForCausalLM.from_pretrained(
+                    where, dtype=dtype, local_files_only=True
+                )
+        else:
+            config = AutoConfig.from_pretrained(where, local_files_only=True)
+            with MODEL_BUILD_LOCK, torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (OSError, httpx.HTTPError) as exc:
         raise ModelError(_load_hint(field, source, local=local, offline=offline, exc=exc)) from exc
     except ValueError as exc:
         raise ModelError(f"{field}: {source!r} is not a causal language model: {exc}") from exc
@@ -108,7 +129,81 @@ def load_causal_lm(
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
 
 
-def _load_hint(field: str, source: str, *, local: bool, offline: bool, exc: OSError) -> str:
+_HUB_SUPPORT_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")
+"""Config, tokenizer and chat-template files at a hub repo's top level."""
+
+
+def hub_files(names: Sequence[str], *, weights: bool) -> list[str]:
+    """The files of a hub repo that ``from_pretrained`` reads: its top-level config and
+    tokenizer files, plus (``weights``) its safetensors, or its PyTorch ``.bin`` files when it
+    has no safetensors. Other formats (ONNX, GGUF, Flax, subfolders) are never fetched."""
+    top = sorted(n for n in names if "/" not in n)
+
+    def matching(patterns: Sequence[str]) -> list[str]:
+        return [n for n in top if any(fnmatch.fnmatch(n, p) for p in patterns)]
+
+    chosen = matching(_HUB_SUPPORT_FILES)
+    if weights:
+        tensors = matching(("*.safetensors",))
+        chosen += tensors or matching(("pytorch_model*.bin",))
+    return sorted(set(chosen))
+
+
+def fetch_hub_model(
+    repo: str,
+    *,
+    revision: str | None,
+    weights: bool,
+    offline: bool,
+    check: Check | None = None,
+) -> Path:
+    """The local snapshot folder of hub model ``repo``, downloading what the cache lacks.
+
+    Runs outside :data:`MODEL_BUILD_LOCK`: a download is network time, not model
+    construction, and holding the lock across it made one slow download stall every other
+    run's build. Files are fetched one at a time (pinned to the revision's commit, so the
+    snapshot is consistent) with ``check`` before each file and at each chunk
+    huggingface_hub reports (10 MB): a cancel stops a download there, leaving
+    huggingface_hub's own resumable ``.incomplete`` file, never a file under its final name.
+    Offline (``HF_HUB_OFFLINE``), the cached snapshot is used as it is.
+    """
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+
+    if offline:
+        return Path(snapshot_download(repo, revision=revision, local_files_only=True))
+    info = HfApi().model_info(repo, revision=revision)
+    names = hub_files([s.rfilename for s in info.siblings or ()], weights=weights)
+    if not any(n == "config.json" for n in names):
+        raise ModelError(f"hub model {repo!r} has no config.json at its top level")
+    progress = None if check is None else _checked_progress(check)
+    folder: Path | None = None
+    for name in names:
+        if check is not None:
+            check()
+        path = Path(hf_hub_download(repo, name, revision=info.sha, tqdm_class=progress))
+        folder = path.parent
+    assert folder is not None  # names holds config.json
+    return folder
+
+
+def _checked_progress(check: Check) -> Any:
+    """A silent progress-bar class for huggingface_hub whose every update is a stop point
+    (its ``tqdm_class`` parameter is the download loop's only callback)."""
+    from tqdm.std import tqdm  # (not tqdm.auto: that one may import Jupyter widgets)
+
+    class CheckedProgress(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            check()
+            return super().update(n)
+
+    return CheckedProgress
+
+
+def _load_hint(field: str, source: str, *, local: bool, offline: bool, exc: BaseException) -> str:
     if local:
         return f"{field}: {source!r} is not a loadable model folder ({exc})"
     why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
@@ -119,13 +214,19 @@ def _load_hint(field: str, source: str, *, local: bool, offline: bool, exc: OSEr
 
 
 def build_student(
-    cfg: StudentConfig, teacher: LoadedModel, *, device: torch.device, seed: int
+    cfg: StudentConfig,
+    teacher: LoadedModel,
+    *,
+    device: torch.device,
+    seed: int,
+    check: Check | None = None,
 ) -> LoadedModel:
-    """Make the student the config asks for; it always shares the teacher's tokenizer."""
+    """Make the student the config asks for; it always shares the teacher's tokenizer.
+    ``check`` reaches a pretrained student's download (see :func:`load_causal_lm`)."""
     if cfg.init == "pretrained":
         if cfg.source is None:
             raise ModelError("student.source: required when student.init='pretrained'")
-        student = load_causal_lm(cfg.source, device=device, field="student.source")
+        student = load_causal_lm(cfg.source, device=device, field="student.source", check=check)
         check_tokenizers(teacher.tokenizer, student.tokenizer)
         return student
     if cfg.init == "from_teacher":
@@ -173,11 +274,11 @@ T = TypeVar("T")
 def seeded_init(make: Callable[[], T], seed: int) -> T:
     """Build a model from ``seed`` alone, even with other runs initialising in other threads.
 
-    Weight init draws from torch's process-global RNG; without the lock, two runs
-    starting together would interleave draws and neither would be reproducible.
+    Weight init draws from torch's process-global RNG (transformers' ``_init_weights``
+    takes no generator), so it runs under both locks: the model-build lock (construction)
+    and the global-RNG lock, inside a forked, seeded generator (``_isolation``).
     """
-    with MODEL_BUILD_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with MODEL_BUILD_LOCK, seeded_global_rng(seed):
         return make()
 
 

@@ -75,14 +75,25 @@ class Document:
 # --------------------------------------------------------------------------- public API
 
 
-def load_documents(cfg: DataConfig) -> list[Document]:
+def load_documents(cfg: DataConfig, *, check: Callable[[], None] | None = None) -> list[Document]:
     """Read ``cfg.source`` into documents, in a deterministic order, first ``max_documents``.
 
     Sources are generators, so a small ``max_documents`` stops reading (and, for
     the built-in corpora, parsing) early: quick experiments stay quick. An empty
-    result is an error here, where the source can still be named.
+    result is an error here, where the source can still be named. ``check`` (a run's
+    ``ctx.check``) is called after every document: reading and parsing a corpus takes
+    seconds (~9 s for the built-in python-docs on a cold, busy machine), and a cancel
+    or the step watchdog must reach it.
     """
-    docs = list(islice(_iter_source(cfg), cfg.max_documents))
+    documents = islice(_iter_source(cfg), cfg.max_documents)
+    if check is None:
+        docs = list(documents)
+    else:
+        docs = []
+        check()
+        for doc in documents:
+            docs.append(doc)
+            check()
     if not docs:
         raise DataError(
             f"data.source {cfg.source!r} holds no text (every file, line or row is empty)"

@@ -39,9 +39,17 @@ disk), it is kept in the lock file and recorded by the next writable open of the
 
 One shared watchdog thread serves all runs that have a limit; it exists only while
 such runs are alive, so an idle kernel has no Foundry threads at all. "Progress" for the
-step watchdog is any ``ctx.heartbeat()``, ``ctx.set_phase()`` or emitted event, so a
-phase that runs longer than ``limits.step_timeout_s`` without any (model download,
-tokenizer training) must heartbeat, or the watchdog will call it hung.
+step watchdog is any ``ctx.check()``, ``ctx.heartbeat()``, ``ctx.set_phase()``/``set_stage()``
+or emitted event. Every phase has stop points at the grain of its work (see
+:mod:`foundry_kernel._context`): a document, a batch of documents, a downloaded chunk, a
+captured or evaluated batch, a generated token, a saved file; the tokenizer's trainer runs
+in a child process that heartbeats while it uses CPU. So a slow phase that progresses is
+never called hung, and one stuck inside a single unit (a read that never returns) is.
+
+``start()`` does only what must raise at once - validating the config, opening the store,
+taking the run's lock - and starts the worker; importing the pipeline (torch,
+transformers: seconds to tens of seconds on a cold, busy machine) and starting the memory
+sampler happen on the worker, so a notebook cell gets its handle in a fraction of a second.
 
 Proven against a real ipykernel 7.4 kernel (tests/test_kernel_control.py): a run keeps
 training after its cell returns, and cells and widget clicks are served in milliseconds.
@@ -57,7 +65,6 @@ short; a callback that raises is logged and dropped, and never stops the run).
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import errno
@@ -67,6 +74,7 @@ import logging
 import os
 import signal
 import sqlite3
+import sys
 import threading
 import time
 import traceback
@@ -75,9 +83,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from foundry_kernel._context import Event, RunContext
 from foundry_kernel._run_lock import RunConflictError, RunLock, RunLockedError
@@ -97,8 +103,12 @@ from foundry_kernel.errors import (
 )
 from foundry_kernel.logs import run_log
 from foundry_kernel.paths import default_runs_dir
-from foundry_kernel.run._resources import MemorySampler, memory_fixes
 from foundry_kernel.store import RunRecord, RunStore
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from foundry_kernel.run._resources import MemorySampler
 
 __all__ = [
     "HISTORY_LEN",
@@ -201,16 +211,33 @@ _PROPAGATE = (KeyboardInterrupt, SystemExit)
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "not enough memory")
 
 
+def _loaded_torch() -> Any:
+    """torch if something in this process imported it, else None.
+
+    The controller never imports torch itself: ``start()`` runs on the caller's thread (a
+    notebook's main thread) and must not pay for it; the job imports it on the worker.
+    An exception that came out of torch implies torch is loaded.
+    """
+    return sys.modules.get("torch")
+
+
+def _is_torch_oom(exc: BaseException) -> bool:
+    torch = _loaded_torch()
+    return torch is not None and isinstance(exc, torch.OutOfMemoryError)
+
+
 def _is_oom(exc: BaseException) -> bool:
     """MemoryError, torch's OutOfMemoryError, or torch's CPU allocator failing (which
     raises a plain RuntimeError saying so)."""
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+    if isinstance(exc, MemoryError) or _is_torch_oom(exc):
         return True
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MARKERS)
 
 
 def _oom_message(exc: BaseException, config: RunConfig) -> str:
-    where = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "memory"
+    from foundry_kernel.run._resources import memory_fixes  # (worker thread; imports torch)
+
+    where = "GPU" if _is_torch_oom(exc) else "memory"
     first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
     detail = f" ({type(exc).__name__}: {first_line})" if first_line else ""
     fixes = memory_fixes(config)
@@ -263,7 +290,8 @@ def _release_memory(oom: bool) -> None:
     failure (cycles the job left may hold the memory the next run needs) and on CUDA,
     where ``empty_cache()`` can only return blocks whose tensors were really collected.
     """
-    cuda = torch.cuda.is_available()
+    torch = _loaded_torch()
+    cuda = torch is not None and torch.cuda.is_available()
     if oom or cuda:
         gc.collect()
     if cuda:
@@ -530,12 +558,14 @@ class RunHandle:
         *,
         store: RunStore,
         owns_store: bool,
-        job: JobFn,
+        job: JobFn | None,
         resume: bool,
         sample_interval_s: float | None,
         first_sample: int = 0,
         run_lock: RunLock | None = None,
     ) -> None:
+        if sample_interval_s is not None and not sample_interval_s > 0:
+            raise ValueError(f"sample_interval_s must be > 0 or None, got {sample_interval_s}")
         self.id = run_id
         self._run_lock = run_lock  # held until the worker ends (see _release_lock)
         self.config = config
@@ -543,7 +573,8 @@ class RunHandle:
         self.resume = resume
         self._store = store
         self._owns_store = owns_store
-        self._job: JobFn | None = job
+        self._job: JobFn | None = job  # None: the pipeline, imported on the worker
+        self._spent = False  # the job ran (a handle runs its job once)
         self._lock = threading.Lock()
         self._state = RunState.PENDING
         self._result: dict[str, Any] | None = None
@@ -564,13 +595,9 @@ class RunHandle:
         timeout = config.limits.timeout_s
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self.ctx = RunContext(run_id, sink=self._on_event, deadline=self._deadline)
-        self._sampler = (
-            None
-            if sample_interval_s is None
-            else MemorySampler(
-                self._on_sample, sample_interval_s, name=run_id, start_index=first_sample
-            )
-        )
+        self._sample_interval_s = sample_interval_s
+        self._first_sample = first_sample
+        self._sampler: MemorySampler | None = None  # made on the worker (it imports torch)
 
     # -- read side ------------------------------------------------------------------
 
@@ -656,6 +683,8 @@ class RunHandle:
         return not thread.is_alive()
 
     def __await__(self) -> Generator[Any, None, RunState]:
+        import asyncio  # (only awaiting pays for it, not start())
+
         loop = asyncio.get_running_loop()
         future: asyncio.Future[RunState] = loop.create_future()
 
@@ -843,19 +872,37 @@ class RunHandle:
         log.log(level, "run %s: " + msg, self.id, *args, extra={"run_id": self.id})
 
     def _execute(self) -> dict[str, Any] | None:
+        """The worker's part of a run. Everything heavy happens here, not in ``start()``:
+        importing the pipeline (torch, transformers: seconds on a cold machine) and
+        starting the memory sampler, so the caller's thread gets its handle at once."""
         if not self._begin():
             raise RunCancelled("run cancelled before it started")
-        if self._sampler is not None:
-            self._sampler.start()
-        self.ctx.heartbeat()  # queueing time is not a hung step
-        if self._job is None:
+        if self._spent:
             raise RuntimeError("this run has already finished; start a new one")
-        result = self._job(
+        self._spent = True
+        self._start_sampler()
+        job = self._job if self._job is not None else _default_job()
+        self.ctx.check()  # a cancel that came during the imports lands before the job
+        self.ctx.heartbeat()  # queueing and import time are not a hung step
+        result = job(
             self.config, store=self._store, run_id=self.id, ctx=self.ctx, resume=self.resume
         )
         if result is None:
             return {}
         return dict(result) if isinstance(result, Mapping) else {"result": result}
+
+    def _start_sampler(self) -> None:
+        if self._sample_interval_s is None:
+            return
+        from foundry_kernel.run._resources import MemorySampler  # (imports torch)
+
+        sampler = MemorySampler(
+            self._on_sample, self._sample_interval_s, name=self.id, start_index=self._first_sample
+        )
+        self._sampler = sampler
+        if not self.state.terminal:  # the watchdog may have concluded during the import
+            with contextlib.suppress(RuntimeError):  # ... or just now: it stopped the sampler
+                sampler.start()
 
     def _begin(self) -> bool:
         """pending -> running (False if a cancel came first)."""
@@ -903,11 +950,12 @@ class RunHandle:
     def _cancel_message(self) -> str:
         reason = self.ctx.reason or "cancelled"
         asked, stopped = self._cancel_step, self.step
+        where = f"in phase {self.ctx.where!r}"
         if stopped is None:
-            return f"cancelled before the first step ({reason})"
+            return f"cancelled {where}, before the first step ({reason})"
         if asked is None:  # the job (or its own context) asked, not handle.cancel()
-            return f"cancelled ({reason}), stopped after step {stopped}"
-        return f"cancelled ({reason}): asked at step {asked}, stopped after step {stopped}"
+            return f"cancelled {where} ({reason}), stopped after step {stopped}"
+        return f"cancelled {where} ({reason}): asked at step {asked}, stopped after step {stopped}"
 
     def _finish(
         self, state: RunState, failure: RunFailure | None, result: dict[str, Any] | None = None
@@ -996,7 +1044,7 @@ class RunHandle:
 
     def _declare_hung(self, idle: float, limit: float) -> None:
         message = (
-            f"step watchdog: no progress for {idle:.1f} s in phase {self.ctx.phase!r} "
+            f"step watchdog: no progress for {idle:.1f} s in phase {self.ctx.where!r} "
             f"after step {self.step} (limits.step_timeout_s={limit:g} s); the step hung, "
             "so the run was failed and asked to stop"
         )
@@ -1030,7 +1078,9 @@ class RunHandle:
 
 
 def _default_job() -> JobFn:
-    """pipeline.run_job, imported lazily: importing the controller must stay cheap."""
+    """pipeline.run_job, imported on the run's worker thread: it imports torch and
+    transformers (seconds on a cold machine), which neither ``import foundry_kernel`` nor
+    ``start()`` may pay for on the caller's thread."""
     from foundry_kernel.run._job import run_job
 
     return run_job
@@ -1184,14 +1234,13 @@ def _new_handle(
         return _resume_handle(store, config, overrides, resume, job, owns_store, sample_interval_s)
     assert config is not None  # start() always resolves a config for a new run
     config = _config_with(config, overrides)
-    job_fn = job if job is not None else _default_job()
     record, lock = store.create_locked_run(config.to_dict(), name=config.name, kind="distill")
     handle = RunHandle(
         record.run_id,
         config,
         store=store,
         owns_store=owns_store,
-        job=job_fn,
+        job=job,
         resume=False,
         sample_interval_s=sample_interval_s,
         run_lock=lock,
@@ -1227,13 +1276,12 @@ def _resume_handle(
         _refuse_completed(record)
         if lock.previous is not None:
             store.settle_stale_run(run_id, lock.previous)  # no-op unless left live-looking
-        job_fn = job if job is not None else _default_job()  # (slow import: after refusals)
         handle = RunHandle(
             run_id,
             config,
             store=store,
             owns_store=owns_store,
-            job=job_fn,
+            job=job,
             resume=True,
             sample_interval_s=sample_interval_s,
             first_sample=_next_sample_index(store, run_id),

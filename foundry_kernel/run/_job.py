@@ -12,6 +12,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 
 from foundry_kernel._context import RunContext
+from foundry_kernel._isolation import per_thread_setting, run_threads
 from foundry_kernel._models import (
     LoadedModel,
     build_student,
@@ -115,17 +118,36 @@ def run_job(
     ctx: RunContext,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Run the whole distillation job; returns its summary (also stored with the run)."""
+    """Run the whole distillation job; returns its summary (also stored with the run).
+
+    Runs on the run's worker thread with its own CPU thread count (``config.threads``,
+    see ``_isolation.run_threads``: other runs in the process keep theirs).
+    """
+    with run_threads(config.threads) as threads:
+        job = Job(config, store, run_id, ctx)
+        summary = _run_phases(job, resume=resume)
+        job.record(
+            threads={
+                "asked": config.threads,
+                "used": threads,
+                "at_end": torch.get_num_threads(),
+                "per_run": per_thread_setting(),
+            }
+        )
+        return summary
+
+
+def _run_phases(job: Job, *, resume: bool) -> dict[str, Any]:
+    """Teacher, data, student, (preflight), mode, distil, baseline, evaluate, export."""
     t0 = time.perf_counter()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    job = Job(config, store, run_id, ctx)
+    config, ctx = job.config, job.ctx
     teacher = _load_teacher(job)
     ctx.set_phase("data")
-    data = build_data(config.data, teacher.tokenizer, seed=config.data.split_seed)
+    data = build_data(config.data, teacher.tokenizer, seed=config.data.split_seed, ctx=ctx)
     job.record(data=_data_report(job, data))
     ctx.set_phase("student")
     student = _build_student(job, teacher)
+    ctx.set_stage("runtime")
     vocab = shared_vocab_size(teacher, student)
     job.runtime = resolve_runtime(
         config,
@@ -140,6 +162,7 @@ def run_job(
         _train_phase(job, "distill", student, train_data, trainer_teacher, vocab, resume=resume)
         baseline = None
         if config.eval.baseline:
+            ctx.set_phase("baseline")
             baseline = _build_student(job, teacher)  # the same path as the student's
             _train_phase(job, "baseline", baseline, data, None, vocab, resume=resume)
         ctx.set_phase("evaluate")
@@ -153,15 +176,24 @@ def run_job(
 
 
 def _build_student(job: Job, teacher: LoadedModel) -> LoadedModel:
-    """The student; cutting it from a served teacher loads the teacher's weights once here."""
-    cfg = job.config
+    """The student; cutting it from a served teacher loads the teacher's weights once here.
+    Stop points before and after the build (a construction is one call into transformers)
+    and inside a pretrained student's download."""
+    cfg, check = job.config, job.ctx.check
+    job.ctx.set_stage("build", init=cfg.student.init)
     if cfg.student.init == "from_teacher" and cfg.teacher.backend == "vllm":
         with_weights = load_causal_lm(
-            job.teacher_path, device=torch.device("cpu"), field="teacher.source"
+            job.teacher_path, device=torch.device("cpu"), field="teacher.source", check=check
         )
-        student = build_student(cfg.student, with_weights, device=job.device, seed=cfg.seed)
-        return LoadedModel(student.model, teacher.tokenizer, student.source)
-    return build_student(cfg.student, teacher, device=job.device, seed=cfg.seed)
+        check()
+        student = build_student(
+            cfg.student, with_weights, device=job.device, seed=cfg.seed, check=check
+        )
+        student = LoadedModel(student.model, teacher.tokenizer, student.source)
+    else:
+        student = build_student(cfg.student, teacher, device=job.device, seed=cfg.seed, check=check)
+    check()
+    return student
 
 
 def _open_teacher(job: Job, teacher: LoadedModel, vocab: int) -> Teacher:
@@ -295,7 +327,9 @@ def _load_teacher(job: Job) -> LoadedModel:
             amp_dtype=autocast_dtype(job.config.optim.precision, job.device, hidden),
             on_metrics=job.log_metrics,
         )
+        job.ctx.set_phase("teacher")  # back from the build, if there was one
         source = str(path)
+    job.ctx.set_stage("load", source=source)
     teacher = load_causal_lm(
         source,
         device=job.device,
@@ -303,7 +337,9 @@ def _load_teacher(job: Job) -> LoadedModel:
         revision=cfg.revision,
         field="teacher.source",
         weights=cfg.backend == "hf",
+        check=job.ctx.check,
     )
+    job.ctx.check()
     teacher.model.eval().requires_grad_(False)
     job.teacher_path = source
     job.teacher_id = _teacher_id(source, cfg.revision)
@@ -431,6 +467,7 @@ def _evaluate_all(
             teacher_amp_dtype=job.rt.teacher_amp,
         )
 
+    job.ctx.set_stage("teacher")
     t_eval = evaluate_teacher(
         live,
         data.val,
@@ -454,7 +491,7 @@ def _evaluate_all(
     for name, model in (("student", student), ("baseline", baseline)):
         if model is None:
             continue
-        job.ctx.check()
+        job.ctx.set_stage(name)
         ev = evaluate(model, job.rt.student_amp, with_teacher=True)
         out[name] = ModelResult(
             params=count_params(model.model),
@@ -462,7 +499,7 @@ def _evaluate_all(
             val_loss=ev["loss"],
             agreement=ev["agreement"],
             val_kl=ev["kl"],
-            tokens_per_s=generation_speed(model.model, model.tokenizer),
+            tokens_per_s=generation_speed(model.model, model.tokenizer, ctx=job.ctx),
         ).to_dict()
         samples[name] = _samples(job, model, prompts)
     out["agreement"] = out["student"]["agreement"]
@@ -480,7 +517,8 @@ def _teacher_samples(
 ) -> tuple[list[str], float]:
     """Greedy samples and generation tokens/s of the teacher, wherever it runs."""
     if isinstance(live, HFTeacher):
-        return _samples(job, teacher, prompts), generation_speed(teacher.model, teacher.tokenizer)
+        speed = generation_speed(teacher.model, teacher.tokenizer, ctx=job.ctx)
+        return _samples(job, teacher, prompts), speed
     tok = teacher.tokenizer
     n = job.config.eval.sample_tokens
     ids = [tok(p).input_ids for p in prompts]
@@ -518,13 +556,44 @@ def _gap_closed(out: dict[str, Any]) -> float | None:
 
 
 def _export(job: Job, student: LoadedModel, results: dict[str, Any]) -> Path:
-    """Save the student with its tokenizer and a short model card of its metrics."""
+    """Save the student with its tokenizer and a short model card of its metrics.
+
+    Written into a temporary folder beside ``student/`` with a stop point after each file
+    (weights, tokenizer, card, metrics) and renamed into place only when complete: a
+    cancel, a time limit or a crash during the export never leaves a ``student/`` folder
+    that looks complete but is not (the temporary one is removed on the way out; one left
+    by a killed process is removed by the next export of the run).
+    """
+    ctx = job.ctx
     export = job.run_dir / "student"
-    student.model.save_pretrained(export)
-    student.tokenizer.save_pretrained(export)
-    atomic_write_text(export / "README.md", model_card(job.config, results))
-    atomic_write_text(export / "foundry-metrics.json", json.dumps(results, indent=1, default=str))
+    tmp = job.run_dir / f".student.{os.getpid()}.tmp"
+    for stale in job.run_dir.glob(".student.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        ctx.set_stage("weights")
+        student.model.save_pretrained(tmp)
+        ctx.set_stage("tokenizer")
+        student.tokenizer.save_pretrained(tmp)
+        ctx.set_stage("card")
+        atomic_write_text(tmp / "README.md", model_card(job.config, results))
+        atomic_write_text(tmp / "foundry-metrics.json", json.dumps(results, indent=1, default=str))
+        ctx.check()
+        _replace_folder(tmp, export)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return export
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Put folder ``new`` at ``target``, replacing an older export there (a rename cannot
+    replace a non-empty folder, so the old one is moved aside first, then deleted)."""
+    old = target.with_name(f".{target.name}.{os.getpid()}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def model_card(config: RunConfig, results: Mapping[str, Any] | RunSummary) -> str:

@@ -66,8 +66,15 @@ def ensure_builtin_teacher(
     amp_dtype: torch.dtype | None,
     on_metrics: MetricsSink | None = None,
 ) -> Path:
-    """Path of a ready teacher for ``build``; trains and caches it when absent."""
-    docs = load_documents(teacher_data_config(build))
+    """Path of a ready teacher for ``build``; trains and caches it when absent.
+
+    Every part is a stop point for ``ctx`` (a cancel, the time limits, the step watchdog):
+    reading the corpus (per document), the split, the tokenizer's training, packing, the
+    training itself and the save (per file). A stopped build leaves no folder behind but
+    the cache's own lock file, removed on the way out.
+    """
+    ctx.set_stage("corpus", source=build.data)
+    docs = load_documents(teacher_data_config(build), check=ctx.check)
     key = teacher_key(build, corpus_fingerprint(docs))
     final = cache_dir / "teachers" / key
     if (final / MARKER).is_file():
@@ -102,15 +109,20 @@ def _build(
     t0 = time.perf_counter()
     data_cfg = teacher_data_config(build)
     # Split first so the tokenizer never sees held-out text either.
+    ctx.set_stage("split", docs=len(docs))
     train_docs, _, _ = split_documents(
         docs,
         val_fraction=data_cfg.val_fraction,
         seed=data_cfg.split_seed,
         overlap_chars=data_cfg.overlap_chars,
+        check=ctx.check,
     )
-    tokenizer = train_bpe_tokenizer((d.text for d in train_docs), build.vocab_size)
-    data = build_data(data_cfg, tokenizer, seed=data_cfg.split_seed, docs=docs)
+    ctx.set_stage("tokenizer", vocab_size=build.vocab_size)
+    tokenizer = train_bpe_tokenizer((d.text for d in train_docs), build.vocab_size, ctx=ctx)
+    data = build_data(data_cfg, tokenizer, seed=data_cfg.split_seed, docs=docs, ctx=ctx)
+    ctx.set_stage("model")
     model = _fresh_teacher(build, tokenizer, device)
+    ctx.set_stage("train")
     plan = TrainPlan(
         optim=OptimConfig(
             batch_size=build.batch_size, lr=build.lr, warmup_steps=min(30, build.steps // 10)
@@ -122,11 +134,14 @@ def _build(
     result = Trainer(
         model, data, plan, ctx=ctx, on_metrics=on_metrics, prefix="teacher_build/"
     ).fit()
+    ctx.set_stage("save")
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    hf_logging.disable_progress_bar()
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    try:
+        _save(tmp, model, tokenizer, ctx)
+    except BaseException:  # a stop or a failure while saving: no half-built teacher stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     record = {
         "recipe_version": RECIPE_VERSION,
         "build": build.model_dump(),
@@ -136,14 +151,28 @@ def _build(
         "data": data.report,
         "train_doc_ids": sorted(d.doc_id for d in train_docs),
     }
-    atomic_write_text(tmp / MARKER, json.dumps(record, indent=1))
-    os.replace(tmp, final)
+    try:
+        ctx.check()  # the last stop point: after it, the teacher is complete and published
+        atomic_write_text(tmp / MARKER, json.dumps(record, indent=1))
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     log.info(
         "built teacher %s in %.0f s (val ppl %.1f)",
         final.name,
         record["build_seconds"],
         result.get("val/ppl", float("nan")),
     )
+
+
+def _save(tmp: Path, model: LlamaForCausalLM, tokenizer: Any, ctx: RunContext) -> None:
+    """Weights, then tokenizer, into the build's temporary folder; a stop point between."""
+    hf_logging.disable_progress_bar()
+    model.save_pretrained(tmp)
+    ctx.check()
+    tokenizer.save_pretrained(tmp)
+    ctx.check()
 
 
 def _fresh_teacher(build: TeacherBuild, tokenizer: Any, device: torch.device) -> LlamaForCausalLM:

@@ -19,12 +19,13 @@ import contextlib
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from foundry_kernel._isolation import generator
 from foundry_kernel.errors import TeacherServerError
 from foundry_kernel.teachers._targets import SparseTargets, TeacherSignal
 from foundry_kernel.training._precision import autocast
@@ -271,37 +272,83 @@ def sample_continuations(
     temperature: float,
     seed: int,
     pad_token_id: int | None,
+    check: Callable[[], None] | None = None,
 ) -> list[list[int]]:
-    """Continue each prompt with ``model`` (sampling at ``temperature``; 0 = greedy).
+    """Continue each prompt with ``model`` by exactly ``max_new_tokens`` tokens (sampling
+    at ``temperature``; 0 = greedy; end-of-text is never drawn, so every row has the same
+    length).
 
-    Seeded from ``seed`` alone, in a forked RNG, so a resumed run samples what the
-    uninterrupted one did and other users of torch's global RNG are not disturbed.
+    Draws from a private ``torch.Generator`` seeded from ``seed`` alone, never from torch's
+    process-global generator: a resumed run samples what the uninterrupted one did, and
+    concurrent runs cannot disturb each other's samples (``generate`` takes no generator,
+    so this is a plain decoding loop over the model's KV cache: temperature-scaled softmax,
+    then ``torch.multinomial``, as ``generate`` does). ``check`` runs before every token.
+    ``pad_token_id`` is unused: prompts are grouped by length, so no row is padded.
     """
+    del pad_token_id
     device = next(model.parameters()).device
+    rng = generator(seed, device)
+    banned = _eos_ids(model)
     was_training = model.training
     model.eval()
     result: list[list[int]] = [[] for _ in prompts]
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for length, rows in _by_length(prompts):  # equal lengths: no padding inside
-                ids = torch.tensor([list(prompts[i]) for i in rows], device=device)
-                generated = model.generate(  # type: ignore[operator]  # transformers' stubs
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=max_new_tokens,
-                    min_new_tokens=max_new_tokens,
-                    do_sample=temperature > 0,
-                    temperature=temperature if temperature > 0 else None,
-                    top_k=None,
-                    top_p=None,
-                    pad_token_id=pad_token_id,
-                )
-                for i, row in zip(rows, generated, strict=True):
-                    result[i] = row[length:].tolist()
+        for length, rows in _by_length(prompts):  # equal lengths: no padding inside
+            ids = torch.tensor([list(prompts[i]) for i in rows], device=device)
+            new = _decode(model, ids, max_new_tokens, temperature, rng, banned, check)
+            for i, row in zip(rows, new.tolist(), strict=True):
+                result[i] = row
+            del length
     finally:
         model.train(was_training)
     return result
+
+
+def _decode(
+    model: PreTrainedModel,
+    ids: Tensor,
+    steps: int,
+    temperature: float,
+    rng: torch.Generator,
+    banned: list[int],
+    check: Callable[[], None] | None,
+) -> Tensor:
+    """``steps`` new tokens after ``ids`` (one prompt length), reusing the KV cache."""
+    out: list[Tensor] = []
+    cached: dict[str, Any] = {}  # the KV cache, under the name the model's outputs use
+    step_input = ids
+    for _ in range(steps):
+        if check is not None:
+            check()
+        output = model(input_ids=step_input, use_cache=True, **cached)
+        for name in ("cache", "past_key_values"):  # transformers 5.x renamed it to "cache"
+            if getattr(output, name, None) is not None:
+                cached = {name: getattr(output, name)}
+                break
+        scores = output.logits[:, -1, :].float()
+        if banned:
+            scores[:, banned] = -math.inf
+        if temperature > 0:
+            probs = torch.softmax(scores / temperature, dim=-1)
+            token = torch.multinomial(probs, num_samples=1, generator=rng)
+        else:
+            token = scores.argmax(dim=-1, keepdim=True)
+        out.append(token)
+        step_input = token
+    if not out:
+        return ids.new_zeros((ids.shape[0], 0))
+    return torch.cat(out, dim=1)
+
+
+def _eos_ids(model: PreTrainedModel) -> list[int]:
+    """End-of-text ids, which a fixed-length continuation must not draw."""
+    config = getattr(model, "generation_config", None) or model.config
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
 def _by_length(prompts: Sequence[Sequence[int]]) -> list[tuple[int, list[int]]]:

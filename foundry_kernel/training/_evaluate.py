@@ -1,7 +1,8 @@
 """Held-out measurements: perplexity, teacher agreement, samples and speed.
 
-Every loop here calls ``ctx.check()`` between batches, so a cancel or timeout
-lands inside a long evaluation too, not only between training steps.
+Every loop here calls ``ctx.check()`` between batches, and generation stops at the next
+token once a stop is requested, so a cancel or timeout lands inside a long evaluation
+too, not only between training steps.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from foundry_kernel._context import RunContext
@@ -155,6 +156,25 @@ def evaluate_teacher(
     return {"loss": nll / denom, "ppl": math.exp(min(nll / denom, 50.0)), "tokens": float(tokens)}
 
 
+class _StopRequested(StoppingCriteria):
+    """Ends ``generate`` at the next token once the run is asked to stop (a cancel, a time
+    limit, the watchdog), and marks each token as progress for the step watchdog; the
+    caller's next ``ctx.check()`` then raises."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: object) -> Tensor:
+        self.ctx.heartbeat()
+        stop = self.ctx.stop_requested
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def stop_criteria(ctx: RunContext | None) -> StoppingCriteriaList | None:
+    """What ``generate(stopping_criteria=...)`` needs for a cancel to land within a token."""
+    return None if ctx is None else StoppingCriteriaList([_StopRequested(ctx)])
+
+
 @torch.no_grad()
 def generate_samples(
     model: PreTrainedModel,
@@ -177,7 +197,10 @@ def generate_samples(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
+            stopping_criteria=stop_criteria(ctx),
         )
+        if ctx is not None:
+            ctx.check()  # a sample cut short by a stop request is not kept
         outputs.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     return outputs  # type: ignore[return-value]  # transformers' stubs
 
@@ -189,8 +212,10 @@ def generation_speed(
     *,
     new_tokens: int = 64,
     repeats: int = 2,
+    ctx: RunContext | None = None,
 ) -> float:
-    """Greedy decoding tokens/s on this machine (best of ``repeats``, after a warm-up)."""
+    """Greedy decoding tokens/s on this machine (best of ``repeats``, after a warm-up);
+    with ``ctx``, a stop request ends the current generation at its next token."""
     device = next(model.parameters()).device
     ids = tokenizer("The", return_tensors="pt").input_ids.to(device)
     kwargs = {
@@ -199,12 +224,17 @@ def generation_speed(
         "pad_token_id": tokenizer.pad_token_id,
         "min_new_tokens": new_tokens,
         "max_new_tokens": new_tokens,
+        "stopping_criteria": stop_criteria(ctx),
     }
     model.generate(ids, **{**kwargs, "min_new_tokens": 2, "max_new_tokens": 2})  # type: ignore[operator]  # transformers' stubs
     best = 0.0
     for _ in range(repeats):
+        if ctx is not None:
+            ctx.check()
         t0 = time.perf_counter()
         out = model.generate(ids, **kwargs)  # type: ignore[operator]  # transformers' stubs
         produced = out.shape[1] - ids.shape[1]
         best = max(best, produced / max(time.perf_counter() - t0, 1e-9))
+    if ctx is not None:
+        ctx.check()  # a measurement cut short by a stop request is not reported
     return best

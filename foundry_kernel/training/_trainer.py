@@ -5,7 +5,9 @@ cross-entropy when there is no teacher (the teacher build and the CE-only
 baseline use the very same loop). It reports through a metrics callback and
 the run context's events, never by printing, and it checkpoints everything
 needed for a resumed run to follow exactly the trajectory of an
-uninterrupted one: weights, AdamW state, batch position and RNG.
+uninterrupted one: weights, AdamW state and batch position. No RNG state: every random
+draw is a function of the seed and the step (``foundry_kernel._isolation``), so concurrent
+runs never read or restore each other's generator.
 
 How one micro-batch becomes a loss is not the loop's business but a
 :class:`~foundry_kernel.training._strategy.LossStrategy` chosen by ``plan.loss_strategy``
@@ -15,12 +17,14 @@ and its reason are ``Trainer.loss_strategy``; the run's summary records them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ import torch
 from transformers import PreTrainedModel
 
 from foundry_kernel._context import RunContext
+from foundry_kernel._isolation import derive_seed, seeded_global_rng, uses_dropout
 from foundry_kernel.config import (
     CheckpointConfig,
     EvalConfig,
@@ -180,6 +185,7 @@ class Trainer:
         self.sampler = BatchSampler(len(data.train), plan.optim.batch_size, seed=plan.seed)
         self.optimizer = self._make_optimizer()
         self.last_eval: dict[str, float] = {}
+        self.dropout = uses_dropout(model)  # draws from torch's global RNG: see _step_rng
         if plan.optim.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.loss_strategy = self._choose_strategy()
@@ -241,14 +247,14 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "rng": torch.random.get_rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
-        torch.random.set_rng_state(state["rng"])
+        # An older checkpoint's "rng" (torch's process-global state) is ignored: restoring
+        # it would reset the generator of every other run in the process.
         self.step = int(state["step"])
         self.skipped = int(state["skipped"])
 
@@ -353,9 +359,10 @@ class Trainer:
         n_valid = max(sum(int((mb[3] != -100).sum()) for mb in micro), 1)
         totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
         tokens = 0
-        for idx, ids, mask, target in micro:
+        for m, (idx, ids, mask, target) in enumerate(micro):
             self.ctx.check()
-            parts = self._micro_step(idx, ids, mask, target, n_valid, on_policy=rollout)
+            with self._step_rng(m):
+                parts = self._micro_step(idx, ids, mask, target, n_valid, on_policy=rollout)
             for k, v in parts.items():
                 totals[k] += v
             tokens += int(mask.sum())
@@ -371,6 +378,16 @@ class Trainer:
         if plan.on_policy is not None:
             out["train/on_policy"] = float(rollout)
         return out
+
+    def _step_rng(self, micro: int) -> AbstractContextManager[None]:
+        """Dropout draws from torch's process-global generator; for a model with dropout
+        the micro-step runs with it seeded from (seed, phase, step, micro) under the global
+        RNG lock (``_isolation.seeded_global_rng``), so it is reproducible, resumable and
+        undisturbed by other runs. Without dropout: nothing to do, no lock."""
+        if not self.dropout:
+            return contextlib.nullcontext()
+        seed = derive_seed("dropout", self.plan.seed, self.prefix, self.step, micro)
+        return seeded_global_rng(seed, [self.device])
 
     def _on_policy_now(self) -> bool:
         """Whether this step trains on student samples: a pure function of (seed, step), so
@@ -401,6 +418,7 @@ class Trainer:
             temperature=op.temperature,
             seed=self.plan.seed * 1_000_003 + self.step * 97 + micro,
             pad_token_id=None,
+            check=self.ctx.check,
         )
         seq = torch.tensor(
             [p + c[:new] for p, c in zip(prompts, continuations, strict=True)], device=self.device
