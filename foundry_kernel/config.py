@@ -427,7 +427,11 @@ class RunConfig(_Section):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for data split, init, batches.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
     threads: int | None = Field(
-        None, ge=1, le=1024, description="CPU threads for torch (None = torch's default)."
+        None,
+        ge=1,
+        le=1024,
+        description="CPU threads for this run's torch ops (per run: concurrent runs may differ; "
+        "None = torch's default).",
     )
     runs_dir: Path | None = Field(
         None, description="Run store folder (None = $FOUNDRY_RUNS_DIR or ./runs)."
