@@ -34,7 +34,6 @@ __all__ = [
     "is_within",
     "new_run_id",
     "resolve_within",
-    "safe_filename",
     "validate_run_id",
 ]
 
@@ -122,37 +121,6 @@ def _refuse_filename(name: str, field: str, why: str) -> ConfigError:
     return ConfigError(
         f"{field}: {_describe(name)} cannot be used as a file name: {why}", field=field
     )
-
-
-def safe_filename(name: str, *, field: str) -> str:
-    """Return ``name`` unchanged if it is a single, portable file name; else raise.
-
-    Used for names a person types (notebook outputs, exports). Refusing is better than
-    sanitising: a silently altered name is a file the user then cannot find.
-    """
-    if not isinstance(name, str):
-        raise ConfigError(f"{field} must be a string, got {type(name).__name__}", field=field)
-    if not name.strip():
-        raise _refuse_filename(name, field, "it is empty")
-    if name in (".", ".."):
-        raise _refuse_filename(name, field, "it refers to a folder, not a file")
-    bad = sorted({ch for ch in name if ch in _FORBIDDEN_FILENAME_CHARS})
-    if bad:
-        raise _refuse_filename(
-            name,
-            field,
-            f"it contains {''.join(bad)!r} (path separators and "
-            'characters Windows forbids: < > : " / \\ | ? *); give a bare file name',
-        )
-    if any(unicodedata.category(ch)[0] == "C" or ch in "\u2028\u2029" for ch in name):
-        raise _refuse_filename(name, field, "it contains control or invisible characters")
-    if name[-1] in ". ":
-        raise _refuse_filename(name, field, "it ends with a dot or space (Windows drops them)")
-    if _is_reserved_windows_name(name):
-        raise _refuse_filename(name, field, "it is a reserved Windows device name")
-    if len(name.encode("utf-8")) > _FILENAME_MAX_BYTES:
-        raise _refuse_filename(name, field, f"it is longer than {_FILENAME_MAX_BYTES} bytes")
-    return name
 
 
 def _normpath(path: PurePath) -> PurePath:

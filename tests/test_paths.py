@@ -26,7 +26,6 @@ from foundry_kernel.paths import (
     is_within,
     new_run_id,
     resolve_within,
-    safe_filename,
     validate_run_id,
 )
 
@@ -165,50 +164,6 @@ def test_new_run_id_uses_utc_for_aware_datetimes() -> None:
     plus_two = timezone(timedelta(hours=2))
     run_id = new_run_id(now=datetime(2026, 3, 1, 12, 0, 0, tzinfo=plus_two))
     assert run_id.startswith("20260301-100000-")
-
-
-# --- safe_filename ------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "good", ["report.ipynb", "résumé.ipynb", "run 1.html", "a..b.txt", ".hidden", "CONTENT.md"]
-)
-def test_safe_filename_returns_good_names_unchanged(good: str) -> None:
-    assert safe_filename(good, field="output_name") == good
-
-
-@pytest.mark.parametrize("bad", [*WINDOWS_HOSTILE, *POSIX_HOSTILE, "zero\u200bwidth", "a\u2028b"])
-def test_safe_filename_refuses_unsafe_names(bad: str) -> None:
-    with pytest.raises(ConfigError, match="output_name") as info:
-        safe_filename(bad, field="output_name")
-    assert info.value.field == "output_name"
-
-
-def test_safe_filename_refuses_windows_path_parts() -> None:
-    """Every component of a Windows path that is a device name or separator is refused."""
-    evil = PureWindowsPath("C:\\data\\..\\nul.txt")
-    with pytest.raises(ConfigError, match="export_name"):
-        safe_filename(str(evil), field="export_name")
-    with pytest.raises(ConfigError, match="reserved"):
-        safe_filename(evil.name, field="export_name")
-    assert safe_filename(PureWindowsPath("C:\\data\\ok.txt").name, field="export_name") == "ok.txt"
-
-
-def test_safe_filename_length_in_bytes() -> None:
-    assert safe_filename("é" * 127, field="f")
-    with pytest.raises(ConfigError, match="255 bytes"):
-        safe_filename("é" * 128, field="f")
-
-
-@given(st.text())
-def test_safe_filename_total(text: str) -> None:
-    outcome = _outcome(lambda name: safe_filename(name, field="name"), text)
-    if isinstance(outcome, ConfigError):
-        assert outcome.field == "name"
-    else:
-        assert outcome == text
-        assert not {"/", "\\", "\x00"} & set(text)
-        assert text not in (".", "..")
 
 
 # --- containment --------------------------------------------------------------------------

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from foundry_kernel.config import LossConfig
+from foundry_kernel.data._blocks import IGNORE_INDEX
 from foundry_kernel.errors import ConfigError, LossInputError
 from foundry_kernel.teachers._targets import SparseTargets, log1mexp
 
@@ -75,7 +76,6 @@ __all__ = [
 LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 _KINDS: tuple[str, ...] = get_args(LossKind)
 
-IGNORE_INDEX = -100
 """Label value that marks a position as not trained on (prompt or padding), as in HF/TRL."""
 
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from foundry_kernel.data._blocks import IGNORE_INDEX
 from foundry_kernel.errors import ConfigError
 from foundry_kernel.teachers._interface import HFTeacher, Teacher
 from foundry_kernel.teachers._targets import SparseTargets
@@ -241,7 +242,7 @@ class FusedLinearLoss:
 
 
 def _n_valid(batch: MicroBatch) -> int:
-    return int((batch.labels != -100).sum())
+    return int((batch.labels != IGNORE_INDEX).sum())
 
 
 def _plain_head(model: nn.Module) -> nn.Linear:

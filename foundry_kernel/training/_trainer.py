@@ -43,7 +43,7 @@ from foundry_kernel.config import (
     OptimConfig,
     RunConfig,
 )
-from foundry_kernel.data._blocks import BatchSampler, DataBundle
+from foundry_kernel.data._blocks import IGNORE_INDEX, BatchSampler, DataBundle
 from foundry_kernel.errors import DivergenceError, RunCancelled, RunTimeout
 from foundry_kernel.teachers._interface import Teacher, as_teacher, sample_continuations
 from foundry_kernel.training._checkpoint import load_latest, save_checkpoint
@@ -356,7 +356,7 @@ class Trainer:
             self._micro_batch(self.sampler.next_indices(), rollout, m)
             for m in range(plan.optim.grad_accum)
         ]
-        n_valid = max(sum(int((mb[3] != -100).sum()) for mb in micro), 1)
+        n_valid = max(sum(int((mb[3] != IGNORE_INDEX).sum()) for mb in micro), 1)
         totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
         tokens = 0
         for m, (idx, ids, mask, target) in enumerate(micro):
