@@ -97,6 +97,7 @@ def _probe_notebook(path: Path) -> Path:
         "received = {'text': text, 'nested': nested, 'block': block}\n"
         "Path(runs_dir, run_id, 'received.json').write_text(json.dumps(received))\n"
         "with RunStore(runs_dir) as store:\n"
+        "    store.set_state(run_id, 'running')\n"  # the store's table: pending -> running first
         "    store.set_state(run_id, 'completed')\n"
     )
     nb.cells = [params, record]
