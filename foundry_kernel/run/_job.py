@@ -72,7 +72,7 @@ from foundry_kernel.training._evaluate import (
 )
 from foundry_kernel.training._sequence import describe as describe_sequence
 from foundry_kernel.training._sequence import sequence_data, sequence_key
-from foundry_kernel.training._strategy import fused_eligibility
+from foundry_kernel.training._strategy import FusedLinearLoss, choose_strategy
 from foundry_kernel.training._trainer import Trainer, TrainPlan
 
 log = logging.getLogger("foundry.pipeline")
@@ -363,8 +363,11 @@ def _preflight(job: Job, teacher: LoadedModel, student: LoadedModel, vocab: int)
             field="data.seq_len",
         )
     served = job.config.teacher.backend == "vllm"  # its weights live in the server
-    # the loss strategy the Trainer will choose (the same rule): fused logits never exist
-    fused_student = job.config.loss.strategy != "logits" and fused_eligibility(student.model)[0]
+    # The student's strategy as the Trainer will choose it (the same function): under the
+    # fused one its logits never exist. Whether the teacher is projected too depends on
+    # the mode's live teacher, unknown yet: its logits are counted (an upper bound).
+    choice = choose_strategy(job.config.loss.strategy, student.model, None)
+    fused_student = isinstance(choice.strategy, FusedLinearLoss)
     estimate = estimate_memory(
         job.config,
         teacher_params=0 if served else teacher.params,
@@ -378,7 +381,6 @@ def _preflight(job: Job, teacher: LoadedModel, student: LoadedModel, vocab: int)
         student_heads=getattr(sconf, "num_attention_heads", None),
         runtime=job.rt,
         fused_student=fused_student,
-        fused_teacher=fused_student and not served and fused_eligibility(teacher.model)[0],
     )
     checkpoint_bytes = student.params * 4 * 3 + 4096  # weights + two AdamW moments
     report = preflight(
