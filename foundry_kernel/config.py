@@ -134,6 +134,16 @@ class TeacherConfig(_Section):
         "auto", description="Teacher weights dtype; 'auto' = bf16 on a GPU that supports it."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    placement: Literal["auto", "replicate", "shard", "server", "cache"] = Field(
+        "auto",
+        description="Where the teacher lives when training runs on several processes: "
+        "'replicate' a full teacher per rank (small teachers); 'shard' the frozen teacher "
+        "sharded with FSDP2 across ranks (inference only: no gradients, no optimizer state; "
+        "backend='hf'); 'server' the vLLM backend, one managed server per node or the shared "
+        "teacher.url (backend='vllm'); 'cache' the offline logit cache, each rank reading its "
+        "own batches (distill.mode='offline'). 'auto' = server for backend='vllm', cache for "
+        "mode='offline', replicate otherwise.",
+    )
     build: TeacherBuild = Field(
         default_factory=TeacherBuild,
         description="Recipe used when source is 'builtin:tiny-teacher'.",
@@ -417,6 +427,39 @@ class CheckpointConfig(_Section):
     )
 
 
+class DistributedConfig(_Section):
+    """Data parallelism over several processes (launched by torchrun; see README
+    "Scaling out"). Ignored by a single process.
+
+    ``optim.batch_size`` stays the *global* number of blocks per micro-batch: each rank
+    takes a disjoint contiguous share of the same deterministic batch, and the loss is
+    divided by the valid-token count of the whole optimizer step over all ranks, so one
+    config trains the same model on 1 or N processes.
+    """
+
+    strategy: Literal["ddp", "fsdp2"] = Field(
+        "ddp",
+        description="'ddp': a full student per rank, gradients all-reduced "
+        "(DistributedDataParallel); 'fsdp2': parameters, gradients and optimizer state "
+        "sharded across ranks (torch.distributed.fsdp.fully_shard, one unit per layer).",
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="Process-group backend; 'auto' = nccl on CUDA, gloo on CPU."
+    )
+    timeout_s: float = Field(
+        600.0,
+        gt=0,
+        le=86_400,
+        description="Collective timeout: a rank that waits this long on the others fails the "
+        "run (a hung or lost rank).",
+    )
+    mixed_precision: Literal["auto", "off", "bfloat16"] = Field(
+        "auto",
+        description="fsdp2's MixedPrecisionPolicy: 'bfloat16' gathers parameters in bf16 and "
+        "reduces gradients in fp32; 'off' keeps fp32; 'auto' follows optim.precision.",
+    )
+
+
 class RunConfig(_Section):
     """Everything one distillation run does. Saved with every run."""
 
@@ -446,6 +489,9 @@ class RunConfig(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Limits.")
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Checkpoints."
+    )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Data parallelism (torchrun)."
     )
 
     @field_validator("runs_dir")
@@ -604,6 +650,7 @@ def _check_combinations(cfg: RunConfig) -> None:
             "teacher.url: only used with teacher.backend='vllm'; set the backend or drop the url",
             field="teacher.url",
         )
+    _check_placement(cfg)
     prompt = {
         "sequence": cfg.distill.sequence.prompt_tokens,
         "on_policy": cfg.distill.on_policy.prompt_tokens,
@@ -613,6 +660,55 @@ def _check_combinations(cfg: RunConfig) -> None:
             f"distill.{cfg.distill.mode}.prompt_tokens={prompt} must be shorter than "
             f"data.seq_len={cfg.data.seq_len}",
             field=f"distill.{cfg.distill.mode}.prompt_tokens",
+        )
+
+
+def teacher_placement(cfg: RunConfig) -> str:
+    """``teacher.placement`` with ``auto`` resolved (see the field's description)."""
+    if cfg.teacher.placement != "auto":
+        return cfg.teacher.placement
+    if cfg.distill.mode == "offline":
+        return "cache"
+    return "server" if cfg.teacher.backend == "vllm" else "replicate"
+
+
+def _check_placement(cfg: RunConfig) -> None:
+    """``teacher.placement`` against the backend and the mode."""
+    placement, backend, mode = cfg.teacher.placement, cfg.teacher.backend, cfg.distill.mode
+    field = "teacher.placement"
+    if placement == "auto":
+        return
+    if mode == "offline" and placement != "cache":
+        raise ConfigError(
+            f"{field}={placement!r}: distill.mode='offline' trains from the logit cache; set "
+            f"{field}=cache (or auto)",
+            field=field,
+        )
+    if placement == "cache" and mode != "offline":
+        raise ConfigError(
+            f"{field}='cache' reads the offline logit cache: set distill.mode=offline, or "
+            "choose replicate, shard or server",
+            field=field,
+        )
+    if placement == "server" and backend != "vllm":
+        raise ConfigError(
+            f"{field}='server' needs teacher.backend=vllm (a vLLM server per node, or "
+            "teacher.url)",
+            field=field,
+        )
+    if placement in ("replicate", "shard") and backend == "vllm":
+        raise ConfigError(
+            f"{field}={placement!r} loads the teacher into the training processes, but "
+            "teacher.backend='vllm' serves it: set teacher.backend=hf or "
+            f"{field}=server",
+            field=field,
+        )
+    if placement == "shard" and mode == "sequence":
+        raise ConfigError(
+            f"{field}='shard': distill.mode='sequence' generates with the teacher before "
+            "training, one prompt set per rank, which a teacher sharded across ranks cannot "
+            "do in lockstep; use replicate or server",
+            field=field,
         )
 
 
@@ -742,6 +838,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "CheckpointConfig",
     "DataConfig",
+    "DistributedConfig",
     "EvalConfig",
     "LimitsConfig",
     "LossConfig",
@@ -753,5 +850,6 @@ __all__ = [
     "json_schema",
     "load_config",
     "parse_override",
+    "teacher_placement",
     "validate_config",
 ]
