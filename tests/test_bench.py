@@ -53,7 +53,7 @@ def _positive(x: Any) -> bool:
 
 def test_cli_prints_every_table_and_writes_strict_json(quick: tuple[dict[str, Any], str]) -> None:
     doc, stdout = quick
-    for name in ("loss", "throughput", "overheads", "mfu", "cache"):
+    for name in ("loss", "throughput", "overheads", "mfu", "cache", "scaling"):
         assert f"## {name}" in stdout
         assert name in doc
         assert doc["timings_s"][name] >= 0
@@ -166,6 +166,27 @@ def test_mfu_section(quick: tuple[dict[str, Any], str]) -> None:
         assert 0 < s["mfu_fp32"]
     flops = section["student_step"]["flops"]
     assert flops["total"] == flops["dense_flops"] + flops["attention_flops"]
+
+
+def test_scaling_section(quick: tuple[dict[str, Any], str]) -> None:
+    """1 process, 2-rank DDP and 2-rank FSDP2 all ran as real torchrun jobs; the data-parallel
+    points trained the same weights as one process (the global-batch semantics)."""
+    section = quick[0]["scaling"]
+    points = {(p["strategy"], p["world_size"]): p for p in section["results"]}
+    assert set(points) == {("single", 1), ("ddp", 2), ("fsdp2", 2)}
+    for point in points.values():
+        assert point["status"] == "ok", point.get("error")
+        assert _positive(point["tokens_per_s"])
+        assert len(point["peak_rss_growth_bytes"]) == point["world_size"]
+    for key in (("ddp", 2), ("fsdp2", 2)):
+        point = points[key]
+        assert _positive(point["efficiency"]) and _positive(point["comm_bytes_per_step"])
+        assert point["max_weight_diff_vs_single"] is not None
+        assert point["max_weight_diff_vs_single"] < 1e-4
+    assert points[("single", 1)]["comm_bytes_per_step"] == 0
+    params = points[("ddp", 2)]["student_params"]
+    assert points[("ddp", 2)]["comm_bytes_per_step"] == params * 4  # 2 * (1/2) * P * 4
+    assert points[("fsdp2", 2)]["comm_bytes_per_step"] == params * 6
 
 
 def test_cache_bench_prints_bytes_per_token_speedup_and_break_even(tmp_path: Path) -> None:
