@@ -392,8 +392,20 @@ class Dashboard:
                 "grid_gap": "8px",
             },
         )
+        ranks = report.rank_rows(self.store, run_id)
+        per_rank: tuple[W.Widget, ...] = ()
+        if ranks:
+            per_rank = (
+                _heading(
+                    "Processes (data parallel)",
+                    "Medians over the last recorded steps; every step waits for the slowest "
+                    "rank, flagged as a straggler when 20% below the others.",
+                ),
+                W.HTML(html_table(report.RANK_COLUMNS, ranks)),
+            )
         return (
             W.HTML(status),
+            *per_rank,
             _heading("Teacher vs students", "Same held-out text for all three models."),
             W.HTML(html_table(report.COMPARISON_COLUMNS, rows, empty="No results yet.")),
             charts,

@@ -22,6 +22,7 @@ from pathlib import PurePath
 from typing import Any
 
 from foundry_kernel.metrics import lookup, names_in
+from foundry_kernel.ranks import parse_rank_metric, rank_figures
 from foundry_kernel.store import RunRecord, RunStore
 from foundry_kernel.summary import ROLES, ModelResult, RunSummary
 
@@ -80,6 +81,11 @@ LABELS: dict[str, str] = {
     "baseline": "Student trained without teacher",
     "error": "Error",
     "damage": "Damaged record: what could not be read",
+    "rank": "Process (rank)",
+    "train_tokens_per_s": "Training speed (tokens per second, this rank)",
+    "rss_mb": "Memory (RSS, MB)",
+    "vram_mb": "GPU memory (MB)",
+    "straggler": "Slowing the others down",
 }
 
 RUN_COLUMNS: tuple[str, ...] = (
@@ -377,6 +383,34 @@ def memory_series(
     if not names:
         return {}
     return metric_series(store, run_id, names, x="time", max_points=max_points)
+
+
+RANK_COLUMNS: tuple[str, ...] = ("rank", "train_tokens_per_s", "rss_mb", "vram_mb", "straggler")
+
+
+def rank_rows(
+    store: RunStore, run_id: str, *, prefix: str = "", last_steps: int = 20
+) -> list[dict[str, Any]]:
+    """One row per rank of a data-parallel run (medians over its last ``last_steps``
+    recorded steps), with the straggler flag of :func:`foundry_kernel.ranks.rank_figures`;
+    empty for a single-process run."""
+    names = [n for n in store.metric_names(run_id) if parse_rank_metric(n) is not None]
+    if not names:
+        return []
+    rows = store.metrics(run_id, names)
+    last = max(row.step for row in rows)
+    recent = [(row.name, row.value) for row in rows if row.step > last - last_steps]
+    pairs = [(name, v) for name, value in recent if (v := _number(value)) is not None]
+    return [
+        {
+            "rank": f.rank,
+            "train_tokens_per_s": f.tokens_per_s,
+            "rss_mb": f.rss_mb,
+            "vram_mb": f.vram_mb,
+            "straggler": f.straggler,
+        }
+        for f in rank_figures(pairs, prefix=prefix)
+    ]
 
 
 # --- one run's results --------------------------------------------------------------------
