@@ -203,10 +203,9 @@ def init_world(
     chosen = resolve_backend(backend, device_type)
     if device_type == "cuda":
         torch.cuda.set_device(world.local_rank)
+    device_id = torch.device("cuda", world.local_rank) if chosen == "nccl" else None
     dist.init_process_group(
-        backend=chosen,
-        timeout=datetime.timedelta(seconds=timeout_s),
-        **({"device_id": torch.device("cuda", world.local_rank)} if chosen == "nccl" else {}),
+        backend=chosen, timeout=datetime.timedelta(seconds=timeout_s), device_id=device_id
     )
     return World(**{**world.__dict__, "backend": chosen})
 
