@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from bench.common import ModelShape, Printer, in_worker_thread, matmul_params, median, ratio, table
-from bench.throughput import StepConfig, StepClock, config_for, make_workload, run_foundry
+from bench.throughput import StepClock, StepConfig, config_for, make_workload, run_foundry
 
 # A distillation step that loads a GPU: Llama-shaped, vocabulary 32k, 8 x 1024 tokens.
 GPU = StepConfig(
@@ -97,9 +97,7 @@ def step_flops(
     }
 
 
-def _config(
-    quick: bool, cuda: bool, steps: int | None, warmup: int | None
-) -> StepConfig:
+def _config(quick: bool, cuda: bool, steps: int | None, warmup: int | None) -> StepConfig:
     """The tiny CPU workload, or :data:`GPU` on CUDA (``--quick`` keeps the tiny one)."""
     if cuda and not quick:
         base = GPU
@@ -120,7 +118,11 @@ def _config(
 
 
 def _step_entry(
-    flops: dict[str, Any], total: float, times: list[float], tokens: int, peaks: dict[str, Any],
+    flops: dict[str, Any],
+    total: float,
+    times: list[float],
+    tokens: int,
+    peaks: dict[str, Any],
     dtype: str,
 ) -> dict[str, Any]:
     """One timed step: FLOP/s, tokens/s and MFU against the fp32, bf16 and own-dtype peaks."""
