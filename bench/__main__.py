@@ -40,8 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         default="cpu",
         choices=("cpu", "cuda"),
-        help="device of the loss and mfu benchmarks (mfu on cuda: a bf16 step on GPU-sized "
-        "models)",
+        help="device of the loss and mfu benchmarks (mfu on cuda: a bf16 step on GPU-sized models)",
     )
     g = p.add_argument_group("loss")
     g.add_argument("--vocabs", type=_ints, help="e.g. 32000,128256")

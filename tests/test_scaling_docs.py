@@ -150,8 +150,10 @@ def test_slurm_command_parses_and_its_settings_exist() -> None:
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash here")
 def test_slurm_script_is_valid_bash() -> None:
+    bash = shutil.which("bash")
+    assert bash is not None
     proc = subprocess.run(
-        ["bash", "-n", str(SBATCH)], capture_output=True, text=True, timeout=10, check=False
+        [bash, "-n", str(SBATCH)], capture_output=True, text=True, timeout=10, check=False
     )
     assert proc.returncode == 0, proc.stderr
 
@@ -233,7 +235,9 @@ def test_manifest_sizes_dev_shm_in_memory() -> None:
 
 def _walk(node: Any, path: str = "") -> list[tuple[str, Any]]:
     if isinstance(node, dict):
-        return [kv for k, v in node.items() for kv in [(f"{path}.{k}", v), *_walk(v, f"{path}.{k}")]]
+        return [
+            kv for k, v in node.items() for kv in [(f"{path}.{k}", v), *_walk(v, f"{path}.{k}")]
+        ]
     if isinstance(node, list):
         return [kv for i, v in enumerate(node) for kv in _walk(v, f"{path}[{i}]")]
     return []
