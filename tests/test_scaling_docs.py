@@ -375,3 +375,15 @@ def test_gpu_wheels_cover_what_the_machine_lacks() -> None:
     assert argv[1:5] == ["-m", "pip", "download", "--no-deps"]
     assert "--only-binary=:all:" in argv and argv[argv.index("--python-version") + 1] == "3.12"
     assert argv[-len(reqs) :] == reqs
+
+
+def test_gpu_check_judges_the_smoke_by_its_json() -> None:
+    """A completed run without ``world_size`` (launch flags missing) is not an ``ok``."""
+    from bench.gpu_check import Ran, check_smoke
+
+    good = {"run_id": "r", "state": "completed", "world_size": 1, "strategy": "ddp"}
+    assert check_smoke(Ran(0, 1.0, "progress\n" + json.dumps(good), False))[0] == "ok"
+    old = {"run_id": "r", "state": "completed"}
+    status, _ = check_smoke(Ran(0, 1.0, json.dumps(old), False))
+    assert status.startswith("failed") and "world_size" in status
+    assert check_smoke(Ran(None, 9.0, "", True))[0].startswith("timeout")
