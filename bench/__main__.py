@@ -36,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="one tiny size each: proves it runs")
     p.add_argument("--json", type=Path, help="where to write the results (default: runs/bench/...)")
     p.add_argument("--threads", type=int, help="torch threads, here and in every child")
-    p.add_argument("--device", default="cpu", help="loss benchmark device: cpu or cuda")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="device of the loss and mfu benchmarks (mfu on cuda: a bf16 step on GPU-sized models)",
+    )
     g = p.add_argument_group("loss")
     g.add_argument("--vocabs", type=_ints, help="e.g. 32000,128256")
     g.add_argument("--tokens", type=_ints, help="e.g. 1024,2048,4096,8192")
@@ -143,6 +148,7 @@ def run_benchmarks(
                 steps=args.steps,
                 warmup=args.warmup,
                 gemm_n=args.gemm_n,
+                device=args.device,
                 printer=printer,
             )
             text = mfu.render(section)

@@ -36,7 +36,22 @@ from typing import Any
 import torch
 
 from bench.common import ModelShape, Printer, in_worker_thread, matmul_params, median, ratio, table
-from bench.throughput import StepClock, config_for, make_workload, run_foundry
+from bench.throughput import StepClock, StepConfig, config_for, make_workload, run_foundry
+
+# A distillation step that loads a GPU: Llama-shaped, vocabulary 32k, 8 x 1024 tokens.
+GPU = StepConfig(
+    teacher=ModelShape(
+        hidden=2048, layers=8, heads=16, intermediate=5632, vocab=32768, seq_len=1024
+    ),
+    student=ModelShape(
+        hidden=1024, layers=8, heads=16, intermediate=2816, vocab=32768, seq_len=1024
+    ),
+    batch=8,
+    warmup=3,
+    steps=10,
+    rounds=1,
+)
+GPU_GEMM_N = 8192
 
 
 def gemm_peak(dtype: torch.dtype, n: int, repeats: int = 5, device: str = "cpu") -> dict[str, Any]:
@@ -82,63 +97,113 @@ def step_flops(
     }
 
 
+def _config(quick: bool, cuda: bool, steps: int | None, warmup: int | None) -> StepConfig:
+    """The tiny CPU workload, or :data:`GPU` on CUDA (``--quick`` keeps the tiny one)."""
+    if cuda and not quick:
+        base = GPU
+        return StepConfig(
+            teacher=base.teacher,
+            student=base.student,
+            batch=base.batch,
+            warmup=warmup or base.warmup,
+            steps=steps or base.steps,
+            rounds=1,
+        )
+    return config_for(
+        quick,
+        steps=steps or (None if quick else 6),
+        warmup=warmup or (None if quick else 2),
+        rounds=1,
+    )
+
+
+def _step_entry(
+    flops: dict[str, Any],
+    total: float,
+    times: list[float],
+    tokens: int,
+    peaks: dict[str, Any],
+    dtype: str,
+) -> dict[str, Any]:
+    """One timed step: FLOP/s, tokens/s and MFU against the fp32, bf16 and own-dtype peaks."""
+    t = median(times)
+    rate = total / t
+    return {
+        "flops": flops,
+        "step_s": t,
+        "n": len(times),
+        "precision": dtype,
+        "tokens_per_s": tokens / t,
+        "flops_per_s": rate,
+        "mfu_fp32": ratio(rate, peaks["float32"]["flops_per_s"]),
+        "mfu_bf16": ratio(rate, peaks["bfloat16"]["flops_per_s"]),
+        "mfu": ratio(rate, peaks[dtype]["flops_per_s"]),
+    }
+
+
 def run(
     *,
     quick: bool = False,
     steps: int | None = None,
     warmup: int | None = None,
     gemm_n: int | None = None,
+    device: str = "cpu",
     printer: Printer = print,
 ) -> dict[str, Any]:
-    cfg = config_for(
-        quick,
-        steps=steps or (None if quick else 6),
-        warmup=warmup or (None if quick else 2),
-        rounds=1,
-    )
-    n = gemm_n or (256 if quick else 4096)
-    printer(f"mfu: matmul peak at n={n}, then our student step and distillation step")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError("mfu --device cuda: torch sees no CUDA device here")
+    cfg = _config(quick, cuda, steps, warmup)
+    n = gemm_n or (256 if quick else GPU_GEMM_N if cuda else 4096)
+    amp = torch.bfloat16 if cuda else None
+    dtype = "bfloat16" if cuda else "float32"
+    printer(f"mfu: matmul peak at n={n} on {device}, then our student and distillation step")
     peaks = {
-        "float32": in_worker_thread(gemm_peak, torch.float32, n),
-        "bfloat16": in_worker_thread(gemm_peak, torch.bfloat16, n),
+        "float32": in_worker_thread(gemm_peak, torch.float32, n, device=device),
+        "bfloat16": in_worker_thread(gemm_peak, torch.bfloat16, n, device=device),
     }
     w = make_workload(cfg)
     student, teacher = w.student(), w.teacher()
     d = cfg.tokens_per_step
     s_flops = step_flops(cfg.student, student, d, train=True)
     t_flops = step_flops(cfg.teacher, teacher, d, train=False)
+    del student, teacher
     ce_clock, kd_clock = StepClock("student"), StepClock("distill")
-    in_worker_thread(run_foundry, w, ce_clock, distill=False)
-    in_worker_thread(run_foundry, w, kd_clock)
+    kw: dict[str, Any] = {"device": device, "amp_dtype": amp}
+    in_worker_thread(run_foundry, w, ce_clock, distill=False, **kw)
+    in_worker_thread(run_foundry, w, kd_clock, **kw)
     ce, kd = ce_clock.durations[cfg.warmup :], kd_clock.durations[cfg.warmup :]
-    t_ce, t_kd = median(ce), median(kd)
-    p32, p16 = peaks["float32"]["flops_per_s"], peaks["bfloat16"]["flops_per_s"]
-    student_rate = s_flops["total"] / t_ce
-    distill_rate = (s_flops["total"] + t_flops["total"]) / t_kd
+    distill_flops = {"student": s_flops, "teacher_forward": t_flops}
+    extra: dict[str, Any] = {}
+    if cuda:
+        extra["gpu"] = torch.cuda.get_device_name(dev)
+        extra["max_memory_allocated"] = torch.cuda.max_memory_allocated(dev)
     return {
-        "config": {**cfg.to_dict(), "gemm_n": n, "threads": torch.get_num_threads()},
+        "config": {
+            **cfg.to_dict(),
+            "dtype": dtype,
+            "device": device,
+            "gemm_n": n,
+            "threads": torch.get_num_threads(),
+            **extra,
+        },
         "peak": peaks,
-        "student_step": {
-            "flops": s_flops,
-            "step_s": t_ce,
-            "n": len(ce),
-            "flops_per_s": student_rate,
-            "mfu_fp32": ratio(student_rate, p32),
-            "mfu_bf16": ratio(student_rate, p16),
-        },
-        "distill_step": {
-            "flops": {"student": s_flops, "teacher_forward": t_flops},
-            "step_s": t_kd,
-            "n": len(kd),
-            "flops_per_s": distill_rate,
-            "mfu_fp32": ratio(distill_rate, p32),
-            "mfu_bf16": ratio(distill_rate, p16),
-        },
+        "student_step": _step_entry(s_flops, s_flops["total"], ce, d, peaks, dtype),
+        "distill_step": _step_entry(
+            distill_flops, s_flops["total"] + t_flops["total"], kd, d, peaks, dtype
+        ),
     }
 
 
 def _g(x: float | None) -> str:
-    return "-" if x is None else f"{x / 1e9:.1f} GFLOP/s"
+    if x is None:
+        return "-"
+    return f"{x / 1e12:.1f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:.1f} GFLOP/s"
+
+
+def _tok(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f} tok/s"
 
 
 def _pct(x: float | None) -> str:
@@ -154,10 +219,12 @@ def render(section: dict[str, Any]) -> str:
             "-",
             "-",
             "-",
+            "-",
         ],
         [
             f"matmul peak bf16 (n={p['bfloat16']['n']})",
             _g(p["bfloat16"]["flops_per_s"]),
+            "-",
             "-",
             "-",
             "-",
@@ -168,6 +235,7 @@ def render(section: dict[str, Any]) -> str:
         ("distill_step", "distillation step (ours)"),
     ):
         s = section[key]
+        label = f"{label}, {s.get('precision', 'float32')}"
         flops = (
             s["flops"]["total"]
             if key == "student_step"
@@ -177,12 +245,14 @@ def render(section: dict[str, Any]) -> str:
             [
                 label,
                 _g(s["flops_per_s"]),
+                _tok(s.get("tokens_per_s")),
                 f"{flops / 1e9:.1f} GFLOP in {s['step_s'] * 1000:.0f} ms",
                 _pct(s["mfu_fp32"]),
                 _pct(s["mfu_bf16"]),
             ]
         )
-    return table(["what", "FLOP/s", "model FLOPs / step", "MFU vs fp32 peak", "vs bf16 peak"], rows)
+    headers = ["what", "FLOP/s", "tokens/s", "model FLOPs / step", "MFU vs fp32 peak"]
+    return table([*headers, "vs bf16 peak"], rows)
 
 
-__all__: Sequence[str] = ("gemm_peak", "render", "run", "step_flops")
+__all__: Sequence[str] = ("GPU", "gemm_peak", "render", "run", "step_flops")

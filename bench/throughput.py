@@ -296,10 +296,12 @@ def foundry_trainer(
     max_steps: int | None = None,
     distill: bool = True,
     device: str = "cpu",
+    amp_dtype: torch.dtype | None = None,
 ) -> Any:
     """Our Trainer on the workload with loss strategy ``strategy`` (``auto``, ``fused``,
     ``logits`` or ``nomask``, see :func:`strategy_for`); ``distill=False``: the
-    cross-entropy-only student step."""
+    cross-entropy-only student step. ``amp_dtype`` (e.g. bf16 on a GPU) is the autocast
+    dtype of student and teacher alike, as ``optim.precision`` resolves it in a run."""
     from foundry_kernel._context import RunContext
     from foundry_kernel.config import (
         CheckpointConfig,
@@ -325,6 +327,8 @@ def foundry_trainer(
         loss=LossConfig(kind="forward_kl", temperature=1.0, ce_weight=0.0) if distill else None,
         loss_strategy=strategy_for(strategy),
         seed=cfg.seed,
+        amp_dtype=amp_dtype,
+        teacher_amp_dtype=amp_dtype,
     )
     return Trainer(
         w.student().to(device),
@@ -338,15 +342,28 @@ def foundry_trainer(
 
 
 def run_foundry(
-    w: Workload, clock: StepClock, *, strategy: str = "auto", distill: bool = True
+    w: Workload,
+    clock: StepClock,
+    *,
+    strategy: str = "auto",
+    distill: bool = True,
+    device: str = "cpu",
+    amp_dtype: torch.dtype | None = None,
 ) -> None:
-    """Our loop; a step ends when its metrics are reported (the report is part of it)."""
+    """Our loop; a step ends when its metrics are reported (the report is part of it).
+    On CUDA the clock waits for the device first, so a step's time is its kernels' time,
+    not the time to queue them."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
 
     def sink(step: int, values: dict[str, float]) -> None:
         if "train/loss" in values:
+            if sync is not None:
+                sync()
             clock.tick(values["train/loss"])
 
-    trainer = foundry_trainer(w, strategy=strategy, on_metrics=sink, distill=distill)
+    trainer = foundry_trainer(
+        w, strategy=strategy, on_metrics=sink, distill=distill, device=device, amp_dtype=amp_dtype
+    )
     clock.info["loss_strategy"] = trainer.loss_strategy.as_dict()
     clock.begin()
     trainer.fit()
