@@ -29,7 +29,7 @@ from foundry_kernel.config import RunConfig
 from foundry_kernel.data._blocks import BatchSampler
 from foundry_kernel.errors import ConfigError
 from foundry_kernel.run._job import Job, _check_server_wait, run_job
-from foundry_kernel.store import RunStore
+from foundry_kernel.store import DB_FILENAME, RunStore
 from foundry_kernel.supervisor import free_port
 from foundry_kernel.training._checkpoint import load_latest
 from foundry_kernel.training._trainer import Trainer
@@ -71,7 +71,7 @@ def _run(tmp_path: Path, cfg: dict[str, Any], env: dict[str, str] | None = None)
 
 
 def _store_rows(runs_dir: Path, run_id: str, name: str) -> list[tuple[int, float]]:
-    with sqlite3.connect(runs_dir / "runs.sqlite") as db:
+    with sqlite3.connect(runs_dir / DB_FILENAME) as db:
         return db.execute(
             "SELECT step, value FROM metrics WHERE run_id = ? AND name = ? ORDER BY step",
             (run_id, name),
