@@ -101,11 +101,14 @@ class RunSummary:
     data: Mapping[str, Any] | None = None
     logit_cache: Mapping[str, Any] | None = None
     sequence: Mapping[str, Any] | None = None
+    world_size: int | None = None  # processes that trained it (None: not recorded, older runs)
+    strategy: str | None = None  # "ddp", "fsdp2", or "single" for one process
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def parse(cls, raw: Any) -> RunSummary:
         summary = _mapping(raw) or {}
+        world = _mapping(summary.get("distributed")) or {}
         samples = summary.get("samples")
         rows: list[Mapping[str, str]] = []
         if isinstance(samples, list):
@@ -122,6 +125,8 @@ class RunSummary:
             data=_mapping(summary.get("data")),
             logit_cache=_mapping(summary.get("logit_cache")),
             sequence=_mapping(summary.get("sequence")),
+            world_size=_count(world.get("world_size")),
+            strategy=_text(world.get("strategy")),
             raw=summary,
         )
 
@@ -158,5 +163,7 @@ class RunSummary:
             else None,
             logit_cache=None if self.logit_cache is None else dict(self.logit_cache),
             sequence=None if self.sequence is None else dict(self.sequence),
+            world_size=self.world_size,
+            strategy=self.strategy,
         )
         return out

@@ -60,12 +60,23 @@ def test_the_json_contract_round_trips_what_the_job_stored() -> None:
         "samples",
         "logit_cache",
         "sequence",
+        "world_size",
+        "strategy",
     ]
     for role in ("teacher", "student", "baseline"):
         assert out[role] == STORED[role]
     assert (out["agreement"], out["gap_closed"], out["logit_cache"]) == (0.474, 0.25, None)
     assert out["samples"] == STORED["samples"]
+    assert (out["world_size"], out["strategy"]) == (None, None)  # not recorded: an older run
     json.dumps(out, allow_nan=False)  # always valid JSON
+
+
+def test_world_size_and_strategy_come_from_the_distributed_record() -> None:
+    stored = {**STORED, "distributed": {"world_size": 2, "strategy": "fsdp2", "backend": "gloo"}}
+    out = RunSummary.parse(stored).to_json(run_id="r", state="completed", duration_s=1.0)
+    assert (out["world_size"], out["strategy"]) == (2, "fsdp2")
+    bad = RunSummary.parse({"distributed": {"world_size": "two", "strategy": 3}})
+    assert (bad.world_size, bad.strategy) == (None, None)
 
 
 @pytest.mark.parametrize(

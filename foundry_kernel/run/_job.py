@@ -4,20 +4,41 @@
 the CLI runs. Each phase that takes time checkpoints or exports before the
 next starts, so ``resume=True`` skips finished phases and continues an
 interrupted one from its last checkpoint.
+
+Under data parallelism (torchrun) every rank runs ``run_job`` with its :class:`World`:
+
+* only rank 0 writes the store (metrics, summary; ``Job.log_metrics``/``Job.record`` keep
+  the summary in memory elsewhere) and the export; every rank logs to its own log;
+* every rank builds the same data and loads the same teacher, and the job checks it
+  (one ``all_gather_object`` of fingerprints) before training;
+* the built-in teacher is built once per cache folder: by rank 0 when every rank sees
+  rank 0's ``FOUNDRY_CACHE_DIR`` (one node, or a shared filesystem), else by each node's
+  local rank 0 (the teacher fingerprint check then proves the nodes built the same one);
+  the others poll for it with stop points, never inside a collective;
+* ``teacher.placement`` (``config.teacher_placement``) says where the teacher lives:
+  ``replicate`` (a full one per rank), ``shard`` (FSDP2 across ranks, inference only),
+  ``server`` (one vLLM server per node started by its local rank 0, or ``teacher.url``),
+  ``cache`` (the offline logit cache, captured shard by shard across ranks, each rank
+  reading only its own batches' shards);
+* the exported student is one ordinary ``save_pretrained`` folder whatever the strategy:
+  rank 0 writes it from the gathered full state dict while the others wait.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,10 +58,11 @@ from foundry_kernel._runtime import (
     resolve_runtime,
     weights_dtype,
 )
+from foundry_kernel._world import World
 from foundry_kernel.atomic import atomic_write_text
-from foundry_kernel.config import BUILTIN_TEACHER, RunConfig
+from foundry_kernel.config import BUILTIN_TEACHER, RunConfig, teacher_placement
 from foundry_kernel.data._blocks import DataBundle, build_data
-from foundry_kernel.errors import ConfigError
+from foundry_kernel.errors import ConfigError, DataError, ModelError, TeacherServerError
 from foundry_kernel.paths import default_cache_dir
 from foundry_kernel.run._resources import estimate_memory, preflight
 from foundry_kernel.store import RunStore
@@ -75,19 +97,35 @@ from foundry_kernel.training._sequence import sequence_data, sequence_key
 from foundry_kernel.training._strategy import FusedLinearLoss, choose_strategy
 from foundry_kernel.training._trainer import Trainer, TrainPlan
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import ModuleType
+
+    from transformers import PreTrainedModel
+
 log = logging.getLogger("foundry.pipeline")
+ONE_PROCESS = World()
 
 
 class Job:
     """State shared by the phases of one run."""
 
-    def __init__(self, config: RunConfig, store: RunStore, run_id: str, ctx: RunContext) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        store: RunStore,
+        run_id: str,
+        ctx: RunContext,
+        world: World = ONE_PROCESS,
+    ) -> None:
         self.config = config
         self.store = store
         self.run_id = run_id
         self.ctx = ctx
+        self.world = world
+        self.placement = teacher_placement(config)  # where the teacher lives, resolved
         self.run_dir = store.run_dir(run_id)
-        self.device = resolve_device(config.device)
+        self.device = _rank_device(resolve_device(config.device), world)
         self.summary: dict[str, Any] = {}
         self.teacher_record: dict[str, Any] | None = None
         self.runtime: Runtime | None = None  # resolved once both models are shaped
@@ -102,12 +140,23 @@ class Job:
         return self.runtime
 
     def log_metrics(self, step: int, values: dict[str, float]) -> None:
-        self.store.log_metrics(self.run_id, step, values)
+        """Into the store on rank 0 only (one row per step, not one per rank)."""
+        if self.world.is_main:
+            self.store.log_metrics(self.run_id, step, values)
 
     def record(self, **parts: Any) -> None:
-        """Merge parts into the summary, in memory and in the store (dashboards read it live)."""
+        """Merge parts into the summary, in memory, and in the store on rank 0 (dashboards
+        read it live); other ranks keep theirs in memory only."""
         self.summary.update(parts)
-        self.store.update_summary(self.run_id, parts)
+        if self.world.is_main:
+            self.store.update_summary(self.run_id, parts)
+
+
+def _rank_device(device: torch.device, world: World) -> torch.device:
+    """Each rank trains on the GPU of its local rank (``init_world`` selected it too)."""
+    if device.type == "cuda" and world.distributed:
+        return torch.device("cuda", world.local_rank)
+    return device
 
 
 def run_job(
@@ -117,14 +166,17 @@ def run_job(
     run_id: str,
     ctx: RunContext,
     resume: bool = False,
+    world: World = ONE_PROCESS,
 ) -> dict[str, Any]:
-    """Run the whole distillation job; returns its summary (also stored with the run).
+    """Run the whole distillation job; returns its summary (also stored with the run, by
+    rank 0 of a data-parallel ``world``; every rank calls this with its own world).
 
     Runs on the run's worker thread with its own CPU thread count (``config.threads``,
     see ``_isolation.run_threads``: other runs in the process keep theirs).
     """
     with run_threads(config.threads) as threads:
-        job = Job(config, store, run_id, ctx)
+        job = Job(config, store, run_id, ctx, world)
+        job.record(distributed=_world_report(job))
         summary = _run_phases(job, resume=resume)
         job.record(
             threads={
@@ -144,6 +196,13 @@ def _run_phases(job: Job, *, resume: bool) -> dict[str, Any]:
     teacher = _load_teacher(job)
     ctx.set_phase("data")
     data = build_data(config.data, teacher.tokenizer, seed=config.data.split_seed, ctx=ctx)
+    _same_on_every_rank(
+        job,
+        "data",
+        (fingerprint_tokens(data.train), fingerprint_tokens(data.val)),
+        "built other train/val blocks than rank 0 (data.source differs between nodes, or it "
+        "is not deterministic); give every node the same data",
+    )
     job.record(data=_data_report(job, data))
     ctx.set_phase("student")
     student = _build_student(job, teacher)
@@ -160,19 +219,65 @@ def _run_phases(job: Job, *, resume: bool) -> dict[str, Any]:
     with _open_teacher(job, teacher, vocab) as live:
         trainer_teacher, train_data = _prepare_mode(job, live, teacher, data, vocab)
         _train_phase(job, "distill", student, train_data, trainer_teacher, vocab, resume=resume)
+        if isinstance(trainer_teacher, CachedTeacher):
+            _record_cache_reads(job, trainer_teacher)
         baseline = None
         if config.eval.baseline:
             ctx.set_phase("baseline")
             baseline = _build_student(job, teacher)  # the same path as the student's
             _train_phase(job, "baseline", baseline, data, None, vocab, resume=resume)
         ctx.set_phase("evaluate")
-        results = _evaluate_all(job, live, teacher, student, baseline, data, vocab)
+        results, plain = _evaluate_all(job, live, teacher, student, baseline, data, vocab)
+        job.world.barrier()  # no rank leaves the teacher (a node's server) while others use it
     ctx.set_phase("export")
-    export_dir = _export(job, student, results)
+    export_dir = _export(job, plain, student.tokenizer, results)
     job.record(
         **results, export_dir=str(export_dir), train_seconds=round(time.perf_counter() - t0, 1)
     )
     return job.summary
+
+
+def _world_report(job: Job) -> dict[str, Any]:
+    """What the summary says about the processes: ``world_size``, ``strategy``
+    (``distributed.strategy``, or ``single`` for one process), the resolved teacher
+    placement and the process group's backend."""
+    world = job.world
+    return {
+        "world_size": world.world_size,
+        "strategy": job.config.distributed.strategy if world.distributed else "single",
+        "teacher_placement": job.placement,
+        "backend": world.backend,
+        "nodes": len({n for n in world.all_gather_object(world.node_rank)}),
+    }
+
+
+def _same_on_every_rank(job: Job, what: str, value: Any, why: str) -> None:
+    """Fail clearly (on every rank, at once) when some rank's ``value`` differs from rank
+    0's: one ``all_gather_object`` of a small fingerprint."""
+    if not job.world.distributed:
+        return
+    every = job.world.all_gather_object(value)
+    differ = [rank for rank, theirs in enumerate(every) if theirs != every[0]]
+    if differ:
+        raise DataError(f"{what}: rank(s) {differ} {why}")
+
+
+def _sees_main_folder(world: World, folder: Path) -> bool:
+    """Whether this rank sees the folder rank 0 sees (one node, or a shared filesystem):
+    rank 0 writes a probe file of a fresh name, every rank looks for it."""
+    if not world.distributed:
+        return True
+    name = world.broadcast_object(f".probe-{secrets.token_hex(8)}" if world.is_main else None)
+    probe = folder / name
+    if world.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text("foundry", encoding="utf-8")
+    world.barrier()
+    seen = probe.is_file()
+    world.barrier()
+    if world.is_main:
+        probe.unlink(missing_ok=True)
+    return seen
 
 
 def _build_student(job: Job, teacher: LoadedModel) -> LoadedModel:
@@ -209,28 +314,37 @@ def _open_teacher(job: Job, teacher: LoadedModel, vocab: int) -> Teacher:
             pad_token_id=teacher.tokenizer.pad_token_id,
         )
     srv = cfg.teacher.server
-    assert cfg.loss.top_k is not None  # the config requires it with this backend
+    top_k = cfg.loss.top_k
+    assert top_k is not None  # the config requires it with this backend
     server = None
     url, api_key = cfg.teacher.url, vllm_api_key()
     if url is None:
         job.ctx.set_phase("teacher_server")
+        _check_server_wait(job)
         longest = cfg.data.seq_len + max(
             cfg.distill.sequence.max_new_tokens, cfg.distill.on_policy.max_new_tokens
         )
-        server = teacher_server(
-            job.teacher_path,
-            port=srv.port,
-            max_logprobs=cfg.loss.top_k,
-            max_model_len=srv.max_model_len or longest,
-            dtype=srv.dtype,
-            eager=srv.eager,
-            kv_cache_gib=srv.kv_cache_gib,
-            log_dir=job.run_dir / "teacher-server",
-            startup_timeout=srv.start_timeout_s,
-            check=job.ctx.check,
-        )
-        url, api_key = server.base_url, server.token
-        job.record(teacher_server={"url": url, "log": str(server.log_path)})
+
+        def start() -> tuple[str, str | None]:
+            nonlocal server
+            server = teacher_server(
+                job.teacher_path,
+                port=srv.port,
+                max_logprobs=top_k,
+                max_model_len=srv.max_model_len or longest,
+                dtype=srv.dtype,
+                eager=srv.eager,
+                kv_cache_gib=srv.kv_cache_gib,
+                log_dir=job.run_dir / "teacher-server" / f"node-{job.world.node_rank}",
+                startup_timeout=srv.start_timeout_s,
+                check=job.ctx.check,
+            )
+            return server.base_url, server.token
+
+        url, api_key = node_endpoint(job.world, start)
+        job.record(teacher_server={"url": url, "per_node": job.world.distributed})
+        if server is not None:
+            log.info("teacher server for node %d: %s", job.world.node_rank, server.log_path)
     client = TeacherClient(
         url,
         api_key=api_key,
@@ -240,7 +354,37 @@ def _open_teacher(job: Job, teacher: LoadedModel, vocab: int) -> Teacher:
         check=job.ctx.check,
         wait=job.ctx.wait_stop,
     )
-    return VLLMTeacher(client, top_k=cfg.loss.top_k, batch_blocks=srv.batch_blocks, server=server)
+    return VLLMTeacher(client, top_k=top_k, batch_blocks=srv.batch_blocks, server=server)
+
+
+def node_endpoint(
+    world: World, start: Callable[[], tuple[str, str | None]]
+) -> tuple[str, str | None]:
+    """The (url, api key) of this node's teacher server: each node's local rank 0 calls
+    ``start`` (starting the server), then one ``all_gather_object`` hands every rank its
+    node's pair. The key travels only inside the process group and is never logged."""
+    mine = (world.node_rank, *start()) if world.is_node_main else None
+    for entry in world.all_gather_object(mine):
+        if entry is not None and entry[0] == world.node_rank:
+            return entry[1], entry[2]
+    raise TeacherServerError(
+        f"no process of node {world.node_rank} started a teacher server (its local rank 0 "
+        "should have): the launcher's LOCAL_RANK/GROUP_RANK are inconsistent"
+    )
+
+
+def _check_server_wait(job: Job) -> None:
+    """The other ranks wait for their node's server inside a collective, so the server's
+    start must fit in the collective timeout."""
+    cfg = job.config
+    if job.world.distributed and cfg.teacher.server.start_timeout_s >= cfg.distributed.timeout_s:
+        raise ConfigError(
+            f"distributed.timeout_s={cfg.distributed.timeout_s:g} must exceed "
+            f"teacher.server.start_timeout_s={cfg.teacher.server.start_timeout_s:g}: the "
+            "other ranks of a node wait for its teacher server inside a collective; raise "
+            "distributed.timeout_s (or start the server yourself and set teacher.url)",
+            field="distributed.timeout_s",
+        )
 
 
 def _prepare_mode(
@@ -262,6 +406,7 @@ def _prepare_mode(
             tokenizer=teacher.tokenizer,
             seed=job.config.seed,
             ctx=job.ctx,
+            world=job.world,
         )
         job.record(sequence=describe_sequence(made))
         return (live if seq.logit_kd else None), dataclasses.replace(data, train=made.blocks)
@@ -282,6 +427,14 @@ def _capture(
     )
     folder = default_cache_dir() / "logits" / key.digest()
     job.ctx.set_phase("capture", blocks=len(data.train))
+    if not job.world.distributed:
+        pass
+    elif not all(job.world.all_gather_object(_sees_main_folder(job.world, folder.parent))):
+        raise ConfigError(
+            "teacher.placement='cache': the ranks do not share the logit cache folder "
+            f"{folder.parent}; put FOUNDRY_CACHE_DIR on a filesystem every node sees",
+            field="teacher.placement",
+        )
     t0 = time.perf_counter()
 
     def ask(index: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> SparseTargets:
@@ -299,6 +452,8 @@ def _capture(
         shard_blocks=cfg.distill.cache_shard_blocks,
         ctx=job.ctx,
         vocab_size=vocab,
+        world=job.world,
+        stall_s=job.config.distributed.timeout_s,
     )
     job.record(
         logit_cache={
@@ -319,13 +474,16 @@ def _load_teacher(job: Job) -> LoadedModel:
     source = cfg.source
     if source == BUILTIN_TEACHER:
         hidden = cfg.build.hidden_size
+        world, cache_dir = job.world, default_cache_dir()
+        shared = _sees_main_folder(world, cache_dir)
         path = ensure_builtin_teacher(
             cfg.build,
-            cache_dir=default_cache_dir(),
+            cache_dir=cache_dir,
             ctx=job.ctx,
             device=job.device,
             amp_dtype=autocast_dtype(job.config.optim.precision, job.device, hidden),
             on_metrics=job.log_metrics,
+            may_build=world.is_main or (world.is_node_main and not shared),
         )
         job.ctx.set_phase("teacher")  # back from the build, if there was one
         source = str(path)
@@ -343,9 +501,52 @@ def _load_teacher(job: Job) -> LoadedModel:
     teacher.model.eval().requires_grad_(False)
     job.teacher_path = source
     job.teacher_id = _teacher_id(source, cfg.revision)
+    _same_on_every_rank(
+        job,
+        "teacher",
+        job.teacher_id,
+        "loaded another teacher than rank 0 (per-node builds or downloads that differ); "
+        "put FOUNDRY_CACHE_DIR on a shared filesystem, or give every node the same files",
+    )
     job.teacher_record = read_teacher_record(Path(source).expanduser())
     job.record(teacher_source=cfg.source)
+    if job.placement == "shard":
+        teacher = dataclasses.replace(teacher, model=_shard_teacher(job, teacher.model))
     return teacher
+
+
+def _shard_teacher(job: Job, model: PreTrainedModel) -> PreTrainedModel:
+    """The frozen teacher sharded with FSDP2 across the ranks (``placement=shard``); one
+    process keeps it whole (sharding over one rank is the identity)."""
+    job.ctx.set_stage("shard", world_size=job.world.world_size)
+    sharded = job.world.distributed
+    if sharded:
+        parallel = _parallel()
+        if parallel is None:
+            raise ModelError(
+                "teacher.placement='shard' needs foundry_kernel.training._parallel, which "
+                "this install lacks; use teacher.placement=replicate"
+            )
+        model = parallel.shard_teacher(model, job.world, job.config)
+    job.record(teacher_sharded=sharded)
+    return model
+
+
+def _parallel() -> ModuleType | None:
+    """``foundry_kernel.training._parallel`` (FSDP2/DDP wrapping, full state dicts),
+    imported lazily: a single process never needs it."""
+    try:
+        return importlib.import_module("foundry_kernel.training._parallel")
+    except ModuleNotFoundError as exc:
+        if exc.name != "foundry_kernel.training._parallel":
+            raise  # a dependency of the module is missing: not the same as no module
+        return None
+
+
+def _takes_world(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` accepts ``world=``: the trainer and evaluation gain it on their own
+    branch; until it lands each rank runs them as one process would."""
+    return "world" in inspect.signature(fn).parameters
 
 
 def _preflight(job: Job, teacher: LoadedModel, student: LoadedModel, vocab: int) -> None:
@@ -427,6 +628,7 @@ def _train_phase(
         amp_dtype=job.rt.student_amp,
         teacher_amp_dtype=job.rt.teacher_amp,
     )
+    world = {"world": job.world} if _takes_world(Trainer) else {}
     trainer = Trainer(
         student.model,
         data,
@@ -437,10 +639,48 @@ def _train_phase(
         vocab_size=vocab,
         ckpt_dir=job.run_dir / "checkpoints" / phase,
         prefix="" if phase == "distill" else f"{phase}/",
+        **world,
     )
     job.record(**{f"{phase}_loss_strategy": trainer.loss_strategy.as_dict()})
     trainer.fit(resume=resume)
     job.record(**{f"{phase}_steps": trainer.step, f"{phase}_skipped": trainer.skipped})
+
+
+def _record_cache_reads(job: Job, teacher: CachedTeacher) -> None:
+    """Every rank's cache reads (the blocks it asked for, the shards it read), in the
+    summary's ``logit_cache.reads`` and in each rank's log."""
+    mine = teacher.reads()
+    log.info(
+        "%s read logit-cache shards %s for %d blocks",
+        job.world.label or "rank 0/1",
+        mine["shards_read"],
+        len(mine["blocks"]),
+    )
+    reads = [{"rank": r, **x} for r, x in enumerate(job.world.all_gather_object(mine))]
+    job.record(logit_cache={**job.summary.get("logit_cache", {}), "reads": reads})
+
+
+def _full_student(job: Job, model: PreTrainedModel) -> PreTrainedModel | None:
+    """The trained student as one ordinary module on rank 0, None on the others.
+
+    One process: the model itself. Several: rank 0 builds a plain copy from the full state
+    dict (``_parallel.full_state_dict``, a collective every rank joins) so that samples,
+    generation speed and the export never run a sharded forward on one rank alone.
+    """
+    if not job.world.distributed:
+        return model
+    parallel = _parallel()
+    if parallel is None:  # before the trainer's branch: every rank trained a whole copy
+        return model if job.world.is_main else None
+    state = parallel.full_state_dict(model, job.world)
+    if not job.world.is_main:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    inner = parallel.unwrap(model)
+    plain = AutoModelForCausalLM.from_config(inner.config)
+    plain.load_state_dict(state)
+    return plain.to(job.device).eval()
 
 
 def _evaluate_all(
@@ -451,8 +691,17 @@ def _evaluate_all(
     baseline: LoadedModel | None,
     data: DataBundle,
     vocab: int,
-) -> dict[str, Any]:
-    cfg = job.config
+) -> tuple[dict[str, Any], PreTrainedModel | None]:
+    """Held-out numbers of the three models, samples and speeds; with the student as one
+    ordinary module on rank 0 (None elsewhere) for the export.
+
+    Under a World: the students' held-out metrics are sharded and reduced (every rank);
+    samples and generation speed are measured on rank 0 only, on the gathered student; the
+    teacher is measured on rank 0, or on every rank in lockstep when it is sharded.
+    """
+    cfg, world = job.config, job.world
+    sharded = {"world": world} if _takes_world(evaluate_lm) else {}
+    teacher_here = world.is_main or (job.placement == "shard" and world.distributed)
 
     def evaluate(
         model: LoadedModel, amp: torch.dtype | None, with_teacher: bool
@@ -467,18 +716,23 @@ def _evaluate_all(
             vocab_size=vocab,
             amp_dtype=amp,
             teacher_amp_dtype=job.rt.teacher_amp,
+            **sharded,
         )
 
     job.ctx.set_stage("teacher")
-    t_eval = evaluate_teacher(
-        live,
-        data.val,
-        batch_size=cfg.optim.batch_size,
-        max_batches=cfg.eval.max_batches,
-        ctx=job.ctx,
-    )
     prompts = list(cfg.eval.sample_prompts)
-    teacher_samples, teacher_speed = _teacher_samples(job, live, teacher, prompts)
+    t_eval: dict[str, float] = {"ppl": math.nan, "loss": math.nan, "tokens": 0}
+    teacher_samples: list[str] = []
+    teacher_speed: float | None = None
+    if teacher_here:
+        t_eval = evaluate_teacher(
+            live,
+            data.val,
+            batch_size=cfg.optim.batch_size,
+            max_batches=cfg.eval.max_batches,
+            ctx=job.ctx,
+        )
+        teacher_samples, teacher_speed = _teacher_samples(job, live, teacher, prompts)
     out: dict[str, Any] = {
         "teacher": ModelResult(
             params=teacher.params,
@@ -490,28 +744,39 @@ def _evaluate_all(
         "val_tokens": int(t_eval["tokens"]),
     }
     samples = {"teacher": teacher_samples}
+    plain_student: PreTrainedModel | None = None
     for name, model in (("student", student), ("baseline", baseline)):
         if model is None:
             continue
         job.ctx.set_stage(name)
         ev = evaluate(model, job.rt.student_amp, with_teacher=True)
+        plain = _full_student(job, model.model)
+        speed, samples[name] = None, []
+        if plain is not None:
+            speed = generation_speed(plain, model.tokenizer, ctx=job.ctx)
+            samples[name] = _samples(
+                job, LoadedModel(plain, model.tokenizer, model.source), prompts
+            )
         out[name] = ModelResult(
-            params=count_params(model.model),
+            params=count_params(plain if plain is not None else model.model),
             val_ppl=ev["ppl"],
             val_loss=ev["loss"],
             agreement=ev["agreement"],
             val_kl=ev["kl"],
-            tokens_per_s=generation_speed(model.model, model.tokenizer, ctx=job.ctx),
+            tokens_per_s=speed,
         ).to_dict()
-        samples[name] = _samples(job, model, prompts)
+        if name == "student":
+            plain_student = plain
     out["agreement"] = out["student"]["agreement"]
     out["val_kl"] = out["student"]["val_kl"]
     if "baseline" in out:
         out["gap_closed"] = _gap_closed(out)
-    out["samples"] = [
-        {"prompt": p, **{k: v[i] for k, v in samples.items()}} for i, p in enumerate(prompts)
-    ]
-    return out
+    out["samples"] = (
+        [{"prompt": p, **{k: v[i] for k, v in samples.items()}} for i, p in enumerate(prompts)]
+        if world.is_main
+        else []
+    )
+    return out, plain_student
 
 
 def _teacher_samples(
@@ -557,8 +822,13 @@ def _gap_closed(out: dict[str, Any]) -> float | None:
     return (out["baseline"]["val_loss"] - out["student"]["val_loss"]) / gap
 
 
-def _export(job: Job, student: LoadedModel, results: dict[str, Any]) -> Path:
+def _export(
+    job: Job, student: PreTrainedModel | None, tokenizer: Any, results: dict[str, Any]
+) -> Path:
     """Save the student with its tokenizer and a short model card of its metrics.
+
+    One ordinary ``save_pretrained`` folder whatever the strategy: rank 0 writes it from
+    the gathered student (``_full_student``) while the other ranks wait at a barrier.
 
     Written into a temporary folder beside ``student/`` with a stop point after each file
     (weights, tokenizer, card, metrics) and renamed into place only when complete: a
@@ -566,16 +836,30 @@ def _export(job: Job, student: LoadedModel, results: dict[str, Any]) -> Path:
     that looks complete but is not (the temporary one is removed on the way out; one left
     by a killed process is removed by the next export of the run).
     """
-    ctx = job.ctx
     export = job.run_dir / "student"
+    if not job.world.is_main:
+        job.world.barrier()
+        return export
+    assert student is not None  # rank 0 always holds the gathered student
+    try:
+        _write_export(job, student, tokenizer, results, export)
+    finally:
+        job.world.barrier()  # released also when rank 0 fails, so the others end at once
+    return export
+
+
+def _write_export(
+    job: Job, student: PreTrainedModel, tokenizer: Any, results: dict[str, Any], export: Path
+) -> None:
+    ctx = job.ctx
     tmp = job.run_dir / f".student.{os.getpid()}.tmp"
     for stale in job.run_dir.glob(".student.*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
     try:
         ctx.set_stage("weights")
-        student.model.save_pretrained(tmp)
+        student.save_pretrained(tmp)
         ctx.set_stage("tokenizer")
-        student.tokenizer.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         ctx.set_stage("card")
         atomic_write_text(tmp / "README.md", model_card(job.config, results))
         atomic_write_text(tmp / "foundry-metrics.json", json.dumps(results, indent=1, default=str))
@@ -584,7 +868,6 @@ def _export(job: Job, student: LoadedModel, results: dict[str, Any]) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return export
 
 
 def _replace_folder(new: Path, target: Path) -> None:

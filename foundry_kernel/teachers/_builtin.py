@@ -12,6 +12,13 @@ The cache key is the recipe plus a fingerprint of the corpus plus
 stale one reused. Builds write into a temporary folder that is renamed into
 place only when complete, under a lock file, so two runs never half-build or
 overwrite the same teacher.
+
+Under data parallelism the build (a whole CE training) happens once per cache folder:
+the job names one builder per folder (``may_build``) and every other rank waits for the
+published teacher by polling for its marker file, with a stop point every second, never
+inside a collective (a build takes far longer than any collective timeout). The lock
+records ``pid@host``, so a lock held by a live process on another node of a shared cache
+folder is never mistaken for a dead one.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +52,9 @@ log = logging.getLogger("foundry.teacher")
 RECIPE_VERSION = 1
 MARKER = "foundry-teacher.json"
 LOCK_STALE_S = 3600.0
+BUILD_WAIT_S = LOCK_STALE_S
+"""How long a rank that does not build waits for the builder's teacher: as long as a
+build may hold its lock before the lock counts as abandoned."""
 
 
 def teacher_data_config(build: TeacherBuild) -> DataConfig:
@@ -65,8 +76,14 @@ def ensure_builtin_teacher(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     on_metrics: MetricsSink | None = None,
+    may_build: bool = True,
+    wait_s: float = BUILD_WAIT_S,
 ) -> Path:
     """Path of a ready teacher for ``build``; trains and caches it when absent.
+
+    With ``may_build=False`` (a rank of a data-parallel job whose folder another rank
+    builds into) it never builds: it waits up to ``wait_s`` for the teacher to be
+    published, checking ``ctx`` every second, and fails clearly when it never is.
 
     Every part is a stop point for ``ctx`` (a cancel, the time limits, the step watchdog):
     reading the corpus (per document), the split, the tokenizer's training, packing, the
@@ -79,6 +96,8 @@ def ensure_builtin_teacher(
     final = cache_dir / "teachers" / key
     if (final / MARKER).is_file():
         return final
+    if not may_build:
+        return _wait_for_teacher(final, ctx, wait_s)
     final.parent.mkdir(parents=True, exist_ok=True)
     with _BuildLock(final.parent / f"{key}.lock", ctx):
         if (final / MARKER).is_file():  # another process finished it while we waited
@@ -92,6 +111,23 @@ def ensure_builtin_teacher(
             amp_dtype=amp_dtype,
             on_metrics=on_metrics or (lambda step, values: None),
         )
+    return final
+
+
+def _wait_for_teacher(final: Path, ctx: RunContext, wait_s: float) -> Path:
+    """Poll for the teacher another rank builds (a stop point per second; bounded)."""
+    ctx.set_stage("wait_for_build", folder=str(final))
+    deadline = time.monotonic() + wait_s
+    while not (final / MARKER).is_file():
+        if time.monotonic() > deadline:
+            raise ModelError(
+                f"the built-in teacher {final} was not published within {wait_s:.0f} s by the "
+                "rank that builds it; see that rank's log (rank 0, or this node's local rank "
+                "0 when FOUNDRY_CACHE_DIR is not shared between nodes)"
+            )
+        ctx.check()
+        ctx.wait_stop(1.0)
+    ctx.check()
     return final
 
 
@@ -221,18 +257,23 @@ class _BuildLock:
                 self.ctx.check()
                 self.ctx.wait_stop(1.0)
                 continue
-            os.write(fd, str(os.getpid()).encode())
+            os.write(fd, f"{os.getpid()}@{socket.gethostname()}".encode())
             os.close(fd)
             return
 
     def _stale(self) -> bool:
-        """A lock left by a killed process: its owner is gone or it is very old."""
+        """A lock left by a killed process: its owner is gone or it is very old. The
+        owner's pid is only judged on its own host (a shared cache folder's lock may
+        belong to a process on another node); elsewhere only the age counts."""
         try:
-            pid = int(self.path.read_text() or "0")
+            owner, _, host = (self.path.read_text() or "0").partition("@")
+            pid = int(owner)
             age = time.time() - self.path.stat().st_mtime
         except (OSError, ValueError):
             return False
-        return age > LOCK_STALE_S or not _pid_alive(pid)
+        if age > LOCK_STALE_S:
+            return True
+        return (not host or host == socket.gethostname()) and not _pid_alive(pid)
 
     def __exit__(self, *exc: object) -> None:
         self.path.unlink(missing_ok=True)

@@ -226,13 +226,23 @@ class CachedTeacher(Teacher):
     def __init__(self, cache: LogitCache, live: Teacher) -> None:
         self.cache = cache
         self.live = live
+        self.blocks_asked: set[int] = set()  # which blocks training asked for (see reads())
 
     def signal(
         self, index: Tensor | None, input_ids: Tensor, attention_mask: Tensor
     ) -> TeacherSignal:
         if index is None:
             return self.live.signal(None, input_ids, attention_mask)
+        self.blocks_asked.update(int(i) for i in index.reshape(-1).tolist())
         return self.cache.targets(index).to(input_ids.device)
+
+    def reads(self) -> dict[str, Any]:
+        """The blocks this process asked for and the shards it read from disk for them
+        (plain data): under data parallelism each rank's reads are its own batches'."""
+        return {
+            "blocks": sorted(self.blocks_asked),
+            "shards_read": sorted(self.cache.shards_read),
+        }
 
     def eval_signal(self, input_ids: Tensor, attention_mask: Tensor) -> TeacherSignal:
         return self.live.eval_signal(input_ids, attention_mask)

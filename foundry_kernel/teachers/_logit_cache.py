@@ -36,6 +36,17 @@ name, symlinks resolved, must stay inside the cache folder. Training reads a sha
 through one memory map whose every byte is hashed before the first tensor is taken from
 it, so the bytes checked are the bytes used (a shard replaced after ``open`` is refused
 on first use, not trusted because an earlier read of it matched).
+
+Data parallelism (``capture(..., world=)``): the folder must be one that every rank sees
+(a shared filesystem). Rank ``r`` captures the shards ``index % world_size == r`` and lists
+each one it finishes in its own part file ``.part-<r>.json`` (never in the manifest, which
+only rank 0 writes); rank 0 merges the parts into the manifest last, once every rank said it
+finished, and the others wait for that complete manifest. All waits poll files with a stop
+point each time, never a collective, and fail a rank whose part file stops changing for
+``stall_s``. A capture interrupted under any world size resumes under any other: rank 0
+folds the verified shards of old part files into the manifest before anyone starts.
+Training opens the cache with ``verify="lazy"`` so that a rank hashes (and reads) only the
+shards its own batches use; :attr:`LogitCache.shards_read` says which those were.
 """
 
 from __future__ import annotations
@@ -46,15 +57,17 @@ import logging
 import math
 import mmap
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
+from foundry_kernel._world import World
 from foundry_kernel.atomic import atomic_write_bytes, atomic_write_text
 from foundry_kernel.errors import CacheError, ConfigError, ModelError, StaleCacheError
 from foundry_kernel.teachers._targets import SparseTargets
@@ -83,6 +96,11 @@ _MIB = 2**20
 _HASH_CHUNK = 8 * _MIB
 _U16_IDS = 2**16  # ids below this fit uint16
 _FINGERPRINT_ROWS = 4096  # token rows hashed per step, so hashing never copies the data set
+_PART = ".part-{rank}.json"
+_POLL_S = 0.2
+_ONE_PROCESS = World()
+STALL_S = 600.0
+"""A rank whose capture part file has not changed for this long is taken as lost."""
 
 TeacherFn = Callable[[Tensor, Tensor, Tensor], SparseTargets]
 """``teacher_fn(indices, input_ids, attention_mask)`` -> top-k targets for those blocks."""
@@ -428,6 +446,19 @@ def _shard_problem(folder: Path, shard: _Shard, manifest: _Manifest) -> str | No
     return None
 
 
+def _shard_layout_problem(folder: Path, shard: _Shard, manifest: _Manifest) -> str | None:
+    """The cheap checks of :func:`_shard_problem` (range, name, confinement, size), without
+    reading the file: its hash is checked when it is first used."""
+    if (shard.start, shard.stop) != manifest.shard_range(shard.index):
+        return f"manifest entry {shard.file!r} claims blocks other than shard {shard.index}'s"
+    try:
+        path = _shard_path(folder, shard)
+    except CacheError as exc:
+        return str(exc)
+    size = path.stat().st_size
+    return None if size == shard.bytes else f"shard {path} has {size} bytes, not {shard.bytes}"
+
+
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U16": torch.uint16,
     "I32": torch.int32,
@@ -513,8 +544,14 @@ def capture(
     ctx: RunContext | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     vocab_size: int | None = None,
+    world: World = _ONE_PROCESS,
+    stall_s: float = STALL_S,
 ) -> LogitCache:
     """Run ``teacher_fn`` over every block not yet cached in ``folder``; return the cache.
+
+    Under a distributed ``world`` every rank calls it with the same blocks and key and
+    captures its own shards (see the module docstring); ``on_progress`` then counts this
+    rank's blocks only.
 
     ``teacher_fn(indices, input_ids, attention_mask)`` gets ``batch_size`` blocks at a time
     (int64 block indices and their rows) and returns their top-``key.k`` targets, called
@@ -531,9 +568,13 @@ def capture(
     as uint16 whenever they fit.
     """
     _check_capture_args(blocks, key, batch_size, shard_blocks, vocab_size)
+    layout = _Layout(key, len(blocks), blocks.seq_len, shard_blocks, vocab_size)
+    if world.distributed:
+        return _capture_distributed(
+            blocks, teacher_fn, folder, layout, batch_size, ctx, on_progress, world, stall_s
+        )
     folder.mkdir(parents=True, exist_ok=True)
     _remove_temp_files(folder)
-    layout = _Layout(key, len(blocks), blocks.seq_len, shard_blocks, vocab_size)
     manifest = _resume_or_start(folder, layout)
     progress = _Progress(on_progress, len(blocks))
     progress.advance(sum(s.stop - s.start for s in manifest.shards.values()))
@@ -551,6 +592,201 @@ def capture(
         manifest.complete = True
         manifest.write(folder)
     return LogitCache(folder, manifest)
+
+
+def _capture_distributed(
+    blocks: TokenBlocks,
+    teacher_fn: TeacherFn,
+    folder: Path,
+    layout: _Layout,
+    batch_size: int,
+    ctx: RunContext | None,
+    on_progress: Callable[[int, int], None] | None,
+    world: World,
+    stall_s: float,
+) -> LogitCache:
+    """Each rank captures its shards (``index % world_size == rank``); rank 0 writes the
+    manifest last. See the module docstring."""
+    if world.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_temp_files(folder)
+        manifest = _resume_or_start(folder, layout)
+        _fold_parts(folder, manifest)
+        manifest.complete = len(manifest.shards) == manifest.num_shards
+        manifest.write(folder)
+    # The one collective: what is done already, and the layout rank 0 resumed with (its
+    # shard size wins on resume). Every rank is here within moments of the others.
+    head = world.broadcast_object(_manifest_head(manifest) if world.is_main else None)
+    if not world.is_main:
+        manifest = _manifest_from_head(head, layout.key, folder)
+    mine = [i for i in range(manifest.num_shards) if i % world.world_size == world.rank]
+    todo = [i for i in mine if i not in manifest.shards]
+    progress = _Progress(on_progress, sum(_span_len(manifest, i) for i in mine))
+    progress.advance(sum(_span_len(manifest, i) for i in mine if i in manifest.shards))
+    done: dict[int, _Shard] = {}
+    part = folder / _PART.format(rank=world.rank)
+    _write_part(part, done, manifest, finished=False)
+    for index in todo:
+        span = manifest.shard_range(index)
+        arrays = _capture_range(blocks, teacher_fn, manifest, span, batch_size, ctx, progress)
+        done[index] = _write_shard(folder, index, span, arrays, manifest)
+        _write_part(part, done, manifest, finished=False)
+    _write_part(part, done, manifest, finished=True)
+    log.info("rank %d captured shards %s", world.rank, sorted(done))
+    if world.is_main:
+        _merge_when_finished(folder, manifest, world, ctx, stall_s)
+        return LogitCache(folder, manifest)
+    _wait_for_manifest(folder, layout.key, world, ctx, stall_s)
+    return LogitCache.open(folder, layout.key, verify="lazy")
+
+
+def _span_len(manifest: _Manifest, index: int) -> int:
+    start, stop = manifest.shard_range(index)
+    return stop - start
+
+
+def _manifest_head(manifest: _Manifest) -> dict[str, Any]:
+    """The manifest as plain data (for the broadcast to the other ranks)."""
+    return json.loads(manifest.to_json())
+
+
+def _manifest_from_head(head: dict[str, Any], key: CacheKey, folder: Path) -> _Manifest:
+    manifest = _Manifest(
+        key=CacheKey.from_dict(head["key"]),
+        num_blocks=int(head["num_blocks"]),
+        seq_len=int(head["seq_len"]),
+        shard_blocks=int(head["shard_blocks"]),
+        vocab_size=_optional_int(head["vocab_size"]),
+        positions=_optional_int(head["positions"]),
+        has_label=head["has_label"],
+        shards={s["index"]: _shard_from_json(s) for s in head["shards"]},
+        complete=bool(head["complete"]),
+    )
+    _check_key(manifest.key, key, folder)
+    return manifest
+
+
+def _write_part(
+    part: Path, done: dict[int, _Shard], manifest: _Manifest, *, finished: bool
+) -> None:
+    """This rank's progress: its finished shards and what its teacher answered with."""
+    body = {
+        "shards": [asdict(s) for _, s in sorted(done.items())],
+        "positions": manifest.positions,
+        "has_label": manifest.has_label,
+        "finished": finished,
+    }
+    atomic_write_text(part, json.dumps(body))
+
+
+def _read_part(part: Path) -> dict[str, Any] | None:
+    """A part file, or None while it is absent or (never, being atomic) half-written."""
+    try:
+        raw = json.loads(part.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CacheError(f"logit cache part file {part} is unreadable: {exc}") from exc
+    if not isinstance(raw, dict) or not isinstance(raw.get("shards"), list):
+        raise CacheError(f"logit cache part file {part} is malformed")
+    return raw
+
+
+def _fold_parts(folder: Path, manifest: _Manifest) -> None:
+    """Adopt the verified shards that old part files (an interrupted distributed
+    capture, of any world size) list, then delete those files."""
+    for part in sorted(folder.glob(_PART.format(rank="*"))):
+        raw = _read_part(part)
+        for entry in (raw or {}).get("shards", ()):
+            try:
+                shard = _shard_from_json(entry)
+            except (TypeError, ValueError) as exc:
+                log.warning("ignoring an entry of %s: %s", part, exc)
+                continue
+            known = shard.index in manifest.shards
+            if not known and _shard_problem(folder, shard, manifest) is None:
+                manifest.shards[shard.index] = shard
+        if raw is not None:
+            _adopt_answers(manifest, raw, part)
+        part.unlink(missing_ok=True)
+
+
+def _adopt_answers(manifest: _Manifest, raw: dict[str, Any], where: Path) -> None:
+    """Take another rank's positions/label presence, refusing a contradiction."""
+    for name in ("positions", "has_label"):
+        theirs, ours = raw.get(name), getattr(manifest, name)
+        if theirs is None:
+            continue
+        if ours is None:
+            setattr(manifest, name, theirs)
+        elif ours != theirs:
+            raise CacheError(
+                f"logit cache: {where} records {name}={theirs!r}, the manifest {ours!r}: the "
+                "ranks' teachers answered differently; delete the folder and capture again"
+            )
+
+
+class _Stall:
+    """Fails a wait once the files it watches stop changing for ``stall_s``."""
+
+    def __init__(self, stall_s: float, what: str) -> None:
+        self.stall_s = stall_s
+        self.what = what
+        self.seen: object = None
+        self.since = time.monotonic()
+
+    def progress(self, state: object) -> None:
+        if state != self.seen:
+            self.seen, self.since = state, time.monotonic()
+        elif time.monotonic() - self.since > self.stall_s:
+            raise CacheError(f"logit cache capture: {self.what} for {self.stall_s:.0f} s")
+
+
+def _merge_when_finished(
+    folder: Path, manifest: _Manifest, world: World, ctx: RunContext | None, stall_s: float
+) -> None:
+    """Rank 0: wait (stop point per poll) for every rank's finished part, then write the
+    complete manifest, and only then remove the parts."""
+    parts = [folder / _PART.format(rank=r) for r in range(world.world_size)]
+    stall = _Stall(stall_s, "a rank's part file did not change (a lost or stuck rank)")
+    while True:
+        raws = [_read_part(p) for p in parts]
+        if all(r is not None and r.get("finished") for r in raws):
+            break
+        stall.progress([None if r is None else (len(r["shards"]), r.get("finished")) for r in raws])
+        if ctx is not None:
+            ctx.check()
+        time.sleep(_POLL_S)
+    for part, raw in zip(parts, raws, strict=True):
+        assert raw is not None
+        for entry in raw["shards"]:
+            shard = _shard_from_json(entry)
+            manifest.shards.setdefault(shard.index, shard)
+        _adopt_answers(manifest, raw, part)
+    missing = [i for i in range(manifest.num_shards) if i not in manifest.shards]
+    if missing:
+        raise CacheError(f"logit cache capture: shards {missing} were captured by no rank")
+    manifest.complete = True
+    manifest.write(folder)
+    for part in parts:
+        part.unlink(missing_ok=True)
+
+
+def _wait_for_manifest(
+    folder: Path, key: CacheKey, world: World, ctx: RunContext | None, stall_s: float
+) -> None:
+    """Ranks other than 0: wait (stop point per poll) for rank 0's complete manifest."""
+    stall = _Stall(stall_s, "rank 0 wrote no complete manifest (a lost or stuck rank 0)")
+    parts = [folder / _PART.format(rank=r) for r in range(world.world_size)]
+    while True:
+        manifest = _Manifest.read(folder)
+        _check_key(manifest.key, key, folder)
+        if manifest.complete:
+            return
+        stall.progress([p.is_file() and p.stat().st_mtime_ns for p in parts])
+        if ctx is not None:
+            ctx.check()
+        time.sleep(_POLL_S)
 
 
 def _check_capture_args(
@@ -746,10 +982,28 @@ class LogitCache:
         self.folder = folder
         self._manifest = manifest
         self._shards: dict[int, dict[str, Tensor]] = {}
+        self._reads: dict[int, int] = {}
+
+    @property
+    def shards_read(self) -> dict[int, int]:
+        """How many times each shard was mapped and hashed (read from disk) so far: under
+        data parallelism, the evidence that a rank read only its own batches' shards."""
+        return dict(sorted(self._reads.items()))
 
     @classmethod
-    def open(cls, folder: Path, key: CacheKey, *, allow_incomplete: bool = False) -> LogitCache:
+    def open(
+        cls,
+        folder: Path,
+        key: CacheKey,
+        *,
+        allow_incomplete: bool = False,
+        verify: Literal["all", "lazy"] = "all",
+    ) -> LogitCache:
         """Open the cache in ``folder`` for ``key``, verifying the key and every shard's hash.
+
+        ``verify="lazy"`` checks each shard's name and size now and its hash on first use
+        (which happens anyway, see :meth:`_load_shard`), so a rank that trains on a few of
+        the shards never reads the others.
 
         Raises :class:`StaleCacheError` for another key and :class:`CacheError` for a
         missing or unreadable manifest, a modified or missing shard, or - unless
@@ -766,7 +1020,11 @@ class LogitCache:
                 "same folder to finish it."
             )
         for shard in manifest.shards.values():
-            problem = _shard_problem(folder, shard, manifest)
+            problem = (
+                _shard_problem(folder, shard, manifest)
+                if verify == "all"
+                else _shard_layout_problem(folder, shard, manifest)
+            )
             if problem is not None:
                 raise CacheError(
                     f"refusing to load the logit cache in {folder}: {problem}. Run capture() "
@@ -848,6 +1106,7 @@ class LogitCache:
         hold for the bytes used: a file swapped or edited after ``open`` is refused here.
         """
         path = _shard_path(self.folder, shard)
+        self._reads[shard.index] = self._reads.get(shard.index, 0) + 1
         view = _map_verified(path, shard)
         tensors = _tensors_in(view, path)
         rows, positions, k = shard.stop - shard.start, self.positions, self.k

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from foundry_kernel._context import RunContext
+from foundry_kernel._world import World
 from foundry_kernel.atomic import atomic_write_text
 from foundry_kernel.config import SequenceConfig
 from foundry_kernel.data._blocks import IGNORE_INDEX, TokenBlocks
@@ -33,6 +34,7 @@ from foundry_kernel.teachers._interface import Teacher
 
 log = logging.getLogger("foundry.modes")
 SEQUENCE_FORMAT = 1
+_ONE_PROCESS = World()
 
 
 @dataclass(frozen=True)
@@ -86,12 +88,22 @@ def sequence_data(
     seed: int,
     ctx: RunContext,
     batch: int = 16,
+    world: World = _ONE_PROCESS,
 ) -> SequenceData:
     """Teacher completions as training blocks (labels on the completion only), saved to
-    ``folder`` (safetensors plus a readable JSONL) and reused when the key matches."""
+    ``folder`` (safetensors plus a readable JSONL) and reused when the key matches.
+
+    Under a distributed ``world`` the prompt batches are split across ranks (contiguous
+    shares, each batch keeping its own seed, so the completions equal one process's) and
+    gathered, so every rank trains on the same blocks; only rank 0 reads or writes
+    ``folder`` (other nodes need not see the run folder) and sends a reused set to the
+    others.
+    """
     tensors_path = folder / f"sequence-{key}.safetensors"
-    if tensors_path.is_file():
-        saved = load_file(tensors_path)
+    reuse = world.broadcast_object(tensors_path.is_file() if world.is_main else None)
+    if reuse:
+        saved = load_file(tensors_path) if world.is_main else None
+        saved = world.broadcast_object(saved)
         blocks = TokenBlocks(saved["input_ids"], saved["attention_mask"], saved["labels"])
         return SequenceData(
             blocks, tensors_path, 0.0, int((blocks.labels != IGNORE_INDEX).sum()), True
@@ -100,16 +112,39 @@ def sequence_data(
     prompts = pick_prompts(train, config, seed)
     seq_len = train.seq_len
     new = min(config.max_new_tokens, seq_len - config.prompt_tokens)
-    completions: list[list[int]] = []
-    for start in range(0, len(prompts), batch):
+    starts = list(range(0, len(prompts), batch))
+    first, stop = world.shard(len(starts))
+    mine: list[list[int]] = []
+    for start in starts[first:stop]:
         ctx.check()
-        completions += teacher.generate(
+        mine += teacher.generate(
             prompts[start : start + batch],
             max_new_tokens=new,
             temperature=config.temperature,
             seed=seed + start,
         )
+    completions = [row for share in world.all_gather_object(mine) for row in share]
     blocks = _to_blocks(prompts, completions, seq_len, _pad_id(tokenizer))
+    if world.is_main:
+        _save(folder, key, tensors_path, blocks, prompts, completions, new, tokenizer)
+    seconds = time.perf_counter() - t0
+    made = int((blocks.labels != IGNORE_INDEX).sum())
+    log.info("teacher wrote %d completions (%d tokens) in %.1f s", len(prompts), made, seconds)
+    return SequenceData(blocks, tensors_path, seconds, made, False)
+
+
+def _save(
+    folder: Path,
+    key: str,
+    tensors_path: Path,
+    blocks: TokenBlocks,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    new: int,
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    """The readable JSONL, then the tensors (renamed into place last: their presence is
+    what a later run reuses)."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = [
         json.dumps({"prompt": tokenizer.decode(p), "completion": tokenizer.decode(c[:new])})
@@ -126,10 +161,6 @@ def sequence_data(
         tmp,
     )
     tmp.replace(tensors_path)
-    seconds = time.perf_counter() - t0
-    made = int((blocks.labels != IGNORE_INDEX).sum())
-    log.info("teacher wrote %d completions (%d tokens) in %.1f s", len(prompts), made, seconds)
-    return SequenceData(blocks, tensors_path, seconds, made, False)
 
 
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
