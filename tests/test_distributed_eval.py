@@ -1,0 +1,303 @@
+"""Evaluation sharded over ranks and reduced as sums (issue 12), and its GPU-shaped loop.
+
+The two-process figures come from a real gloo process group: ``torchrun --nproc-per-node
+2`` runs ``tests/dist_workers/eval_worker.py``, whose ranks evaluate the same scenarios as
+one process (rank 0 computes those too, with ``World()`` and unsharded models): the tiny
+teacher's held-out blocks with uneven valid tokens (padding, unscored prompts), shares of
+uneven length (one rank runs a dummy micro-batch), a replicated student and teacher, and
+an FSDP2-sharded student and teacher with an odd number of global batches.
+
+Host reads are counted with a ``TorchFunctionMode`` (see ``eval_worker.HostReads``): every
+request for a tensor's value on the host passes through ``__torch_function__``, on CPU as
+on a GPU, so "one sync per evaluation" is countable here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from foundry_kernel._world import World
+from foundry_kernel.data._blocks import IGNORE_INDEX, TokenBlocks
+from foundry_kernel.supervisor import free_port
+from foundry_kernel.teachers._interface import HFTeacher
+from foundry_kernel.training._evaluate import (
+    EvalShard,
+    evaluate_lm,
+    iter_batches,
+    shift_labels,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER_PATH = ROOT / "tests" / "dist_workers" / "eval_worker.py"
+_spec = importlib.util.spec_from_file_location("eval_worker", WORKER_PATH)
+assert _spec is not None and _spec.loader is not None
+worker: Any = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = worker  # the importlib recipe: dataclasses look their module up
+_spec.loader.exec_module(worker)
+
+RTOL = 1e-6  # fp32 evaluation, sums in float64: measured differences are ~1e-7 or less
+LAUNCH_TIMEOUT_S = 240  # the whole 2-rank run; its collectives time out after 60 s
+OWN_READS = [("tolist", "_evaluate._padded_rows"), ("tolist", "_evaluate.totals")]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_teacher_dir: Path) -> Any:
+    return worker.setup(str(tiny_teacher_dir))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    """Both ranks' results of one ``torchrun --nproc-per-node 2`` run (gloo, loopback)."""
+    out = tmp_path_factory.mktemp("dist-eval")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(WORKER_PATH),
+        str(tiny_teacher_dir),
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _assert_equal_figures(got: dict[str, float], want: dict[str, float]) -> float:
+    """Same keys; counts exact, the rest within RTOL; returns the largest relative gap."""
+    assert got.keys() == want.keys()
+    assert got["tokens"] == want["tokens"]
+    if "agreement" in want:
+        assert got["agreement"] == want["agreement"]  # a ratio of exact counts
+    worst = 0.0
+    for key, value in want.items():
+        assert math.isclose(got[key], value, rel_tol=RTOL), (key, got[key], value)
+        worst = max(worst, abs(got[key] - value) / abs(value) if value else 0.0)
+    return worst
+
+
+SCENARIOS = ["dense", "sparse", "max_batches", "odd", "teacher_dense", "teacher_sparse"]
+
+
+# --------------------------------------------------------------------------- the shard plan
+
+
+def test_shares_are_disjoint_cover_the_global_batches_and_step_together() -> None:
+    """Every block one process evaluates is evaluated by exactly one rank; ``max_batches``
+    counts global batches; every rank runs the same number of steps (dummies fill)."""
+    for n, batch, max_batches, size in [
+        (13, 4, None, 2),
+        (216, 4, 3, 2),
+        (9, 2, None, 2),
+        (10, 1, None, 4),
+    ]:
+        one = EvalShard.plan(n, batch, max_batches, World())
+        plans = [
+            EvalShard.plan(n, batch, max_batches, World(rank=r, world_size=size))
+            for r in range(size)
+        ]
+        covered = [
+            i for p in plans for s in p.slices() if s is not None for i in range(s.start, s.stop)
+        ]
+        assert covered == list(range(one.total))
+        assert len({p.steps for p in plans}) == 1
+        assert all(p.micro == math.ceil(batch / size) for p in plans)
+    # one process walks today's batches: [0:4), [4:8), [8:12), [12:13)
+    assert [(s.start, s.stop) for s in EvalShard.plan(13, 4, None, World()).slices()] == [
+        (0, 4),
+        (4, 8),
+        (8, 12),
+        (12, 13),
+    ]
+    assert EvalShard.plan(216, 4, 3, World()).total == 12
+    # 13 blocks at batch 4 on 2 ranks: rank 1's last step is a dummy
+    rank1 = list(EvalShard.plan(13, 4, None, World(rank=1, world_size=2)).slices())
+    assert rank1[-1] is None and len(rank1) == 4
+
+
+def test_a_batch_without_padding_goes_without_a_mask_and_gives_identical_logits(setup) -> None:
+    """An all-ones mask keeps SDPA off its causal kernel and costs a host read inside
+    transformers per forward; None gives bit-identical logits (CPU, the tiny Llama)."""
+    ids = setup.val.input_ids[1:3]
+    model = setup.teacher.model
+    with torch.no_grad():
+        masked = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        unmasked = model(input_ids=ids, attention_mask=None).logits
+    assert torch.equal(masked, unmasked)
+    batches = list(
+        iter_batches(setup.val, EvalShard.plan(6, 2, None, World()), torch.device("cpu"))
+    )
+    # blocks 0 and 3 carry padding (every third), blocks 1, 2, 4, 5 not
+    assert [b.mask is None for b in batches] == [False, False, True]
+    assert all(
+        torch.equal(b.full_mask, setup.val.attention_mask[2 * i : 2 * i + 2])
+        for i, b in enumerate(batches)
+    )
+
+
+# --------------------------------------------------------------------------- one process
+
+
+def _reference(
+    model, blocks: TokenBlocks, teacher, batch_size: int, vocab: int
+) -> dict[str, float]:
+    """The evaluation as it was before chunking: the valid rows' full-vocabulary fp32
+    tensors for the whole batch at once, summed on the host per batch."""
+    nll = kl = agree = 0.0
+    tokens = 0
+    with torch.no_grad():
+        for start in range(0, len(blocks), batch_size):
+            sl = slice(start, start + batch_size)
+            ids, mask = blocks.input_ids[sl], blocks.attention_mask[sl]
+            target = shift_labels(blocks.labels[sl])
+            valid = target != IGNORE_INDEX
+            logits = model(input_ids=ids, attention_mask=mask).logits[..., :vocab].float()[valid]
+            nll += F.cross_entropy(logits, target[valid], reduction="sum").item()
+            tokens += int(valid.sum())
+            t_logits = (
+                teacher(input_ids=ids, attention_mask=mask).logits[..., :vocab].float()[valid]
+            )
+            t_logp, s_logp = t_logits.log_softmax(-1), logits.log_softmax(-1)
+            kl += (t_logp.exp() * (t_logp - s_logp)).sum().item()
+            agree += (t_logits.argmax(-1) == logits.argmax(-1)).sum().item()
+    return {
+        "loss": nll / tokens,
+        "ppl": math.exp(nll / tokens),
+        "tokens": float(tokens),
+        "agreement": agree / tokens,
+        "kl": kl / tokens,
+    }
+
+
+@pytest.mark.parametrize("chunk_tokens", [1024, 16, 7])
+def test_chunked_evaluation_equals_the_whole_batch_formula(setup, chunk_tokens: int) -> None:
+    """Chunking over tokens (and masking instead of compacting the valid rows, which would
+    cost a host read per batch) changes only the summation order: within 1e-6 relative;
+    counts are exact."""
+    student = setup.student()
+    blocks = worker.head(setup.val, 30)
+    want = _reference(student, blocks, setup.teacher.model, 4, setup.vocab)
+    got = evaluate_lm(
+        student,
+        blocks,
+        batch_size=4,
+        teacher=HFTeacher(setup.teacher.model, vocab_size=setup.vocab),
+        vocab_size=setup.vocab,
+        chunk_tokens=chunk_tokens,
+    )
+    worst = _assert_equal_figures(got, want)
+    print(f"chunk {chunk_tokens}: largest relative difference to the unchunked formula {worst:.2e}")
+
+
+def _unpadded(blocks: TokenBlocks) -> TokenBlocks:
+    return dataclasses.replace(blocks, attention_mask=torch.ones_like(blocks.attention_mask))
+
+
+@pytest.mark.parametrize("n_batches", [1, 3, 7])
+def test_one_device_read_per_evaluation_whatever_the_batches(setup, n_batches: int) -> None:
+    """Without padding an evaluation reads exactly two values on the host, however many
+    batches: the host-resident data's padding flags (once; on a GPU that is host memory,
+    no sync) and the reduced totals (the one device sync). Nothing per batch, neither in
+    Foundry's code nor inside the student's or the teacher's forward."""
+    blocks = _unpadded(worker.head(setup.val, 4 * n_batches))
+    teacher = HFTeacher(setup.teacher.model, vocab_size=setup.vocab)
+    with worker.HostReads() as reads:
+        evaluate_lm(setup.student(), blocks, batch_size=4, teacher=teacher, vocab_size=setup.vocab)
+    assert reads.reads == OWN_READS
+
+
+def test_padded_batches_add_only_transformers_own_mask_reads(setup) -> None:
+    """With padding the only per-batch reads are transformers' own check of the mask it
+    is given (``_ignore_causal_mask_sdpa``), a fixed number per forward that needs a mask."""
+    blocks = worker.head(setup.val, 12)  # blocks 0, 3, 6, 9 padded: all three batches
+    teacher = HFTeacher(setup.teacher.model, vocab_size=setup.vocab)
+    with worker.HostReads() as reads:
+        evaluate_lm(setup.student(), blocks, batch_size=4, teacher=teacher, vocab_size=setup.vocab)
+    ours = [r for r in reads.reads if r[1].startswith("_evaluate.")]
+    theirs = [r for r in reads.reads if not r[1].startswith("_evaluate.")]
+    assert ours == OWN_READS
+    # 3 batches x (student + teacher) forwards with a mask; transformers 5 checks twice each
+    assert set(theirs) == {("__bool__", "masking_utils._ignore_causal_mask_sdpa")}
+    assert len(theirs) % (3 * 2) == 0
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+def _valid_tokens(blocks: TokenBlocks, sl: slice) -> int:
+    return int((shift_labels(blocks.labels[sl]) != IGNORE_INDEX).sum())
+
+
+def test_the_two_rank_scenarios_are_uneven(setup) -> None:
+    """What the 2-rank scenarios exercise: shares of uneven valid tokens, and a rank that
+    runs fewer real micro-batches than the other (so it needs a dummy)."""
+    blocks = worker.head(setup.val, 13)
+    plans = [EvalShard.plan(13, 4, None, World(rank=r, world_size=2)) for r in range(2)]
+    valid = [_valid_tokens(blocks, slice(p.start, p.stop)) for p in plans]
+    real = [sum(s is not None for s in p.slices()) for p in plans]
+    assert valid[0] != valid[1] and real == [4, 3]
+    odd = [EvalShard.plan(9, 2, None, World(rank=r, world_size=2)) for r in range(2)]
+    assert math.ceil(9 / 2) % 2 == 1 and [sum(s is not None for s in p.slices()) for p in odd] == [
+        5,
+        4,
+    ]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_two_replicated_ranks_equal_one_process(two_ranks, scenario: str) -> None:
+    """Perplexity, agreement and KL of a 2-rank evaluation equal one process's, on both
+    ranks (sums reduced, not means of means)."""
+    rank0, rank1 = two_ranks
+    got, want = rank0["replicated"][scenario], rank0["one_process"][scenario]
+    assert rank1["replicated"][scenario] == got  # every rank returns the same figures
+    worst = _assert_equal_figures(got, want)
+    print(f"replicated {scenario}: largest relative difference to one process {worst:.2e}")
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_fsdp2_sharded_models_on_two_ranks_finish_and_equal_one_process(
+    two_ranks, scenario: str
+) -> None:
+    """An FSDP2-sharded student and teacher all-gather inside every forward: with uneven
+    shares and an odd number of global batches ("odd": 5 batches of 2 blocks) the run
+    still finishes (the launch is bounded by LAUNCH_TIMEOUT_S and the collectives by
+    60 s) because a rank without a block runs a dummy forward; its figures equal one
+    process's."""
+    rank0, rank1 = two_ranks
+    got, want = rank0["fsdp2"][scenario], rank0["one_process"][scenario]
+    assert rank1["fsdp2"][scenario] == got
+    worst = _assert_equal_figures(got, want)
+    print(f"fsdp2 {scenario}: largest relative difference to one process {worst:.2e}")
+
+
+@pytest.mark.parametrize("kind", ["replicated", "fsdp2"])
+def test_each_rank_reads_the_device_once_per_evaluation(two_ranks, kind: str) -> None:
+    """Per rank, Foundry's evaluation reads the padding flags once and the all-reduced
+    totals once (the other reads are transformers' mask checks on padded batches)."""
+    for rank in two_ranks:
+        for scenario in ("dense", "sparse"):
+            reads = [tuple(r) for r in rank[kind][f"{scenario}/host_reads"]]
+            assert [r for r in reads if r[1].startswith("_evaluate.")] == OWN_READS
+            assert {r[1] for r in reads} <= {r[1] for r in OWN_READS} | {
+                "masking_utils._ignore_causal_mask_sdpa"
+            }
