@@ -28,8 +28,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from foundry_kernel._runtime import resolve_runtime
 from foundry_kernel._world import World
+from foundry_kernel.config import RunConfig, load_config
 from foundry_kernel.data._blocks import IGNORE_INDEX, TokenBlocks
+from foundry_kernel.errors import ResourceError
+from foundry_kernel.run._resources import (
+    MemoryEstimate,
+    _layer_activation_bytes,
+    estimate_memory,
+    estimate_memory_for,
+    preflight,
+)
 from foundry_kernel.supervisor import free_port
 from foundry_kernel.teachers._interface import HFTeacher
 from foundry_kernel.training._evaluate import (
@@ -301,3 +311,138 @@ def test_each_rank_reads_the_device_once_per_evaluation(two_ranks, kind: str) ->
             assert {r[1] for r in reads} <= {r[1] for r in OWN_READS} | {
                 "masking_utils._ignore_causal_mask_sdpa"
             }
+
+
+# --------------------------------------------------------------------------- the preflight
+
+SHAPES: dict[str, int] = {
+    "teacher_params": 4_700_000,
+    "student_params": 1_050_000,
+    "vocab_size": 4096,
+    "teacher_hidden": 256,
+    "student_hidden": 128,
+    "teacher_layers": 4,
+    "student_layers": 3,
+}
+
+
+def _cfg(**overrides: Any) -> RunConfig:
+    return load_config(None, {"device": "cpu", "teacher.dtype": "float32", **overrides})
+
+
+def _est(config: RunConfig, **kw: Any) -> MemoryEstimate:
+    runtime = resolve_runtime(
+        config, teacher_hidden=SHAPES["teacher_hidden"], student_hidden=SHAPES["student_hidden"]
+    )
+    return estimate_memory(config, runtime=runtime, **SHAPES, **kw)
+
+
+def test_the_defaults_are_one_process_as_before() -> None:
+    """Existing callers (no world arguments) get W = 1, DDP, a replicated teacher: no
+    sharding, no buckets, no gathered units."""
+    cfg = _cfg()
+    plain = _est(cfg)
+    assert plain == _est(cfg, world_size=1, strategy="ddp", teacher_placement="replicate")
+    assert (plain.gathered_units, plain.grad_buckets) == (0, 0)
+    p = SHAPES["student_params"]
+    assert (plain.student_weights, plain.student_grads, plain.optimizer_state) == (
+        4 * p,
+        4 * p,
+        8 * p,
+    )
+
+
+def test_fsdp2_shards_parameter_state_across_ranks_plus_the_gathered_unit() -> None:
+    """Per rank at W=2: half the W=1 weights, gradients and AdamW state; the all-gathered
+    unit does not shrink with W; activations follow the per-rank micro-batch."""
+    cfg = _cfg(**{"optim.batch_size": 8})
+    one = _est(cfg, world_size=1, strategy="fsdp2")
+    two = _est(cfg, world_size=2, strategy="fsdp2")
+    for part in ("student_weights", "student_grads", "optimizer_state"):
+        assert getattr(two, part) == math.ceil(getattr(one, part) / 2)
+    assert two.gathered_units == one.gathered_units > 0
+    # the unit term is the largest unit (here the root: embeddings + head) at 2 x fp32
+    # gathered parameters + its fp32 gradient
+    root = 2 * SHAPES["vocab_size"] * SHAPES["student_hidden"]
+    assert one.gathered_units == root * (2 * 4 + 4)
+    assert two.activations * 2 == one.activations
+    assert two.student_logits * 2 == one.student_logits
+    assert two.total < one.total
+
+
+def test_ddp_keeps_the_full_student_plus_gradient_buckets_and_rounds_the_share_up() -> None:
+    cfg = _cfg(**{"optim.batch_size": 5})
+    one, two = _est(cfg), _est(cfg, world_size=2, strategy="ddp")
+    p = SHAPES["student_params"]
+    assert (two.student_weights, two.student_grads, two.optimizer_state) == (4 * p, 4 * p, 8 * p)
+    assert two.grad_buckets == 4 * p and two.gathered_units == 0
+    # 5 global blocks on 2 ranks: 3 on the busier rank
+    assert two.activations * 5 == one.activations * 3
+    assert "per rank of 2 (ddp, teacher replicate): 3 x" in " ".join(two.notes)
+
+
+def test_teacher_placements() -> None:
+    """shard divides the teacher's weights by W and adds its gathered units (no gradient,
+    no optimizer state); server keeps nothing in the process; cache has no teacher
+    forward in the training step but keeps the live teacher evaluation uses."""
+    cfg = _cfg()
+    rep = _est(cfg, world_size=2, teacher_placement="replicate")
+    shard = _est(cfg, world_size=2, teacher_placement="shard")
+    server = _est(cfg, world_size=2, teacher_placement="server")
+    cache = _est(cfg, world_size=2, teacher_placement="cache")
+    assert shard.teacher_weights == math.ceil(rep.teacher_weights / 2)
+    t_root = 2 * SHAPES["vocab_size"] * SHAPES["teacher_hidden"]
+    assert shard.gathered_units == 2 * t_root * 4  # two gathered fp32 units, no gradient
+    assert shard.student_grads == rep.student_grads and shard.optimizer_state == rep.optimizer_state
+    assert (server.teacher_weights, server.teacher_forward, server.teacher_logits) == (0, 0, 0)
+    assert cache.teacher_weights == rep.teacher_weights
+    assert (cache.teacher_forward, cache.teacher_logits) == (0, 0)
+
+
+def test_evaluation_is_counted_where_it_exceeds_the_training_step() -> None:
+    """Under the fused loss the training step never holds [N, V] logits but evaluation
+    does (the student's, the teacher's, and its fp32 chunks): the estimate counts the
+    difference, and a preflight with just the training step's memory free refuses."""
+    cfg = _cfg(**{"optim.batch_size": 8, "optim.precision": "float32"})
+    fused = _est(cfg, fused_student=True, fused_teacher=True)
+    tokens, vocab = 8 * cfg.data.seq_len, SHAPES["vocab_size"]
+    from foundry_kernel.training._evaluate import EVAL_CHUNK_COPIES
+    from foundry_kernel.training._losses import chunk_rows
+
+    chunk = min(chunk_rows(cfg.loss.chunk_tokens, vocab), tokens)
+    heads = cfg.student.num_heads or cfg.teacher.build.num_heads
+    seq, hidden = cfg.data.seq_len, SHAPES["student_hidden"]
+    layer = _layer_activation_bytes(tokens, seq, hidden, heads, 4)  # one no-grad layer, fp32
+    train = fused.activations + fused.loss_chunks + fused.teacher_forward
+    evaluation = (
+        layer
+        + tokens * vocab * 4  # the student's logits
+        + chunk * vocab * 4 * EVAL_CHUNK_COPIES
+        + fused.teacher_forward
+        + tokens * vocab * 4  # the teacher's logits
+    )
+    assert fused.evaluation == evaluation - train > 0
+    without_eval = fused.total - fused.evaluation
+    with pytest.raises(ResourceError, match="memory"):
+        preflight(cfg, fused, runs_dir=ROOT, checkpoint_bytes=1, free_bytes=without_eval + 1)
+    plain = _est(cfg)  # the full-logits step holds more than evaluation: nothing added
+    assert plain.evaluation == 0
+
+
+def test_bad_world_arguments_are_refused_by_name() -> None:
+    cfg = _cfg()
+    with pytest.raises(ValueError, match="strategy"):
+        _est(cfg, strategy="zero3")
+    with pytest.raises(ValueError, match="teacher_placement"):
+        _est(cfg, teacher_placement="auto")
+    with pytest.raises(ValueError, match="world_size"):
+        _est(cfg, world_size=0)
+
+
+def test_the_config_names_strategy_and_placement() -> None:
+    cfg = _cfg(**{"distributed.strategy": "fsdp2", "teacher.placement": "shard"})
+    runtime = resolve_runtime(
+        cfg, teacher_hidden=SHAPES["teacher_hidden"], student_hidden=SHAPES["student_hidden"]
+    )
+    got = estimate_memory_for(cfg, 2, runtime=runtime, **SHAPES)
+    assert got == _est(cfg, world_size=2, strategy="fsdp2", teacher_placement="shard")
