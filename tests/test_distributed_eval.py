@@ -446,3 +446,40 @@ def test_the_config_names_strategy_and_placement() -> None:
     )
     got = estimate_memory_for(cfg, 2, runtime=runtime, **SHAPES)
     assert got == _est(cfg, world_size=2, strategy="fsdp2", teacher_placement="shard")
+
+
+# --------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_an_evaluation_synchronises_once(setup) -> None:
+    """On a GPU, torch's own sync detector (``torch.cuda.set_sync_debug_mode``) flags
+    every operation that makes the host wait for the device: pageable copies, ``.item()``,
+    ``bool(t)`` ... Without padding an evaluation (student and teacher on the device,
+    three batches) makes exactly one: the read of the totals."""
+    import copy
+    import warnings
+
+    cuda = torch.device("cuda")
+    student = setup.student().to(cuda)
+    teacher = HFTeacher(copy.deepcopy(setup.teacher.model).to(cuda), vocab_size=setup.vocab)
+    blocks = _unpadded(worker.head(setup.val, 12))
+    kwargs = {"batch_size": 4, "teacher": teacher, "vocab_size": setup.vocab}
+    want = evaluate_lm(
+        setup.student(),
+        blocks,
+        **{**kwargs, "teacher": HFTeacher(setup.teacher.model, vocab_size=setup.vocab)},
+    )
+    evaluate_lm(student, blocks, **kwargs)  # warm-up: lazy CUDA initialisation syncs
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            got = evaluate_lm(student, blocks, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
+    assert got["tokens"] == want["tokens"]
+    assert math.isclose(got["loss"], want["loss"], rel_tol=1e-4)
