@@ -18,6 +18,7 @@ NVML's ``NVMLError_LibraryNotFound``/``NVMLError_DriverNotLoaded`` just mean "no
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import threading
 import time
@@ -30,8 +31,10 @@ import psutil
 import torch
 
 from foundry_kernel._runtime import Runtime, resolve_device
-from foundry_kernel.config import RunConfig
+from foundry_kernel.config import RunConfig, teacher_placement
 from foundry_kernel.errors import ResourceError
+from foundry_kernel.training._evaluate import EVAL_CHUNK_COPIES
+from foundry_kernel.training._losses import chunk_rows
 
 try:  # nvidia-ml-py is a declared dependency, but a stripped install must still work on CPU.
     import pynvml
@@ -44,6 +47,7 @@ __all__ = [
     "MemorySampler",
     "PreflightReport",
     "estimate_memory",
+    "estimate_memory_for",
     "free_disk",
     "free_memory",
     "gpu_count",
@@ -72,6 +76,12 @@ the caching allocator's fragmentation - a conservative guess, not yet measured o
 _CHUNK_COPIES = {"forward_kl": 4, "reverse_kl": 4, "tvd": 4}
 _CHUNK_COPIES_MIXTURE = 6  # jsd and skew KLs also hold the mixture and its log
 
+STRATEGIES = ("ddp", "fsdp2")
+PLACEMENTS = ("replicate", "shard", "server", "cache")
+FSDP_GATHERED_UNITS = 2
+"""Unsharded FSDP2 units alive at once: the one computing and the next one, all-gathered
+ahead by FSDP2's forward prefetch."""
+
 T = TypeVar("T")
 
 
@@ -97,6 +107,9 @@ class MemoryEstimate:
     teacher_weights: int = 0
     teacher_forward: int = 0
     teacher_logits: int = 0
+    gathered_units: int = 0
+    grad_buckets: int = 0
+    evaluation: int = 0
     baseline_student: int = 0
     overhead: int = 0
     allocator_slack: int = 0
@@ -145,6 +158,39 @@ def _layer_activation_bytes(tokens: int, seq: int, hidden: int, heads: int, elem
     return tokens * (34 * hidden + 5 * heads * seq) * elem // 2
 
 
+def _largest_unit(params: int, vocab: int, hidden: int, layers: int) -> int:
+    """Parameters of the largest FSDP2 unit (one per decoder layer, then the root).
+
+    The root holds the embeddings, the final norm and an untied head: at most ``2*V*H``
+    (and never more than the model); a layer holds the rest split evenly. Which one is
+    larger decides the all-gather peak (the root at large vocabularies). An upper bound
+    for tied embeddings, whose root holds ``V*H`` only.
+    """
+    root = min(params, 2 * vocab * hidden)
+    layer = math.ceil(max(params - min(params, vocab * hidden), 0) / max(layers, 1))
+    return max(root, layer)
+
+
+def _gathered_param_bytes(config: RunConfig, runtime: Runtime) -> int:
+    """Bytes per all-gathered student parameter: FSDP2's MixedPrecisionPolicy gathers in
+    bf16 under distributed.mixed_precision='bfloat16' ('auto' follows the autocast)."""
+    policy = config.distributed.mixed_precision
+    if policy == "bfloat16":
+        return 2
+    if policy == "off":
+        return 4
+    return min(runtime.activation_bytes, 4)
+
+
+def _check_world(world_size: int, strategy: str, placement: str) -> None:
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"teacher_placement must be one of {PLACEMENTS}, got {placement!r}")
+
+
 def estimate_memory(
     config: RunConfig,
     *,
@@ -160,29 +206,52 @@ def estimate_memory(
     runtime: Runtime,
     fused_student: bool = False,
     fused_teacher: bool = False,
+    world_size: int = 1,
+    strategy: str = "ddp",
+    teacher_placement: str = "replicate",
 ) -> MemoryEstimate:
-    """Estimate the peak memory of one distillation run (see :class:`MemoryEstimate`).
+    """Estimate the peak memory of one distillation run *per rank* (see
+    :class:`MemoryEstimate`).
 
-    Formula (B = optim.batch_size micro-batch, S = data.seq_len, N = B*S tokens,
-    V = vocab, P = parameters, e = the student's activation bytes under its autocast,
-    e_t = the teacher's weight bytes, e_ta = its activation bytes; all from ``runtime``, the
+    Formula (W = world_size, B = optim.batch_size global blocks per micro-batch, each rank
+    holding ``b = ceil(B/W)`` of them, S = data.seq_len, N = b*S tokens per rank, V =
+    vocab, P = parameters, e = the student's activation bytes under its autocast, e_t =
+    the teacher's weight bytes, e_ta = its activation bytes; all from ``runtime``, the
     same value the run trains with):
 
-    - student weights 4P, grads 4P, AdamW state 8P (two fp32 moments);
+    - student weights 4P, grads 4P, AdamW state 8P (two fp32 moments); under
+      ``strategy="fsdp2"`` each divided by W (rounded up), plus ``gathered_units``: the
+      largest unit (:func:`_largest_unit`) unsharded twice (current + prefetched) at the
+      gather dtype and its unsharded fp32 gradient before the reduce-scatter; under
+      ``"ddp"`` with W > 1 ``grad_buckets`` 4P: the reducer's flat buckets, a second copy
+      of the gradients (torch's default ``gradient_as_bucket_view=False``);
     - activations: ``student_layers`` x the per-layer formula above; with
       optim.gradient_checkpointing only each layer's input (N*H*e) plus one layer;
     - logits: the student's [N, V] logits and their gradient at e bytes each; the loss
       is chunked over loss.chunk_tokens, so only ``min(chunk, N) * V * 4`` bytes times
       4-6 fp32 intermediates exist at once; the teacher's [N, V] logits at e_ta;
-    - teacher weights e_t * P_t and one layer of its no-grad forward at e_ta;
+    - teacher weights e_t * P_t and one layer of its no-grad forward at e_ta. By
+      ``teacher_placement``: ``replicate`` a full teacher per rank; ``shard`` its
+      weights divided by W plus two all-gathered units (no gradients, no optimizer
+      state); ``server`` nothing in this process (its memory is the server's; sparse
+      top-k answers are small); ``cache`` no teacher forward while training (cached
+      targets) but the live teacher evaluation needs is still loaded;
     - under the fused loss strategy (``fused_student``; ``fused_teacher`` when an
       in-process teacher is projected the same way) those logits never exist: only the
       loss chunks do;
+    - ``evaluation``: held-out evaluation runs between steps on the same per-rank
+      micro-batch; its transient set is one no-grad layer and the [N, V] logits of the
+      student (even under the fused loss: evaluation takes the model's logits) and of an
+      in-process teacher, plus ``EVAL_CHUNK_COPIES`` fp32 [chunk, V] rows (chunk =
+      ``chunk_rows(loss.chunk_tokens, V)``, as evaluation walks them). It does not
+      coexist with the training step's transients, so only what it needs beyond them is
+      counted (0 when the training step is the larger, as usual without the fused loss);
     - eval.baseline trains a second (CE-only) student after distillation: its grads and
       AdamW state replace the freed ones, but the distilled student's weights (4P) stay;
     - on CUDA a fixed context overhead;
-    - allocator slack on the transient parts (activations, logits, loss chunks, teacher
-      forward): 0.75x on CPU, 0.1x on CUDA (see ``ALLOCATOR_SLACK``).
+    - allocator slack on the larger transient set (training's activations, logits, loss
+      chunks, teacher forward; or evaluation's): 0.75x on CPU, 0.1x on CUDA (see
+      ``ALLOCATOR_SLACK``).
 
     Calibration (this project's CPU machine, fp32, Llama teacher 4.7M / student 1.05M,
     vocab 4096, chunk 1024, forward KL; peak RSS growth over 3 AdamW steps vs the
@@ -191,12 +260,14 @@ def estimate_memory(
     attention term), measured with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed blocks leave
     RSS. With glibc's defaults RSS peaked at 1.45-1.7x those bytes; the slack brings the
     estimate to 0.99-1.22x of those measured peaks (277-302 / 888-928 / 1612-1662 MiB
-    over two runs each).
+    over two runs each). The world-size terms are not calibrated yet.
     """
+    placement = teacher_placement
+    _check_world(world_size, strategy, placement)
     kind = runtime.device.type
     heads_s = student_heads or config.student.num_heads or config.teacher.build.num_heads
     heads_t = teacher_heads or config.teacher.build.num_heads
-    batch, seq = config.optim.batch_size, config.data.seq_len
+    batch, seq = math.ceil(config.optim.batch_size / world_size), config.data.seq_len
     tokens = batch * seq
     e_act, e_t = runtime.activation_bytes, runtime.teacher_weight_bytes
     e_ta = runtime.teacher_activation_bytes
@@ -207,29 +278,73 @@ def estimate_memory(
         activations = student_layers * layer
     chunk = min(config.loss.chunk_tokens, tokens)
     copies = _CHUNK_COPIES.get(config.loss.kind, _CHUNK_COPIES_MIXTURE)
+    in_process = placement != "server"  # a teacher forward happens in this process
+    teacher_step = placement in ("replicate", "shard")  # ... and during training steps
+    teacher_layer = _layer_activation_bytes(tokens, seq, teacher_hidden, heads_t, e_ta)
     transient = {
         "activations": activations,
         "student_logits": 0 if fused_student else 2 * tokens * vocab_size * e_act,
         "loss_chunks": chunk * vocab_size * 4 * copies,
-        "teacher_forward": _layer_activation_bytes(tokens, seq, teacher_hidden, heads_t, e_ta),
-        "teacher_logits": 0 if fused_teacher else tokens * vocab_size * e_ta,
+        "teacher_forward": teacher_layer if teacher_step else 0,
+        "teacher_logits": 0 if fused_teacher or not teacher_step else tokens * vocab_size * e_ta,
     }
+    eval_chunk = min(chunk_rows(config.loss.chunk_tokens, vocab_size), tokens)
+    eval_transient = (
+        layer
+        + tokens * vocab_size * e_act
+        + eval_chunk * vocab_size * 4 * EVAL_CHUNK_COPIES
+        + ((teacher_layer + tokens * vocab_size * e_ta) if in_process else 0)
+    )
+    train_transient = sum(transient.values())
+    shards = world_size if strategy == "fsdp2" else 1
+    gathered = 0
+    if strategy == "fsdp2":
+        unit = _largest_unit(student_params, vocab_size, student_hidden, student_layers)
+        gathered += unit * (FSDP_GATHERED_UNITS * _gathered_param_bytes(config, runtime) + 4)
+    teacher_weights = teacher_params * e_t if in_process else 0
+    if placement == "shard":
+        teacher_weights = math.ceil(teacher_weights / world_size)
+        t_unit = _largest_unit(teacher_params, vocab_size, teacher_hidden, teacher_layers)
+        gathered += FSDP_GATHERED_UNITS * t_unit * e_t
     return MemoryEstimate(
         device=kind,
-        student_weights=4 * student_params,
-        student_grads=4 * student_params,
-        optimizer_state=8 * student_params,
-        teacher_weights=teacher_params * e_t,
+        student_weights=math.ceil(4 * student_params / shards),
+        student_grads=math.ceil(4 * student_params / shards),
+        optimizer_state=math.ceil(8 * student_params / shards),
+        teacher_weights=teacher_weights,
+        gathered_units=gathered,
+        grad_buckets=4 * student_params if strategy == "ddp" and world_size > 1 else 0,
+        evaluation=max(0, eval_transient - train_transient),
         baseline_student=4 * student_params if config.eval.baseline else 0,
         overhead=CUDA_CONTEXT_BYTES if kind == "cuda" else 0,
-        allocator_slack=int(ALLOCATOR_SLACK[kind] * sum(transient.values())),
-        notes=_estimate_notes(config, teacher_layers),
+        allocator_slack=int(ALLOCATOR_SLACK[kind] * max(train_transient, eval_transient)),
+        notes=_estimate_notes(config, teacher_layers, world_size, strategy, placement),
         **transient,
     )
 
 
-def _estimate_notes(config: RunConfig, teacher_layers: int) -> tuple[str, ...]:
+def estimate_memory_for(config: RunConfig, world_size: int, **shapes: Any) -> MemoryEstimate:
+    """:func:`estimate_memory` with the strategy and teacher placement the config names
+    (``teacher.placement='auto'`` resolved by ``config.teacher_placement``)."""
+    return estimate_memory(
+        config,
+        world_size=world_size,
+        strategy=config.distributed.strategy,
+        teacher_placement=teacher_placement(config),
+        **shapes,
+    )
+
+
+def _estimate_notes(
+    config: RunConfig, teacher_layers: int, world_size: int, strategy: str, placement: str
+) -> tuple[str, ...]:
     notes = [f"micro-batch {config.optim.batch_size} x {config.data.seq_len} tokens"]
+    if world_size > 1:
+        per_rank = math.ceil(config.optim.batch_size / world_size)
+        notes.append(
+            f"per rank of {world_size} ({strategy}, teacher {placement}): "
+            f"{per_rank} x {config.data.seq_len} tokens"
+        )
     if config.optim.grad_accum > 1:
         notes.append(f"grad_accum={config.optim.grad_accum} adds time, not memory")
     notes.append(f"teacher: {teacher_layers} layers, forward without gradients")

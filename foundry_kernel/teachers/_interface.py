@@ -107,7 +107,9 @@ class HFTeacher(Teacher):
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def logits(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """Full logits; ``attention_mask=None`` for blocks without padding (SDPA's causal
+        kernel, and no host read of the mask inside transformers' forward)."""
         with autocast(self.device, self.amp_dtype):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         return out[..., : self.vocab_size] if self.vocab_size is not None else out
@@ -120,7 +122,7 @@ class HFTeacher(Teacher):
             return logits
         return SparseTargets.from_logits(logits, self.top_k)
 
-    def eval_signal(self, input_ids: Tensor, attention_mask: Tensor) -> TeacherSignal:
+    def eval_signal(self, input_ids: Tensor, attention_mask: Tensor | None) -> TeacherSignal:
         return self.logits(input_ids, attention_mask)  # exact agreement and KL on held-out text
 
     @torch.no_grad()
