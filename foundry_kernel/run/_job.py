@@ -64,7 +64,7 @@ from foundry_kernel.config import BUILTIN_TEACHER, RunConfig, teacher_placement
 from foundry_kernel.data._blocks import DataBundle, build_data
 from foundry_kernel.errors import ConfigError, DataError, ModelError, TeacherServerError
 from foundry_kernel.paths import default_cache_dir
-from foundry_kernel.run._resources import estimate_memory, preflight
+from foundry_kernel.run._resources import estimate_memory_for, preflight
 from foundry_kernel.store import RunStore
 from foundry_kernel.summary import ModelResult, RunSummary
 from foundry_kernel.teachers._builtin import ensure_builtin_teacher, read_teacher_record
@@ -569,8 +569,9 @@ def _preflight(job: Job, teacher: LoadedModel, student: LoadedModel, vocab: int)
     # the mode's live teacher, unknown yet: its logits are counted (an upper bound).
     choice = choose_strategy(job.config.loss.strategy, student.model, None)
     fused_student = isinstance(choice.strategy, FusedLinearLoss)
-    estimate = estimate_memory(
+    estimate = estimate_memory_for(
         job.config,
+        job.world.world_size,
         teacher_params=0 if served else teacher.params,
         student_params=student.params,
         vocab_size=vocab,
@@ -700,7 +701,6 @@ def _evaluate_all(
     teacher is measured on rank 0, or on every rank in lockstep when it is sharded.
     """
     cfg, world = job.config, job.world
-    sharded = {"world": world} if _takes_world(evaluate_lm) else {}
     teacher_here = world.is_main or (job.placement == "shard" and world.distributed)
 
     def evaluate(
@@ -716,7 +716,8 @@ def _evaluate_all(
             vocab_size=vocab,
             amp_dtype=amp,
             teacher_amp_dtype=job.rt.teacher_amp,
-            **sharded,
+            world=world,
+            chunk_tokens=cfg.loss.chunk_tokens,
         )
 
     job.ctx.set_stage("teacher")
@@ -731,6 +732,9 @@ def _evaluate_all(
             batch_size=cfg.optim.batch_size,
             max_batches=cfg.eval.max_batches,
             ctx=job.ctx,
+            # a sharded teacher answers only in lockstep; any other is measured by rank 0
+            world=world if job.placement == "shard" else ONE_PROCESS,
+            chunk_tokens=cfg.loss.chunk_tokens,
         )
         teacher_samples, teacher_speed = _teacher_samples(job, live, teacher, prompts)
     out: dict[str, Any] = {
