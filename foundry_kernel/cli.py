@@ -175,7 +175,7 @@ def _distill_launch(args: argparse.Namespace) -> int:
     from foundry_kernel.run._launch import LaunchSpec, launch_foreground
 
     spec = LaunchSpec(
-        nproc_per_node=args.nproc_per_node or 1,
+        nproc_per_node=1 if args.nproc_per_node is None else args.nproc_per_node,
         nnodes=str(args.nnodes or "1"),
         node_rank=args.node_rank,
         rdzv_endpoint=args.rdzv_endpoint,

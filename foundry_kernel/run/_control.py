@@ -648,6 +648,13 @@ class RunHandle:
         return self._metrics.max_steps
 
     @property
+    def cancel_step(self) -> int | None:
+        """The last step seen when :meth:`cancel` was called (None: not cancelled, or
+        before the first step)."""
+        with self._lock:
+            return self._cancel_step
+
+    @property
     def phase(self) -> str:
         return self.ctx.phase
 

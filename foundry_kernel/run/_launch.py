@@ -509,14 +509,23 @@ class DistributedJob:
                 ended_at is not None and now - ended_at > KILL_GRACE_S * 2
             ):
                 tree.kill()
-            time.sleep(POLL_S)
+            if stop_at is None:
+                ctx.wait_stop(POLL_S)  # a cancel wakes it at once
+            else:
+                time.sleep(POLL_S)
             returncode = tree.poll()
         _relay(relay, ctx)
         return returncode
 
 
 def _relay(reader: EventReader, ctx: RunContext) -> None:
+    """Re-emit rank 0's events here; its phase and stage become the handle's (messages
+    and the watchdog say where the group is)."""
     for kind, payload in reader.read():
+        if kind == "phase":
+            ctx.phase, ctx.stage = str(payload.get("phase")), None
+        elif kind == "stage":
+            ctx.stage = str(payload.get("stage"))
         ctx.emit(kind, **payload)
 
 

@@ -46,7 +46,7 @@ from foundry_kernel.store import RunStore
 
 __all__ = ["RankRequest", "run_rank"]
 
-STOP_POLL_S = 0.2
+STOP_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -180,15 +180,17 @@ def _run_on(
     gate = threading.Event()
     job = functools.partial(_rank_job, gate, world)
     runs = request.runs_dir or config.runs_dir or default_runs_dir()
-    store = RunStore(runs)
     events = _launch.EventWriter(request.control_dir) if _relays(world, request) else None
     sink = _sink(on_event, events)
+    store: RunStore | None = None
     try:
         if world.is_main:
+            store = RunStore(runs)  # first: it creates the store's schema
             handle, error = _start_main(request, config, store, job, sink)
             announced = _announce(world, handle, error)
         else:
             announced = _announce(world, None, None)
+            store = RunStore(runs)  # after rank 0 made it: no two schema creators
             handle = None
             if "run_id" in announced:
                 handle = attach(
@@ -211,7 +213,8 @@ def _run_on(
     finally:
         if events is not None:
             events.close()
-        store.close()
+        if store is not None:
+            store.close()
 
 
 def _relays(world: World, request: RankRequest) -> bool:
@@ -276,6 +279,7 @@ def _outcome(handle: RunHandle, world: World) -> dict[str, Any]:
         "world_size": world.world_size,
         "state": str(handle.state),
         "step": handle.step,
+        "cancel_step": handle.cancel_step,
         "error": None if error is None else error.message,
     }
     if world.is_main:
