@@ -167,11 +167,15 @@ def test_cli_nproc_per_node_2_runs_one_run_and_reports_world_size(
     assert_nothing_left(str(cfg_path))
 
 
-def test_start_with_nproc_per_node_returns_at_once_and_streams_metrics(
+def test_start_from_the_panel_with_two_processes_returns_at_once_and_streams_metrics(
     runs_dir: Path, tiny_teacher_dir: Path
 ) -> None:
+    from widgets.panel import DistillPanel
+
+    panel = DistillPanel(dist_config(runs_dir), update_interval_s=0.2)
+    panel.processes.value = 2  # the panel's world-size field
     t0 = time.monotonic()
-    handle = control.start(dist_config(runs_dir), nproc_per_node=2)
+    handle = panel.start()
     returned = time.monotonic() - t0
     assert returned < 1.0  # the cell gets its handle before torch is even imported
     seen_running: list[int | None] = []
@@ -194,6 +198,8 @@ def test_start_with_nproc_per_node_returns_at_once_and_streams_metrics(
         (1, 2, "completed"),
     ]
     assert_nothing_left(handle.id)
+    assert panel.wait(30)
+    panel.close()
     # The lock went with the handle: a resume is refused because the run is completed,
     # not because someone still owns it.
     with pytest.raises(control.RunConflictError, match="is completed"):
