@@ -219,7 +219,8 @@ def _distill_rank(args: argparse.Namespace) -> int:
     exception in torchrun's error summary, naming the rank)."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    return int(record(_run_rank)(args))
+    code = record(_run_rank)(args)
+    return 1 if code is None else int(code)
 
 
 def _run_rank(args: argparse.Namespace) -> int:

@@ -93,7 +93,8 @@ def _run_job_for(world: World) -> Callable[..., Mapping[str, Any] | None]:
     from foundry_kernel.run._job import run_job
 
     if "world" in inspect.signature(run_job).parameters:
-        return functools.partial(run_job, world=world)
+        with_world: dict[str, Any] = {"world": world}
+        return functools.partial(run_job, **with_world)
     return run_job
 
 
@@ -180,7 +181,9 @@ def _run_on(
     gate = threading.Event()
     job = functools.partial(_rank_job, gate, world)
     runs = request.runs_dir or config.runs_dir or default_runs_dir()
-    events = _launch.EventWriter(request.control_dir) if _relays(world, request) else None
+    control_dir = request.control_dir
+    relays = world.is_main and request.attach is not None and control_dir is not None
+    events = _launch.EventWriter(control_dir) if relays and control_dir is not None else None
     sink = _sink(on_event, events)
     store: RunStore | None = None
     try:
@@ -215,10 +218,6 @@ def _run_on(
             events.close()
         if store is not None:
             store.close()
-
-
-def _relays(world: World, request: RankRequest) -> bool:
-    return world.is_main and request.attach is not None and request.control_dir is not None
 
 
 def _sink(
