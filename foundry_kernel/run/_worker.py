@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import shutil
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -96,6 +97,23 @@ def _run_job_for(world: World) -> Callable[..., Mapping[str, Any] | None]:
         with_world: dict[str, Any] = {"world": world}
         return functools.partial(run_job, **with_world)
     return run_job
+
+
+def _single_process_job() -> bool:
+    """Whether ``run_job`` still trains one process on its own (no ``world=``)."""
+    from foundry_kernel.run._job import run_job
+
+    return "world" not in inspect.signature(run_job).parameters
+
+
+def _shadow_run(world: World, config: RunConfig) -> tuple[RunStore, str]:
+    """A private run for a peer rank while the job is single-process: it trains alone
+    and must not write the real run's checkpoints, export or metrics (two trainers
+    writing one folder race); removed when the rank ends."""
+    import tempfile
+
+    store = RunStore(Path(tempfile.mkdtemp(prefix=f"foundry-rank{world.rank}-")))
+    return store, store.create_run(config.to_dict(), name=config.name).run_id
 
 
 def _rank_job(
@@ -193,16 +211,16 @@ def _run_on(
             announced = _announce(world, handle, error)
         else:
             announced = _announce(world, None, None)
-            store = RunStore(runs)  # after rank 0 made it: no two schema creators
             handle = None
             if "run_id" in announced:
-                handle = attach(
-                    announced["run_id"],
-                    validate_config(announced["config"]),
-                    store=store,
-                    job=job,
-                    resume=bool(announced["resume"]),
-                )
+                peer_config = validate_config(announced["config"])
+                run_id, resume = announced["run_id"], bool(announced["resume"])
+                if _single_process_job():
+                    store, run_id = _shadow_run(world, peer_config)
+                    resume = False
+                else:
+                    store = RunStore(runs)  # after rank 0 made it: one schema creator
+                handle = attach(run_id, peer_config, store=store, job=job, resume=resume)
         if handle is None:
             return None
         gate.set()
@@ -218,6 +236,8 @@ def _run_on(
             events.close()
         if store is not None:
             store.close()
+            if store.root.name.startswith(f"foundry-rank{world.rank}-"):
+                shutil.rmtree(store.root, ignore_errors=True)  # a shadow run's folder
 
 
 def _sink(
