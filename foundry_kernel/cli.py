@@ -8,8 +8,20 @@ Exit codes (a contract for scripts and CI):
 ``teacher``, ``student``, ``baseline`` (each with ``params`` and ``val_ppl``), ``agreement``
 and ``val_kl``;
 ``logit_cache`` (offline mode: path, k, bytes_per_token, capture_seconds) and
-``sequence`` (sequence mode: the teacher-written data) are null in other modes.
+``sequence`` (sequence mode: the teacher-written data) are null in other modes;
+``world_size`` (the number of processes that trained it: 1 for one process) and
+``strategy`` (``distributed.strategy``, ``ddp`` or ``fsdp2``; null for one process).
 Progress goes to stderr, throttled, so stdout stays machine-readable.
+
+Several processes (README "Scaling out"): ``foundry distill --nproc-per-node N [--nnodes
+M --node-rank R | --nnodes 1:4] [--rdzv-endpoint HOST:PORT] [--rdzv-id ID] [--rdzv-conf
+K=V] [--master-port P] ...`` runs ``python -m torch.distributed.run <those> -m
+foundry_kernel distill <the rest>`` (an argument list, in its own session) and exits with
+the run's code above; Ctrl-C asks every rank to stop at its next step boundary, a second
+one kills them. ``torchrun --nproc-per-node N -m foundry_kernel distill ...`` is the same
+run for users with a launcher of their own: rank 0 creates the run and prints the result;
+under torchrun a rank exits 0 when the run completed, was cancelled or timed out (the
+state is in the store) and 1 when it failed.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run")
     distill.add_argument("--runs-dir", type=Path, help="run store (default: runs_dir or ./runs)")
     distill.add_argument("--json", action="store_true", help="end stdout with a JSON summary")
+    _add_launch_arguments(distill)
     distill.set_defaults(handler=_distill)
 
     runs = sub.add_parser("runs", help="list runs in the store")
@@ -92,6 +106,34 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=text, add_help=False)
     vllm_server.add_commands(sub)
     return parser
+
+
+LAUNCH_ARGUMENTS = (
+    "nproc_per_node",
+    "nnodes",
+    "node_rank",
+    "rdzv_endpoint",
+    "rdzv_id",
+    "rdzv_conf",
+    "master_port",
+)
+
+
+def _add_launch_arguments(distill: argparse.ArgumentParser) -> None:
+    """torchrun's launch arguments (given: Foundry runs the run under torchrun) and the
+    hidden ones a notebook's supervisor passes to rank 0."""
+    group = distill.add_argument_group("several processes (torchrun)")
+    group.add_argument("--nproc-per-node", type=int, help="processes on this node")
+    group.add_argument("--nnodes", help="nodes: a count (2) or an elastic range (1:4)")
+    group.add_argument("--node-rank", type=int, help="this node's rank (0 .. nnodes-1)")
+    group.add_argument("--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous (many nodes)")
+    group.add_argument("--rdzv-id", help="the job's id at the rendezvous (the same everywhere)")
+    group.add_argument("--rdzv-conf", help="rendezvous options, e.g. join_timeout=60")
+    group.add_argument("--master-port", type=int, help="one node's rendezvous port")
+    hidden = argparse.SUPPRESS
+    distill.add_argument("--attach", help=hidden)
+    distill.add_argument("--attach-resume", action="store_true", help=hidden)
+    distill.add_argument("--control-dir", type=Path, help=hidden)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,6 +159,101 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _distill(args: argparse.Namespace) -> int:
+    from foundry_kernel._world import launched_by_torchrun
+
+    if args.attach is not None or launched_by_torchrun():
+        return _distill_rank(args)
+    if any(getattr(args, name) is not None for name in LAUNCH_ARGUMENTS):
+        return _distill_launch(args)
+    return _distill_here(args)
+
+
+def _distill_launch(args: argparse.Namespace) -> int:
+    """Run this distillation under torchrun (``--nproc-per-node`` and friends)."""
+    import tempfile
+
+    from foundry_kernel.run._launch import LaunchSpec, launch_foreground
+
+    spec = LaunchSpec(
+        nproc_per_node=1 if args.nproc_per_node is None else args.nproc_per_node,
+        nnodes=str(args.nnodes or "1"),
+        node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint,
+        rdzv_id=args.rdzv_id,
+        rdzv_conf=args.rdzv_conf,
+        master_port=args.master_port,
+    )
+    if args.resume:
+        validate_run_id(args.resume)
+    else:  # a bad config is refused here (exit 2), before any process starts
+        load_config(args.config, _overrides(args))
+    with tempfile.TemporaryDirectory(prefix="foundry-launch-") as control:
+        return launch_foreground(spec, _worker_arguments(args), Path(control))
+
+
+def _worker_arguments(args: argparse.Namespace) -> list[str]:
+    """The user's non-launch arguments, as each rank's ``foundry distill`` gets them."""
+    out = ["--log-level", args.log_level] if args.log_level != "WARNING" else []
+    if args.config is not None:
+        out += ["--config", str(Path(args.config).resolve())]
+    for item in args.overrides:
+        out += ["--set", item]
+    if args.resume:
+        out += ["--resume", args.resume]
+    if args.runs_dir is not None:
+        out += ["--runs-dir", str(Path(args.runs_dir).resolve())]
+    if args.json:
+        out.append("--json")
+    return out
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.overrides)
+    if args.runs_dir is not None:
+        overrides.append(f"runs_dir={args.runs_dir}")
+    return overrides
+
+
+def _distill_rank(args: argparse.Namespace) -> int:
+    """One torchrun worker (``torch.distributed.elastic``'s ``record`` puts an uncaught
+    exception in torchrun's error summary, naming the rank)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    code = record(_run_rank)(args)
+    return 1 if code is None else int(code)
+
+
+def _run_rank(args: argparse.Namespace) -> int:
+    from foundry_kernel.run._worker import RankRequest, run_rank
+
+    if args.resume:
+        validate_run_id(args.resume)
+    if args.attach:
+        validate_run_id(args.attach)
+    given = None
+    if args.config is not None or not (args.resume or args.attach):
+        given = (
+            load_config(args.config) if args.resume else load_config(args.config, _overrides(args))
+        )
+    request = RankRequest(
+        config=given,
+        overrides=_overrides(args) if args.resume or args.attach else [],
+        resume=args.resume,
+        attach=args.attach,
+        attach_resume=args.attach_resume,
+        runs_dir=args.runs_dir,
+        control_dir=args.control_dir,
+    )
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    handle, world = run_rank(request, on_event=_progress_printer() if main_rank else None)
+    if handle is None:
+        return 2 if main_rank else 1
+    if world.is_main and args.attach is None:
+        _report(handle, args, world_size=world.world_size)
+    return 1 if str(handle.state) == "failed" else 0
+
+
+def _distill_here(args: argparse.Namespace) -> int:
     from foundry_kernel.run._control import run_sync
 
     overrides = list(args.overrides)
@@ -132,6 +269,12 @@ def _distill(args: argparse.Namespace) -> int:
         )
     else:
         handle = run_sync(load_config(args.config, overrides), on_event=_progress_printer())
+    _report(handle, args, world_size=1)
+    return EXIT.get(str(handle.state), 1)
+
+
+def _report(handle: Any, args: argparse.Namespace, *, world_size: int) -> None:
+    """The human summary on stderr and, with ``--json``, the result object on stdout."""
     result = RunSummary.parse(handle.result)
     run_id, state, duration = handle.id, str(handle.state), handle.duration_s
     if handle.error is not None:
@@ -141,8 +284,9 @@ def _distill(args: argparse.Namespace) -> int:
         print(text, file=sys.stderr)
     if args.json:
         payload = result.to_json(run_id=run_id, state=state, duration_s=duration)
+        payload["world_size"] = world_size
+        payload["strategy"] = handle.config.distributed.strategy if world_size > 1 else None
         print(json.dumps(payload, default=str))
-    return EXIT.get(str(handle.state), 1)
 
 
 def _progress_printer() -> Any:

@@ -53,6 +53,8 @@ LOG_LINES = 200
 STEP_LOG_EVERY_S = 2.0
 """At most one training-step line per run this often; phases, alerts, evals always."""
 UPDATE_INTERVAL_S = 0.25
+MAX_PROCESSES = 64
+"""The bound of the panel's world-size field (processes on this machine)."""
 
 _STATE_COLORS = {
     "pending": "#757575",
@@ -251,7 +253,7 @@ class DistillPanel:
         runs_dir: str | Path | None = None,
         fields: tuple[str, ...] = PANEL_FIELDS,
         update_interval_s: float = UPDATE_INTERVAL_S,
-        start_fn: Callable[[RunConfig], RunHandle] = foundry_kernel.start,
+        start_fn: Callable[..., RunHandle] = foundry_kernel.start,
         save_path: str = "foundry-config.yaml",
     ) -> None:
         base = _base_dict(config)
@@ -282,6 +284,12 @@ class DistillPanel:
         self.start_button.on_click(self._on_start)
         self.cancel_button.on_click(self._on_cancel)
         self.save_button.on_click(self._on_save)
+        # How many processes train the run (torchrun, children of this kernel); 1 keeps it
+        # on the kernel's worker thread as before.
+        self.processes = ipw.BoundedIntText(
+            value=1, min=1, max=MAX_PROCESSES, description="processes", layout={"width": "160px"}
+        )
+        self.processes.style.description_width = "72px"
         self.message = ipw.HTML()
         self.message.add_class("foundry-message")
         sections = [
@@ -293,7 +301,13 @@ class DistillPanel:
         ]
         form = ipw.Box(sections, layout=ipw.Layout(display="flex", flex_flow="row wrap"))
         buttons = ipw.HBox(
-            [self.start_button, self.cancel_button, self.save_button, self.save_path]
+            [
+                self.processes,
+                self.start_button,
+                self.cancel_button,
+                self.save_button,
+                self.save_path,
+            ]
         )
         self.tabs = ipw.Tab(children=[self.compare.widget], titles=["compare"])
         self.widget = ipw.VBox([form, self.form.message, buttons, self.message, self.tabs])
@@ -339,7 +353,10 @@ class DistillPanel:
             raise ConfigError(str(self.form.error), field=getattr(self.form.error, "field", None))
         if self.running:
             raise RuntimeError("a run of this panel is still live; cancel it first")
-        handle = self._start_fn(config)
+        nproc = int(self.processes.value)
+        handle = (
+            self._start_fn(config) if nproc == 1 else self._start_fn(config, nproc_per_node=nproc)
+        )
         self.attach(handle)
         return handle
 

@@ -108,6 +108,7 @@ from foundry_kernel.store import RunRecord, RunStore
 if TYPE_CHECKING:
     import asyncio
 
+    from foundry_kernel.run._launch import LaunchSpec
     from foundry_kernel.run._resources import MemorySampler
 
 __all__ = [
@@ -120,10 +121,12 @@ __all__ = [
     "RunHandle",
     "RunLockedError",
     "RunState",
+    "attach",
     "get",
     "list_runs",
     "run_sync",
     "start",
+    "wait_interruptibly",
 ]
 
 log = logging.getLogger("foundry.control")
@@ -563,10 +566,14 @@ class RunHandle:
         sample_interval_s: float | None,
         first_sample: int = 0,
         run_lock: RunLock | None = None,
+        records_state: bool = True,
     ) -> None:
         if sample_interval_s is not None and not sample_interval_s > 0:
             raise ValueError(f"sample_interval_s must be > 0 or None, got {sample_interval_s}")
         self.id = run_id
+        # False for a rank of a multi-process run (see attach()): another process owns the
+        # run's lock and records its state; this handle only runs the job.
+        self.records_state = records_state
         self._run_lock = run_lock  # held until the worker ends (see _release_lock)
         self.config = config
         self.runs_dir: Path = store.root
@@ -639,6 +646,13 @@ class RunHandle:
     @property
     def max_steps(self) -> int | None:
         return self._metrics.max_steps
+
+    @property
+    def cancel_step(self) -> int | None:
+        """The last step seen when :meth:`cancel` was called (None: not cancelled, or
+        before the first step)."""
+        with self._lock:
+            return self._cancel_step
 
     @property
     def phase(self) -> str:
@@ -758,7 +772,7 @@ class RunHandle:
         if event.kind in ("step", "eval"):
             step = self._metrics.note_step(event.payload)
             self._metrics.update(step, _numeric_items(event.payload))
-        if event.kind == "alert":
+        if event.kind == "alert" and self.records_state:
             payload = event.payload
             message = str(payload.get("message") or payload)
             step = payload.get("step") if isinstance(payload.get("step"), int) else None
@@ -911,7 +925,8 @@ class RunHandle:
                 return False
             self._state = RunState.RUNNING
             self.started_at = time.time()
-        self._store_call("record running", self._store.set_state, self.id, "running")
+        if self.records_state:
+            self._store_call("record running", self._store.set_state, self.id, "running")
         self._emit_state(RunState.RUNNING, None)
         return True
 
@@ -971,6 +986,10 @@ class RunHandle:
         if self._sampler is not None:
             self._sampler.stop()
         message = failure.message if failure is not None else "run completed"
+        if not self.records_state:
+            self._log(logging.INFO, "%s: %s", state, message)
+            self._emit_state(state, failure)
+            return True
         recorded = self._store_call(
             "record the final state",
             self._store.set_state,
@@ -1312,8 +1331,19 @@ def start(
     job: JobFn | None = None,
     on_event: EventCallback | None = None,
     sample_interval_s: float | None = SAMPLE_INTERVAL_S,
+    nproc_per_node: int | None = None,
+    launch: LaunchSpec | None = None,
 ) -> RunHandle:
     """Start a run in a background thread and return its handle at once.
+
+    ``nproc_per_node=N`` (or a full ``launch`` spec: nodes, rendezvous) runs it on N
+    processes launched by torchrun, children of this process: the handle is the same, its
+    job supervises the process tree (``run._launch.DistributedJob``). This process keeps
+    the run's lock and records its state; rank 0 writes the metrics, summary, checkpoints
+    and memory samples, and its events stream back onto the handle through the run
+    folder. ``cancel()`` asks every rank to stop at its next step boundary (checkpointing
+    first) and kills the whole tree if it has not exited ``STOP_GRACE_S`` later;
+    ``limits.timeout_s`` and the step watchdog apply to the group the same way.
 
     ``resume=RUN_ID`` reopens that run in the store and calls the job with
     ``resume=True``. Its config is the saved one, or ``config`` if given, with
@@ -1327,6 +1357,17 @@ def start(
     errors raise here, before any thread exists.
     """
     overrides = dict(overrides) if isinstance(overrides, Mapping) else list(overrides)
+    if nproc_per_node is not None or launch is not None:
+        if job is not None:
+            raise ValueError("a multi-process run runs Foundry's pipeline: pass no job=")
+        if launch is None:
+            from foundry_kernel.run._launch import LaunchSpec  # (stdlib and psutil only)
+
+            launch = LaunchSpec(nproc_per_node=int(nproc_per_node or 1))
+        elif nproc_per_node is not None and nproc_per_node != launch.nproc_per_node:
+            raise ValueError("nproc_per_node and launch.nproc_per_node differ")
+        job = _distributed_job(launch)
+        sample_interval_s = None  # rank 0 samples its own memory, not this process
     given = None if config is None and resume is not None else _as_config(config)
     run_store, owns = _open_store(_runs_dir_for(given, overrides), store)
     handle: RunHandle | None = None
@@ -1353,6 +1394,44 @@ def start(
     return handle
 
 
+def _distributed_job(spec: LaunchSpec) -> JobFn:
+    from foundry_kernel.run._launch import DistributedJob
+
+    return DistributedJob(spec)
+
+
+def attach(
+    run_id: str,
+    config: RunConfig,
+    *,
+    store: RunStore,
+    job: JobFn,
+    resume: bool = False,
+    sample_interval_s: float | None = None,
+    on_event: EventCallback | None = None,
+) -> RunHandle:
+    """Run ``job`` on an existing run that another process owns: a rank of a multi-process
+    run. The handle neither takes the run's lock nor records its state (the owner does);
+    it runs the job on its worker thread with its own context (cancel, timeout, events)
+    and classifies the outcome the same way as an owned run, for the rank to report."""
+    first = _next_sample_index(store, run_id) if sample_interval_s is not None else 0
+    handle = RunHandle(
+        run_id,
+        config,
+        store=store,
+        owns_store=False,
+        job=job,
+        resume=resume,
+        sample_interval_s=sample_interval_s,
+        first_sample=first,
+        records_state=False,
+    )
+    if on_event is not None:
+        handle.subscribe(on_event)
+    handle._launch()
+    return handle
+
+
 def run_sync(config: RunConfig | Mapping[str, Any] | None = None, **kwargs: Any) -> RunHandle:
     """Start a run and wait for it (the CLI). Ctrl-C cancels the run and waits for it to
     stop cleanly; a second Ctrl-C during that wait propagates as usual.
@@ -1362,6 +1441,12 @@ def run_sync(config: RunConfig | Mapping[str, Any] | None = None, **kwargs: Any)
     lock's acquire and release and leave the next wait deadlocked (seen once in CI).
     """
     handle = start(config, **kwargs)
+    wait_interruptibly(handle)
+    return handle
+
+
+def wait_interruptibly(handle: RunHandle) -> None:
+    """Wait for ``handle``; the first Ctrl-C cancels the run (see :func:`run_sync`)."""
     cancelled = False
     with _sigint_recorded() as interrupted:
         while not handle.done:
@@ -1369,7 +1454,6 @@ def run_sync(config: RunConfig | Mapping[str, Any] | None = None, **kwargs: Any)
             if interrupted and not cancelled:
                 handle.cancel(reason="interrupted (Ctrl-C)")
                 cancelled = True
-    return handle
 
 
 @contextlib.contextmanager
