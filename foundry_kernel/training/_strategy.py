@@ -92,6 +92,18 @@ class MicroBatch:
     labels: Tensor  # [B, T]
     num_valid: int
     on_policy: bool = False
+    # No padding anywhere in this batch: the student runs with ``attention_mask=None`` (so
+    # SDPA may take its causal kernel); teachers still get the mask they may need.
+    pad_free: bool = False
+    # This micro-batch's own valid-label count when the caller counted it on the host (no
+    # device sync); None: counted here.
+    local_valid: int | None = None
+    local_tokens: int | None = None  # this micro-batch's real (unpadded) tokens, host-counted
+
+    @property
+    def model_mask(self) -> Tensor | None:
+        """The attention mask to hand the student's forward (None when pad-free)."""
+        return None if self.pad_free else self.attention_mask
 
 
 @dataclass(frozen=True)
@@ -136,7 +148,7 @@ class LogitsLoss:
     def __call__(self, setup: LossSetup, batch: MicroBatch) -> LossOutput:
         device = batch.input_ids.device
         with autocast(device, setup.amp_dtype):
-            logits = setup.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            logits = setup.model(input_ids=batch.input_ids, attention_mask=batch.model_mask)
             logits = logits.logits
         if setup.spec is None:
             flat = logits[..., : setup.vocab_size].float().flatten(0, 1)
@@ -242,6 +254,8 @@ class FusedLinearLoss:
 
 
 def _n_valid(batch: MicroBatch) -> int:
+    if batch.local_valid is not None:
+        return batch.local_valid
     return int((batch.labels != IGNORE_INDEX).sum())
 
 
@@ -307,7 +321,7 @@ def _hidden_states(model: nn.Module, batch: MicroBatch, amp: torch.dtype | None)
     with autocast(device, amp), catcher.catching():
         model(
             input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
+            attention_mask=batch.model_mask,
             logits_to_keep=_no_positions(device),
         )
     return catcher.take()

@@ -1,0 +1,168 @@
+"""A torchrun worker for tests/test_distributed_train.py: real gloo process groups, real
+tiny transformers models, the real Trainer.
+
+``python -m torch.distributed.run --nproc-per-node 2 tests/dist_workers/train_worker.py
+--strategy ddp --out DIR`` runs every scenario the test compares and writes each rank's
+results to ``DIR/rank{r}.pt``. The builders are imported by the test too (by file path), so
+the single-process reference trains exactly the same models on exactly the same blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from foundry_kernel._context import RunContext
+from foundry_kernel._world import World, close_world, init_world
+from foundry_kernel.config import (
+    CheckpointConfig,
+    DistributedConfig,
+    EvalConfig,
+    LimitsConfig,
+    LossConfig,
+    OptimConfig,
+)
+from foundry_kernel.data._blocks import DataBundle, TokenBlocks
+from foundry_kernel.errors import RunCancelled
+from foundry_kernel.training._parallel import full_state_dict
+from foundry_kernel.training._trainer import Trainer, TrainPlan
+
+VOCAB = 64
+SEQ = 12
+MAX_STEPS = 5
+STOP_AT = 3  # the stop lands during this step (1-based): the run ends with this many
+
+
+def tiny_llama(seed: int, hidden: int, layers: int) -> LlamaForCausalLM:
+    """A real Llama, fp32, identical in every process that builds it with the same seed."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config)
+
+
+def student() -> LlamaForCausalLM:
+    return tiny_llama(0, 16, 2)
+
+
+def teacher() -> LlamaForCausalLM:
+    return tiny_llama(1, 24, 1).eval()
+
+
+def blocks(n: int, seed: int) -> TokenBlocks:
+    """Unpadded blocks with a prompt of 0-6 tokens masked out of the labels, a different
+    length per block: the ranks' shares hold different numbers of valid tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+    labels = ids.clone()
+    for i in range(n):
+        labels[i, : (i * 5) % 7] = -100
+    return TokenBlocks(ids, torch.ones_like(ids), labels)
+
+
+def bundle() -> DataBundle:
+    return DataBundle(train=blocks(24, 0), val=blocks(8, 1), report={})
+
+
+def plan(strategy: str, loss_strategy: str, *, max_steps: int = MAX_STEPS) -> TrainPlan:
+    return TrainPlan(
+        optim=OptimConfig(batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=1),
+        limits=LimitsConfig(max_steps=max_steps),
+        eval=EvalConfig(every_steps=100, max_batches=2),
+        checkpoint=CheckpointConfig(every_steps=None, on_stop=True, keep_last=2),
+        loss=LossConfig(ce_weight=0.5),
+        seed=3,
+        loss_strategy=loss_strategy,
+        distributed=DistributedConfig(strategy=strategy),  # type: ignore[arg-type]
+    )
+
+
+def train(
+    world: World,
+    strategy: str,
+    loss_strategy: str,
+    *,
+    ckpt: Path | None = None,
+    resume: bool = False,
+    stop_rank: int | None = None,
+) -> dict[str, Any]:
+    """One run; returns its loss curve, validation metrics, final full weights (rank 0)
+    and how it ended. ``stop_rank`` cancels that rank's context during step STOP_AT."""
+    ctx = RunContext()
+    curve: dict[int, dict[str, float]] = {}
+    trainer = Trainer(
+        student(),
+        bundle(),
+        plan(strategy, loss_strategy),
+        ctx=ctx,
+        on_metrics=lambda step, values: curve.setdefault(step, {}).update(values),
+        teacher=teacher(),
+        vocab_size=VOCAB,
+        ckpt_dir=ckpt,
+        world=world,
+    )
+    if stop_rank is not None and world.rank == stop_rank:
+        real = trainer._micro_step
+        calls = 0
+
+        def micro(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 2 * (STOP_AT - 1) + 1:  # the first micro-batch of step STOP_AT
+                ctx.cancel("cancelled by the test")
+            return real(*args, **kwargs)
+
+        trainer._micro_step = micro  # type: ignore[method-assign]
+    ended = "finished"
+    try:
+        trainer.fit(resume=resume)
+    except RunCancelled:
+        ended = "cancelled"
+    local = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return {
+        "curve": curve,
+        "val": dict(trainer.last_eval),
+        "weights": full_state_dict(trainer.wrapped, world),
+        "local": local if strategy == "ddp" else None,
+        "ended": ended,
+        "step": trainer.step,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", choices=["ddp", "fsdp2"], required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    world = init_world(backend="gloo", device_type="cpu", timeout_s=120)
+    out: dict[str, Any] = {"world_size": world.world_size}
+    for loss_strategy in ("logits", "fused"):
+        out[f"full_{loss_strategy}"] = train(world, args.strategy, loss_strategy)
+    ckpt = args.out / "ckpt"
+    out["stopped"] = train(world, args.strategy, "logits", ckpt=ckpt, stop_rank=1)
+    world.barrier()
+    if world.is_main:  # the checkpoint of the stopped run, for the 2 -> 1 resume
+        shutil.copytree(ckpt, args.out / "ckpt_at_stop")
+    world.barrier()
+    out["resumed"] = train(world, args.strategy, "logits", ckpt=ckpt, resume=True)
+    torch.save(out, args.out / f"rank{world.rank}.pt")
+    close_world(world)
+
+
+if __name__ == "__main__":
+    main()
