@@ -692,8 +692,7 @@ def _check_placement(cfg: RunConfig) -> None:
         )
     if placement == "server" and backend != "vllm":
         raise ConfigError(
-            f"{field}='server' needs teacher.backend=vllm (a vLLM server per node, or "
-            "teacher.url)",
+            f"{field}='server' needs teacher.backend=vllm (a vLLM server per node, or teacher.url)",
             field=field,
         )
     if placement in ("replicate", "shard") and backend == "vllm":

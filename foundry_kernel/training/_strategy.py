@@ -157,7 +157,9 @@ class LogitsLoss:
             zero = torch.zeros((), device=device)
             return LossOutput(total=ce, kd=zero, ce=ce.detach(), n_tokens=_n_valid(batch))
         assert setup.teacher is not None
-        signal = setup.teacher.signal(batch.index, batch.input_ids, batch.attention_mask)
+        signal = setup.teacher.signal(
+            batch.index, batch.input_ids, _teacher_mask(setup.teacher, batch)
+        )
         if isinstance(signal, SparseTargets):
             return sparse_distillation_loss(
                 logits,
@@ -227,7 +229,7 @@ class FusedLinearLoss:
                     num_valid_tokens=batch.num_valid,
                     vocab_size=vocab,
                 )
-        signal = teacher.signal(batch.index, batch.input_ids, batch.attention_mask)
+        signal = teacher.signal(batch.index, batch.input_ids, _teacher_mask(teacher, batch))
         with project:
             if isinstance(signal, SparseTargets):
                 return fused_linear_sparse_distillation_loss(
@@ -251,6 +253,15 @@ class FusedLinearLoss:
                 num_valid_tokens=batch.num_valid,
                 vocab_size=setup.vocab_size,
             )
+
+
+def _teacher_mask(teacher: Teacher, batch: MicroBatch) -> Tensor:
+    """The mask a teacher is handed: none for an in-process model on a pad-free batch (as
+    for the student: SDPA's causal kernel, and no all-ones check that syncs the device);
+    the real mask for every other teacher (a server or cache may read it)."""
+    if batch.pad_free and type(teacher) is HFTeacher:
+        return None  # type: ignore[return-value]  # HFTeacher passes it to the model as is
+    return batch.attention_mask
 
 
 def _n_valid(batch: MicroBatch) -> int:
@@ -434,6 +445,9 @@ def _probe(model: nn.Module, backbone: nn.Module, head: nn.Linear) -> str | None
         got = None if none is None else tuple(none.shape)
         return f"logits_to_keep with no position still made logits of shape {got}"
     with torch.no_grad():
+        # Read the head again: a sharded teacher (FSDP2) holds its gathered weight only
+        # after a forward, and the one read above may be this rank's shard.
+        weight = head.weight
         ref = F.linear(hidden.to(weight.dtype), weight, head.bias).float()
     if full is None or full.shape != ref.shape:
         got = None if full is None else tuple(full.shape)

@@ -10,6 +10,7 @@ the single-process reference trains exactly the same models on exactly the same 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,13 @@ from foundry_kernel.config import (
     EvalConfig,
     LimitsConfig,
     LossConfig,
+    OnPolicyConfig,
     OptimConfig,
 )
 from foundry_kernel.data._blocks import DataBundle, TokenBlocks
 from foundry_kernel.errors import RunCancelled
-from foundry_kernel.training._parallel import full_state_dict
-from foundry_kernel.training._trainer import Trainer, TrainPlan
+from foundry_kernel.training._parallel import full_state_dict, shard_teacher
+from foundry_kernel.training._trainer import Trainer, TrainPlan, _loss_parts
 
 VOCAB = 64
 SEQ = 12
@@ -99,18 +101,33 @@ def train(
     ckpt: Path | None = None,
     resume: bool = False,
     stop_rank: int | None = None,
+    bypass: bool = False,
+    shard: bool = False,
+    on_policy: bool = False,
 ) -> dict[str, Any]:
     """One run; returns its loss curve, validation metrics, final full weights (rank 0)
-    and how it ended. ``stop_rank`` cancels that rank's context during step STOP_AT."""
+    and how it ended. ``stop_rank`` cancels that rank's context during step STOP_AT.
+    ``bypass`` runs the loss on the inner model, outside the wrapper's forward (the TRL
+    #5282 bug, reproduced on purpose: the test shows it would be caught). ``shard``
+    places the teacher sharded (FSDP2) across the ranks; ``on_policy`` trains every step
+    on the student's own samples."""
     ctx = RunContext()
     curve: dict[int, dict[str, float]] = {}
+    the_plan = plan(strategy, loss_strategy)
+    if on_policy:
+        the_plan = dataclasses.replace(
+            the_plan, on_policy=OnPolicyConfig(fraction=1.0, prompt_tokens=4, max_new_tokens=6)
+        )
+    live = teacher()
+    if shard:
+        live = shard_teacher(live, world, the_plan.distributed)
     trainer = Trainer(
         student(),
         bundle(),
-        plan(strategy, loss_strategy),
+        the_plan,
         ctx=ctx,
         on_metrics=lambda step, values: curve.setdefault(step, {}).update(values),
-        teacher=teacher(),
+        teacher=live,
         vocab_size=VOCAB,
         ckpt_dir=ckpt,
         world=world,
@@ -127,6 +144,16 @@ def train(
             return real(*args, **kwargs)
 
         trainer._micro_step = micro  # type: ignore[method-assign]
+    if bypass:
+
+        def outside(batch: Any, *, on_policy: bool = False) -> torch.Tensor:
+            total, kd, ce = _loss_parts(
+                trainer.model, trainer.loss_strategy.strategy, trainer._setup, batch
+            )
+            total.backward()
+            return torch.stack([total.detach(), kd.detach(), ce.detach()])
+
+        trainer._micro_step = outside  # type: ignore[method-assign]
     ended = "finished"
     try:
         trainer.fit(resume=resume)
@@ -139,6 +166,7 @@ def train(
         "weights": full_state_dict(trainer.wrapped, world),
         "local": local if strategy == "ddp" else None,
         "ended": ended,
+        "loss_strategy": trainer.loss_strategy.name,
         "step": trainer.step,
     }
 
@@ -153,6 +181,11 @@ def main() -> None:
     out: dict[str, Any] = {"world_size": world.world_size}
     for loss_strategy in ("logits", "fused"):
         out[f"full_{loss_strategy}"] = train(world, args.strategy, loss_strategy)
+    for loss_strategy in ("logits", "fused"):
+        out[f"shard_{loss_strategy}"] = train(world, args.strategy, loss_strategy, shard=True)
+    out["on_policy"] = train(world, args.strategy, "logits", on_policy=True)
+    if args.strategy == "ddp":
+        out["bypass_fused"] = train(world, "ddp", "fused", bypass=True)
     ckpt = args.out / "ckpt"
     out["stopped"] = train(world, args.strategy, "logits", ckpt=ckpt, stop_rank=1)
     world.barrier()
