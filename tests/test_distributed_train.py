@@ -164,6 +164,8 @@ def test_only_rank_zero_reports_and_every_rank_is_measured(launched) -> None:
         assert first[f"rank/{r}/vram_mb"] == 0  # CPU
     assert ranks[1]["full_logits"]["curve"] == {}
     assert ranks[1]["full_logits"]["weights"] is None
+    full = ranks[0]["full_logits"]
+    assert _max_diff(full["weights"], full["via_wrapper"]) == 0  # model or wrapper: same
 
 
 def test_fused_and_logits_agree_through_the_wrapper(launched) -> None:

@@ -231,11 +231,8 @@ def load_sharded(
             "or damaged after it was written; refusing to load it"
         )
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-    )
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))  # in place
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     trainer_state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
     if not isinstance(trainer_state, dict):
         raise CheckpointError(f"{folder / TRAINER_STATE} does not hold the trainer state")

@@ -132,8 +132,11 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if layers:
         return layers
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    longest: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > len(longest):
+            longest = list(m)
+    return longest
 
 
 def _sum_allreduce_hook(process_group: Any, bucket: Any) -> torch.futures.Future[torch.Tensor]:
@@ -198,13 +201,15 @@ def wrap_student(
     return step
 
 
-def shard_teacher(model: nn.Module, world: World, cfg: DistributedConfig) -> nn.Module:
+def shard_teacher(model: nn.Module, world: World, cfg: object = None) -> nn.Module:
     """The frozen teacher sharded with FSDP2 across ranks (``teacher.placement=shard``): no
     gradients, eval mode, never given to an optimizer. Call it under ``no_grad``: each
     forward all-gathers one layer at a time. The root keeps its parameters (embeddings,
     head) gathered after the forward, so a fused loss may project with the head weight.
 
-    A single process gets the model back frozen, not sharded.
+    A single process gets the model back frozen, not sharded. ``cfg`` (the run's config
+    or its ``distributed`` section) is accepted and unused: a frozen teacher needs no
+    mixed-precision policy for gradients it never has.
     """
     model.requires_grad_(False)
     model.eval()
@@ -212,7 +217,7 @@ def shard_teacher(model: nn.Module, world: World, cfg: DistributedConfig) -> nn.
         return model
     from torch.distributed.fsdp import fully_shard
 
-    del cfg  # the teacher is never trained: no mixed-precision policy for its gradients
+    del cfg
     mesh = _mesh(world, _device_of(model))
     for layer in _decoder_layers(model):
         fully_shard(layer, mesh=mesh)
@@ -223,7 +228,8 @@ def shard_teacher(model: nn.Module, world: World, cfg: DistributedConfig) -> nn.
 def full_state_dict(model: nn.Module, world: World) -> dict[str, torch.Tensor] | None:
     """The student's full, unsharded CPU state dict (the HF model's own keys) on rank 0,
     None on the others; for one ``save_pretrained`` folder whatever the strategy. A
-    collective under FSDP2: every rank must call it."""
+    collective under FSDP2: every rank must call it. ``model`` is the HF model the
+    Trainer was given (``trainer.model``) or its wrapper (``trainer.wrapped``)."""
     inner = unwrap(model)
     if not world.distributed:
         return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
@@ -235,4 +241,4 @@ def full_state_dict(model: nn.Module, world: World) -> dict[str, torch.Tensor] |
     if not world.is_main:
         return None
     prefix = "inner." if isinstance(root, StepModule) else ""
-    return {k.removeprefix(prefix): v for k, v in state.items()}
+    return {k.removeprefix(prefix): v for k, v in state.items() if isinstance(v, torch.Tensor)}

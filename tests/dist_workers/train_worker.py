@@ -163,7 +163,8 @@ def train(
     return {
         "curve": curve,
         "val": dict(trainer.last_eval),
-        "weights": full_state_dict(trainer.wrapped, world),
+        "weights": full_state_dict(trainer.model, world),  # as the job and bench call it
+        "via_wrapper": full_state_dict(trainer.wrapped, world),
         "local": local if strategy == "ddp" else None,
         "ended": ended,
         "loss_strategy": trainer.loss_strategy.name,
