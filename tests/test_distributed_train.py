@@ -70,8 +70,28 @@ def reference() -> dict[str, dict[str, Any]]:
     return {ls: worker.train(World(), "ddp", ls) for ls in LOSS_STRATEGIES}
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """A single-process run cancelled during step 3: its one-file checkpoint (step 2, the
+    last completed step) is what the 2-rank jobs resume from (1 -> 2)."""
+    ckpt = tmp_path_factory.mktemp("one-process") / "ckpt"
+    run = worker.train(World(), "ddp", "logits", ckpt=ckpt, stop_rank=0)
+    assert run["ended"] == "cancelled" and run["step"] == worker.STOP_AT - 1
+    assert json.loads((ckpt / "latest.json").read_text())["file"].endswith(".pt")
+    return ckpt, run
+
+
+@pytest.fixture(scope="module")
+def padded_reference() -> dict[str, Any]:
+    return worker.train(World(), "ddp", "logits", padded=True)
+
+
 @pytest.fixture(scope="module", params=["ddp", "fsdp2"])
-def launched(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def launched(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    one_process: tuple[Path, dict[str, Any]],
+) -> Any:
     """One 2-process torchrun launch of every scenario for this strategy."""
     strategy = request.param
     out = tmp_path_factory.mktemp(f"dist-{strategy}")
@@ -89,6 +109,8 @@ def launched(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         strategy,
         "--out",
         str(out),
+        "--one-process-ckpt",
+        str(one_process[0]),
     ]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -226,6 +248,29 @@ def test_a_two_rank_checkpoint_resumes_on_one_process(launched, reference, tmp_p
     gap = _max_diff(resumed["weights"], ref["weights"])
     print(f"{strategy} resume 2->1: weights {gap:.3g}")
     assert gap <= TOL
+
+
+def test_a_one_process_checkpoint_resumes_on_two_ranks(launched, reference) -> None:
+    """1 -> 2: every rank loads the one-file checkpoint's full states (re-keyed by name,
+    resharded under fsdp2) and the job finishes the uninterrupted single-process run."""
+    strategy, _, ranks = launched
+    resumed, ref = ranks[0]["from_one"], reference["logits"]
+    assert resumed["ended"] == "finished"
+    assert sorted(resumed["curve"]) == list(range(worker.STOP_AT, worker.MAX_STEPS + 1))
+    for step, values in resumed["curve"].items():
+        assert values["train/loss"] == pytest.approx(ref["curve"][step]["train/loss"], abs=TOL)
+    gap = _max_diff(resumed["weights"], ref["weights"])
+    print(f"{strategy} resume 1->2: weights {gap:.3g}")
+    assert gap <= TOL
+
+
+def test_padded_blocks_train_the_same_on_two_ranks(launched, padded_reference) -> None:
+    """With padding the mask is passed (the blocks are not pad-free) and padded positions
+    carry no label: 2 ranks still equal 1 process."""
+    _, _, ranks = launched
+    got = ranks[0]["padded"]
+    assert _curve_diff(got["curve"], padded_reference["curve"]) <= TOL
+    assert _max_diff(got["weights"], padded_reference["weights"]) <= TOL
 
 
 def test_a_damaged_sharded_checkpoint_is_refused(launched, tmp_path) -> None:

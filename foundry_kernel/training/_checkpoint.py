@@ -245,3 +245,38 @@ def _prune_sharded(directory: Path, *, keep: int, current: str) -> None:
         if old.name != current:
             shutil.rmtree(old, ignore_errors=True)
     _prune(directory, keep=keep, current=current)
+
+
+def load_full_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, Any],
+    optim_state: dict[str, Any],
+) -> None:
+    """Load a one-process checkpoint's full states into a (possibly sharded) model and its
+    optimizer: the model's by name, the optimizer's re-keyed from parameter positions to
+    names (the order ``optimizer``'s groups hold them in), then resharded to this rank.
+    Every rank calls it with the same full states."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_position: list[str] = []
+    for group in optimizer.param_groups:
+        by_position.extend(names[id(p)] for p in group["params"])
+    try:
+        state = {by_position[int(k)]: v for k, v in optim_state["state"].items()}
+        groups = [
+            {**g, "params": [by_position[int(i)] for i in g["params"]]}
+            for g in optim_state["param_groups"]
+        ]
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"the checkpoint's optimizer state does not match this model's parameters: {exc}"
+        ) from exc
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict={"state": state, "param_groups": groups},
+        options=StateDictOptions(full_state_dict=True),
+    )

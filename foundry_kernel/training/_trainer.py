@@ -52,8 +52,8 @@ from foundry_kernel.errors import ConfigError, DataError, DivergenceError, RunCa
 from foundry_kernel.teachers._interface import Teacher, as_teacher, sample_continuations
 from foundry_kernel.training._checkpoint import (
     SHARDED,
-    CheckpointError,
     latest_format,
+    load_full_state,
     load_latest,
     load_sharded,
     save_checkpoint,
@@ -290,14 +290,13 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.world.distributed and self.plan.distributed.strategy == "fsdp2":
-            raise CheckpointError(
-                "this checkpoint was written by one process (one file); an fsdp2 job cannot "
-                "load it. Resume it on one process, or with distributed.strategy=ddp (a "
-                "checkpoint written by a distributed job resumes on any world size)"
-            )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """A one-process (one-file) checkpoint's state; in a distributed job every rank
+        loads the full state and keeps its share (FSDP2 reshards it)."""
+        if self.world.distributed:
+            load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self._load_counters(state)
 
     def _load_counters(self, state: Mapping[str, Any]) -> None:

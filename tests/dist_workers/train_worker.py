@@ -65,19 +65,26 @@ def teacher() -> LlamaForCausalLM:
     return tiny_llama(1, 24, 1).eval()
 
 
-def blocks(n: int, seed: int) -> TokenBlocks:
-    """Unpadded blocks with a prompt of 0-6 tokens masked out of the labels, a different
-    length per block: the ranks' shares hold different numbers of valid tokens."""
+def blocks(n: int, seed: int, *, padded: bool = False) -> TokenBlocks:
+    """Blocks with a prompt of 0-6 tokens masked out of the labels, a different length per
+    block: the ranks' shares hold different numbers of valid tokens. ``padded``: every
+    third block ends in 3 padding positions (masked out of attention and labels)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
     labels = ids.clone()
+    mask = torch.ones_like(ids)
     for i in range(n):
         labels[i, : (i * 5) % 7] = -100
-    return TokenBlocks(ids, torch.ones_like(ids), labels)
+        if padded and i % 3 == 0:
+            mask[i, -3:] = 0
+            labels[i, -3:] = -100
+    return TokenBlocks(ids, mask, labels)
 
 
-def bundle() -> DataBundle:
-    return DataBundle(train=blocks(24, 0), val=blocks(8, 1), report={})
+def bundle(*, padded: bool = False) -> DataBundle:
+    return DataBundle(
+        train=blocks(24, 0, padded=padded), val=blocks(8, 1, padded=padded), report={}
+    )
 
 
 def plan(strategy: str, loss_strategy: str, *, max_steps: int = MAX_STEPS) -> TrainPlan:
@@ -104,13 +111,14 @@ def train(
     bypass: bool = False,
     shard: bool = False,
     on_policy: bool = False,
+    padded: bool = False,
 ) -> dict[str, Any]:
     """One run; returns its loss curve, validation metrics, final full weights (rank 0)
     and how it ended. ``stop_rank`` cancels that rank's context during step STOP_AT.
     ``bypass`` runs the loss on the inner model, outside the wrapper's forward (the TRL
     #5282 bug, reproduced on purpose: the test shows it would be caught). ``shard``
     places the teacher sharded (FSDP2) across the ranks; ``on_policy`` trains every step
-    on the student's own samples."""
+    on the student's own samples; ``padded`` trains on partly padded blocks."""
     ctx = RunContext()
     curve: dict[int, dict[str, float]] = {}
     the_plan = plan(strategy, loss_strategy)
@@ -123,7 +131,7 @@ def train(
         live = shard_teacher(live, world, the_plan.distributed)
     trainer = Trainer(
         student(),
-        bundle(),
+        bundle(padded=padded),
         the_plan,
         ctx=ctx,
         on_metrics=lambda step, values: curve.setdefault(step, {}).update(values),
@@ -176,6 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", choices=["ddp", "fsdp2"], required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--one-process-ckpt", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
     world = init_world(backend="gloo", device_type="cpu", timeout_s=120)
@@ -185,6 +194,12 @@ def main() -> None:
     for loss_strategy in ("logits", "fused"):
         out[f"shard_{loss_strategy}"] = train(world, args.strategy, loss_strategy, shard=True)
     out["on_policy"] = train(world, args.strategy, "logits", on_policy=True)
+    out["padded"] = train(world, args.strategy, "logits", padded=True)
+    from_one = args.out / "ckpt_from_one"
+    if world.is_main:
+        shutil.copytree(args.one_process_ckpt, from_one)
+    world.barrier()
+    out["from_one"] = train(world, args.strategy, "logits", ckpt=from_one, resume=True)
     if args.strategy == "ddp":
         out["bypass_fused"] = train(world, "ddp", "fused", bypass=True)
     ckpt = args.out / "ckpt"
