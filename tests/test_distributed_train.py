@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -392,3 +393,30 @@ def test_one_host_sync_per_optimizer_step(loss_strategy: str) -> None:
         if k.split(":")[1] not in _HOST_SIDE and not k.startswith(("adamw.py", "optimizer.py"))
     }
     assert device_reads == {"_trainer.py:_step_values:tolist": 2}, dict(seen)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_host_syncs_per_step_on_cuda() -> None:
+    """On a GPU, torch's sync debug mode sees what the CPU count cannot: the step-end read
+    plus one ``nonzero`` (the losses' row compaction) per micro-batch, nothing more."""
+    device = torch.device("cuda")
+    trainer = Trainer(
+        worker.student().to(device),
+        worker.bundle(),
+        worker.plan("ddp", "fused", max_steps=3),
+        ctx=RunContext(),
+        on_metrics=None,
+        teacher=worker.teacher().to(device),
+        vocab_size=worker.VOCAB,
+    )
+    trainer._train_step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer._train_step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1 + trainer.plan.optim.grad_accum, syncs

@@ -13,6 +13,15 @@ How one micro-batch becomes a loss is not the loop's business but a
 :class:`~foundry_kernel.training._strategy.LossStrategy` chosen by ``plan.loss_strategy``
 (``loss.strategy``): fused-linear where the model allows it, logits otherwise. The choice
 and its reason are ``Trainer.loss_strategy``; the run's summary records them.
+
+Data parallelism (a ``World`` of N ranks, launched by torchrun) is the same loop with
+W = N: every rank draws the same global batch and trains on its contiguous share, the loss
+is divided by the valid-token count of the whole step (all micro-batches, all ranks:
+counted on the host from the blocks every rank holds), the student is wrapped by
+``training._parallel`` (DDP or FSDP2, the loss computed inside the wrapper's forward), and
+each optimizer step ends with one all-reduce of one small vector that also carries every
+rank's stop request, so all ranks stop after the same step. A single process keeps its
+results bit for bit.
 """
 
 from __future__ import annotations
@@ -226,6 +235,7 @@ class Trainer:
         self.wrapped = wrap_student(model, self.world, plan.distributed, plan.amp_dtype)
         self.optimizer = self._make_optimizer()
         self._group_stop: str | None = None
+        self._rank_rate: float | None = None  # this rank's tokens/s in its previous step
 
     def _choose_strategy(self) -> StrategyChoice:
         """Resolve ``plan.loss_strategy`` for this model and teacher (a ConfigError for an
@@ -523,11 +533,17 @@ class Trainer:
             host[2] = float(reason is not None and reason != "timed_out")
             host[3] = float(reason == "timed_out")
             row = self._FIXED - 4 + 3 * world.rank
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            host[row : row + 3] = torch.tensor([tokens / elapsed, *_memory_mb(self.device)])
+            rate = self._rank_rate  # the previous step's, timed after its sync (see below)
+            if rate is None:
+                rate = tokens / max(time.perf_counter() - start, 1e-9)
+            host[row : row + 3] = torch.tensor([rate, *_memory_mb(self.device)])
         vec[4:] += host.to(self.device, non_blocking=self.device.type == "cuda")
         world.all_reduce_sum(vec)
-        return [float(v) for v in vec.tolist()]
+        values = [float(v) for v in vec.tolist()]
+        # This rank's throughput, timed once its work is done (the read above waited for
+        # the device): on a GPU the host runs ahead of the device until then.
+        self._rank_rate = tokens / max(time.perf_counter() - start, 1e-9)
+        return values
 
     def _reduced_stop(self, values: list[float]) -> str | None:
         """The stop every rank takes after this step (None: go on). Only distributed runs
