@@ -35,11 +35,19 @@ from foundry_kernel.errors import ConfigError
 from foundry_kernel.supervisor import free_port
 from foundry_kernel.training._checkpoint import CheckpointError, load_sharded
 from foundry_kernel.training._evaluate import shift_labels
+from foundry_kernel.training._parallel import (
+    StepModule,
+    fsdp_mixed_precision,
+    shard_teacher,
+    unwrap,
+    wrap_student,
+)
 from foundry_kernel.training._trainer import Trainer
 
 WORKER = Path(__file__).parent / "dist_workers" / "train_worker.py"
 TOL = 1e-5  # fp32 rounding of a different summation order, over 5 AdamW steps
 LOSS_STRATEGIES = ("logits", "fused")
+MIXED = ("auto", "off", "bfloat16")
 
 
 def _load_worker() -> ModuleType:
@@ -234,6 +242,21 @@ def test_sharded_resume_on_the_same_world_equals_the_uninterrupted_run(launched)
     assert gap <= 1e-6
 
 
+def test_a_checkpoint_of_the_current_step_is_not_rewritten(launched) -> None:
+    """Resumed at step 3 with max_steps 3: the final checkpoint finds step 3 already in the
+    manifest and leaves folder and manifest as they were (rewriting the folder the manifest
+    names would leave a window with no valid checkpoint)."""
+    _, out, ranks = launched
+    assert ranks[0]["again"]["ended"] == "finished"
+    assert ranks[0]["again"]["step"] == worker.STOP_AT
+    before = (out / "ckpt_at_stop" / "latest.json").read_text()
+    assert (out / "ckpt_again" / "latest.json").read_text() == before
+    folder = f"step-{worker.STOP_AT:08d}"
+    for name in json.loads(before)["files"]:
+        old, new = out / "ckpt_at_stop" / folder / name, out / "ckpt_again" / folder / name
+        assert new.stat().st_mtime_ns == old.stat().st_mtime_ns, name  # copytree kept it
+
+
 def test_a_two_rank_checkpoint_resumes_on_one_process(launched, reference, tmp_path) -> None:
     """DCP reshards: the 2-rank checkpoint of step 3 resumed by one process finishes the
     run the single process would have run uninterrupted (the global batch does not depend
@@ -420,3 +443,18 @@ def test_host_syncs_per_step_on_cuda() -> None:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= 1 + trainer.plan.optim.grad_accum, syncs
+
+
+def test_one_process_gets_its_model_back_and_the_wrappers_unwrap() -> None:
+    """World(): no wrapper (the single-process path is today's); any wrapper unwraps to
+    the HF model; fsdp2's bf16 policy follows distributed.mixed_precision, auto = the
+    plan's autocast dtype."""
+    model = worker.student()
+    cfg = worker.plan("fsdp2", "logits").distributed
+    assert wrap_student(model, World(), cfg, None) is model
+    assert unwrap(StepModule(model)) is model and unwrap(model) is model
+    auto, off, bf16 = (cfg.model_copy(update={"mixed_precision": m}) for m in MIXED)
+    assert fsdp_mixed_precision(auto, torch.bfloat16) and not fsdp_mixed_precision(auto, None)
+    assert not fsdp_mixed_precision(off, torch.bfloat16) and fsdp_mixed_precision(bf16, None)
+    frozen = shard_teacher(worker.teacher().train(), World())
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())

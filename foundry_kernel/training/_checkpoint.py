@@ -168,6 +168,11 @@ def save_sharded(
         )
     name = f"step-{step:08d}"
     folder = directory / name
+    # The manifest already names this step (a resumed run stopping before its next step):
+    # the state is that checkpoint's; rewriting its folder would open a window with none.
+    current = world.broadcast_object(_current_dir(directory) if world.is_main else None)
+    if current == name:
+        return folder
     if world.is_main:
         directory.mkdir(parents=True, exist_ok=True)
         if folder.exists():  # left by a crash before its manifest: never referenced
@@ -195,6 +200,15 @@ def save_sharded(
         _prune_sharded(directory, keep=keep_last, current=name)
     world.barrier()
     return folder
+
+
+def _current_dir(directory: Path) -> str | None:
+    """The folder the manifest names, if it is a sharded checkpoint's."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = _read_manifest(path)
+    return str(manifest.get("dir")) if manifest.get("format") == SHARDED else None
 
 
 def load_sharded(

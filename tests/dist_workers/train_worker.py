@@ -112,6 +112,7 @@ def train(
     shard: bool = False,
     on_policy: bool = False,
     padded: bool = False,
+    max_steps: int = MAX_STEPS,
 ) -> dict[str, Any]:
     """One run; returns its loss curve, validation metrics, final full weights (rank 0)
     and how it ended. ``stop_rank`` cancels that rank's context during step STOP_AT.
@@ -121,7 +122,7 @@ def train(
     on the student's own samples; ``padded`` trains on partly padded blocks."""
     ctx = RunContext()
     curve: dict[int, dict[str, float]] = {}
-    the_plan = plan(strategy, loss_strategy)
+    the_plan = plan(strategy, loss_strategy, max_steps=max_steps)
     if on_policy:
         the_plan = dataclasses.replace(
             the_plan, on_policy=OnPolicyConfig(fraction=1.0, prompt_tokens=4, max_new_tokens=6)
@@ -208,6 +209,11 @@ def main() -> None:
     if world.is_main:  # the checkpoint of the stopped run, for the 2 -> 1 resume
         shutil.copytree(ckpt, args.out / "ckpt_at_stop")
     world.barrier()
+    again = args.out / "ckpt_again"  # resumed with nothing left to do: the final save
+    if world.is_main:  # finds its step already checkpointed
+        shutil.copytree(args.out / "ckpt_at_stop", again)
+    world.barrier()
+    out["again"] = train(world, args.strategy, "logits", ckpt=again, resume=True, max_steps=STOP_AT)
     out["resumed"] = train(world, args.strategy, "logits", ckpt=ckpt, resume=True)
     torch.save(out, args.out / f"rank{world.rank}.pt")
     close_world(world)
