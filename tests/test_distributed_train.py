@@ -122,7 +122,9 @@ def launched(
         str(one_process[0]),
     ]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
+    if done.returncode != 0:  # the ranks' own lines first: torchrun's summary hides them
+        ranks_said = [line for line in done.stderr.splitlines() if line.startswith("[rank")]
+        pytest.fail("\n".join(ranks_said[-60:]) + "\n" + done.stderr[-3000:])
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     return strategy, out, ranks

@@ -216,6 +216,7 @@ def main() -> None:
     out["again"] = train(world, args.strategy, "logits", ckpt=again, resume=True, max_steps=STOP_AT)
     out["resumed"] = train(world, args.strategy, "logits", ckpt=ckpt, resume=True)
     torch.save(out, args.out / f"rank{world.rank}.pt")
+    world.barrier()  # nobody tears its connections down while another rank still works
     close_world(world)
 
 
