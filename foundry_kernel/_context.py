@@ -101,6 +101,20 @@ class RunContext:
                 raise RunTimeout("the run's wall-clock limit (limits.timeout_s) was reached")
             raise RunCancelled(f"run stopped: {self._reason}")
 
+    def pending_stop(self) -> str | None:
+        """The stop reason if the job should stop now (``"timed_out"`` past the deadline),
+        else None; never raises.
+
+        A data-parallel rank must not raise alone mid-step (the others would wait in a
+        collective until the timeout): it folds this answer into the step's one
+        all-reduce instead, and every rank stops together after that step. Like
+        :meth:`check` it is a heartbeat and applies the deadline.
+        """
+        self.last_beat = self._clock()
+        if self._deadline is not None and self._clock() > self._deadline:
+            self.cancel("timed_out")
+        return self._reason if self._stop.is_set() else None
+
     def heartbeat(self) -> None:
         """Mark progress for the step watchdog."""
         self.last_beat = self._clock()

@@ -46,6 +46,8 @@ softening puts on the KD gradient, keeping it on the scale of the CE gradient.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -71,6 +73,7 @@ __all__ = [
     "fused_linear_sparse_distillation_loss",
     "sparse_distillation_loss",
     "token_divergence",
+    "trusted_labels",
 ]
 
 LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
@@ -177,6 +180,22 @@ class LossOutput:
 
 
 # --------------------------------------------------------------------------- shared helpers
+
+# Labels already validated where the batches were built (the Trainer checks its blocks
+# once): the per-call range check, a host sync per micro-step, is skipped inside.
+_TRUSTED: contextvars.ContextVar[bool] = contextvars.ContextVar("foundry_trusted", default=False)
+
+
+@contextlib.contextmanager
+def trusted_labels() -> Iterator[None]:
+    """Skip the label range check (``IGNORE_INDEX`` or in ``[0, vocab)``) of the losses
+    called inside: for callers that validated every label once, where the batches are built
+    (``Trainer`` does). Shapes and dtypes are still checked (free: no host sync)."""
+    token = _TRUSTED.set(True)
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -493,12 +512,23 @@ def _finish(plan: _Plan, kd_sum: Tensor, ce_sum: Tensor) -> tuple[Tensor, Tensor
 
 
 def _scale_grad(grad: Tensor | None, grad_output: Tensor) -> Tensor | None:
-    """Apply the upstream scalar; skip the copy in the usual case where it is exactly 1."""
+    """Apply the upstream scalar in place: exact (and the same bits) when it is 1, with no
+    host sync (the former ``torch.equal`` test stalled a GPU once per backward) and no
+    copy. The saved buffer therefore serves one backward: see :func:`_spend`."""
     if grad is None:
         return None
-    if torch.equal(grad_output, torch.ones_like(grad_output)):
-        return grad
-    return grad * grad_output.to(grad.dtype)
+    return grad.mul_(grad_output.to(grad.dtype))
+
+
+def _spend(ctx: Any) -> None:
+    """Refuse a second backward through one loss call (``retain_graph``): its saved
+    gradient was scaled in place by the first."""
+    if getattr(ctx, "spent", False):
+        raise RuntimeError(
+            "backward ran twice through one chunked loss call; call the loss again instead "
+            "of retain_graph=True (its saved gradient is scaled in place)"
+        )
+    ctx.spent = True
 
 
 # --------------------------------------------------------------------------- chunked logits path
@@ -546,6 +576,7 @@ class _ChunkedDistillation(torch.autograd.Function):
     def backward(
         ctx: Any, grad_total: Tensor, _grad_kd: Tensor, _grad_ce: Tensor
     ) -> tuple[Tensor | None, None, None, None]:
+        _spend(ctx)
         (grad,) = ctx.saved_tensors
         return _scale_grad(grad, grad_total), None, None, None
 
@@ -567,6 +598,8 @@ def _valid_rows(
     valid = labels != IGNORE_INDEX
     rows = valid.nonzero(as_tuple=True)
     targets = labels[rows].long()
+    if _TRUSTED.get():
+        return rows, targets
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
         raise LossInputError(
             f"labels must be {IGNORE_INDEX} or in [0, {vocab}); found values in "
@@ -720,6 +753,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
     def backward(
         ctx: Any, grad_total: Tensor, _grad_kd: Tensor, _grad_ce: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
+        _spend(ctx)
         grad_h, grad_w, grad_b = ctx.saved_tensors
         return (
             _scale_grad(grad_h, grad_total),

@@ -92,6 +92,18 @@ class MicroBatch:
     labels: Tensor  # [B, T]
     num_valid: int
     on_policy: bool = False
+    # No padding anywhere in this batch: the student runs with ``attention_mask=None`` (so
+    # SDPA may take its causal kernel); teachers still get the mask they may need.
+    pad_free: bool = False
+    # This micro-batch's own valid-label count when the caller counted it on the host (no
+    # device sync); None: counted here.
+    local_valid: int | None = None
+    local_tokens: int | None = None  # this micro-batch's real (unpadded) tokens, host-counted
+
+    @property
+    def model_mask(self) -> Tensor | None:
+        """The attention mask to hand the student's forward (None when pad-free)."""
+        return None if self.pad_free else self.attention_mask
 
 
 @dataclass(frozen=True)
@@ -136,7 +148,7 @@ class LogitsLoss:
     def __call__(self, setup: LossSetup, batch: MicroBatch) -> LossOutput:
         device = batch.input_ids.device
         with autocast(device, setup.amp_dtype):
-            logits = setup.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            logits = setup.model(input_ids=batch.input_ids, attention_mask=batch.model_mask)
             logits = logits.logits
         if setup.spec is None:
             flat = logits[..., : setup.vocab_size].float().flatten(0, 1)
@@ -145,7 +157,9 @@ class LogitsLoss:
             zero = torch.zeros((), device=device)
             return LossOutput(total=ce, kd=zero, ce=ce.detach(), n_tokens=_n_valid(batch))
         assert setup.teacher is not None
-        signal = setup.teacher.signal(batch.index, batch.input_ids, batch.attention_mask)
+        signal = setup.teacher.signal(
+            batch.index, batch.input_ids, _teacher_mask(setup.teacher, batch)
+        )
         if isinstance(signal, SparseTargets):
             return sparse_distillation_loss(
                 logits,
@@ -215,7 +229,7 @@ class FusedLinearLoss:
                     num_valid_tokens=batch.num_valid,
                     vocab_size=vocab,
                 )
-        signal = teacher.signal(batch.index, batch.input_ids, batch.attention_mask)
+        signal = teacher.signal(batch.index, batch.input_ids, _teacher_mask(teacher, batch))
         with project:
             if isinstance(signal, SparseTargets):
                 return fused_linear_sparse_distillation_loss(
@@ -241,7 +255,18 @@ class FusedLinearLoss:
             )
 
 
+def _teacher_mask(teacher: Teacher, batch: MicroBatch) -> Tensor:
+    """The mask a teacher is handed: none for an in-process model on a pad-free batch (as
+    for the student: SDPA's causal kernel, and no all-ones check that syncs the device);
+    the real mask for every other teacher (a server or cache may read it)."""
+    if batch.pad_free and type(teacher) is HFTeacher:
+        return None  # type: ignore[return-value]  # HFTeacher passes it to the model as is
+    return batch.attention_mask
+
+
 def _n_valid(batch: MicroBatch) -> int:
+    if batch.local_valid is not None:
+        return batch.local_valid
     return int((batch.labels != IGNORE_INDEX).sum())
 
 
@@ -307,7 +332,7 @@ def _hidden_states(model: nn.Module, batch: MicroBatch, amp: torch.dtype | None)
     with autocast(device, amp), catcher.catching():
         model(
             input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
+            attention_mask=batch.model_mask,
             logits_to_keep=_no_positions(device),
         )
     return catcher.take()
@@ -420,6 +445,9 @@ def _probe(model: nn.Module, backbone: nn.Module, head: nn.Linear) -> str | None
         got = None if none is None else tuple(none.shape)
         return f"logits_to_keep with no position still made logits of shape {got}"
     with torch.no_grad():
+        # Read the head again: a sharded teacher (FSDP2) holds its gathered weight only
+        # after a forward, and the one read above may be this rank's shard.
+        weight = head.weight
         ref = F.linear(hidden.to(weight.dtype), weight, head.bias).float()
     if full is None or full.shape != ref.shape:
         got = None if full is None else tuple(full.shape)

@@ -13,6 +13,15 @@ How one micro-batch becomes a loss is not the loop's business but a
 :class:`~foundry_kernel.training._strategy.LossStrategy` chosen by ``plan.loss_strategy``
 (``loss.strategy``): fused-linear where the model allows it, logits otherwise. The choice
 and its reason are ``Trainer.loss_strategy``; the run's summary records them.
+
+Data parallelism (a ``World`` of N ranks, launched by torchrun) is the same loop with
+W = N: every rank draws the same global batch and trains on its contiguous share, the loss
+is divided by the valid-token count of the whole step (all micro-batches, all ranks:
+counted on the host from the blocks every rank holds), the student is wrapped by
+``training._parallel`` (DDP or FSDP2, the loss computed inside the wrapper's forward), and
+each optimizer step ends with one all-reduce of one small vector that also carries every
+rank's stop request, so all ranks stop after the same step. A single process keeps its
+results bit for bit.
 """
 
 from __future__ import annotations
@@ -29,13 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
+from torch import Tensor
 from transformers import PreTrainedModel
 
 from foundry_kernel._context import RunContext
 from foundry_kernel._isolation import derive_seed, seeded_global_rng, uses_dropout
+from foundry_kernel._world import World
 from foundry_kernel.config import (
     CheckpointConfig,
+    DistributedConfig,
     EvalConfig,
     LimitsConfig,
     LossConfig,
@@ -44,11 +57,20 @@ from foundry_kernel.config import (
     RunConfig,
 )
 from foundry_kernel.data._blocks import IGNORE_INDEX, BatchSampler, DataBundle
-from foundry_kernel.errors import DivergenceError, RunCancelled, RunTimeout
+from foundry_kernel.errors import ConfigError, DataError, DivergenceError, RunCancelled, RunTimeout
 from foundry_kernel.teachers._interface import Teacher, as_teacher, sample_continuations
-from foundry_kernel.training._checkpoint import load_latest, save_checkpoint
+from foundry_kernel.training._checkpoint import (
+    SHARDED,
+    latest_format,
+    load_full_state,
+    load_latest,
+    load_sharded,
+    save_checkpoint,
+    save_sharded,
+)
 from foundry_kernel.training._evaluate import evaluate_lm, shift_labels
-from foundry_kernel.training._losses import LossSpec
+from foundry_kernel.training._losses import LossSpec, trusted_labels
+from foundry_kernel.training._parallel import through, wrap_student
 from foundry_kernel.training._strategy import (
     LossSetup,
     LossStrategy,
@@ -83,6 +105,8 @@ class TrainPlan:
     # ``loss.strategy`` ("auto" without a loss section); a name or a LossStrategy object
     # overrides it (the benchmark compares strategies this way).
     loss_strategy: str | LossStrategy | None = None
+    # Data parallelism (ignored by a single process): ddp or fsdp2, and fsdp2's precision.
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @classmethod
     def from_config(
@@ -105,6 +129,7 @@ class TrainPlan:
             amp_dtype=amp_dtype,
             teacher_amp_dtype=teacher_amp_dtype,
             loss_strategy=cfg.loss.strategy,
+            distributed=cfg.distributed,
         )
 
     def updated(self, changes: Mapping[str, Any]) -> TrainPlan:
@@ -153,7 +178,14 @@ class TrainPlan:
 
 
 class Trainer:
-    """Trains ``model`` on ``data.train`` under ``plan``; evaluates on ``data.val``."""
+    """Trains ``model`` on ``data.train`` under ``plan``; evaluates on ``data.val``.
+
+    With a distributed ``world`` the Trainer wraps the student itself (DDP or FSDP2, per
+    ``plan.distributed``; see ``training._parallel``) before making the optimizer, so the
+    caller hands it the plain HF model and reads the trained weights back with
+    ``_parallel.full_state_dict(trainer.wrapped, world)``. Every rank draws the same global
+    batch and trains on its contiguous share; only rank 0 reports metrics and events.
+    """
 
     def __init__(
         self,
@@ -162,14 +194,24 @@ class Trainer:
         plan: TrainPlan,
         *,
         ctx: RunContext,
-        on_metrics: MetricsSink,
+        on_metrics: MetricsSink | None,
         teacher: Teacher | PreTrainedModel | None = None,
         vocab_size: int | None = None,
         ckpt_dir: Path | None = None,
         prefix: str = "",
+        world: World | None = None,
     ) -> None:
         if plan.loss is not None and teacher is None:
             raise ValueError("a distillation plan needs a teacher")
+        self.world = World() if world is None else world
+        if plan.optim.batch_size < self.world.world_size:
+            raise ConfigError(
+                f"optim.batch_size={plan.optim.batch_size} is the global number of blocks per "
+                f"micro-batch, shared by {self.world.world_size} processes: each needs at "
+                f"least one. Set optim.batch_size >= {self.world.world_size} or start fewer "
+                "processes",
+                field="optim.batch_size",
+            )
         self.model = model
         self.data = data
         self.plan = plan
@@ -183,13 +225,17 @@ class Trainer:
         self.step = 0
         self.skipped = 0
         self.sampler = BatchSampler(len(data.train), plan.optim.batch_size, seed=plan.seed)
-        self.optimizer = self._make_optimizer()
         self.last_eval: dict[str, float] = {}
         self.dropout = uses_dropout(model)  # draws from torch's global RNG: see _step_rng
         if plan.optim.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.loss_strategy = self._choose_strategy()
+        self._blocks = _BlockFacts.of(data.train, vocab_size or _vocab_rows(model))
+        self.loss_strategy = self._choose_strategy()  # probes the plain model: before wrapping
         self._setup, self._on_policy_setup = self._loss_setups()
+        self.wrapped = wrap_student(model, self.world, plan.distributed, plan.amp_dtype)
+        self.optimizer = self._make_optimizer()
+        self._group_stop: str | None = None
+        self._rank_rate: float | None = None  # this rank's tokens/s in its previous step
 
     def _choose_strategy(self) -> StrategyChoice:
         """Resolve ``plan.loss_strategy`` for this model and teacher (a ConfigError for an
@@ -197,7 +243,7 @@ class Trainer:
         choice = choose_strategy(self.plan.strategy, self.model, self.teacher)
         where = self.prefix.rstrip("/") or "training"
         log.info("%s loss strategy: %s (%s)", where, choice.name, choice.reason)
-        if choice.fell_back:
+        if choice.fell_back and self.world.is_main:
             self.ctx.emit(
                 "alert",
                 level="info",
@@ -221,7 +267,8 @@ class Trainer:
         return setup, dataclasses.replace(setup, spec=on_policy)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW; norms and biases (1-D tensors) are not decayed."""
+        """AdamW; norms and biases (1-D tensors) are not decayed. Made after wrapping, over
+        the parameters as the wrapper left them (FSDP2: this rank's shards)."""
         decay: list[torch.nn.Parameter] = []
         no_decay: list[torch.nn.Parameter] = []
         for p in self.model.parameters():
@@ -240,6 +287,9 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ state
+    def _counters(self) -> dict[str, Any]:
+        return {"step": self.step, "skipped": self.skipped, "sampler": self.sampler.state_dict()}
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
@@ -250,8 +300,16 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """A one-process (one-file) checkpoint's state; in a distributed job every rank
+        loads the full state and keeps its share (FSDP2 reshards it)."""
+        if self.world.distributed:
+            load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self._load_counters(state)
+
+    def _load_counters(self, state: Mapping[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
         # An older checkpoint's "rng" (torch's process-global state) is ignored: restoring
         # it would reset the generator of every other run in the process.
@@ -259,22 +317,43 @@ class Trainer:
         self.skipped = int(state["skipped"])
 
     def checkpoint(self) -> None:
-        if self.ckpt_dir is not None:
-            save_checkpoint(
-                self.ckpt_dir,
-                self.step,
-                self.state_dict(),
-                keep_last=self.plan.checkpoint.keep_last,
-            )
+        """One file for a single process; a sharded DCP folder (a collective: every rank
+        calls it at the same step) in a distributed job."""
+        if self.ckpt_dir is None:
+            return
+        keep = self.plan.checkpoint.keep_last
+        if not self.world.distributed:
+            save_checkpoint(self.ckpt_dir, self.step, self.state_dict(), keep_last=keep)
+            return
+        save_sharded(
+            self.ckpt_dir,
+            self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            trainer_state=self._counters(),
+            world=self.world,
+            keep_last=keep,
+        )
 
     def try_resume(self) -> bool:
-        """Continue from the newest checkpoint if there is one."""
+        """Continue from the newest checkpoint if there is one, whichever world wrote it: a
+        sharded checkpoint reshards to this world (the global batch does not depend on the
+        world size, so the trajectory continues unchanged)."""
         if self.ckpt_dir is None:
             return False
-        state = load_latest(self.ckpt_dir)
-        if state is None:
+        kind = latest_format(self.ckpt_dir)
+        if kind is None:
             return False
-        self.load_state_dict(state)
+        if kind == SHARDED:
+            counters = load_sharded(
+                self.ckpt_dir, model=self.model, optimizer=self.optimizer, world=self.world
+            )
+            assert counters is not None
+            self._load_counters(counters)
+        else:
+            state = load_latest(self.ckpt_dir)
+            assert state is not None
+            self.load_state_dict(state)
         log.info("resumed %s at step %d", self.prefix or "training", self.step)
         return True
 
@@ -283,33 +362,52 @@ class Trainer:
         """Train to ``plan.max_steps``; returns the final validation metrics."""
         if resume:
             self.try_resume()
-        self.model.train()
+        self.wrapped.train()
         while self.step < self.plan.max_steps:
             step, at_start = self.step, self.sampler.state_dict()
             try:
                 self._advance()
             except (RunCancelled, RunTimeout):
-                self._stop_cleanly(at_start if self.step == step else None)
+                # A single process may stop mid-step (rewind its batches); a group stop
+                # comes after a finished (or skipped) step: nothing to rewind.
+                mid_step = self.step == step and self._group_stop is None
+                self._stop_cleanly(at_start if mid_step else None)
                 raise
         self.checkpoint()
         return self.last_eval
 
     def _advance(self) -> None:
-        """One optimizer step, its report, and the evaluation/checkpoint it is due."""
-        self.ctx.check()
+        """One optimizer step, its report, and the evaluation/checkpoint it is due.
+
+        A single process stops at any ``ctx.check``. A distributed rank never raises alone
+        mid-step (the others would wait in a collective): its pending stop travels in the
+        step's one all-reduce, and every rank stops together once that step is done."""
+        if not self.world.distributed:
+            self.ctx.check()
         t0 = time.perf_counter()
-        metrics = self._train_step()
+        metrics = self._train_step(t0)
         self.ctx.heartbeat()
+        if metrics is not None:
+            metrics["tokens_per_s"] = metrics.pop("tokens") / max(time.perf_counter() - t0, 1e-9)
+            self.step += 1
+            self._report(metrics)
+        if self._group_stop is not None:
+            self._raise_group_stop(self._group_stop)
         if metrics is None:
             return
-        metrics["tokens_per_s"] = metrics.pop("tokens") / max(time.perf_counter() - t0, 1e-9)
-        self.step += 1
-        self._report(metrics)
         if self.step % self.plan.eval.every_steps == 0 or self.step == self.plan.max_steps:
             self._report(self.evaluate())
         every = self.plan.checkpoint.every_steps
         if every and self.step % every == 0 and self.step < self.plan.max_steps:
             self.checkpoint()
+
+    def _raise_group_stop(self, reason: str) -> None:
+        """Every rank raises the same stop after the same step (the reason came from the
+        reduced flags, so it is identical on all ranks)."""
+        self.ctx.cancel(reason)
+        if reason == "timed_out":
+            raise RunTimeout("the run's wall-clock limit (limits.timeout_s) was reached")
+        raise RunCancelled(f"run stopped: {self.ctx.reason or reason}")
 
     def _stop_cleanly(self, rewind_to: dict[str, Any] | None) -> None:
         """A stop landed: drop partial gradients; if it landed mid-step, rewind that step's
@@ -322,51 +420,78 @@ class Trainer:
             self.checkpoint()
 
     def evaluate(self) -> dict[str, float]:
+        """Held-out metrics. In a distributed job the student is called through its wrapper
+        and no stop is raised mid-evaluation (a rank must not leave the others in a
+        collective); every rank evaluates the same batches."""
+        distributed = self.world.distributed
         result = evaluate_lm(
-            self.model,
+            through(self.wrapped),  # type: ignore[arg-type]  # a model-shaped view
             self.data.val,
             batch_size=self.plan.optim.batch_size,
             max_batches=self.plan.eval.max_batches,
-            ctx=self.ctx,
+            ctx=None if distributed else self.ctx,
             teacher=self.teacher,
             vocab_size=self.vocab_size,
             amp_dtype=self.plan.amp_dtype,
             teacher_amp_dtype=self.plan.teacher_amp_dtype,
         )
-        self.model.train()
+        self.wrapped.train()
         result.pop("tokens", None)
         self.last_eval = {f"val/{k}": v for k, v in result.items()}
         return dict(self.last_eval)
 
     def _report(self, metrics: dict[str, float]) -> None:
+        if not self.world.is_main:
+            return
         named = {f"{self.prefix}{k}": v for k, v in metrics.items()}
-        self.on_metrics(self.step, named)
+        if self.on_metrics is not None:
+            self.on_metrics(self.step, named)
         self.ctx.emit(
             "step", step=self.step, max_steps=self.plan.max_steps, prefix=self.prefix, metrics=named
         )
 
-    def _train_step(self) -> dict[str, float] | None:
-        """One optimizer step over ``grad_accum`` micro-batches; None if it was skipped."""
+    # ------------------------------------------------------------------ one step
+    def _train_step(self, t0: float | None = None) -> dict[str, float] | None:
+        """One optimizer step over ``grad_accum`` micro-batches; None if it was skipped.
+
+        No host sync until the step's end: loss parts accumulate on the device, token
+        counts come from the host's copy of the blocks, and one tensor (loss parts, tokens,
+        stop flags, gradient norm, each rank's throughput and memory) is all-reduced and
+        read back once."""
         plan = self.plan
+        start = time.perf_counter() if t0 is None else t0
         lr = plan.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         rollout = self._on_policy_now()
+        global_idx = [self.sampler.next_indices() for _ in range(plan.optim.grad_accum)]
+        rows = [_host_indices(idx) for idx in global_idx]
         micro = [
-            self._micro_batch(self.sampler.next_indices(), rollout, m)
-            for m in range(plan.optim.grad_accum)
+            self._micro_batch(idx, r, rollout, m)
+            for m, (idx, r) in enumerate(zip(global_idx, rows, strict=True))
         ]
-        n_valid = max(sum(int((mb[3] != IGNORE_INDEX).sum()) for mb in micro), 1)
-        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
-        tokens = 0
-        for m, (idx, ids, mask, target) in enumerate(micro):
-            self.ctx.check()
-            with self._step_rng(m):
-                parts = self._micro_step(idx, ids, mask, target, n_valid, on_policy=rollout)
-            for k, v in parts.items():
-                totals[k] += v
-            tokens += int(mask.sum())
-        grad_norm = self._clip()
+        if rollout:  # the samples were drawn per rank: count their labels over all ranks
+            n_valid = self._global_count(sum(mb.local_valid or 0 for mb in micro))
+        else:  # every rank holds the whole global batch's labels on the host: no collective
+            n_valid = sum(self._blocks.valid_of(r) for r in rows)
+        n_valid = max(n_valid, 1)
+        acc = torch.zeros(3, dtype=self._acc_dtype, device=self.device)
+        with trusted_labels():  # validated once, in _BlockFacts.of
+            for m, mb in enumerate(micro):
+                if not self.world.distributed:
+                    self.ctx.check()
+                batch = dataclasses.replace(mb, num_valid=n_valid)
+                with self._step_rng(m), self._grad_sync(last=m == len(micro) - 1):
+                    acc += self._micro_step(batch, on_policy=rollout).to(acc.dtype)
+        tokens = sum(mb.local_tokens or 0 for mb in micro)
+        norm = self._clip()
+        values = self._step_values(acc, norm, tokens, start)
+        loss, kd, ce = values[0], values[1], values[2]
+        totals = {"loss": loss, "kd": kd, "ce": ce}
+        grad_norm = values[3]
+        if values[5] > 0 and math.isfinite(grad_norm):  # another rank's norm (FSDP2 shards)
+            grad_norm = math.inf
+        self._group_stop = self._reduced_stop(values)
         bad = self._nonfinite(totals, grad_norm)
         if bad is not None:
             self._handle_nonfinite(bad, totals)
@@ -374,10 +499,92 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         out = {f"train/{k}": v for k, v in totals.items() if plan.loss is not None or k != "kd"}
-        out.update({"train/lr": lr, "train/grad_norm": grad_norm, "tokens": float(tokens)})
+        out.update({"train/lr": lr, "train/grad_norm": grad_norm, "tokens": values[4]})
         if plan.on_policy is not None:
             out["train/on_policy"] = float(rollout)
+        out.update(self._rank_metrics(values))
         return out
+
+    @property
+    def _acc_dtype(self) -> torch.dtype:
+        """float64 where the device has it: the device sum of the fp32 parts then equals the
+        Python float sum the loop reported before (bit for bit)."""
+        return torch.float32 if self.device.type == "mps" else torch.float64
+
+    # Layout of the step's one reduced vector: 0-2 loss parts (each rank's share of the
+    # globally normalised loss; they sum to the step's loss), 3 gradient norm (rank 0's
+    # slot only: it is identical on every rank), 4 tokens, 5 ranks whose norm is not
+    # finite, 6 ranks asking to cancel, 7 ranks past the deadline, then per rank r the
+    # triple (tokens/s, RSS MB, VRAM MB) at 8 + 3 r, zero in every other rank's rows.
+    _FIXED = 8
+
+    def _step_values(self, acc: Tensor, norm: Tensor, tokens: int, start: float) -> list[float]:
+        world = self.world
+        size = self._FIXED + (3 * world.world_size if world.distributed else 0)
+        vec = torch.zeros(size, dtype=acc.dtype, device=self.device)
+        vec[0:3] = acc
+        norm = norm.detach().to(acc.dtype)
+        vec[3] = norm if world.is_main else 0.0
+        vec[5] = (~torch.isfinite(norm)).to(acc.dtype)
+        host = torch.zeros(size - 4, dtype=acc.dtype)  # filled on the host, copied once
+        host[0] = float(tokens)
+        if world.distributed:
+            reason = self.ctx.pending_stop()
+            host[2] = float(reason is not None and reason != "timed_out")
+            host[3] = float(reason == "timed_out")
+            row = self._FIXED - 4 + 3 * world.rank
+            rate = self._rank_rate  # the previous step's, timed after its sync (see below)
+            if rate is None:
+                rate = tokens / max(time.perf_counter() - start, 1e-9)
+            host[row : row + 3] = torch.tensor([rate, *_memory_mb(self.device)])
+        vec[4:] += host.to(self.device, non_blocking=self.device.type == "cuda")
+        world.all_reduce_sum(vec)
+        values = [float(v) for v in vec.tolist()]
+        # This rank's throughput, timed once its work is done (the read above waited for
+        # the device): on a GPU the host runs ahead of the device until then.
+        self._rank_rate = tokens / max(time.perf_counter() - start, 1e-9)
+        return values
+
+    def _reduced_stop(self, values: list[float]) -> str | None:
+        """The stop every rank takes after this step (None: go on). Only distributed runs
+        carry stop flags; a single process stops at its own ``ctx.check``."""
+        if not self.world.distributed:
+            return None
+        if values[7] > 0:
+            return "timed_out"
+        if values[6] > 0:
+            return self.ctx.reason or "cancelled on another rank"
+        return None
+
+    def _rank_metrics(self, values: list[float]) -> dict[str, float]:
+        if not self.world.distributed:
+            return {}
+        out: dict[str, float] = {}
+        for r in range(self.world.world_size):
+            at = self._FIXED + 3 * r
+            out[f"rank/{r}/tokens_per_s"] = values[at]
+            out[f"rank/{r}/rss_mb"] = values[at + 1]
+            out[f"rank/{r}/vram_mb"] = values[at + 2]
+        return out
+
+    def _global_count(self, local: int) -> int:
+        """A count summed over ranks (one collective, on the collective's device)."""
+        if not self.world.distributed:
+            return local
+        box = torch.tensor([local], dtype=torch.long, device=self.device)
+        return int(self.world.all_reduce_sum(box).item())
+
+    def _grad_sync(self, *, last: bool) -> AbstractContextManager[None]:
+        """Gradients are reduced across ranks on the last micro-batch only (DDP
+        ``no_sync``; FSDP2 ``set_requires_gradient_sync``); nothing for one process."""
+        if not self.world.distributed:
+            return contextlib.nullcontext()
+        if isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext() if last else self.wrapped.no_sync()
+        set_sync = getattr(self.wrapped, "set_requires_gradient_sync", None)
+        if set_sync is not None:
+            set_sync(last)
+        return contextlib.nullcontext()
 
     def _step_rng(self, micro: int) -> AbstractContextManager[None]:
         """Dropout draws from torch's process-global generator; for a model with dropout
@@ -397,57 +604,88 @@ class Trainer:
             return False
         return random.Random(f"{self.plan.seed}:{self.step}").random() < op.fraction
 
-    def _micro_batch(
-        self, idx: torch.Tensor, rollout: bool, micro: int
-    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(block index, input ids, attention mask, shifted labels) on the device; for an
+    def _to_device(self, t: Tensor) -> Tensor:
+        """Host -> device: pinned and non-blocking on CUDA (the copies of all of a step's
+        micro-batches are issued before its first forward); a plain ``.to`` elsewhere."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _micro_batch(self, idx: Tensor, rows: list[int], rollout: bool, micro: int) -> MicroBatch:
+        """This rank's share of one global micro-batch (block indices ``idx``, the same as
+        the host list ``rows``) on the device; ``num_valid`` is set by the caller. For an
         on-policy step the blocks' first tokens are a prompt the student continues."""
-        ids = self.data.train.input_ids[idx].to(self.device)
-        mask = self.data.train.attention_mask[idx].to(self.device)
+        start, stop = self.world.shard(len(rows))
+        local, mine = idx[start:stop], rows[start:stop]
+        train = self.data.train
+        ids_h = train.input_ids[local]
         if not rollout:
-            return idx, ids, mask, shift_labels(self.data.train.labels[idx]).to(self.device)
+            labels_h = shift_labels(train.labels[local])
+            return MicroBatch(
+                local,
+                self._to_device(ids_h),
+                self._to_device(train.attention_mask[local]),
+                self._to_device(labels_h),
+                0,
+                pad_free=self._blocks.pad_free,
+                local_valid=self._blocks.valid_of(mine),
+                local_tokens=self._blocks.tokens_of(mine),
+            )
         op = self.plan.on_policy
         assert op is not None
         prompt = op.prompt_tokens
-        new = max(1, min(op.max_new_tokens, ids.shape[1] - prompt))
-        prompts = ids[:, :prompt].tolist()
+        new = max(1, min(op.max_new_tokens, ids_h.shape[1] - prompt))
+        prompts = ids_h[:, :prompt].tolist()
+        seed = self.plan.seed * 1_000_003 + self.step * 97 + micro
+        if self.world.distributed:  # each rank samples its own rows: its own stream
+            seed = derive_seed("on_policy", seed, self.world.rank)
         continuations = sample_continuations(
-            self.model,
+            through(self.wrapped),  # type: ignore[arg-type]  # a model-shaped view
             prompts,
-            max_new_tokens=new,
+            max_new_tokens=new,  # exactly this many forwards on every rank (no early stop)
             temperature=op.temperature,
-            seed=self.plan.seed * 1_000_003 + self.step * 97 + micro,
+            seed=seed,
             pad_token_id=None,
-            check=self.ctx.check,
+            check=self.ctx.heartbeat if self.world.distributed else self.ctx.check,
         )
-        seq = torch.tensor(
-            [p + c[:new] for p, c in zip(prompts, continuations, strict=True)], device=self.device
+        seq_h = torch.tensor([p + c[:new] for p, c in zip(prompts, continuations, strict=True)])
+        labels = seq_h.clone()
+        labels[:, :prompt] = IGNORE_INDEX  # only the student's own tokens are scored
+        target = shift_labels(labels)
+        seq = self._to_device(seq_h)
+        return MicroBatch(
+            None,
+            seq,
+            torch.ones_like(seq),
+            self._to_device(target),
+            0,
+            on_policy=True,
+            pad_free=True,
+            local_valid=int((target != IGNORE_INDEX).sum()),  # host tensor: no device sync
+            local_tokens=int(seq_h.numel()),
         )
-        labels = seq.clone()
-        labels[:, :prompt] = -100  # only the student's own tokens are scored
-        return None, seq, torch.ones_like(seq), shift_labels(labels)
 
-    def _micro_step(
-        self,
-        idx: torch.Tensor | None,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        target: torch.Tensor,
-        n_valid: int,
-        *,
-        on_policy: bool = False,
-    ) -> dict[str, float]:
-        """Forward and loss by the phase's strategy, then backward (gradients accumulate)."""
-        batch = MicroBatch(idx, ids, mask, target, n_valid, on_policy=on_policy)
+    def _micro_step(self, batch: MicroBatch, *, on_policy: bool = False) -> Tensor:
+        """Forward and loss by the phase's strategy (inside the wrapper's forward when
+        there is one), then backward (gradients accumulate). Returns the detached
+        (total, kd, ce) on the device."""
         setup = self._on_policy_setup if on_policy else self._setup
-        out = self.loss_strategy.strategy(setup, batch)
-        out.total.backward()
-        return {"loss": out.total.item(), "kd": out.kd.item(), "ce": out.ce.item()}
+        strategy = self.loss_strategy.strategy
+        if self.wrapped is self.model:
+            total, kd, ce = _loss_parts(self.model, strategy, setup, batch)
+        else:
+            total, kd, ce = self.wrapped(_loss_parts, strategy, setup, batch)
+        total.backward()
+        return torch.stack([total.detach(), kd.detach(), ce.detach()])
 
-    def _clip(self) -> float:
+    def _clip(self) -> Tensor:
+        """Clip by the global gradient norm and return it (a device tensor; under FSDP2 the
+        norm over every rank's shards)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.plan.optim.max_grad_norm or float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        full = getattr(norm, "full_tensor", None)  # a DTensor under FSDP2
+        return full() if callable(full) else norm
 
     @staticmethod
     def _nonfinite(totals: dict[str, float], grad_norm: float) -> str | None:
@@ -459,18 +697,20 @@ class Trainer:
         return None
 
     def _handle_nonfinite(self, component: str, totals: dict[str, float]) -> None:
+        """Skip or stop; the decision comes from reduced values, so every rank takes it."""
         self.optimizer.zero_grad(set_to_none=True)
         where = f"{self.prefix}step {self.step + 1}"
         if self.plan.limits.on_nonfinite == "skip" and self.skipped < self.plan.limits.max_skips:
             self.skipped += 1
-            self.ctx.emit(
-                "alert",
-                level="warning",
-                step=self.step + 1,
-                component=component,
-                message=f"non-finite {component} at {where}; step skipped "
-                f"({self.skipped}/{self.plan.limits.max_skips})",
-            )
+            if self.world.is_main:
+                self.ctx.emit(
+                    "alert",
+                    level="warning",
+                    step=self.step + 1,
+                    component=component,
+                    message=f"non-finite {component} at {where}; step skipped "
+                    f"({self.skipped}/{self.plan.limits.max_skips})",
+                )
             return None
         values = ", ".join(f"{k}={v:.4g}" for k, v in totals.items())
         raise DivergenceError(
@@ -479,3 +719,67 @@ class Trainer:
             step=self.step + 1,
             component=component,
         )
+
+
+def _loss_parts(
+    model: torch.nn.Module, strategy: LossStrategy, setup: LossSetup, batch: MicroBatch
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A micro-step's whole loss with ``model`` as the student: what runs inside the
+    wrapper's forward (``StepModule``), so every use of the student's parameters, the
+    fused loss's head weight included, is seen by DDP/FSDP2. Returns plain tensors (a
+    wrapper finds its backward hooks on them)."""
+    out = strategy(dataclasses.replace(setup, model=model), batch)
+    return out.total, out.kd, out.ce
+
+
+@dataclass(frozen=True)
+class _BlockFacts:
+    """What the hot loop needs to know about the training blocks, computed once on the host:
+    per-block valid-label and real-token counts (so a step's counts need no device sync)
+    and whether any block is padded (if none, the student gets ``attention_mask=None``).
+    Building it validates every label once, so the losses need not per micro-batch."""
+
+    valid: list[int]
+    tokens: list[int]
+    pad_free: bool
+
+    @classmethod
+    def of(cls, blocks: Any, vocab: int | None) -> _BlockFacts:
+        labels = shift_labels(blocks.labels)
+        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= (vocab or 2**62)))
+        if bool(bad.any()):
+            low, high = int(labels[labels != IGNORE_INDEX].min()), int(labels.max())
+            raise DataError(
+                f"training labels must be {IGNORE_INDEX} or in [0, {vocab}); found values in "
+                f"[{low}, {high}] (tokenizer/model vocabulary mismatch?)"
+            )
+        return cls(
+            valid=(labels != IGNORE_INDEX).sum(1).tolist(),
+            tokens=blocks.attention_mask.sum(1).tolist(),
+            pad_free=bool((blocks.attention_mask != 0).all()),
+        )
+
+    def valid_of(self, rows: list[int]) -> int:
+        return sum(self.valid[i] for i in rows)
+
+    def tokens_of(self, rows: list[int]) -> int:
+        return sum(self.tokens[i] for i in rows)
+
+
+def _host_indices(idx: Tensor) -> list[int]:
+    """The sampler's block indices as a list: a host tensor (never on the device), read
+    once per micro-batch for the host-side counts."""
+    return [int(i) for i in idx.tolist()]
+
+
+def _vocab_rows(model: torch.nn.Module) -> int | None:
+    head = getattr(model, "get_output_embeddings", None)
+    weight = getattr(head() if callable(head) else None, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, Tensor) else None
+
+
+def _memory_mb(device: torch.device) -> tuple[float, float]:
+    """This process's resident memory and (CUDA) allocated device memory, in MB."""
+    rss = psutil.Process().memory_info().rss / 2**20
+    vram = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    return rss, vram
