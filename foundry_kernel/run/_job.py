@@ -27,8 +27,6 @@ Under data parallelism (torchrun) every rank runs ``run_job`` with its :class:`W
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
 import json
 import logging
 import math
@@ -62,7 +60,7 @@ from foundry_kernel._world import World
 from foundry_kernel.atomic import atomic_write_text
 from foundry_kernel.config import BUILTIN_TEACHER, RunConfig, teacher_placement
 from foundry_kernel.data._blocks import DataBundle, build_data
-from foundry_kernel.errors import ConfigError, DataError, ModelError, TeacherServerError
+from foundry_kernel.errors import ConfigError, DataError, TeacherServerError
 from foundry_kernel.paths import default_cache_dir
 from foundry_kernel.run._resources import estimate_memory_for, preflight
 from foundry_kernel.store import RunStore
@@ -86,12 +84,14 @@ from foundry_kernel.teachers._logit_cache import (
 )
 from foundry_kernel.teachers._targets import SparseTargets
 from foundry_kernel.teachers._vllm_server import teacher_server
+from foundry_kernel.training import _parallel
 from foundry_kernel.training._evaluate import (
     evaluate_lm,
     evaluate_teacher,
     generate_samples,
     generation_speed,
 )
+from foundry_kernel.training._parallel import through
 from foundry_kernel.training._sequence import describe as describe_sequence
 from foundry_kernel.training._sequence import sequence_data, sequence_key
 from foundry_kernel.training._strategy import FusedLinearLoss, choose_strategy
@@ -99,7 +99,6 @@ from foundry_kernel.training._trainer import Trainer, TrainPlan
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from types import ModuleType
 
     from transformers import PreTrainedModel
 
@@ -218,14 +217,16 @@ def _run_phases(job: Job, *, resume: bool) -> dict[str, Any]:
     _preflight(job, teacher, student, vocab)
     with _open_teacher(job, teacher, vocab) as live:
         trainer_teacher, train_data = _prepare_mode(job, live, teacher, data, vocab)
-        _train_phase(job, "distill", student, train_data, trainer_teacher, vocab, resume=resume)
+        student = _train_phase(
+            job, "distill", student, train_data, trainer_teacher, vocab, resume=resume
+        )
         if isinstance(trainer_teacher, CachedTeacher):
             _record_cache_reads(job, trainer_teacher)
         baseline = None
         if config.eval.baseline:
             ctx.set_phase("baseline")
             baseline = _build_student(job, teacher)  # the same path as the student's
-            _train_phase(job, "baseline", baseline, data, None, vocab, resume=resume)
+            baseline = _train_phase(job, "baseline", baseline, data, None, vocab, resume=resume)
         ctx.set_phase("evaluate")
         results, plain = _evaluate_all(job, live, teacher, student, baseline, data, vocab)
         job.world.barrier()  # no rank leaves the teacher (a node's server) while others use it
@@ -521,32 +522,9 @@ def _shard_teacher(job: Job, model: PreTrainedModel) -> PreTrainedModel:
     job.ctx.set_stage("shard", world_size=job.world.world_size)
     sharded = job.world.distributed
     if sharded:
-        parallel = _parallel()
-        if parallel is None:
-            raise ModelError(
-                "teacher.placement='shard' needs foundry_kernel.training._parallel, which "
-                "this install lacks; use teacher.placement=replicate"
-            )
-        model = parallel.shard_teacher(model, job.world, job.config)
+        _parallel.shard_teacher(model, job.world, job.config)  # in place (fully_shard)
     job.record(teacher_sharded=sharded)
     return model
-
-
-def _parallel() -> ModuleType | None:
-    """``foundry_kernel.training._parallel`` (FSDP2/DDP wrapping, full state dicts),
-    imported lazily: a single process never needs it."""
-    try:
-        return importlib.import_module("foundry_kernel.training._parallel")
-    except ModuleNotFoundError as exc:
-        if exc.name != "foundry_kernel.training._parallel":
-            raise  # a dependency of the module is missing: not the same as no module
-        return None
-
-
-def _takes_world(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` accepts ``world=``: the trainer and evaluation gain it on their own
-    branch; until it lands each rank runs them as one process would."""
-    return "world" in inspect.signature(fn).parameters
 
 
 def _preflight(job: Job, teacher: LoadedModel, student: LoadedModel, vocab: int) -> None:
@@ -620,8 +598,12 @@ def _train_phase(
     vocab: int,
     *,
     resume: bool,
-) -> None:
-    """Distil (with a teacher) or train CE-only (without) on the same batches and budget."""
+) -> LoadedModel:
+    """Distil (with a teacher) or train CE-only (without) on the same batches and budget.
+
+    Returns the trained model as the job's later phases must call it: the model itself for
+    one process, else a view through the Trainer's DDP/FSDP2 wrapper (an FSDP2 student's
+    forward only works through its root; evaluation needs every rank in lockstep)."""
     job.ctx.set_phase(phase, max_steps=job.config.limits.max_steps)
     plan = TrainPlan.from_config(
         job.config,
@@ -629,7 +611,6 @@ def _train_phase(
         amp_dtype=job.rt.student_amp,
         teacher_amp_dtype=job.rt.teacher_amp,
     )
-    world = {"world": job.world} if _takes_world(Trainer) else {}
     trainer = Trainer(
         student.model,
         data,
@@ -640,11 +621,13 @@ def _train_phase(
         vocab_size=vocab,
         ckpt_dir=job.run_dir / "checkpoints" / phase,
         prefix="" if phase == "distill" else f"{phase}/",
-        **world,
+        world=job.world,
     )
     job.record(**{f"{phase}_loss_strategy": trainer.loss_strategy.as_dict()})
     trainer.fit(resume=resume)
     job.record(**{f"{phase}_steps": trainer.step, f"{phase}_skipped": trainer.skipped})
+    view: Any = through(trainer.wrapped)  # model-shaped: called like the HF model
+    return dataclasses.replace(student, model=view)
 
 
 def _record_cache_reads(job: Job, teacher: CachedTeacher) -> None:
@@ -670,15 +653,12 @@ def _full_student(job: Job, model: PreTrainedModel) -> PreTrainedModel | None:
     """
     if not job.world.distributed:
         return model
-    parallel = _parallel()
-    if parallel is None:  # before the trainer's branch: every rank trained a whole copy
-        return model if job.world.is_main else None
-    state = parallel.full_state_dict(model, job.world)
+    state = _parallel.full_state_dict(model, job.world)
     if not job.world.is_main:
         return None
     from transformers import AutoModelForCausalLM
 
-    inner = parallel.unwrap(model)
+    inner = _parallel.unwrap(model)
     plain = AutoModelForCausalLM.from_config(inner.config)
     plain.load_state_dict(state)
     return plain.to(job.device).eval()

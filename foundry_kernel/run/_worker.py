@@ -22,8 +22,6 @@ trainer's collective stop flag.
 from __future__ import annotations
 
 import functools
-import inspect
-import shutil
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -89,31 +87,10 @@ def _device_type(config: RunConfig) -> str:
 
 
 def _run_job_for(world: World) -> Callable[..., Mapping[str, Any] | None]:
-    """The pipeline's job for this rank. ``run_job`` takes ``world=`` once the trainer is
-    data-parallel; until then each rank runs the single-process job on its own."""
+    """The pipeline's job for this rank (imported here: it pulls in torch)."""
     from foundry_kernel.run._job import run_job
 
-    if "world" in inspect.signature(run_job).parameters:
-        with_world: dict[str, Any] = {"world": world}
-        return functools.partial(run_job, **with_world)
-    return run_job
-
-
-def _single_process_job() -> bool:
-    """Whether ``run_job`` still trains one process on its own (no ``world=``)."""
-    from foundry_kernel.run._job import run_job
-
-    return "world" not in inspect.signature(run_job).parameters
-
-
-def _shadow_run(world: World, config: RunConfig) -> tuple[RunStore, str]:
-    """A private run for a peer rank while the job is single-process: it trains alone
-    and must not write the real run's checkpoints, export or metrics (two trainers
-    writing one folder race); removed when the rank ends."""
-    import tempfile
-
-    store = RunStore(Path(tempfile.mkdtemp(prefix=f"foundry-rank{world.rank}-")))
-    return store, store.create_run(config.to_dict(), name=config.name).run_id
+    return functools.partial(run_job, world=world)
 
 
 def _rank_job(
@@ -215,11 +192,7 @@ def _run_on(
             if "run_id" in announced:
                 peer_config = validate_config(announced["config"])
                 run_id, resume = announced["run_id"], bool(announced["resume"])
-                if _single_process_job():
-                    store, run_id = _shadow_run(world, peer_config)
-                    resume = False
-                else:
-                    store = RunStore(runs)  # after rank 0 made it: one schema creator
+                store = RunStore(runs)  # after rank 0 made it: one schema creator
                 handle = attach(run_id, peer_config, store=store, job=job, resume=resume)
         if handle is None:
             return None
@@ -236,8 +209,6 @@ def _run_on(
             events.close()
         if store is not None:
             store.close()
-            if store.root.name.startswith(f"foundry-rank{world.rank}-"):
-                shutil.rmtree(store.root, ignore_errors=True)  # a shadow run's folder
 
 
 def _sink(

@@ -422,8 +422,10 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics. In a distributed job the student is called through its wrapper
         and no stop is raised mid-evaluation (a rank must not leave the others in a
-        collective); every rank evaluates the same batches."""
+        collective); each rank evaluates its share of the batches and the sums are reduced
+        (``evaluate_lm``), so every rank gets the one-process figures."""
         distributed = self.world.distributed
+        chunk = {} if self.plan.loss is None else {"chunk_tokens": self.plan.loss.chunk_tokens}
         result = evaluate_lm(
             through(self.wrapped),  # type: ignore[arg-type]  # a model-shaped view
             self.data.val,
@@ -434,6 +436,8 @@ class Trainer:
             vocab_size=self.vocab_size,
             amp_dtype=self.plan.amp_dtype,
             teacher_amp_dtype=self.plan.teacher_amp_dtype,
+            world=self.world,
+            **chunk,
         )
         self.wrapped.train()
         result.pop("tokens", None)
