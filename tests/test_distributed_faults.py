@@ -104,8 +104,9 @@ def test_a_rank_hung_in_a_collective_fails_the_run_at_the_collective_timeout(
     took = time.monotonic() - stopped_at
     print(f"\nrank 1 hung -> {handle.state} in {took:.1f} s (timeout_s=5): {handle.error}")
     assert handle.state == "failed", handle.error
-    message = str(handle.error).lower()
-    assert "time" in message and ("rank" in message or "collective" in message)
+    message = str(handle.error)
+    assert "collective timed out (distributed.timeout_s)" in message, message
+    assert took < 60  # the 5 s collective timeout, not a 10-minute default
     assert_nothing_left(handle.id)
 
 
@@ -221,7 +222,12 @@ def test_cancel_from_a_notebook_kernel_stops_both_ranks_within_a_step(
         for outcome in outcomes:
             assert outcome["state"] == "cancelled"
             if outcome["step"] is not None and outcome["cancel_step"] is not None:
-                assert outcome["step"] - outcome["cancel_step"] <= 1  # within one step
+                # cancel_step is the last step *reported* when the request came; the step in
+                # flight then may already have read its stop flag (at its end, before its
+                # all-reduce), so it finishes and at most one more optimizer step runs
+                assert outcome["step"] - outcome["cancel_step"] <= 2
+        stops = {o["step"] for o in outcomes if o["step"] is not None}
+        assert len(stops) <= 1, outcomes  # every rank stopped after the same step
         assert any((runs_dir / run_id / "checkpoints").rglob("*")), "no checkpoint on cancel"
         assert_nothing_left(run_id)
         t1 = time.monotonic()

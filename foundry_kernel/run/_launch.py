@@ -405,6 +405,37 @@ _ROOT_CAUSE = re.compile(
 )
 
 
+_FAILURE = re.compile(
+    r"\[\d+\]:\s*\n\s*time\s*:.*?\n\s*host\s*:.*?\n\s*rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)"
+    r"\s*\n\s*exitcode\s*:\s*(-?\d+)(?:\s*\(pid:\s*(\d+)\))?"
+)
+# What a rank's collective raises when a peer died under it (gloo and NCCL wordings).
+_LOST_PEER = re.compile(
+    r"Connection (?:closed|reset) by peer|Read error|Broken pipe|NCCL communicator was aborted"
+    r"|remote (?:worker|process) (?:crashing|exited)",
+    re.I,
+)
+
+
+_COLLECTIVE_TIMEOUT = re.compile(
+    r"Timed out waiting|Watchdog caught collective operation timeout", re.I
+)
+
+
+def _killed_rank(log_text: str) -> str | None:
+    """The first rank torchrun reports killed by a signal other than its own SIGTERM (the
+    one it sends the survivors), as a sentence; None if no rank died that way."""
+    for match in _FAILURE.finditer(log_text[-20_000:]):
+        code = int(match[3])
+        if code < 0 and code != -signal.SIGTERM:
+            pid = f", pid {match[4]}" if match[4] else ""
+            return (
+                f"rank {match[1]} (local rank {match[2]}{pid}) failed, {_signal_name(code)}; "
+                "torchrun stopped the other ranks"
+            )
+    return None
+
+
 def _signal_name(code: int) -> str:
     if code < 0:
         with contextlib.suppress(ValueError):
@@ -556,6 +587,15 @@ def _conclude(
     if state == "timed_out":
         raise RunTimeout(str(error or "limits.timeout_s reached"))
     if state == "failed" and error:
+        killed = _killed_rank(log_text)
+        if killed is not None and _LOST_PEER.search(str(error)):
+            # rank 0 only saw its collective break: the cause is the rank that died
+            raise DistributedRunError(f"{killed}; rank 0 lost its peer ({error})")
+        if _COLLECTIVE_TIMEOUT.search(str(error)):
+            raise DistributedRunError(
+                "a collective timed out (distributed.timeout_s): another rank hung or was "
+                f"lost, and the run was stopped on every rank (rank 0: {error})"
+            )
         raise DistributedRunError(f"rank 0: {error}")
     if ctx.stop_requested and returncode is not None and returncode < 0:
         raise RunCancelled("the ranks did not stop within the grace period and were killed")

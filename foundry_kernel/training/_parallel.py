@@ -229,7 +229,10 @@ def full_state_dict(model: nn.Module, world: World) -> dict[str, torch.Tensor] |
     """The student's full, unsharded CPU state dict (the HF model's own keys) on rank 0,
     None on the others; for one ``save_pretrained`` folder whatever the strategy. A
     collective under FSDP2: every rank must call it. ``model`` is the HF model the
-    Trainer was given (``trainer.model``) or its wrapper (``trainer.wrapped``)."""
+    Trainer was given (``trainer.model``), its wrapper (``trainer.wrapped``) or the view
+    :func:`through` made of it."""
+    if isinstance(model, _Through):
+        model = model.wrapped
     inner = unwrap(model)
     if not world.distributed:
         return {k: v.detach().cpu() for k, v in inner.state_dict().items()}

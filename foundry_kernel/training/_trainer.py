@@ -445,10 +445,10 @@ class Trainer:
         return dict(self.last_eval)
 
     def _report(self, metrics: dict[str, float]) -> None:
-        if not self.world.is_main:
-            return
+        """Metrics go to the store from rank 0 only; the step event goes to every rank's
+        own context, so each rank's handle knows where it stopped."""
         named = {f"{self.prefix}{k}": v for k, v in metrics.items()}
-        if self.on_metrics is not None:
+        if self.on_metrics is not None and self.world.is_main:
             self.on_metrics(self.step, named)
         self.ctx.emit(
             "step", step=self.step, max_steps=self.plan.max_steps, prefix=self.prefix, metrics=named
