@@ -10,7 +10,7 @@ and ``val_kl``;
 ``logit_cache`` (offline mode: path, k, bytes_per_token, capture_seconds) and
 ``sequence`` (sequence mode: the teacher-written data) are null in other modes;
 ``world_size`` (the number of processes that trained it: 1 for one process) and
-``strategy`` (``distributed.strategy``, ``ddp`` or ``fsdp2``; null for one process).
+``strategy`` (``distributed.strategy``, ``ddp`` or ``fsdp2``; ``single`` for one process).
 Progress goes to stderr, throttled, so stdout stays machine-readable.
 
 Several processes (README "Scaling out"): ``foundry distill --nproc-per-node N [--nnodes
@@ -284,8 +284,13 @@ def _report(handle: Any, args: argparse.Namespace, *, world_size: int) -> None:
         print(text, file=sys.stderr)
     if args.json:
         payload = result.to_json(run_id=run_id, state=state, duration_s=duration)
-        payload["world_size"] = world_size
-        payload["strategy"] = handle.config.distributed.strategy if world_size > 1 else None
+        # the job records both in its summary; a run that ended before recording them
+        # (a failure in the first phases) still says how it was launched
+        if payload.get("world_size") is None:
+            payload["world_size"] = world_size
+        if payload.get("strategy") is None:
+            strategy = handle.config.distributed.strategy
+            payload["strategy"] = strategy if world_size > 1 else "single"
         print(json.dumps(payload, default=str))
 
 

@@ -99,3 +99,13 @@ def test_dashboard_shows_processes_of_a_stored_run(tmp_path: Path) -> None:
         board.show_run(single)
         text = " ".join(w.value for w in board.run_view.children if isinstance(w, W.HTML))
         assert "Processes (data parallel)" not in text
+
+
+def test_the_panels_status_line_names_the_ranks_and_a_straggler() -> None:
+    from widgets.panel import _rank_parts
+
+    assert _rank_parts({"train/loss": 2.0}, "") == []
+    both = {"rank/0/tokens_per_s": 900.0, "rank/1/tokens_per_s": 880.0}
+    assert _rank_parts(both, "") == ["2 ranks"]
+    slow = {**both, "rank/1/tokens_per_s": 300.0, "baseline/rank/0/tokens_per_s": 1.0}
+    assert _rank_parts(slow, "") == ["2 ranks", "straggler: rank 1"]

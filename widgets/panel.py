@@ -40,6 +40,7 @@ from foundry_kernel.config import RunConfig
 from foundry_kernel.errors import ConfigError, FoundryError
 from foundry_kernel.logs import Throttle
 from foundry_kernel.paths import allowed_roots, resolve_within
+from foundry_kernel.ranks import rank_figures
 from widgets.charts import CompareChart, LiveCharts, metric_trace
 from widgets.display import error_html, outcome_html
 from widgets.form import PANEL_FIELDS, ConfigForm
@@ -220,6 +221,7 @@ class RunView:
         speed = metrics.get("baseline/tokens_per_s" if h.phase == "baseline" else "tokens_per_s")
         if speed is not None:
             parts.append(f"{speed:,.0f} tok/s")
+        parts.extend(_rank_parts(metrics, "baseline/" if h.phase == "baseline" else ""))
         if not h.state.terminal:
             eta = self._eta.estimate(h.phase, h.step, h.max_steps)
             parts.append(f"ETA {_duration(eta)}" if eta is not None else "ETA –")
@@ -509,6 +511,19 @@ class DistillPanel:
             f"{type(exc).__name__}: {exc}",
             detail=detail,
         )
+
+
+def _rank_parts(metrics: Mapping[str, float], prefix: str) -> list[str]:
+    """``2 ranks`` and, when one holds the others back, ``straggler: rank 1`` (from the
+    latest step's per-rank figures, :func:`foundry_kernel.ranks.rank_figures`)."""
+    ranks = rank_figures({k: [v] for k, v in metrics.items()}, prefix=prefix)
+    if not ranks:
+        return []
+    parts = [f"{len(ranks)} ranks"]
+    slow = [str(r.rank) for r in ranks if r.straggler]
+    if slow:
+        parts.append(f"straggler: rank {', '.join(slow)}")
+    return parts
 
 
 def _base_dict(config: RunConfig | Mapping[str, Any] | None) -> dict[str, Any]:
