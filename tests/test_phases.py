@@ -226,7 +226,7 @@ def test_cancel_inside_tokenizer_training_kills_its_child(runs_dir: Path) -> Non
     (above IN_PROCESS_MAX_CHARS); a cancel kills it and leaves no teacher in the cache."""
     before = _teacher_files()
     cfg = tiny_config_dict(
-        runs_dir, teacher=_new_recipe(data=STDLIB, max_documents=None, vocab_size=601)
+        runs_dir, teacher=_new_recipe(data=STDLIB, max_documents=None, vocab_size=4001)
     )
     seen: list[int] = []
 
@@ -235,7 +235,7 @@ def test_cancel_inside_tokenizer_training_kills_its_child(runs_dir: Path) -> Non
         return bool(seen)
 
     threading.Thread(target=_wait_until, args=(child_appears, 120), daemon=True).start()
-    result = cancel_inside(cfg, "teacher_build", "tokenizer", delay_s=2.0)
+    result = cancel_inside(cfg, "teacher_build", "tokenizer", delay_s=0.8)
     assert result.where == "teacher_build/tokenizer"
     assert seen, "the tokenizer was not trained in a child process"
     assert not any(psutil.pid_exists(pid) and _is_child(pid) for pid in seen)
@@ -262,7 +262,7 @@ def test_tokenizer_training_in_process_and_in_a_child_agree_and_both_cancel() ->
         child.backend_tokenizer.to_str()
         == train_bpe_tokenizer(texts, 400).backend_tokenizer.to_str()
     )
-    for corpus in (small * 10, texts * 3):  # in process (between texts), in a child
+    for corpus in (small * 40, texts * 6):  # in process (between texts), in a child
         ctx = RunContext()
         timer = threading.Timer(0.3, ctx.cancel)
         timer.start()
@@ -350,11 +350,11 @@ def test_cancel_inside_logit_capture_keeps_only_complete_shards(
 def test_cancel_inside_evaluation(runs_dir: Path, tiny_teacher_dir: Path) -> None:
     cfg = tiny_config_dict(
         runs_dir,
-        data={"source": STDLIB, "max_documents": 120},
-        eval={"max_batches": 200, "baseline": False, "every_steps": 1000},
+        data={"source": STDLIB, "max_documents": 400},
+        eval={"max_batches": 400, "baseline": False, "every_steps": 1000},
         limits={"max_steps": 1},
     )
-    cancel_inside(cfg, "evaluate", "teacher", delay_s=0.5)
+    cancel_inside(cfg, "evaluate", "teacher", delay_s=0.2)
 
 
 def test_cancel_during_export_leaves_no_student_folder(
@@ -407,14 +407,14 @@ def test_a_slow_but_progressing_data_phase_is_not_failed_as_hung(
 
 
 def test_tokenizer_training_in_a_child_heartbeats_while_it_computes(runs_dir: Path) -> None:
-    """The child trainer gives the parent nothing to check for 3-7 s (counting and merging
-    ~10 MB); its CPU use is the heartbeat, so a 2 s step limit does not fail it. (2 s, not
-    less: the longest single step elsewhere in this build, the sort of the split, takes
-    ~0.8 s on an idle 2-core machine.)"""
+    """The child trainer gives the parent nothing to check for 1.5-7 s (counting and
+    merging ~10 MB, by CPU); its CPU use is the heartbeat, so a 1.2 s step limit does not
+    fail it. (1.2 s, not less: the longest single step elsewhere in this build, the sort of
+    the split, takes ~0.5-0.8 s on an idle 2-core machine.)"""
     cfg = tiny_config_dict(
         runs_dir,
-        teacher=_new_recipe(data=STDLIB, max_documents=None, vocab_size=604),
-        limits={"step_timeout_s": 2.0},
+        teacher=_new_recipe(data=STDLIB, max_documents=None, vocab_size=4004),
+        limits={"step_timeout_s": 1.2},
     )
     handle, reached = _run_until(cfg, "teacher_build", "tokenizer", 240)
     assert reached, (handle.state, handle.error)
@@ -426,8 +426,8 @@ def test_tokenizer_training_in_a_child_heartbeats_while_it_computes(runs_dir: Pa
     assert handle.wait(30) == "cancelled"
     assert handle.join(10)
     assert _children() == []
-    print(f"tokenizer stage: {took:.1f} s under limits.step_timeout_s=2, not failed")
-    assert took > 2.0
+    print(f"tokenizer stage: {took:.1f} s under limits.step_timeout_s=1.2, not failed")
+    assert took > 1.2
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO (POSIX) to block a read")
@@ -460,7 +460,7 @@ def test_a_stuck_tokenizer_child_is_failed_as_hung_and_killed(runs_dir: Path) ->
     cfg = tiny_config_dict(
         runs_dir,
         teacher=_new_recipe(data=STDLIB, max_documents=None, vocab_size=605),
-        limits={"step_timeout_s": 2.0},
+        limits={"step_timeout_s": 1.2},
     )
     handle, reached = _run_until(cfg, "teacher_build", "tokenizer", 240)
     assert reached, (handle.state, handle.error)
@@ -474,4 +474,4 @@ def test_a_stuck_tokenizer_child_is_failed_as_hung_and_killed(runs_dir: Path) ->
     assert handle.join(10)
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
     assert _children() == []
-    print(f"stopped tokenizer child failed as hung after {detected:.1f} s (limit 2 s)")
+    print(f"stopped tokenizer child failed as hung after {detected:.1f} s (limit 1.2 s)")
