@@ -217,6 +217,20 @@ def _val_metrics(runs_dir: Path, run_id: str) -> dict[str, float]:
     return {k: summary["student"][k] for k in ("val_loss", "agreement", "val_kl")}
 
 
+def _exported(runs: Path, run_id: str) -> dict[str, Any]:
+    """The exported student's weights, read from its safetensors files."""
+    from safetensors.torch import load_file
+
+    with RunStore(runs, read_only=True) as store:
+        export = Path(store.get_run(run_id).summary["export_dir"])
+    files = sorted(export.glob("*.safetensors"))
+    assert files, f"no safetensors in {export}"
+    state: dict[str, Any] = {}
+    for file in files:
+        state.update(load_file(file))
+    return state
+
+
 def test_two_agents_on_loopback_form_one_job_equal_to_one_node_with_two_ranks(
     tmp_path: Path, tiny_teacher_dir: Path
 ) -> None:
@@ -269,12 +283,14 @@ def test_two_agents_on_loopback_form_one_job_equal_to_one_node_with_two_ranks(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_one = json.loads(proc.stdout.strip().splitlines()[-1])["run_id"]
-    # The loss of every step and the held-out metrics are the same job's. (The exported
-    # weights are compared once only rank 0 exports: until the trainer is data-parallel,
-    # every rank writes the same student folder.)
+    # The loss of every step, the held-out metrics and the exported weights (rank 0's one
+    # save_pretrained folder) are the same job's.
     assert _loss_curve(runs_two, run_two) == pytest.approx(_loss_curve(runs_one, run_one), abs=1e-6)
     assert len(_loss_curve(runs_one, run_one)) == 6
     assert _val_metrics(runs_two, run_two) == pytest.approx(
         _val_metrics(runs_one, run_one), abs=1e-6
     )
+    two, one = _exported(runs_two, run_two), _exported(runs_one, run_one)
+    assert two.keys() == one.keys()
+    assert max((two[k] - one[k]).abs().max().item() for k in one) <= 1e-6
     assert_nothing_left(str(two_cfg))
