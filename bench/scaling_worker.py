@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 record["weights_sha256"], record["weights_probe"] = _fingerprint(state)
         path = args.out.with_name(f"{args.out.name}.rank{world.rank}.json")
         path.write_text(json.dumps(record), encoding="utf-8")
+        del trainer, student, teacher, state  # the DDP reducer holds the group: drop it first
     finally:
         close_world(world)
     return 0

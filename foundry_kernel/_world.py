@@ -210,11 +210,31 @@ def init_world(
     return World(**{**world.__dict__, "backend": chosen})
 
 
-def close_world(world: World) -> None:
-    """End the default process group if this process started one (safe to call twice)."""
+def close_world(world: World, *, meet: bool = True) -> None:
+    """End the default process group if this process started one (safe to call twice).
+
+    Why not just ``destroy_process_group``: gloo's worker threads release a finished
+    collective's tensors while holding the group's lock, and releasing a tensor Python
+    still knows needs the GIL; a group destroyed (or dropped by the last DDP reducer, or
+    at interpreter exit) while one is still doing that deadlocks or aborts (seen here: a
+    rank hung in ``~ProcessGroupGloo``, another died of SIGABRT after its work was done).
+    So every rank first meets the others at a barrier (``meet``; skipped on a rank that
+    is failing, whose peers may be gone), which finishes every earlier collective, and
+    unreachable wrappers (DDP reducers hold the group too) are collected before the group
+    is destroyed. Callers should drop their wrapped models first.
+    """
     if not world.distributed:
         return
+    import gc
+
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    if meet:
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer already left or died: nothing more to finish with it
+            pass
+    gc.collect()
+    dist.destroy_process_group()

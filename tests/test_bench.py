@@ -60,7 +60,7 @@ def test_cli_prints_every_table_and_writes_strict_json(quick: tuple[dict[str, An
     assert "| contender" in stdout and "wrote " in stdout
     meta = doc["meta"]
     assert meta["quick"] is True
-    assert meta["which"] == ["loss", "throughput", "overheads", "mfu", "cache"]
+    assert meta["which"] == ["loss", "throughput", "overheads", "mfu", "cache", "scaling"]
     for when in ("machine_before", "machine_after"):
         assert "load average" in meta[when]["uptime"]
     assert meta["environment"]["versions"]["torch"]

@@ -9,6 +9,7 @@ change of formula has to change the docstring and these tests together.
 from __future__ import annotations
 
 import itertools
+import mmap
 import threading
 import time
 from pathlib import Path
@@ -105,6 +106,7 @@ def test_bf16_teacher_halves_teacher_weights() -> None:
     assert bf16.teacher_logits * e32 == fp32.teacher_logits * e16
     cuda16, cuda32 = _estimate(bf16_cfg, "cuda"), _estimate(fp32_cfg, "cuda")
     assert cuda16.teacher_weights * 2 == cuda32.teacher_weights
+
 
 def test_batch_scales_activations_and_logits_linearly_but_not_chunks() -> None:
     small = _estimate(_config(**{"optim.batch_size": 8, "loss.chunk_tokens": 256}))
@@ -335,10 +337,14 @@ def test_sampler_sees_a_real_allocation_and_numbers_from_start_index() -> None:
     sampler.start()
     sampler.start()  # idempotent while running
     time.sleep(0.15)
-    block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+    # A fresh anonymous mapping, every page written: RSS must grow by it (a tensor could
+    # reuse heap pages freed earlier in this process, already resident, and show nothing).
+    size = 64 * 1024 * 1024
+    block = mmap.mmap(-1, size)
+    block.write(b"\x01" * size)
     time.sleep(0.2)
     sampler.stop()
-    del block
+    block.close()
     assert got[0][0] == 40
     before = got[0][1]["mem/rss_mb"]
     assert before is not None

@@ -163,7 +163,9 @@ def run_rank(
     try:
         handle = _run_on(world, request, config, on_event)
     finally:
-        close_world(world)
+        # no second barrier: a completed job already met every peer at its end (_rank_job),
+        # and a failing rank must not wait distributed.timeout_s for peers that are gone
+        close_world(world, meet=False)
     return handle, world
 
 
