@@ -31,17 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import fmt_bytes, table
+from foundry_kernel.supervisor import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 POINTS: tuple[tuple[str, int], ...] = (("single", 1), ("ddp", 2), ("fsdp2", 2))
 FULL = {"steps": 10, "warmup": 2, "batch": 16, "seq": 64, "hidden": 128, "layers": 2, "vocab": 2048}
 QUICK = {"steps": 2, "warmup": 1, "batch": 4, "seq": 16, "hidden": 32, "layers": 1, "vocab": 256}
-
-
-def _free_port() -> int:
-    from foundry_kernel.supervisor import free_port
-
-    return free_port()
 
 
 def _env() -> dict[str, str]:
@@ -75,7 +70,7 @@ def _command(strategy: str, world: int, out: Path, sizes: dict[str, int]) -> lis
         "--master-addr",
         "127.0.0.1",
         "--master-port",
-        str(_free_port()),
+        str(free_port()),
     ]
     return [*launch, *worker]
 

@@ -95,14 +95,6 @@ class World:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def all_reduce_max(self, tensor: Any) -> Any:
-        """Element-wise maximum over all ranks, in place (one collective)."""
-        if self.distributed:
-            import torch.distributed as dist
-
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return tensor
-
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """``obj`` as rank ``src`` holds it, on every rank (pickled: plain data only)."""
         if not self.distributed:

@@ -97,11 +97,9 @@ def rank_figures(
     for rank in sorted(medians):
         mine = medians[rank].get("tokens_per_s")
         others = [
-            m["tokens_per_s"]
-            for r, m in medians.items()
-            if r != rank and m.get("tokens_per_s") is not None
+            v for r, m in medians.items() if r != rank and (v := m.get("tokens_per_s")) is not None
         ]
-        reference = _median([v for v in others if v is not None]) if others else None
+        reference = _median(others)
         slow = mine is not None and reference is not None and mine < (1 - tolerance) * reference
         out.append(
             RankFigures(

@@ -91,7 +91,6 @@ from foundry_kernel.training._evaluate import (
     generate_samples,
     generation_speed,
 )
-from foundry_kernel.training._parallel import through
 from foundry_kernel.training._sequence import describe as describe_sequence
 from foundry_kernel.training._sequence import sequence_data, sequence_key
 from foundry_kernel.training._strategy import FusedLinearLoss, choose_strategy
@@ -626,7 +625,7 @@ def _train_phase(
     job.record(**{f"{phase}_loss_strategy": trainer.loss_strategy.as_dict()})
     trainer.fit(resume=resume)
     job.record(**{f"{phase}_steps": trainer.step, f"{phase}_skipped": trainer.skipped})
-    view: Any = through(trainer.wrapped)  # model-shaped: called like the HF model
+    view: Any = _parallel.through(trainer.wrapped)  # model-shaped: called like the HF model
     return dataclasses.replace(student, model=view)
 
 
