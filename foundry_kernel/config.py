@@ -167,6 +167,36 @@ class TeacherConfig(_Section):
         return v.rstrip("/")
 
 
+class LoraConfig(_Section):
+    """A LoRA student through ``peft``: the base stays frozen, only the adapters train."""
+
+    rank: int = Field(8, ge=1, le=4096, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, le=65536, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: Literal["auto", "all-linear"] | list[str] = Field(
+        "auto",
+        description="Modules that get adapters: 'auto' = peft's default for the architecture "
+        "(the attention projections), 'all-linear' = every linear layer but the lm_head, or a "
+        "list of module-name suffixes such as ['q_proj', 'v_proj'].",
+    )
+    export: Literal["adapter", "merged"] = Field(
+        "merged",
+        description="What the export writes: 'merged' = an ordinary model with the adapters "
+        "folded in; 'adapter' = the peft adapter folder only (loads on top of the base).",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _check_targets(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("name at least one module, e.g. ['q_proj', 'v_proj']")
+            bad = [m for m in v if not m or not all(c.isalnum() or c in "._" for c in m)]
+            if bad:
+                raise ValueError(f"module names are letters, digits, '.' and '_'; got {bad}")
+        return v
+
+
 class StudentConfig(_Section):
     """How the student is made: fresh, pretrained, or cut from the teacher."""
 
@@ -193,6 +223,11 @@ class StudentConfig(_Section):
     layers: list[int] | None = Field(
         None,
         description="Teacher layer indices kept when init='from_teacher' (None = every other).",
+    )
+    lora: LoraConfig | None = Field(
+        None,
+        description="Train LoRA adapters on a frozen student (init='pretrained' or "
+        "'from_teacher') instead of every weight; None = full fine-tuning.",
     )
 
     @field_validator("source")
@@ -259,6 +294,37 @@ class DataConfig(_Section):
         return check_data_source(v)
 
 
+class HiddenLossConfig(_Section):
+    """A loss between chosen teacher and student hidden states, added to the logit loss."""
+
+    kind: Literal["cosine", "mse"] = Field(
+        "cosine",
+        description="'cosine': 1 - cosine similarity per token (DistilBERT); 'mse': mean "
+        "squared error per token and dimension (Minitron).",
+    )
+    weight: float = Field(
+        1.0, ge=0, le=1000, description="total = logit loss + weight * hidden-state loss."
+    )
+    layers: list[list[int]] | None = Field(
+        None,
+        description="[teacher_layer, student_layer] pairs of hidden-state indices (0 = the "
+        "embeddings, i = after decoder layer i); None = the last hidden state of each, plus "
+        "evenly spaced pairs, one per student layer.",
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _check_pairs(cls, v: list[list[int]] | None) -> list[list[int]] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("name at least one [teacher_layer, student_layer] pair")
+        bad = [pair for pair in v if len(pair) != 2 or min(pair) < 0]
+        if bad:
+            raise ValueError(f"each pair is [teacher_layer, student_layer] >= 0; got {bad}")
+        return v
+
+
 class LossConfig(_Section):
     """The distillation objective (see foundry_kernel.training._losses for the exact formulas)."""
 
@@ -299,6 +365,20 @@ class LossConfig(_Section):
         "tail",
         description="With top_k: keep the missing mass as a (k+1)-th 'tail' bucket, or "
         "renormalise both distributions over the teacher's top-k.",
+    )
+    cross_tokenizer: Literal["off", "uld", "aligned", "hybrid"] = Field(
+        "off",
+        description="Teacher and student with different tokenizers: 'aligned' = match spans "
+        "of equal bytes in both tokenizations and compare the next-token distributions "
+        "there over the tokens both vocabularies share; 'uld' = Universal Logit "
+        "Distillation (distance between sorted probability vectors) at every aligned "
+        "position; 'hybrid' = aligned where the vocabularies share tokens, ULD for the rest; "
+        "'off' = the tokenizers must be the same.",
+    )
+    hidden: HiddenLossConfig | None = Field(
+        None,
+        description="Also match hidden states between teacher and student layers (a learned "
+        "projection where the widths differ); None = logits only.",
     )
     strategy: Literal["auto", "fused", "logits"] = Field(
         "auto",
@@ -651,6 +731,9 @@ def _check_combinations(cfg: RunConfig) -> None:
             field="teacher.url",
         )
     _check_placement(cfg)
+    _check_lora(cfg)
+    _check_cross_tokenizer(cfg)
+    _check_hidden(cfg)
     prompt = {
         "sequence": cfg.distill.sequence.prompt_tokens,
         "on_policy": cfg.distill.on_policy.prompt_tokens,
@@ -660,6 +743,62 @@ def _check_combinations(cfg: RunConfig) -> None:
             f"distill.{cfg.distill.mode}.prompt_tokens={prompt} must be shorter than "
             f"data.seq_len={cfg.data.seq_len}",
             field=f"distill.{cfg.distill.mode}.prompt_tokens",
+        )
+
+
+def _check_lora(cfg: RunConfig) -> None:
+    """LoRA adapts a base worth keeping: a pretrained or teacher-cut student."""
+    if cfg.student.lora is not None and cfg.student.init == "fresh":
+        raise ConfigError(
+            "student.lora: adapters on a randomly initialised, frozen base cannot learn much; "
+            "use student.init=pretrained (with student.source) or from_teacher, or drop "
+            "student.lora",
+            field="student.lora",
+        )
+
+
+def _check_cross_tokenizer(cfg: RunConfig) -> None:
+    """Cross-tokenizer losses re-tokenize the text for an in-process teacher."""
+    setting = cfg.loss.cross_tokenizer
+    if setting == "off":
+        return
+    field = "loss.cross_tokenizer"
+    if cfg.student.init != "pretrained":
+        raise ConfigError(
+            f"{field}={setting!r}: student.init={cfg.student.init!r} shares the teacher's "
+            "tokenizer; set student.init=pretrained with a student.source of another "
+            f"tokenizer, or {field}=off",
+            field=field,
+        )
+    if cfg.teacher.backend != "hf" or cfg.distill.mode != "online":
+        raise ConfigError(
+            f"{field}={setting!r} runs the teacher in the training process on its own "
+            "tokenization of each block: set teacher.backend=hf and distill.mode=online",
+            field=field,
+        )
+    if cfg.loss.top_k is not None:
+        raise ConfigError(
+            f"{field}={setting!r} compares full distributions; drop loss.top_k",
+            field="loss.top_k",
+        )
+
+
+def _check_hidden(cfg: RunConfig) -> None:
+    """Hidden-state losses need the teacher's activations in the training process."""
+    if cfg.loss.hidden is None:
+        return
+    field = "loss.hidden"
+    if cfg.teacher.backend != "hf" or cfg.distill.mode not in ("online", "on_policy"):
+        raise ConfigError(
+            f"{field}: needs the teacher's hidden states in the training process: set "
+            "teacher.backend=hf and distill.mode=online (or on_policy)",
+            field=field,
+        )
+    if cfg.loss.cross_tokenizer != "off":
+        raise ConfigError(
+            f"{field}: the teacher's and student's positions differ under "
+            f"loss.cross_tokenizer={cfg.loss.cross_tokenizer!r}; drop one of the two",
+            field=field,
         )
 
 
