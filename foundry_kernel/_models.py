@@ -45,9 +45,13 @@ other run's build), tokenizers and configs. Runs still train concurrently.
 
 Check = Callable[[], None]
 
-# Config attributes a Llama-style architecture uses for its shape; students
-# built "fresh" override these on a copy of the teacher's config.
-_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+# Config attributes (standard names, which a family's attribute_map translates) a fresh
+# student overrides on a copy of the teacher's config.
+_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads")
+# Where families keep their MLP width (the first one a config has is used) and the
+# widths of their experts (mixture-of-experts families).
+_MLP_WIDTH_KEYS = ("intermediate_size", "n_inner", "ffn_dim")
+_EXPERT_WIDTH_KEYS = ("moe_intermediate_size", "shared_expert_intermediate_size")
 
 
 @dataclass
@@ -206,10 +210,19 @@ def _checked_progress(check: Check) -> Any:
 def _load_hint(field: str, source: str, *, local: bool, offline: bool, exc: BaseException) -> str:
     if local:
         return f"{field}: {source!r} is not a loadable model folder ({exc})"
-    why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+    if offline:
+        from huggingface_hub import constants
+
+        return (
+            f"{field}: could not load hub model {source!r}: HF_HUB_OFFLINE is set and the hub "
+            f"cache ({constants.HF_HUB_CACHE}) has no snapshot of it ({exc}). Download it once "
+            f"with network access (`hf download {source}`; it is then cached), set HF_HUB_CACHE "
+            f"to the cache that holds it, or point {field} at a local folder."
+        )
     return (
-        f"{field}: could not load hub model {source!r} ({why}). Download it once with "
-        f"network access (it is then cached), or point {field} at a local folder."
+        f"{field}: could not load hub model {source!r} (the hub could not be reached: "
+        f"{exc}). Download it once with network access (it is then cached), or point "
+        f"{field} at a local folder."
     )
 
 
@@ -238,13 +251,40 @@ def build_student(
 
 
 def fresh_student(teacher: PreTrainedModel, cfg: StudentConfig, *, seed: int) -> PreTrainedModel:
-    """A randomly initialised copy of the teacher's architecture at the student's size."""
-    tconf = teacher.config
-    missing = [k for k in _SHAPE_KEYS if not hasattr(tconf, k)]
+    """A randomly initialised copy of the teacher's architecture at the student's size.
+
+    Works for any family through the config's standard names (``hidden_size``,
+    ``num_hidden_layers``, ``num_attention_heads``), which a family's ``attribute_map``
+    translates (GPT-2: ``n_embd``, ``n_layer``, ``n_head``): see :func:`student_overrides`.
+    """
+    sconf = student_config(teacher.config, cfg)
+    return seeded_init(lambda: AutoModelForCausalLM.from_config(sconf, dtype=torch.float32), seed)
+
+
+def student_config(tconf: Any, cfg: StudentConfig) -> Any:
+    """The teacher's config with the student's shape (a new config object)."""
+    overrides = student_overrides(tconf, cfg)
+    mapping = getattr(tconf, "attribute_map", {}) or {}
+    real = {mapping.get(k, k): v for k, v in overrides.items()}
+    return type(tconf).from_dict({**tconf.to_dict(), **real})
+
+
+def student_overrides(tconf: Any, cfg: StudentConfig) -> dict[str, Any]:
+    """The config fields a fresh student changes, by their standard names.
+
+    The MLP width goes to the family's field for it (``intermediate_size``, GPT-2's
+    ``n_inner``, ``ffn_dim``); mixture-of-experts widths (``moe_intermediate_size``,
+    ``shared_expert_intermediate_size``) shrink with it and the expert count stays the
+    teacher's; per-layer lists (``layer_types``) are rebuilt by the config class for the new
+    depth; dense-layer indices (``mlp_only_layers``) beyond it are dropped.
+    """
+    name = type(tconf).__name__
+    missing = [k for k in _SHAPE_KEYS if not isinstance(getattr(tconf, k, None), int)]
     if missing:
         raise ModelError(
-            f"student.init='fresh' needs a Llama-style teacher config; {type(tconf).__name__} "
-            f"lacks {missing}. Use student.init='pretrained' with student.source instead."
+            f"student.init='fresh' needs the teacher config's {missing} (or their "
+            f"attribute_map names); {name} has none. Use student.init='pretrained' with "
+            "student.source instead."
         )
     hidden = cfg.hidden_size or tconf.hidden_size
     heads = cfg.num_heads or tconf.num_attention_heads
@@ -252,20 +292,37 @@ def fresh_student(teacher: PreTrainedModel, cfg: StudentConfig, *, seed: int) ->
         raise ModelError(
             f"student.hidden_size={hidden} must be divisible by student.num_heads={heads}"
         )
+    layers = cfg.num_layers or tconf.num_hidden_layers
+    width = cfg.intermediate_size or _mlp_width(hidden)
+    fields = tconf.to_dict()
     overrides: dict[str, Any] = {
         "hidden_size": hidden,
-        "num_hidden_layers": cfg.num_layers or tconf.num_hidden_layers,
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
-        "intermediate_size": cfg.intermediate_size or _mlp_width(hidden),
     }
-    if hasattr(tconf, "num_key_value_heads"):
+    mlp_fields = [k for k in _MLP_WIDTH_KEYS if k in fields]
+    if mlp_fields:
+        overrides[mlp_fields[0]] = width
+    elif cfg.intermediate_size is not None:
+        raise ModelError(
+            f"student.intermediate_size: {name} has no MLP-width field "
+            f"({', '.join(_MLP_WIDTH_KEYS)}); leave student.intermediate_size unset"
+        )
+    for key in _EXPERT_WIDTH_KEYS:
+        if isinstance(fields.get(key), int) and fields[key] > 0:
+            overrides[key] = min(fields[key], width)
+    if "num_key_value_heads" in fields:
         overrides["num_key_value_heads"] = heads
-    if hasattr(tconf, "head_dim"):
+    if isinstance(fields.get("head_dim"), int):
+        old_head = fields["head_dim"]
         overrides["head_dim"] = hidden // heads
-    if getattr(tconf, "layer_types", None) is not None:
+        if fields.get("query_pre_attn_scalar") == old_head:  # Gemma: scale by head_dim
+            overrides["query_pre_attn_scalar"] = hidden // heads
+    if fields.get("layer_types") is not None:
         overrides["layer_types"] = None
-    sconf = type(tconf).from_dict({**tconf.to_dict(), **overrides})
-    return seeded_init(lambda: AutoModelForCausalLM.from_config(sconf, dtype=torch.float32), seed)
+    if isinstance(fields.get("mlp_only_layers"), list):
+        overrides["mlp_only_layers"] = [i for i in fields["mlp_only_layers"] if i < layers]
+    return overrides
 
 
 T = TypeVar("T")
@@ -288,8 +345,15 @@ def _mlp_width(hidden: int) -> int:
 
 
 def student_from_teacher(teacher: PreTrainedModel, layers: list[int] | None) -> PreTrainedModel:
-    """Keep a subset of the teacher's decoder layers (DistilBERT/Minitron style)."""
-    stack = _decoder_layers(teacher)
+    """Keep a subset of the teacher's decoder layers (DistilBERT/Minitron style).
+
+    The decoder stack is found wherever the family keeps it (``model.layers``, GPT-2's
+    ``transformer.h``, GPT-NeoX's ``gpt_neox.layers``: :func:`decoder_stack`). Kept layers
+    are renumbered (every ``layer_idx``, which indexes the KV cache) and the config's
+    per-layer fields follow them (``layer_types``, ``mlp_only_layers``); a cut the config
+    cannot describe (its export would not reload) is refused.
+    """
+    path, stack = decoder_stack(teacher)
     n = len(stack)
     keep = layers if layers is not None else list(range(0, n, 2))
     bad = [i for i in keep if i >= n]
@@ -297,27 +361,58 @@ def student_from_teacher(teacher: PreTrainedModel, layers: list[int] | None) -> 
         raise ModelError(f"student.layers: {bad} out of range; the teacher has layers 0..{n - 1}")
     with MODEL_BUILD_LOCK:
         student = copy.deepcopy(teacher)
-    kept = torch.nn.ModuleList(student.model.layers[i] for i in keep)
+    student.train().requires_grad_(True)  # the run froze its teacher (eval, no grad)
+    kept = torch.nn.ModuleList(student.get_submodule(path)[i] for i in keep)
     for new_idx, layer in enumerate(kept):
-        attn = getattr(layer, "self_attn", None)
-        if attn is not None and hasattr(attn, "layer_idx"):
-            attn.layer_idx = new_idx
-    student.model.layers = kept
-    student.config.num_hidden_layers = len(keep)
-    if getattr(student.config, "layer_types", None) is not None:
-        student.config.layer_types = [student.config.layer_types[i] for i in keep]
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_idx
+    parent, _, attr = path.rpartition(".")
+    setattr(student.get_submodule(parent) if parent else student, attr, kept)
+    sconf = student.config
+    sconf.num_hidden_layers = len(keep)  # (attribute_map: GPT-2's n_layer)
+    if getattr(sconf, "layer_types", None) is not None:
+        sconf.layer_types = [sconf.layer_types[i] for i in keep]
+    dense = getattr(sconf, "mlp_only_layers", None)
+    if isinstance(dense, list):
+        sconf.mlp_only_layers = [new for new, old in enumerate(keep) if old in dense]
+    _check_describable(student, keep)
     return student
 
 
-def _decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
-    inner = getattr(model, "model", None)
-    stack = getattr(inner, "layers", None)
-    if not isinstance(stack, torch.nn.ModuleList):
+def decoder_stack(model: PreTrainedModel) -> tuple[str, torch.nn.ModuleList]:
+    """The dotted path and module list of the model's decoder layers: the shallowest
+    ``ModuleList`` of ``config.num_hidden_layers`` entries."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and isinstance(module, torch.nn.ModuleList) and len(module) == n
+    ]
+    if not found:
         raise ModelError(
-            f"student.init='from_teacher' needs a model with model.layers; "
-            f"{type(model).__name__} has none. Use init='fresh' or 'pretrained'."
+            f"student.init='from_teacher' needs the teacher's decoder layers; "
+            f"{type(model).__name__} has no list of num_hidden_layers={n} modules. "
+            "Use student.init='fresh' or 'pretrained'."
         )
-    return stack
+    return min(found, key=lambda item: item[0].count("."))
+
+
+def _check_describable(student: PreTrainedModel, keep: list[int]) -> None:
+    """Refuse a cut student whose config builds a differently shaped model (its export
+    would not reload): the config's model is built on the meta device and compared."""
+    with MODEL_BUILD_LOCK, torch.device("meta"):
+        rebuilt = AutoModelForCausalLM.from_config(student.config)
+    want = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+    if want != have:
+        diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+        raise ModelError(
+            f"student.layers={keep}: the kept layers differ from what "
+            f"{type(student.config).__name__} describes for a {len(keep)}-layer model "
+            f"(first difference: {diff[0]!r}), so the student could not be saved and "
+            "reloaded. Keep other layers, or use student.init='fresh'."
+        )
 
 
 #: Text encoded by both tokenizers of a pair: equal vocabularies can still split text
@@ -405,9 +500,41 @@ def shared_vocab_size(teacher: LoadedModel, student: LoadedModel) -> int:
     small = {k: v for k, v in sizes.items() if v < n_tok}
     if small:
         raise ModelError(
-            f"vocabulary mismatch: the tokenizer has {n_tok} tokens but the {list(small)} "
-            f"output layer has only {small}; these models cannot be distilled into each other."
+            "vocabulary mismatch: the tokenizer has "
+            f"{n_tok} tokens but "
+            + " and ".join(f"the {k}'s output layer has only {v} rows" for k, v in small.items())
+            + f" (teacher {sizes['teacher']}, student {sizes['student']} rows): token ids up "
+            f"to {n_tok - 1} have no logit there, so these models cannot be distilled into "
+            "each other. Use models whose output layers cover the tokenizer."
         )
-    if len(set(sizes.values())) > 1:
+    if len(set(sizes.values())) > 1 or sizes["teacher"] != n_tok:
         log.info("padded vocabularies %s; comparing the first %d logits", sizes, n_tok)
     return n_tok
+
+
+#: Config fields (by their standard names; a family's attribute_map translates them, e.g.
+#: GPT-2's ``n_positions``) that bound how many positions a model can attend over.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
+
+
+def context_limit(config: Any) -> tuple[int, str] | None:
+    """The most positions the model takes, and the config field that says so (e.g.
+    ``GPT2Config.n_positions``), or None when its config names no limit.
+
+    A sliding window is no limit: it bounds how far each token looks back, not how long a
+    sequence may be (the model still takes ``max_position_embeddings`` positions).
+    """
+    configs = [config]
+    text = getattr(config, "get_text_config", None)
+    if callable(text):
+        inner = text()
+        if inner is not config:
+            configs.append(inner)
+    mapping = getattr(config, "attribute_map", {}) or {}
+    for cfg in configs:
+        for key in _CONTEXT_KEYS:
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                real = (getattr(cfg, "attribute_map", {}) or mapping).get(key, key)
+                return value, f"{type(cfg).__name__}.{real}"
+    return None

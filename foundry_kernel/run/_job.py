@@ -45,6 +45,7 @@ from foundry_kernel._isolation import per_thread_setting, run_threads
 from foundry_kernel._models import (
     LoadedModel,
     build_student,
+    context_limit,
     count_params,
     load_causal_lm,
     shared_vocab_size,
@@ -324,6 +325,9 @@ def _open_teacher(job: Job, teacher: LoadedModel, vocab: int) -> Teacher:
         longest = cfg.data.seq_len + max(
             cfg.distill.sequence.max_new_tokens, cfg.distill.on_policy.max_new_tokens
         )
+        found = context_limit(teacher.model.config)  # vLLM refuses a longer max_model_len
+        if found is not None:
+            longest = min(longest, found[0])
 
         def start() -> tuple[str, str | None]:
             nonlocal server
@@ -530,16 +534,7 @@ def _preflight(job: Job, teacher: LoadedModel, student: LoadedModel, vocab: int)
     """Refuse a run that cannot fit before the first step allocates the big transients
     (activations, logits, optimizer state), and record the estimate with the run."""
     tconf, sconf = teacher.model.config, student.model.config
-    limit = min(
-        getattr(c, "max_position_embeddings", None) or job.config.data.seq_len
-        for c in (tconf, sconf)
-    )
-    if job.config.data.seq_len > limit:
-        raise ConfigError(
-            f"data.seq_len={job.config.data.seq_len} is longer than the models' context "
-            f"({limit} positions); set data.seq_len to at most {limit}",
-            field="data.seq_len",
-        )
+    _check_context(job, {"teacher": tconf, "student": sconf})
     served = job.config.teacher.backend == "vllm"  # its weights live in the server
     # The student's strategy as the Trainer will choose it (the same function): under the
     # fused one its logits never exist. Whether the teacher is projected too depends on
@@ -576,6 +571,23 @@ def _preflight(job: Job, teacher: LoadedModel, student: LoadedModel, vocab: int)
             "parts": dict(estimate.parts()),
         }
     )
+
+
+def _check_context(job: Job, configs: dict[str, Any]) -> None:
+    """Refuse a ``data.seq_len`` longer than either model's context (learned positions
+    such as GPT-2's ``n_positions`` would index out of their table inside torch), naming
+    the model and its config field. (Generated tokens in sequence and on-policy modes stay
+    inside blocks of ``data.seq_len``.)"""
+    seq_len = job.config.data.seq_len
+    for who, config in configs.items():
+        found = context_limit(config)
+        if found is not None and seq_len > found[0]:
+            limit, where = found
+            raise ConfigError(
+                f"data.seq_len={seq_len} is longer than the {who}'s context ({where}={limit} "
+                f"positions); set data.seq_len to at most {limit}",
+                field="data.seq_len",
+            )
 
 
 def _data_report(job: Job, data: DataBundle) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from foundry_kernel._context import RunContext
+from foundry_kernel._models import context_limit
 from foundry_kernel._world import World
 from foundry_kernel.data._blocks import IGNORE_INDEX, TokenBlocks
 from foundry_kernel.teachers._interface import HFTeacher, Teacher, as_teacher
@@ -368,6 +369,14 @@ def stop_criteria(ctx: RunContext | None) -> StoppingCriteriaList | None:
     return None if ctx is None else StoppingCriteriaList([_StopRequested(ctx)])
 
 
+def room_for(model: PreTrainedModel, prompt_len: int, wanted: int) -> int:
+    """At most ``wanted`` new tokens, fewer where the model's context (GPT-2's learned
+    ``n_positions``, say) ends sooner: generating past it indexes out of the position table
+    inside torch. At least 1."""
+    found = context_limit(getattr(model, "config", None))
+    return wanted if found is None else max(1, min(wanted, found[0] - prompt_len))
+
+
 @torch.no_grad()
 def generate_samples(
     model: PreTrainedModel,
@@ -387,7 +396,7 @@ def generate_samples(
         out = model.generate(  # type: ignore[operator]  # transformers' stubs
             ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=room_for(model, ids.shape[1], max_new_tokens),
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             stopping_criteria=stop_criteria(ctx),
@@ -411,6 +420,7 @@ def generation_speed(
     with ``ctx``, a stop request ends the current generation at its next token."""
     device = next(model.parameters()).device
     ids = tokenizer("The", return_tensors="pt").input_ids.to(device)
+    new_tokens = room_for(model, ids.shape[1], new_tokens)
     kwargs = {
         "attention_mask": torch.ones_like(ids),
         "do_sample": False,
