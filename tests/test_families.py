@@ -379,3 +379,74 @@ def test_loaded_model_params_count_tied_weights_once(zoo: Zoo) -> None:
     assert head.weight is embed.weight
     every_tensor = sum(t.numel() for t in tied.model.state_dict().values())
     assert tied.params == every_tensor - head.weight.numel()  # the shared matrix once
+
+
+# --------------------------------------------------------------------------- student shapes
+
+
+def test_fresh_students_take_the_familys_own_field_names(zoo: Zoo) -> None:
+    """GPT-2's n_embd/n_layer/n_head/n_inner through its attribute_map; a mixture of
+    experts keeps its expert count with experts no wider than the student's MLP."""
+    from foundry_kernel._models import fresh_student
+    from foundry_kernel.config import StudentConfig
+
+    shape = StudentConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48)
+    gpt2 = fresh_student(load_causal_lm(str(zoo.teacher("gpt2")), device=CPU).model, shape, seed=0)
+    assert (gpt2.config.n_embd, gpt2.config.n_layer, gpt2.config.n_head) == (32, 2, 2)
+    assert gpt2.transformer.h[0].mlp.c_fc.weight.shape == (32, 48)  # Conv1D: (in, out)
+    moe_teacher = load_causal_lm(str(zoo.teacher("qwen2_moe")), device=CPU).model
+    moe = fresh_student(moe_teacher, shape, seed=0)
+    assert moe.config.num_experts == moe_teacher.config.num_experts
+    assert moe.config.moe_intermediate_size == 32  # the teacher's (below 48)
+    assert moe.config.shared_expert_intermediate_size == 48  # shrunk from 64
+    assert moe.config.mlp_only_layers == [1]
+    one = fresh_student(moe_teacher, StudentConfig(hidden_size=32, num_layers=1, num_heads=2),
+                        seed=0)
+    assert one.config.mlp_only_layers == []  # layer 1 no longer exists
+
+
+def test_a_cut_the_config_cannot_describe_is_refused() -> None:
+    """Qwen2-MoE with decoder_sparse_step=2 has experts in layers 1 and 3 only: keeping
+    layers [1, 2] would put experts in new layer 0, which the config cannot say, so the
+    export would not reload. Refused, naming the layers and the alternative."""
+    from transformers import Qwen2MoeConfig
+
+    config = Qwen2MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, num_experts=2, num_experts_per_tok=1,
+        moe_intermediate_size=16, shared_expert_intermediate_size=16, decoder_sparse_step=2,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ModelError, match=r"student\.layers=\[1, 2\].*init='fresh'"):
+        student_from_teacher(model, [1, 2])
+    kept = student_from_teacher(model, [0, 1])  # dense, sparse: what the config says
+    assert kept.config.num_hidden_layers == 2
+
+
+# --------------------------------------------------------------------------- vLLM
+
+#: Families run through a real vLLM server here (each start costs 25-50 s); the README's
+#: table lists the others as supported by vLLM's registry, not run.
+VLLM_FAMILIES = ["qwen2", "gpt2"]
+
+
+@pytest.mark.parametrize("family", VLLM_FAMILIES)
+def test_vllm_serves_the_family_as_teacher(
+    family: str, zoo: Zoo, runs_dir: Path, vllm_python: Path
+) -> None:
+    """A managed vLLM server for the family's teacher: the run's teacher numbers come from
+    the server and equal transformers' (GPT-2's server context is clamped to its
+    n_positions=64, which vLLM enforces)."""
+    from foundry_kernel.data._blocks import build_data
+    from foundry_kernel.training._evaluate import evaluate_lm
+
+    teacher = zoo.teacher(family)
+    cfg = _config(runs_dir, teacher, loss={"top_k": 8}, limits={"max_steps": 2})
+    cfg["teacher"] = {"source": str(teacher), "backend": "vllm", "server": {"eager": True}}
+    _, _, summary = _run(cfg)
+    assert summary["teacher"]["backend"] == "vllm"
+    local = load_causal_lm(str(teacher), device=CPU)
+    data = build_data(load_config(cfg).data, local.tokenizer, seed=0)
+    hf = evaluate_lm(local.model, data.val, batch_size=4, max_batches=1)
+    assert summary["teacher"]["val_loss"] == pytest.approx(hf["loss"], rel=1e-3)
+    _reload(Path(summary["export_dir"]), family)
