@@ -362,11 +362,13 @@ def student_from_teacher(teacher: PreTrainedModel, layers: list[int] | None) -> 
     with MODEL_BUILD_LOCK:
         student = copy.deepcopy(teacher)
     student.train().requires_grad_(True)  # the run froze its teacher (eval, no grad)
-    kept = torch.nn.ModuleList(student.get_submodule(path)[i] for i in keep)
+    stack_copy = student.get_submodule(path)
+    assert isinstance(stack_copy, torch.nn.ModuleList)  # (decoder_stack found a ModuleList)
+    kept = torch.nn.ModuleList(stack_copy[i] for i in keep)
     for new_idx, layer in enumerate(kept):
         for module in layer.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new_idx
+                setattr(module, "layer_idx", new_idx)  # noqa: B010  (a module attribute)
     parent, _, attr = path.rpartition(".")
     setattr(student.get_submodule(parent) if parent else student, attr, kept)
     sconf = student.config

@@ -82,8 +82,13 @@ STYLES: dict[str, TokenizerStyle] = {
     # Llama 3: byte-level, adds <|begin_of_text|>, no pad token.
     "llama3": TokenizerStyle(
         byte_level=True,
-        specials=("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                  "<|end_header_id|>", "<|eot_id|>"),
+        specials=(
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+        ),
         bos="<|begin_of_text|>",
         eos="<|end_of_text|>",
         pad=None,
@@ -130,8 +135,7 @@ STYLES: dict[str, TokenizerStyle] = {
     # Phi-3: Llama-2 SentencePiece ids, eos/pad <|endoftext|>, no BOS added, <|user|> etc.
     "phi3": TokenizerStyle(
         byte_level=False,
-        specials=("<unk>", "<s>", "</s>", "<|endoftext|>", "<|user|>", "<|assistant|>",
-                  "<|end|>"),
+        specials=("<unk>", "<s>", "</s>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"),
         bos="<s>",
         eos="<|endoftext|>",
         pad="<|endoftext|>",
@@ -189,8 +193,13 @@ _DECODER = {
     "num_key_value_heads": 1,
     "max_position_embeddings": 128,
 }
-_SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-          "num_attention_heads": 1, "num_key_value_heads": 1}
+_SMALL = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 1,
+    "num_key_value_heads": 1,
+}
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -233,8 +242,14 @@ FAMILIES: dict[str, Family] = {
                 "attn_logit_softcapping": 50.0,
                 "tie_word_embeddings": True,
             },
-            {**_SMALL, "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 16,
-             "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
+            {
+                **_SMALL,
+                "head_dim": 32,
+                "query_pre_attn_scalar": 32,
+                "sliding_window": 16,
+                "final_logit_softcapping": 30.0,
+                "attn_logit_softcapping": 50.0,
+            },
             notes="logit and attention soft-capping, tied and scaled embeddings",
         ),
         Family(
@@ -249,12 +264,23 @@ FAMILIES: dict[str, Family] = {
                 "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
                 "tie_word_embeddings": True,
             },
-            {**_SMALL, "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 16,
-             "layer_types": ["sliding_attention", "full_attention"]},
+            {
+                **_SMALL,
+                "head_dim": 32,
+                "query_pre_attn_scalar": 32,
+                "sliding_window": 16,
+                "layer_types": ["sliding_attention", "full_attention"],
+            },
             notes="text-only causal LM; sliding/full layer_types, scaled embeddings",
         ),
-        Family("phi3", "Phi3Config", "phi3", dict(_DECODER), dict(_SMALL),
-               notes="fused qkv/gate_up projections"),
+        Family(
+            "phi3",
+            "Phi3Config",
+            "phi3",
+            dict(_DECODER),
+            dict(_SMALL),
+            notes="fused qkv/gate_up projections",
+        ),
         Family(
             "gpt2",
             "GPT2Config",
@@ -267,14 +293,32 @@ FAMILIES: dict[str, Family] = {
             "gpt_neox",
             "GPTNeoXConfig",
             "neox",
-            {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
-             "num_attention_heads": 2, "max_position_embeddings": 128, "rotary_pct": 0.25},
-            {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-             "num_attention_heads": 1, "max_position_embeddings": 128, "rotary_pct": 0.25},
+            {
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 2,
+                "max_position_embeddings": 128,
+                "rotary_pct": 0.25,
+            },
+            {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 1,
+                "max_position_embeddings": 128,
+                "rotary_pct": 0.25,
+            },
             notes="layers at gpt_neox.layers; partial rotary; no pad token",
         ),
-        Family("olmo2", "Olmo2Config", "olmo2", dict(_DECODER), dict(_SMALL),
-               notes="post-norm, q/k norms"),
+        Family(
+            "olmo2",
+            "Olmo2Config",
+            "olmo2",
+            dict(_DECODER),
+            dict(_SMALL),
+            notes="post-norm, q/k norms",
+        ),
         Family(
             "qwen2_moe",
             "Qwen2MoeConfig",
@@ -287,8 +331,13 @@ FAMILIES: dict[str, Family] = {
                 "shared_expert_intermediate_size": 64,
                 "mlp_only_layers": [1],
             },
-            {**_SMALL, "num_experts": 2, "num_experts_per_tok": 1,
-             "moe_intermediate_size": 16, "shared_expert_intermediate_size": 32},
+            {
+                **_SMALL,
+                "num_experts": 2,
+                "num_experts_per_tok": 1,
+                "moe_intermediate_size": 16,
+                "shared_expert_intermediate_size": 32,
+            },
             notes="mixture of experts with a shared expert; layer 1 dense (mlp_only_layers)",
         ),
         Family(

@@ -99,8 +99,13 @@ def _reload(export: Path, family: str) -> tuple[Any, Any]:
     assert (ids[0, 0].item() == tok.bos_token_id) == style.add_bos
     assert (tok.chat_template is not None) == (style.chat_template is not None)
     assert tok.get_vocab() == family_tokenizer(FAMILIES[family].style).get_vocab()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
-                         do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=3,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id or tok.eos_token_id,
+    )
     assert out.shape[1] == ids.shape[1] + 3
     return model, tok
 
@@ -159,8 +164,9 @@ def test_from_teacher_student(family: str, zoo: Zoo, runs_dir: Path) -> None:
         past = cut(ids[:, :-1], use_cache=True).past_key_values
         step = cut(ids[:, -1:], past_key_values=past, use_cache=True).logits[0, -1]
     assert torch.allclose(full, step, atol=1e-4)
-    cfg = _config(runs_dir, zoo.teacher(family), student={"init": "from_teacher"},
-                  limits={"max_steps": 2})
+    cfg = _config(
+        runs_dir, zoo.teacher(family), student={"init": "from_teacher"}, limits={"max_steps": 2}
+    )
     _, _, summary = _run(cfg)
     model, _ = _reload(Path(summary["export_dir"]), family)
     assert model.config.num_hidden_layers == 2
@@ -172,9 +178,7 @@ def test_pretrained_student_of_the_family(family: str, zoo: Zoo, runs_dir: Path)
     """A smaller pretrained model of the same family (same tokenizer) passes the pairing
     check, distils and exports with its own shape."""
     student = zoo.student(family)
-    cfg = _config(runs_dir, zoo.teacher(family),
-                  student={"init": "pretrained", "source": str(student)},
-                  limits={"max_steps": 2})
+    cfg = _config(runs_dir, zoo.teacher(family), limits={"max_steps": 2})
     cfg["student"] = {"init": "pretrained", "source": str(student)}
     _, _, summary = _run(cfg)
     model, _ = _reload(Path(summary["export_dir"]), family)
@@ -202,7 +206,11 @@ MODES: dict[str, dict[str, Any]] = {
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("family", NAMES)
 def test_every_mode(
-    family: str, mode: str, zoo: Zoo, runs_dir: Path, tmp_path: Path,
+    family: str,
+    mode: str,
+    zoo: Zoo,
+    runs_dir: Path,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("FOUNDRY_CACHE_DIR", str(tmp_path / "cache"))  # a fresh logit cache
@@ -257,9 +265,10 @@ def test_cross_family_pair_sharing_a_tokenizer(
     _, _, summary = _run(cfg)
     export = Path(summary["export_dir"])
     reloaded = AutoModelForCausalLM.from_pretrained(export)
-    assert type(reloaded).__name__ == type(
-        AutoModelForCausalLM.from_config(_family_config(student))
-    ).__name__
+    assert (
+        type(reloaded).__name__
+        == type(AutoModelForCausalLM.from_config(_family_config(student))).__name__
+    )
     assert summary["student"]["agreement"] >= 0
 
 
@@ -289,8 +298,13 @@ def test_padded_vocabularies_share_the_tokenizers_vocabulary(
     assert student.model.get_output_embeddings().weight.shape[0] == n + 128
     assert shared_vocab_size(teacher, student) == n
     for mode in ({"mode": "online"}, {"mode": "offline"}):
-        cfg = _config(runs_dir, teacher_dir, distill=mode, limits={"max_steps": 2},
-                      loss={"top_k": 8} if mode["mode"] == "offline" else {})
+        cfg = _config(
+            runs_dir,
+            teacher_dir,
+            distill=mode,
+            limits={"max_steps": 2},
+            loss={"top_k": 8} if mode["mode"] == "offline" else {},
+        )
         cfg["student"] = {"init": "pretrained", "source": str(student_dir)}
         _, _, summary = _run(cfg)
         assert summary["val_kl"] >= 0
@@ -300,9 +314,7 @@ def test_padded_vocabularies_share_the_tokenizers_vocabulary(
 
 
 @pytest.mark.parametrize("who", ["student", "teacher"])
-def test_a_head_smaller_than_the_tokenizer_is_refused(
-    who: str, zoo: Zoo, runs_dir: Path
-) -> None:
+def test_a_head_smaller_than_the_tokenizer_is_refused(who: str, zoo: Zoo, runs_dir: Path) -> None:
     n = len(family_tokenizer("qwen"))
     short = zoo.padded("qwen2", -16, student=who == "student")
     full = zoo.student("qwen2") if who == "teacher" else zoo.teacher("qwen2")
@@ -400,8 +412,9 @@ def test_fresh_students_take_the_familys_own_field_names(zoo: Zoo) -> None:
     assert moe.config.moe_intermediate_size == 32  # the teacher's (below 48)
     assert moe.config.shared_expert_intermediate_size == 48  # shrunk from 64
     assert moe.config.mlp_only_layers == [1]
-    one = fresh_student(moe_teacher, StudentConfig(hidden_size=32, num_layers=1, num_heads=2),
-                        seed=0)
+    one = fresh_student(
+        moe_teacher, StudentConfig(hidden_size=32, num_layers=1, num_heads=2), seed=0
+    )
     assert one.config.mlp_only_layers == []  # layer 1 no longer exists
 
 
@@ -412,9 +425,17 @@ def test_a_cut_the_config_cannot_describe_is_refused() -> None:
     from transformers import Qwen2MoeConfig
 
     config = Qwen2MoeConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=1, num_experts=2, num_experts_per_tok=1,
-        moe_intermediate_size=16, shared_expert_intermediate_size=16, decoder_sparse_step=2,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_experts=2,
+        num_experts_per_tok=1,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        decoder_sparse_step=2,
     )
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(ModelError, match=r"student\.layers=\[1, 2\].*init='fresh'"):
