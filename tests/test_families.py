@@ -197,7 +197,7 @@ MODES: dict[str, dict[str, Any]] = {
     "on_policy": {
         "distill": {
             "mode": "on_policy",
-            "on_policy": {"fraction": 0.5, "prompt_tokens": 8, "max_new_tokens": 8},
+            "on_policy": {"fraction": 1.0, "prompt_tokens": 8, "max_new_tokens": 8},
         }
     },
 }
@@ -222,6 +222,8 @@ def test_every_mode(
         assert summary["logit_cache"]["k"] == 8
     if mode == "sequence":
         assert summary["sequence"]["generated_tokens"] > 0
+    if mode == "on_policy":  # every step on the student's own samples
+        assert [r.value for r in store.metrics(run_id, ["train/on_policy"])] == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("family", NAMES)
@@ -471,3 +473,10 @@ def test_vllm_serves_the_family_as_teacher(
     hf = evaluate_lm(local.model, data.val, batch_size=4, max_batches=1)
     assert summary["teacher"]["val_loss"] == pytest.approx(hf["loss"], rel=1e-3)
     _reload(Path(summary["export_dir"]), family)
+
+
+def test_fused_loss_asked_for_on_a_soft_capped_student_is_refused(zoo: Zoo, runs_dir: Path) -> None:
+    cfg = _config(runs_dir, zoo.teacher("gemma2"), loss={"strategy": "fused"})
+    with pytest.raises(ConfigError, match="final_logit_softcapping") as info:
+        _run(cfg)
+    assert info.value.field == "loss.strategy"
