@@ -110,6 +110,18 @@ def _reload(export: Path, family: str) -> tuple[Any, Any]:
     return model, tok
 
 
+def _same_held_out_loss(model: Any, tok: Any, cfg: dict[str, Any], summary: dict[str, Any]) -> None:
+    """The reloaded export scores the held-out batch exactly as the run's student did: the
+    export holds the trained weights (tied heads, cut layers and all)."""
+    from foundry_kernel.data._blocks import build_data
+    from foundry_kernel.training._evaluate import evaluate_lm
+
+    config = load_config(cfg)
+    data = build_data(config.data, tok, seed=config.data.split_seed)
+    got = evaluate_lm(model, data.val, batch_size=config.optim.batch_size, max_batches=1)
+    assert got["loss"] == pytest.approx(summary["student"]["val_loss"], rel=1e-5)
+
+
 def _family_config(family: str) -> Any:
     from model_zoo import family_config
 
@@ -145,8 +157,9 @@ def test_teacher_with_fresh_student_resume_export_reload(
     assert summary["student"]["params"] < summary["teacher"]["params"]
     strategy = summary["distill_loss_strategy"]
     assert strategy["strategy"] == ("logits" if family in TRANSFORMED else "fused"), strategy
-    model, _ = _reload(Path(summary["export_dir"]), family)
+    model, tok = _reload(Path(summary["export_dir"]), family)
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2
+    _same_held_out_loss(model, tok, cfg, summary)
 
 
 @pytest.mark.parametrize("family", NAMES)
@@ -168,8 +181,9 @@ def test_from_teacher_student(family: str, zoo: Zoo, runs_dir: Path) -> None:
         runs_dir, zoo.teacher(family), student={"init": "from_teacher"}, limits={"max_steps": 2}
     )
     _, _, summary = _run(cfg)
-    model, _ = _reload(Path(summary["export_dir"]), family)
+    model, tok = _reload(Path(summary["export_dir"]), family)
     assert model.config.num_hidden_layers == 2
+    _same_held_out_loss(model, tok, cfg, summary)
     assert model.config.hidden_size == teacher.model.config.hidden_size
 
 
@@ -181,8 +195,9 @@ def test_pretrained_student_of_the_family(family: str, zoo: Zoo, runs_dir: Path)
     cfg = _config(runs_dir, zoo.teacher(family), limits={"max_steps": 2})
     cfg["student"] = {"init": "pretrained", "source": str(student)}
     _, _, summary = _run(cfg)
-    model, _ = _reload(Path(summary["export_dir"]), family)
+    model, tok = _reload(Path(summary["export_dir"]), family)
     assert model.config.hidden_size == 32
+    _same_held_out_loss(model, tok, cfg, summary)
     assert summary["student"]["params"] == load_causal_lm(str(student), device=CPU).params
 
 
@@ -315,6 +330,32 @@ def test_padded_vocabularies_share_the_tokenizers_vocabulary(
         assert rows == n + 128
 
 
+def test_padded_rows_never_reach_the_loss(zoo: Zoo, runs_dir: Path, tmp_path: Path) -> None:
+    """The Qwen2 teacher padded with 64 extra head rows of huge weights (logits far above
+    every real one, so any loss over them would change completely): the student trains
+    exactly as against the unpadded teacher."""
+    n = len(family_tokenizer("qwen"))
+    base = load_causal_lm(str(zoo.teacher("qwen2")), device=CPU)
+    base.model.resize_token_embeddings(n + 64)
+    with torch.no_grad():
+        head = base.model.get_output_embeddings().weight
+        head[n:] = 50.0 * torch.randn(64, head.shape[1], generator=torch.Generator().manual_seed(0))
+    padded = tmp_path / "qwen2-padded-loud"
+    base.model.save_pretrained(padded)
+    base.tokenizer.save_pretrained(padded)
+    student = {"init": "pretrained", "source": str(zoo.padded("qwen2", 128, student=True))}
+    series = []
+    for teacher in (zoo.teacher("qwen2"), padded):
+        cfg = _config(runs_dir, teacher, limits={"max_steps": 3})
+        cfg["student"] = student
+        store, run_id, summary = _run(cfg)
+        series.append(([r.value for r in store.metrics(run_id, ["train/loss"])], summary))
+    (plain, a), (loud, b) = series
+    assert loud == pytest.approx(plain, rel=1e-5)
+    assert b["val_kl"] == pytest.approx(a["val_kl"], rel=1e-5)
+    assert b["teacher"]["val_loss"] == pytest.approx(a["teacher"]["val_loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("who", ["student", "teacher"])
 def test_a_head_smaller_than_the_tokenizer_is_refused(who: str, zoo: Zoo, runs_dir: Path) -> None:
     n = len(family_tokenizer("qwen"))
@@ -376,6 +417,31 @@ def test_hub_id_loads_offline_from_the_cache(hub_cache: Path, runs_dir: Path) ->
     _, _, summary = _run(cfg)
     assert summary["teacher_source"] == HUB_ID
     assert summary["student"]["val_ppl"] > 1
+
+
+def test_hub_id_offline_through_the_cli(hub_cache: Path, runs_dir: Path, tmp_path: Path) -> None:
+    """The user's path: ``foundry distill`` in a fresh process whose environment names the
+    hub cache (HF_HUB_CACHE, read by huggingface_hub at import) and HF_HUB_OFFLINE=1."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_config(runs_dir, HUB_ID, limits={"max_steps": 1})))
+    proc = subprocess.run(
+        [sys.executable, "-m", "foundry_kernel.cli", "distill", "--config", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ.copy(),  # (the fixture's HF_HUB_CACHE and HF_HUB_OFFLINE)
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["state"] == "completed"
+    assert summary["teacher"]["params"] == load_causal_lm(HUB_ID, device=CPU).params
 
 
 def test_missing_hub_id_offline_says_what_to_do(hub_cache: Path) -> None:
