@@ -532,11 +532,10 @@ def context_limit(config: Any) -> tuple[int, str] | None:
         inner = text()
         if inner is not config:
             configs.append(inner)
-    mapping = getattr(config, "attribute_map", {}) or {}
     for cfg in configs:
+        mapping = getattr(cfg, "attribute_map", None) or {}
         for key in _CONTEXT_KEYS:
             value = getattr(cfg, key, None)
             if isinstance(value, int) and value > 0:
-                real = (getattr(cfg, "attribute_map", {}) or mapping).get(key, key)
-                return value, f"{type(cfg).__name__}.{real}"
+                return value, f"{type(cfg).__name__}.{mapping.get(key, key)}"
     return None

@@ -546,3 +546,21 @@ def test_fused_loss_asked_for_on_a_soft_capped_student_is_refused(zoo: Zoo, runs
     with pytest.raises(ConfigError, match="final_logit_softcapping") as info:
         _run(cfg)
     assert info.value.field == "loss.strategy"
+
+
+def test_context_limit_reads_each_familys_own_field() -> None:
+    from transformers import Gemma3Config, GPT2Config, LlamaConfig, MistralConfig
+
+    from foundry_kernel._models import context_limit
+
+    assert context_limit(GPT2Config(n_positions=77)) == (77, "GPT2Config.n_positions")
+    assert context_limit(LlamaConfig(max_position_embeddings=99)) == (
+        99,
+        "LlamaConfig.max_position_embeddings",
+    )
+    # a sliding window bounds how far a token looks back, not the sequence
+    windowed = MistralConfig(max_position_embeddings=256, sliding_window=16)
+    assert context_limit(windowed) == (256, "MistralConfig.max_position_embeddings")
+    # a multimodal wrapper: the limit is its text model's
+    wrapped = Gemma3Config(text_config={"max_position_embeddings": 321})
+    assert context_limit(wrapped) == (321, "Gemma3TextConfig.max_position_embeddings")
