@@ -45,6 +45,7 @@ __all__ = [
     "save_adapter",
     "save_base",
     "save_merged",
+    "target_modules",
 ]
 
 ADAPTER = "default"  # peft's adapter name; one adapter per student
@@ -128,7 +129,7 @@ def peft_config(model: nn.Module, cfg: LoraConfig) -> Any:
 
     return PeftLoraConfig(
         r=cfg.rank,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # annotated int, used as a float
         lora_dropout=cfg.dropout,
         target_modules=_targets(model, cfg),
         task_type=TaskType.CAUSAL_LM,
@@ -145,7 +146,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, seed: int) -> nn.Module:
     from peft import get_peft_model
 
     config = peft_config(model, cfg)
-    wrapped = seeded_init(lambda: get_peft_model(model, config), seed)  # type: ignore[arg-type]
+    wrapped = seeded_init(lambda: get_peft_model(model, config), seed)
     inner: nn.Module = wrapped.base_model.model
     _HANDLES[inner] = wrapped
     return inner
@@ -154,6 +155,12 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, seed: int) -> nn.Module:
 def is_lora(model: nn.Module) -> bool:
     """Whether ``model`` carries adapters injected by :func:`apply_lora`."""
     return model in _HANDLES
+
+
+def target_modules(model: nn.Module) -> list[str]:
+    """The module names peft put adapters on (as resolved from 'auto'/'all-linear')."""
+    targets = getattr(handle(model).peft_config[ADAPTER], "target_modules", None) or ()
+    return [targets] if isinstance(targets, str) else sorted(targets)
 
 
 def handle(model: nn.Module) -> PeftModel:

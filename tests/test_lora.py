@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_config_dict
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -39,8 +40,6 @@ from foundry_kernel.store import RunStore
 from foundry_kernel.training._checkpoint import load_latest
 from foundry_kernel.training._strategy import FusedLinearLoss, LogitsLoss, choose_strategy
 from foundry_kernel.training._trainer import Trainer, TrainPlan
-
-from conftest import tiny_config_dict
 
 CPU = torch.device("cpu")
 PLAN = TrainPlan(

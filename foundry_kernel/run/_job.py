@@ -306,9 +306,7 @@ def _build_student(job: Job, teacher: LoadedModel) -> LoadedModel:
         job.record(
             lora={
                 **cfg.student.lora.model_dump(),
-                "target_modules": sorted(
-                    _lora.handle(adapted).peft_config["default"].target_modules
-                ),
+                "target_modules": _lora.target_modules(adapted),
                 "trainable_params": counts.trainable,
                 "total_params": counts.total,
             }
