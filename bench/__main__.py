@@ -1,4 +1,4 @@
-"""``python -m bench [loss|throughput|overheads|mfu|cache|scaling|all] [--quick] [--json PATH]``.
+"""``python -m bench [loss|throughput|overheads|mfu|cache|scaling|lora|all] [--quick] [--json P]``.
 
 Runs the chosen benchmarks in this one process (the loss benchmark starts one fresh child
 process per contender and point), prints each table as it completes and a summary at the
@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-BENCHMARKS = ("loss", "throughput", "overheads", "mfu", "cache", "scaling")
+BENCHMARKS = ("loss", "throughput", "overheads", "mfu", "cache", "scaling", "lora")
 
 
 def _ints(text: str) -> list[int]:
@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="Foundry benchmarks: loss memory/time, training throughput, controller "
-        "overhead, MFU, the offline logit cache and data-parallel scaling, each side by side "
+        "overhead, MFU, the offline logit cache, data-parallel scaling and full vs LoRA "
+        "training, each side by side "
         "with its baselines in one run.",
     )
     p.add_argument("which", nargs="?", default="all", choices=(*BENCHMARKS, "all"))
@@ -76,7 +77,7 @@ def run_benchmarks(
     """Run what ``args`` asks for; returns the JSON document (also written to ``args.json``)."""
     import torch
 
-    from bench import cache, loss_memory, mfu, overheads, scaling, throughput
+    from bench import cache, lora, loss_memory, mfu, overheads, scaling, throughput
     from bench.common import GiB, clean_floats, environment, machine_snapshot, write_json
 
     if args.threads:
@@ -139,6 +140,9 @@ def run_benchmarks(
         elif name == "scaling":
             section = scaling.run(quick=args.quick, steps=args.steps, printer=printer)
             text = scaling.render(section)
+        elif name == "lora":
+            section = lora.run(quick=args.quick, steps=args.steps, printer=printer)
+            text = lora.render(section)
         elif name == "cache":
             section = cache.run(quick=args.quick, ks=args.cache_ks, printer=printer)
             text = cache.render(section)

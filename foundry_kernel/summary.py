@@ -54,6 +54,9 @@ class ModelResult:
     agreement: float | None = None
     val_kl: float | None = None
     backend: str | None = None  # the teacher's: "hf", "vllm", "cache"
+    # Parameters that trained, when fewer than ``params`` (a LoRA student's adapters);
+    # None: every parameter trained (or an older run).
+    trainable_params: int | None = None
 
     _ALWAYS = ("params", "val_ppl", "val_loss")
 
@@ -70,12 +73,14 @@ class ModelResult:
             agreement=_number(part.get("agreement")),
             val_kl=_number(part.get("val_kl")),
             backend=_text(part.get("backend")),
+            trainable_params=_count(part.get("trainable_params")),
         )
 
     def to_dict(self) -> dict[str, Any]:
         """As stored and as ``--json`` prints it: unmeasured optional fields left out."""
         out: dict[str, Any] = {}
-        for name in ("params", "val_ppl", "val_loss", "agreement", "val_kl", "tokens_per_s"):
+        names = ("params", "trainable_params", "val_ppl", "val_loss", "agreement", "val_kl")
+        for name in (*names, "tokens_per_s"):
             value = getattr(self, name)
             if value is not None or name in self._ALWAYS:
                 out[name] = value

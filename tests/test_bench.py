@@ -53,14 +53,14 @@ def _positive(x: Any) -> bool:
 
 def test_cli_prints_every_table_and_writes_strict_json(quick: tuple[dict[str, Any], str]) -> None:
     doc, stdout = quick
-    for name in ("loss", "throughput", "overheads", "mfu", "cache", "scaling"):
+    for name in ("loss", "throughput", "overheads", "mfu", "cache", "scaling", "lora"):
         assert f"## {name}" in stdout
         assert name in doc
         assert doc["timings_s"][name] >= 0
     assert "| contender" in stdout and "wrote " in stdout
     meta = doc["meta"]
     assert meta["quick"] is True
-    assert meta["which"] == ["loss", "throughput", "overheads", "mfu", "cache", "scaling"]
+    assert meta["which"] == ["loss", "throughput", "overheads", "mfu", "cache", "scaling", "lora"]
     for when in ("machine_before", "machine_after"):
         assert "load average" in meta[when]["uptime"]
     assert meta["environment"]["versions"]["torch"]
@@ -284,3 +284,15 @@ def test_loss_memory_on_cuda() -> None:
         assert r["status"] == "ok", r
         assert r["method"] == "cuda.max_memory_allocated"
         assert _positive(r["peak_bytes"])
+
+
+def test_lora_section(quick: tuple[dict[str, Any], str]) -> None:
+    section = quick[0]["lora"]
+    full, lora = section["results"]["full"], section["results"]["lora"]
+    assert full["status"] == lora["status"] == "ok", (full, lora)
+    assert full["trainable_params"] == full["total_params"]
+    assert 0 < lora["trainable_params"] < full["trainable_params"]
+    assert lora["total_params"] == full["total_params"] + lora["trainable_params"]
+    for r in (full, lora):
+        assert _positive(r["tokens_per_s"]) and r["peak_bytes"] >= 0
+    assert "lora vs full:" in quick[1]

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from foundry_kernel import _lora
 from foundry_kernel._context import RunContext
 from foundry_kernel._isolation import per_thread_setting, run_threads
 from foundry_kernel._models import (
@@ -299,6 +300,19 @@ def _build_student(job: Job, teacher: LoadedModel) -> LoadedModel:
     else:
         student = build_student(cfg.student, teacher, device=job.device, seed=cfg.seed, check=check)
     check()
+    if cfg.student.lora is not None:
+        job.ctx.set_stage("lora", rank=cfg.student.lora.rank)
+        adapted = _lora.apply_lora(student.model, cfg.student.lora, seed=cfg.seed)
+        student = dataclasses.replace(student, model=adapted)  # type: ignore[arg-type]
+        counts = _lora.param_counts(adapted)
+        job.record(
+            lora={
+                **cfg.student.lora.model_dump(),
+                "target_modules": _lora.target_modules(adapted),
+                "trainable_params": counts.trainable,
+                "total_params": counts.total,
+            }
+        )
     return student
 
 
@@ -541,11 +555,13 @@ def _preflight(job: Job, teacher: LoadedModel, student: LoadedModel, vocab: int)
     # the mode's live teacher, unknown yet: its logits are counted (an upper bound).
     choice = choose_strategy(job.config.loss.strategy, student.model, None)
     fused_student = isinstance(choice.strategy, FusedLinearLoss)
+    counts = _lora.param_counts(student.model)  # a LoRA student: the adapters train, not the base
     estimate = estimate_memory_for(
         job.config,
         job.world.world_size,
         teacher_params=0 if served else teacher.params,
         student_params=student.params,
+        student_trainable=counts.trainable,
         vocab_size=vocab,
         teacher_hidden=tconf.hidden_size,
         student_hidden=sconf.hidden_size,
@@ -556,7 +572,8 @@ def _preflight(job: Job, teacher: LoadedModel, student: LoadedModel, vocab: int)
         runtime=job.rt,
         fused_student=fused_student,
     )
-    checkpoint_bytes = student.params * 4 * 3 + 4096  # weights + two AdamW moments
+    # what trains + its two AdamW moments (a checkpoint holds no frozen base: see Trainer)
+    checkpoint_bytes = counts.trainable * 4 * 3 + 4096
     report = preflight(
         job.config, estimate, runs_dir=job.store.root, checkpoint_bytes=checkpoint_bytes
     )
@@ -670,6 +687,11 @@ def _full_student(job: Job, model: PreTrainedModel) -> PreTrainedModel | None:
     from transformers import AutoModelForCausalLM
 
     inner = _parallel.unwrap(model)
+    assert state is not None
+    lora = job.config.student.lora
+    if lora is not None:  # the adapters' keys: rebuild the same LoRA student around them
+        copy = _lora.lora_copy(inner.config, lora, state, seed=job.config.seed)
+        return copy.to(job.device).eval()  # type: ignore[return-value]
     plain = AutoModelForCausalLM.from_config(inner.config)
     plain.load_state_dict(state)
     return plain.to(job.device).eval()
@@ -752,8 +774,10 @@ def _evaluate_all(
             samples[name] = _samples(
                 job, LoadedModel(plain, model.tokenizer, model.source), prompts
             )
+        counts = _lora.param_counts(plain if plain is not None else model.model)
         out[name] = ModelResult(
-            params=count_params(plain if plain is not None else model.model),
+            params=counts.total,
+            trainable_params=counts.trainable if counts.frozen else None,
             val_ppl=ev["ppl"],
             val_loss=ev["loss"],
             agreement=ev["agreement"],
@@ -852,7 +876,10 @@ def _write_export(
         shutil.rmtree(stale, ignore_errors=True)
     try:
         ctx.set_stage("weights")
-        student.save_pretrained(tmp)
+        if _lora.is_lora(student):
+            _write_lora_weights(job, student, tokenizer, tmp, export)
+        else:
+            student.save_pretrained(tmp)
         ctx.set_stage("tokenizer")
         tokenizer.save_pretrained(tmp)
         ctx.set_stage("card")
@@ -863,6 +890,29 @@ def _write_export(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_lora_weights(
+    job: Job, student: PreTrainedModel, tokenizer: Any, tmp: Path, export: Path
+) -> None:
+    """A LoRA student's weights by ``student.lora.export``: ``merged`` an ordinary model
+    folder; ``adapter`` the peft adapter folder over its base. A pretrained base is named by
+    ``student.source``; a base cut from the teacher (``from_teacher``) exists nowhere a user
+    could load it, so it is written beside the adapter, in ``base/`` (its weights and
+    tokenizer), and the adapter names that folder as where it will be after the export."""
+    cfg = job.config.student
+    assert cfg.lora is not None
+    if cfg.lora.export == "merged":
+        _lora.save_merged(student, tmp)
+        return
+    if cfg.init == "pretrained":
+        assert cfg.source is not None
+        _lora.save_adapter(student, tmp, base=cfg.source)
+        return
+    _lora.save_adapter(student, tmp, base=str((export / "base").resolve()))
+    job.ctx.check()
+    _lora.save_base(student, tmp / "base")
+    tokenizer.save_pretrained(tmp / "base")
 
 
 def _replace_folder(new: Path, target: Path) -> None:
@@ -892,6 +942,7 @@ def model_card(config: RunConfig, results: Mapping[str, Any] | RunSummary) -> st
         f"Teacher: `{config.teacher.source}` ({num(t.params, ',')} parameters).",
         f"Student: {num(s.params, ',')} parameters"
         + (f" ({s.params / t.params:.0%} of the teacher)." if s.params and t.params else "."),
+        *_lora_card_line(config, s),
         f"Loss: {config.loss.kind}, temperature {config.loss.temperature}, "
         f"CE weight {config.loss.ce_weight}; {config.limits.max_steps} steps.",
         "",
@@ -914,3 +965,19 @@ def model_card(config: RunConfig, results: Mapping[str, Any] | RunSummary) -> st
                 "the CE-only student and the teacher (held-out loss).",
             ]
     return "\n".join(lines) + "\n"
+
+
+def _lora_card_line(config: RunConfig, student: ModelResult) -> list[str]:
+    """The card's LoRA line: rank, alpha, what trained, and what the folder holds."""
+    lora = config.student.lora
+    if lora is None:
+        return []
+    share = ""
+    trained, total = student.trainable_params, student.params
+    if trained and total:
+        share = f"; {trained:,} of {total:,} parameters trained ({trained / total:.2%})"
+    held = {
+        "merged": "adapters merged into the weights",
+        "adapter": "the peft adapter (load it with peft.PeftModel.from_pretrained over its base)",
+    }[lora.export]
+    return [f"LoRA: rank {lora.rank}, alpha {lora.alpha:g}{share}; this folder holds {held}."]

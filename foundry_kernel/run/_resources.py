@@ -209,6 +209,7 @@ def estimate_memory(
     world_size: int = 1,
     strategy: str = "ddp",
     teacher_placement: str = "replicate",
+    student_trainable: int | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one distillation run *per rank* (see
     :class:`MemoryEstimate`).
@@ -219,11 +220,13 @@ def estimate_memory(
     the teacher's weight bytes, e_ta = its activation bytes; all from ``runtime``, the
     same value the run trains with):
 
-    - student weights 4P, grads 4P, AdamW state 8P (two fp32 moments); under
+    - student weights 4P, grads 4P_t, AdamW state 8P_t (two fp32 moments), where P_t =
+      ``student_trainable`` (default P): a LoRA student's frozen base has weights only,
+      its adapters weights, gradients and two moments; under
       ``strategy="fsdp2"`` each divided by W (rounded up), plus ``gathered_units``: the
       largest unit (:func:`_largest_unit`) unsharded twice (current + prefetched) at the
       gather dtype and its unsharded fp32 gradient before the reduce-scatter; under
-      ``"ddp"`` with W > 1 ``grad_buckets`` 4P: the reducer's flat buckets, a second copy
+      ``"ddp"`` with W > 1 ``grad_buckets`` 4P_t: the reducer's flat buckets, a second copy
       of the gradients (torch's default ``gradient_as_bucket_view=False``);
     - activations: ``student_layers`` x the per-layer formula above; with
       optim.gradient_checkpointing only each layer's input (N*H*e) plus one layer;
@@ -264,6 +267,7 @@ def estimate_memory(
     """
     placement = teacher_placement
     _check_world(world_size, strategy, placement)
+    trainable = student_params if student_trainable is None else student_trainable
     kind = runtime.device.type
     heads_s = student_heads or config.student.num_heads or config.teacher.build.num_heads
     heads_t = teacher_heads or config.teacher.build.num_heads
@@ -309,11 +313,11 @@ def estimate_memory(
     return MemoryEstimate(
         device=kind,
         student_weights=math.ceil(4 * student_params / shards),
-        student_grads=math.ceil(4 * student_params / shards),
-        optimizer_state=math.ceil(8 * student_params / shards),
+        student_grads=math.ceil(4 * trainable / shards),
+        optimizer_state=math.ceil(8 * trainable / shards),
         teacher_weights=teacher_weights,
         gathered_units=gathered,
-        grad_buckets=4 * student_params if strategy == "ddp" and world_size > 1 else 0,
+        grad_buckets=4 * trainable if strategy == "ddp" and world_size > 1 else 0,
         evaluation=max(0, eval_transient - train_transient),
         baseline_student=4 * student_params if config.eval.baseline else 0,
         overhead=CUDA_CONTEXT_BYTES if kind == "cuda" else 0,

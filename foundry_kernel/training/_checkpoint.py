@@ -179,7 +179,7 @@ def save_sharded(
             shutil.rmtree(folder)
         folder.mkdir()
     world.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_dcp_options(model))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
     if world.is_main:
         atomic_write_text(folder / TRAINER_STATE, json.dumps(trainer_state))
@@ -244,9 +244,12 @@ def load_sharded(
             f"sharded checkpoint {folder} is damaged ({'; '.join(found)}): it was modified "
             "or damaged after it was written; refusing to load it"
         )
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = _dcp_options(model)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))  # in place
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    set_state_dict(
+        model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options
+    )
     trainer_state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
     if not isinstance(trainer_state, dict):
         raise CheckpointError(f"{folder / TRAINER_STATE} does not hold the trainer state")
@@ -261,6 +264,22 @@ def _prune_sharded(directory: Path, *, keep: int, current: str) -> None:
     _prune(directory, keep=keep, current=current)
 
 
+def _frozen(model: torch.nn.Module) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def _dcp_options(model: torch.nn.Module, **extra: Any) -> Any:
+    """DCP's state-dict options: a partly frozen model (a LoRA student) saves and loads only
+    what trains - its frozen base is rebuilt from its source by the resumed run - so the
+    frozen keys are neither written nor required (``strict=False``; the loaded keys are
+    exactly the trainable ones, which DCP requires the folder to hold)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    if _frozen(model):
+        return StateDictOptions(ignore_frozen_params=True, strict=False, **extra)
+    return StateDictOptions(**extra)
+
+
 def load_full_state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -271,7 +290,7 @@ def load_full_state(
     optimizer: the model's by name, the optimizer's re-keyed from parameter positions to
     names (the order ``optimizer``'s groups hold them in), then resharded to this rank.
     Every rank calls it with the same full states."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     names = {id(p): n for n, p in model.named_parameters()}
     by_position: list[str] = []
@@ -292,5 +311,5 @@ def load_full_state(
         optimizer,
         model_state_dict=model_state,
         optim_state_dict={"state": state, "param_groups": groups},
-        options=StateDictOptions(full_state_dict=True),
+        options=_dcp_options(model, full_state_dict=True),
     )

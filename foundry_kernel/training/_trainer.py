@@ -227,6 +227,8 @@ class Trainer:
         self.sampler = BatchSampler(len(data.train), plan.optim.batch_size, seed=plan.seed)
         self.last_eval: dict[str, float] = {}
         self.dropout = uses_dropout(model)  # draws from torch's global RNG: see _step_rng
+        # A partly frozen student (LoRA): checkpoints hold only what trains (_model_state).
+        self._frozen = any(not p.requires_grad for p in model.parameters())
         if plan.optim.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self._blocks = _BlockFacts.of(data.train, vocab_size or _vocab_rows(model))
@@ -290,11 +292,34 @@ class Trainer:
     def _counters(self) -> dict[str, Any]:
         return {"step": self.step, "skipped": self.skipped, "sampler": self.sampler.state_dict()}
 
+    def _model_state(self) -> dict[str, Tensor]:
+        """The model's part of a checkpoint: its whole state dict, or - when part of it is
+        frozen (a LoRA student's base) - only the parameters that train: the frozen ones
+        are rebuilt from their source by the resumed run, identically."""
+        if not self._frozen:
+            return self.model.state_dict()
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _load_model_state(self, state: Mapping[str, Tensor]) -> None:
+        if not self._frozen:
+            self.model.load_state_dict(state)
+            return
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(state) != trainable:
+            raise ConfigError(
+                "the checkpoint's trainable parameters do not match this student's "
+                f"({len(state)} saved, {len(trainable)} here; e.g. "
+                f"{sorted(set(state) ^ trainable)[:3]}): student.lora changed since it was "
+                "written; resume with the same student.lora, or start a new run",
+                field="student.lora",
+            )
+        self.model.load_state_dict(state, strict=False)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "skipped": self.skipped,
-            "model": self.model.state_dict(),
+            "model": self._model_state(),
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
         }
@@ -305,7 +330,7 @@ class Trainer:
         if self.world.distributed:
             load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
         else:
-            self.model.load_state_dict(state["model"])
+            self._load_model_state(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         self._load_counters(state)
 
