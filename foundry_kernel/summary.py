@@ -54,6 +54,9 @@ class ModelResult:
     agreement: float | None = None
     val_kl: float | None = None
     backend: str | None = None  # the teacher's: "hf", "vllm", "cache"
+    # Held-out bits per byte of text: the figure comparable across tokenizers (a per-token
+    # loss is not, when teacher and student tokenize differently: loss.cross_tokenizer).
+    val_bpb: float | None = None
 
     _ALWAYS = ("params", "val_ppl", "val_loss")
 
@@ -70,12 +73,21 @@ class ModelResult:
             agreement=_number(part.get("agreement")),
             val_kl=_number(part.get("val_kl")),
             backend=_text(part.get("backend")),
+            val_bpb=_number(part.get("val_bpb")),
         )
 
     def to_dict(self) -> dict[str, Any]:
         """As stored and as ``--json`` prints it: unmeasured optional fields left out."""
         out: dict[str, Any] = {}
-        for name in ("params", "val_ppl", "val_loss", "agreement", "val_kl", "tokens_per_s"):
+        for name in (
+            "params",
+            "val_ppl",
+            "val_loss",
+            "val_bpb",
+            "agreement",
+            "val_kl",
+            "tokens_per_s",
+        ):
             value = getattr(self, name)
             if value is not None or name in self._ALWAYS:
                 out[name] = value
