@@ -27,6 +27,7 @@ from typing import Any
 
 __all__ = [
     "byte_alphabet",
+    "prefix_assignment",
     "shared_token_pairs",
     "teacher_coverage",
     "token_byte_table",
@@ -135,6 +136,38 @@ def shared_token_pairs(teacher_tok: Any, student_tok: Any) -> tuple[list[int], l
             pairs[s_id] = t_special[name]
     students = sorted(pairs)
     return [pairs[s] for s in students], students
+
+
+def prefix_assignment(teacher_tok: Any, student_tok: Any) -> tuple[list[int], list[bool]]:
+    """For every teacher token: the student token that its bytes begin with, the longest
+    such (``-1``: none), and whether that is an exact twin (the same bytes).
+
+    Specials: EOS goes to EOS, a special goes to the student's special of the same name.
+    Built on the host once per run (a dictionary probe per prefix length).
+    """
+    s_table = token_byte_table(student_tok)
+    by_bytes: dict[bytes, int] = {}
+    for token_id, piece in enumerate(s_table):
+        if piece:
+            by_bytes.setdefault(piece, token_id)
+    longest = max((len(p) for p in by_bytes), default=0)
+    assign: list[int] = []
+    exact: list[bool] = []
+    for piece in token_byte_table(teacher_tok):
+        found, twin = -1, False
+        if piece:
+            for size in range(min(len(piece), longest), 0, -1):
+                hit = by_bytes.get(piece[:size])
+                if hit is not None:
+                    found, twin = hit, size == len(piece)
+                    break
+        assign.append(found)
+        exact.append(twin)
+    t_ids, s_ids = shared_token_pairs(teacher_tok, student_tok)
+    for t, s_id in zip(t_ids, s_ids, strict=True):  # specials (and twins, again)
+        if t < len(assign):
+            assign[t], exact[t] = s_id, True
+    return assign, exact
 
 
 def _specials_by_name(tokenizer: Any) -> dict[str, int]:

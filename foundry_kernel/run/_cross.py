@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from foundry_kernel._models import LoadedModel, own_vocab_size
-from foundry_kernel._token_bytes import shared_token_pairs, token_byte_table
+from foundry_kernel._token_bytes import prefix_assignment, token_byte_table
 from foundry_kernel.data._alignment import CrossTokenized, cross_tokenize_blocks
 from foundry_kernel.data._blocks import IGNORE_INDEX, DataBundle, TokenBlocks
-from foundry_kernel.training._cross_tokenizer import CrossTokenizerLoss, SharedVocab
+from foundry_kernel.training._cross_tokenizer import CrossTokenizerLoss, VocabMap
 
 __all__ = ["CrossSetup", "bits_per_byte", "prepare_cross_tokenizer", "scored_bytes"]
 
@@ -75,22 +75,22 @@ def prepare_cross_tokenizer(
     val = cross_tokenize_blocks(
         data.val, student.tokenizer, teacher.tokenizer, max_len=max_len, check=check
     )
-    t_ids, s_ids = shared_token_pairs(teacher.tokenizer, student.tokenizer)
-    keep = [(t, s) for t, s in zip(t_ids, s_ids, strict=True) if t < t_vocab and s < s_vocab]
-    shared = SharedVocab.of(
-        [t for t, _ in keep], [s for _, s in keep], student_vocab=s_vocab, teacher_vocab=t_vocab
-    )
+    assign, twin = prefix_assignment(teacher.tokenizer, student.tokenizer)
+    assign = [a if a < s_vocab else -1 for a in assign[:t_vocab]]
+    assign += [-1] * (t_vocab - len(assign))
+    vocab = VocabMap.of(assign, twin[:t_vocab] + [False] * (t_vocab - len(twin)), student_vocab=s_vocab)
     strategy = CrossTokenizerLoss(
         setting,  # type: ignore[arg-type]  # the config's Literal, 'off' excluded by the caller
         train,
-        shared,
+        vocab,
         teacher_vocab=t_vocab,
     )
     report = {
         "setting": setting,
         "teacher_vocab": t_vocab,
         "student_vocab": s_vocab,
-        "shared_tokens": len(shared),
+        "teacher_tokens_with_student_twin": vocab.twins,
+        "teacher_tokens_projected": int((vocab.assign >= 0).sum()),
         "train": train.report,
         "val": val.report,
         "comparable_metric": "val_bpb",

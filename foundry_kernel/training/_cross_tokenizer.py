@@ -3,38 +3,45 @@
 The student trains on blocks of its own tokens; the teacher reads each block's text in its
 own tokens (``data._alignment.cross_tokenize_blocks``, precomputed once per block and looked
 up by ``MicroBatch.index``). KD is scored only at **aligned pairs**: a student position
-whose next token starts at a byte where both tokenizations cut the text, with the teacher
-position that predicts from the same byte. Notation per pair: ``q`` the student's
-next-token distribution, ``p`` the teacher's, both ``softmax(logits / tau)``.
+whose next token starts at a byte where both tokenizations cut the text (a group's first
+token), with the teacher position that predicts from the same byte. Notation per pair:
+``q`` the student's next-token distribution, ``p`` the teacher's, both
+``softmax(logits / tau)``; the group has ``m`` student tokens ``s_1..s_m`` and ``n``
+teacher tokens ``t_1..t_n``.
 
 ``aligned``
-    Over the **shared vocabulary** ``S`` (pairs of teacher and student tokens with the same
-    bytes, plus the two EOS tokens and same-named special tokens;
-    ``_token_bytes.shared_token_pairs``) and one more outcome, the group's **actual
-    continuation** ``X`` (its bytes): ``log p(X) = sum_k log p(t_k | t_<k, context)`` over
-    the group's ``n`` teacher tokens and ``log q(X) = sum_k log q(s_k | s_<k, context)``
-    over its ``m`` student tokens, each conditional at temperature ``tau`` - the teacher's
-    probabilities merged over the span (and the student's, where the student splits it
-    finer). Where ``X`` is itself a shared token (``m = 1``: the student token; ``n = 1``:
-    the teacher token's twin) its entry is replaced by these values; otherwise ``X`` is an
-    extra entry. Both sides' entries are then renormalised over ``S + X`` (``p_E``,
-    ``q_E``) and ``loss.kind``'s divergence ``D(p_E, q_E)`` is taken. For a 1:1 group
-    (``m = n = 1``) this is exactly ``D`` of the two distributions restricted to ``S``;
-    with identical tokenizers ``S`` is the whole vocabulary and it is the ordinary loss.
-    The first-position entries of ``S`` and ``X`` are treated as distinct outcomes (for
-    ``m > 1`` the student's first token also begins ``X``: an approximation, documented in
-    docs/cross-tokenizer.md).
+    The teacher's distribution is carried onto the student's vocabulary, then compared
+    with ``q`` by ``loss.kind``'s divergence:
+
+    1. **Byte-prefix projection.** Each teacher token ``t`` goes to ``a(t)``, the longest
+       student token whose bytes begin ``t``'s bytes (``_token_bytes.prefix_assignment``;
+       an exact twin when the student has ``t``'s bytes; EOS to EOS, same-named specials
+       to each other): ``p~(v) = sum_{t: a(t) = v} p(t)``. It is a distribution over the
+       student's vocabulary (mass of teacher tokens with no student prefix is dropped and
+       the rest renormalised).
+    2. **The actual continuation, merged.** The teacher's mass for the group's actual text
+       is moved from ``a(t_1)`` to the student's actual first token ``s_1``: for a
+       one-token student group (``m = 1``) that mass is the product of the teacher's
+       conditionals along the actual continuation, ``p(t_1) p(t_2 | t_1) ... p(t_n |
+       t_<n)`` (the teacher's probability of spelling ``s_1``'s bytes as it does); for a
+       one-token teacher group (``n = 1``, the student splits it finer) it is ``p(t_1)``;
+       for ``m, n > 1`` nothing is moved. The moved mass is capped at what ``a(t_1)``
+       holds, so ``p~`` stays a distribution.
+    3. ``D(p~, q)`` over the student's whole vocabulary.
+
+    With identical tokenizers ``a`` is the identity and step 2 moves nothing: the ordinary
+    loss exactly.
 ``uld``
     Universal Logit Distillation (Boizard et al. 2024): both probability vectors sorted in
     decreasing order, the shorter padded with zeros to ``max(V_teacher, V_student)``,
     ``sum_i |p_sorted_i - q_sorted_i|`` (the closed-form optimal-transport distance for a
-    uniform cost); no vocabulary mapping, and no merging (``p`` at the first position).
+    uniform cost); no vocabulary mapping, no merging (``p`` at the first position).
 ``hybrid``
-    Per pair, with ``c = min(1, sum_{v in S + X} p(v))`` the teacher's mass on the entries
-    the aligned comparison sees (before renormalising):
-    ``c * aligned + (1 - c) * uld``. Where the shared tokens hold (almost) all of the
-    teacher's mass the restriction loses nothing and the aligned divergence is used;
-    where they hold little of it, ULD carries the part the mapping cannot see.
+    Per pair, with ``c = sum_{t has an exact student twin} p(t)`` the teacher's mass on
+    tokens the student shares byte for byte: ``c * aligned + (1 - c) * uld``. Where the
+    teacher's mass sits on shared tokens, the projection is exact and ``aligned`` is used;
+    where it sits on tokens the student lacks (the projection then approximates), ULD
+    carries that share.
 
 Reduction, as for the other strategies: ``kd = kd_scale * sum_pairs D / num_valid`` (the
 global valid-label count: unaligned positions add 0 to KD but count in the divisor), ``ce``
@@ -60,12 +67,13 @@ from foundry_kernel.training._precision import autocast
 from foundry_kernel.training._strategy import LossSetup, MicroBatch
 
 __all__ = [
+    "Continuation",
     "CrossTokenizerLoss",
     "CrossTokenizerSetting",
-    "SharedVocab",
+    "VocabMap",
     "aligned_divergence",
-    "Continuation",
     "next_token_logp",
+    "project_teacher",
     "span_logprob",
     "uld_distance",
 ]
@@ -74,64 +82,40 @@ CrossTokenizerSetting = Literal["uld", "aligned", "hybrid"]
 
 
 @dataclass(frozen=True)
-class SharedVocab:
-    """Teacher ids ``teacher`` and student ids ``student`` of the shared tokens (same
-    order); ``student_column[id]`` / ``teacher_column[id]`` = a token's place in them, or
-    -1."""
+class VocabMap:
+    """Teacher vocabulary -> student vocabulary: ``assign[t]`` = the student token teacher
+    token ``t`` is projected on (-1: none), ``twin[t]`` = it has the very same bytes."""
 
-    teacher: Tensor
-    student: Tensor
-    student_column: Tensor
-    teacher_column: Tensor
+    assign: Tensor
+    twin: Tensor
+    student_vocab: int
 
     @classmethod
-    def of(
-        cls,
-        teacher_ids: list[int],
-        student_ids: list[int],
-        *,
-        student_vocab: int,
-        teacher_vocab: int,
-    ) -> SharedVocab:
-        t = torch.tensor(teacher_ids, dtype=torch.long)
-        s = torch.tensor(student_ids, dtype=torch.long)
-        if (t >= teacher_vocab).any() or (s >= student_vocab).any():
-            raise ValueError("shared token ids must lie inside both vocabularies")
-        places = torch.arange(len(s))
-        s_col = torch.full((student_vocab,), -1, dtype=torch.long)
-        s_col[s] = places
-        t_col = torch.full((teacher_vocab,), -1, dtype=torch.long)
-        t_col[t.flip(0)] = places.flip(0)  # a teacher id paired twice: its first place
-        return cls(t, s, s_col, t_col)
+    def of(cls, assign: list[int], twin: list[bool], *, student_vocab: int) -> VocabMap:
+        a = torch.tensor(assign, dtype=torch.long)
+        if (a >= student_vocab).any():
+            raise ValueError("assigned student ids must lie inside the student's vocabulary")
+        return cls(a, torch.tensor(twin, dtype=torch.bool) & (a >= 0), student_vocab)
 
     @classmethod
-    def identity(cls, vocab: int) -> SharedVocab:
-        """Every token shared with itself (two identical tokenizers)."""
-        ids = list(range(vocab))
-        return cls.of(ids, ids, student_vocab=vocab, teacher_vocab=vocab)
+    def identity(cls, vocab: int) -> VocabMap:
+        """Every token on itself (two identical tokenizers)."""
+        return cls.of(list(range(vocab)), [True] * vocab, student_vocab=vocab)
 
-    def to(self, device: torch.device) -> SharedVocab:
-        return SharedVocab(
-            self.teacher.to(device),
-            self.student.to(device),
-            self.student_column.to(device),
-            self.teacher_column.to(device),
-        )
+    def to(self, device: torch.device) -> VocabMap:
+        return VocabMap(self.assign.to(device), self.twin.to(device), self.student_vocab)
 
-    def __len__(self) -> int:
-        return int(self.teacher.numel())
+    @property
+    def twins(self) -> int:
+        return int(self.twin.sum())
 
 
 @dataclass(frozen=True)
 class Continuation:
-    """Per aligned pair, the group's actual continuation ``X``: its log-probability under
-    the student (differentiable) and the teacher, the group's token counts ``m``, ``n``
-    (0, 0: no ``X`` entry) and its first student and teacher tokens."""
+    """Per aligned pair: the log of the teacher mass moved to the student's actual first
+    token (``-inf``: nothing moves), that token, and the group's first teacher token."""
 
-    student_logp: Tensor
-    teacher_logp: Tensor
-    student_len: Tensor
-    teacher_len: Tensor
+    moved_logp: Tensor
     student_token: Tensor
     teacher_token: Tensor
 
@@ -151,47 +135,57 @@ def uld_distance(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
     return (p - q).abs().sum(-1)
 
 
+def project_teacher(
+    teacher_logp: Tensor, vocab: VocabMap, cont: Continuation | None = None
+) -> Tensor:
+    """The teacher's probabilities ``[P, V_t]`` (as log-probabilities) carried onto the
+    student's vocabulary ``[P, V_s]`` (steps 1 and 2 of the module docstring), not yet
+    renormalised."""
+    p = teacher_logp.exp()
+    rows = p.shape[0]
+    dump = vocab.student_vocab  # one extra column for teacher tokens with no student prefix
+    index = torch.where(vocab.assign >= 0, vocab.assign, dump).expand(rows, -1)
+    proj = p.new_zeros(rows, dump + 1).scatter_add_(1, index, p)[:, :dump]
+    if cont is None:
+        return proj
+    source = vocab.assign[cont.teacher_token]
+    moves = torch.isfinite(cont.moved_logp) & (source >= 0) & (source != cont.student_token)
+    r = torch.nonzero(moves).flatten()
+    if r.numel():
+        src, dst = source[r], cont.student_token[r]
+        amount = torch.minimum(cont.moved_logp[r].exp(), proj[r, src])
+        proj = proj.index_put((r, src), -amount, accumulate=True)
+        proj = proj.index_put((r, dst), amount, accumulate=True)
+    return proj
+
+
 def aligned_divergence(
     student_logp: Tensor,
     teacher_logp: Tensor,
-    shared: SharedVocab,
+    vocab: VocabMap,
     spec: LossSpec,
     cont: Continuation | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row ``D(p_E, q_E)`` over the shared vocabulary and the continuation entry (module
-    docstring), and the teacher's mass ``c`` on those entries (clamped to 1).
+    """Per-row ``D(p~, q)`` (module docstring) and the teacher's exact-twin mass ``c``.
 
     ``student_logp`` ``[P, V_s]`` and ``teacher_logp`` ``[P, V_t]`` are tempered
     log-probabilities at the pairs' first positions.
     """
-    t_cols = teacher_logp[:, shared.teacher]  # [P, K]
-    s_cols = student_logp[:, shared.student]
-    neg = torch.full_like(t_cols[:, :1], -torch.inf)
-    extra_t, extra_s = neg, neg.expand(s_cols.shape[0], 1)
-    if cont is not None:
-        has = (cont.student_len > 0) & (cont.teacher_len > 0)
-        s_twin = shared.student_column[cont.student_token]
-        t_twin = shared.teacher_column[cont.teacher_token]
-        col = torch.where(
-            cont.student_len == 1, s_twin, torch.where(cont.teacher_len == 1, t_twin, -1)
-        )
-        twin = has & (col >= 0)
-        rows = torch.nonzero(twin).flatten()
-        t_cols = t_cols.index_put((rows, col[rows]), cont.teacher_logp[rows])
-        s_cols = s_cols.index_put((rows, col[rows]), cont.student_logp[rows])
-        alone = (has & (col < 0)).unsqueeze(-1)
-        extra_t = torch.where(alone, cont.teacher_logp.unsqueeze(-1), -torch.inf)
-        extra_s = torch.where(alone, cont.student_logp.unsqueeze(-1), -torch.inf)
-    teacher = torch.cat([t_cols, extra_t], dim=-1)
-    student = torch.cat([s_cols, extra_s], dim=-1)
-    coverage = torch.logsumexp(teacher, dim=-1).exp().clamp(max=1.0)
+    proj = project_teacher(teacher_logp, vocab, cont).clamp_min(0.0)
+    coverage = (teacher_logp.exp() * vocab.twin).sum(-1)
+    # A row whose teacher mass all fell on tokens with no student prefix has no target:
+    # it scores 0 (a uniform stand-in keeps its arithmetic finite).
+    empty = proj.sum(-1) <= 0
+    proj = torch.where(empty.unsqueeze(-1), 1.0, proj)
     plain = dataclasses.replace(spec, temperature=1.0)  # both sides are tempered already
-    return token_divergence(student, teacher, plain), coverage
+    # log(0) = -inf marks tokens the teacher gives nothing; token_divergence renormalises
+    value = token_divergence(student_logp, proj.log(), plain)
+    return torch.where(empty, 0.0, value), coverage
 
 
 def next_token_logp(logits: Tensor, ids: Tensor, tau: float) -> Tensor:
     """``[B, T]``: at each position, the tempered log-probability of the token that follows
-    it in ``ids`` (0 at the last position). Differentiable in ``logits``."""
+    it in ``ids`` (0 at the last position)."""
     nxt = F.pad(ids[:, 1:], (0, 1), value=0).clamp(0, logits.shape[-1] - 1)
     z = logits / tau
     picked = z.gather(-1, nxt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
@@ -200,10 +194,11 @@ def next_token_logp(logits: Tensor, ids: Tensor, tau: float) -> Tensor:
 
 def span_logprob(next_logp: Tensor, row: Tensor, pos: Tensor, n: Tensor) -> Tensor:
     """``sum_{k<n} next_logp[row, pos + k]`` per pair (the log-probability of ``n`` actual
-    tokens in a row from position ``pos``); 0 where ``n == 0``."""
+    tokens in a row from position ``pos``); ``-inf`` where ``n == 0``."""
     cum = F.pad(next_logp.cumsum(-1), (1, 0))
     end = (pos + n).clamp(max=cum.shape[-1] - 1)
-    return cum[row, end] - cum[row, pos]
+    total = cum[row, end] - cum[row, pos]
+    return torch.where(n > 0, total, -torch.inf)
 
 
 # --------------------------------------------------------------------------- the strategy
@@ -220,21 +215,26 @@ class CrossTokenizerLoss:
         self,
         setting: CrossTokenizerSetting,
         view: CrossTokenized,
-        shared: SharedVocab,
+        vocab: VocabMap,
         *,
         teacher_vocab: int,
     ) -> None:
         if setting not in ("uld", "aligned", "hybrid"):
             raise ValueError(f"unknown cross-tokenizer setting {setting!r}")
+        if vocab.assign.numel() != teacher_vocab:
+            raise ValueError(
+                f"the vocabulary map covers {vocab.assign.numel()} teacher tokens, the teacher "
+                f"has {teacher_vocab}"
+            )
         self.setting = setting
         self.view = view
-        self.shared = shared
+        self.vocab = vocab
         self.teacher_vocab = teacher_vocab
-        self._on: dict[torch.device, SharedVocab] = {}
+        self._on: dict[torch.device, VocabMap] = {}
 
-    def _shared_on(self, device: torch.device) -> SharedVocab:
+    def _vocab_on(self, device: torch.device) -> VocabMap:
         if device not in self._on:
-            self._on[device] = self.shared.to(device)
+            self._on[device] = self.vocab.to(device)
         return self._on[device]
 
     def __call__(self, setup: LossSetup, batch: MicroBatch) -> LossOutput:
@@ -289,18 +289,13 @@ class CrossTokenizerLoss:
         s_pos, t_pos, s_len, t_len, s_tok, t_tok = pairs.unbind(-1)
         tau = spec.temperature
         t_logits, t_ids = self._teacher_logits(setup, blocks, device)
-        s_next = next_token_logp(flat, batch.input_ids, tau)
         with torch.no_grad():
             t_next = next_token_logp(t_logits, t_ids, tau)
-        cont = Continuation(
-            student_logp=span_logprob(s_next, row, s_pos, s_len),
-            teacher_logp=span_logprob(t_next, row, t_pos, t_len),
-            student_len=s_len,
-            teacher_len=t_len,
-            student_token=s_tok,
-            teacher_token=t_tok,
-        )
-        shared = self._shared_on(device)
+            # teacher tokens whose mass moves to s_1: all n of a one-token student group,
+            # t_1 alone of a one-token teacher group, none otherwise
+            n_moved = torch.where(s_len == 1, t_len, torch.where(t_len == 1, 1, 0))
+            moved = span_logprob(t_next, row, t_pos, n_moved)
+        vocab = self._vocab_on(device)
         step = chunk_rows(spec.chunk_tokens, max(flat.shape[-1], t_logits.shape[-1]))
         total = flat.new_zeros(())
         for lo in range(0, row.numel(), step):
@@ -309,22 +304,22 @@ class CrossTokenizerLoss:
             s_logp = torch.log_softmax(flat[r, s_pos[sl]] / tau, dim=-1)
             with torch.no_grad():
                 t_logp = torch.log_softmax(t_logits[r, t_pos[sl]] / tau, dim=-1)
-            part = Continuation(*(getattr(cont, f.name)[sl] for f in dataclasses.fields(cont)))
-            total = total + self._rows(s_logp, t_logp, shared, spec, part).sum()
+            part = Continuation(moved[sl], s_tok[sl], t_tok[sl])
+            total = total + self._rows(s_logp, t_logp, vocab, spec, part).sum()
         return total
 
     def _rows(
         self,
         s_logp: Tensor,
         t_logp: Tensor,
-        shared: SharedVocab,
+        vocab: VocabMap,
         spec: LossSpec,
         cont: Continuation,
     ) -> Tensor:
         """Per-pair KD of the configured setting (module docstring)."""
         if self.setting == "uld":
             return uld_distance(s_logp, t_logp)
-        aligned, coverage = aligned_divergence(s_logp, t_logp, shared, spec, cont)
+        aligned, coverage = aligned_divergence(s_logp, t_logp, vocab, spec, cont)
         if self.setting == "aligned":
             return aligned
         return coverage * aligned + (1.0 - coverage) * uld_distance(s_logp, t_logp)
