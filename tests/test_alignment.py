@@ -194,7 +194,9 @@ def test_trim_utf8_drops_partial_characters_at_both_ends() -> None:
     assert _trim_utf8(b"ab") == (0, 2)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     text=st.text(
         alphabet=st.sampled_from(list("abcdefhilnorstw .,()[]_\n\t") + list("éÜ日本🙂語λ")),
@@ -202,8 +204,12 @@ def test_trim_utf8_drops_partial_characters_at_both_ends() -> None:
         max_size=60,
     ),
     pair=st.sampled_from(
-        [("small", "large_bos"), ("small", "metaspace"), ("metaspace", "cross_word"),
-         ("cross_word", "large_bos")]
+        [
+            ("small", "large_bos"),
+            ("small", "metaspace"),
+            ("metaspace", "cross_word"),
+            ("cross_word", "large_bos"),
+        ]
     ),
     bos=st.booleans(),
 )
@@ -221,7 +227,7 @@ def test_property_groups_cover_equal_bytes_and_partition_tokens(
 def _blocks(tok: Any, texts: list[str], seq_len: int) -> TokenBlocks:
     ids: list[int] = []
     for text in texts:
-        ids += tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        ids += [*tok(text, add_special_tokens=False).input_ids, tok.eos_token_id]
     n = -(-len(ids) // seq_len)
     ids += [tok.pad_token_id] * (n * seq_len - len(ids))
     t = torch.tensor(ids).view(n, seq_len)
@@ -237,7 +243,7 @@ def test_cross_tokenized_blocks_pair_positions_predicting_the_same_bytes(toks: A
     s_table, t_table = token_byte_table(student), token_byte_table(teacher)
     eos_pairs = 0
     for n in range(len(blocks)):
-        row, pairs = view.pairs_of([n])
+        _row, pairs = view.pairs_of([n])
         s_ids = blocks.input_ids[n].tolist()
         t_ids = view.teacher_ids[n].tolist()
         for s_pos, t_pos, _m, _k, s_tok, t_tok in pairs.tolist():
@@ -261,7 +267,9 @@ def test_identical_tokenizers_align_every_position(toks: Any) -> None:
     tok = toks["small"]
     blocks = _blocks(tok, ["hello world, of the list", "x = [1, 2]"], 12)
     view = cross_tokenize_blocks(blocks, tok, tok, max_len=12)
-    assert torch.equal(view.teacher_ids, blocks.input_ids.masked_fill(blocks.attention_mask == 0, tok.pad_token_id))
+    assert torch.equal(
+        view.teacher_ids, blocks.input_ids.masked_fill(blocks.attention_mask == 0, tok.pad_token_id)
+    )
     scored = int((blocks.labels[:, 1:] != IGNORE_INDEX).sum())
     assert view.report["aligned_positions"] == scored
     assert view.report["group_shapes"]["one_to_one"] == scored

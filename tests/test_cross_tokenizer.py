@@ -97,7 +97,9 @@ def test_projection_and_the_merged_continuation() -> None:
     torch.testing.assert_close(merged, torch.tensor([[0.05, 0.2, 0.75]]))
     # the moved mass never exceeds what the source holds
     greedy = Continuation(torch.tensor([0.9]).log(), torch.tensor([2]), torch.tensor([0]))
-    torch.testing.assert_close(project_teacher(p.log(), vocab, greedy), torch.tensor([[0.0, 0.2, 0.8]]))
+    torch.testing.assert_close(
+        project_teacher(p.log(), vocab, greedy), torch.tensor([[0.0, 0.2, 0.8]])
+    )
     # hybrid's weight: the teacher's mass on exact twins (a, b, ab)
     _, coverage = aligned_divergence(torch.zeros(1, 3).log_softmax(-1), p.log(), vocab, LossSpec())
     assert coverage.item() == pytest.approx(0.4)
@@ -300,10 +302,39 @@ def test_cross_tokenizer_kd_beats_the_ce_only_student(tmp_path: Path) -> None:
     teacher = results["aligned"]["teacher"]["val_bpb"]
     baseline = results["aligned"]["baseline"]["val_bpb"]
     bpb = {k: v["student"]["val_bpb"] for k, v in results.items()}
-    print(f"teacher {teacher:.3f} CE-only {baseline:.3f} " + " ".join(
-        f"{k} {v:.3f}" for k, v in bpb.items()
-    ))
+    print(
+        f"teacher {teacher:.3f} CE-only {baseline:.3f} "
+        + " ".join(f"{k} {v:.3f}" for k, v in bpb.items())
+    )
     assert teacher < bpb["aligned"] < baseline, (teacher, bpb, baseline)
     assert bpb["hybrid"] < baseline, (bpb, baseline)
     assert results["aligned"]["gap_closed"] > 0.05
     assert math.isfinite(bpb["uld"])  # measured and reported; it does not beat CE
+
+
+def test_identical_tokenizers_give_the_ordinary_run(runs_dir: Path, tiny_teacher_dir: Path) -> None:
+    """A student that shares the teacher's tokenizer, distilled once with
+    ``cross_tokenizer=off`` and once with ``aligned``: the same KD series step by step."""
+    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    folder = runs_dir.parent / "same-tokenizer-student"
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    series = {}
+    for setting in ("off", "aligned"):
+        cfg = _xtok_config(runs_dir / setting, folder, setting)
+        cfg["loss"]["strategy"] = "logits"
+        cfg["eval"]["baseline"] = False
+        store, run_id, _ = _run(cfg)
+        series[setting] = [r.value for r in store.metrics(run_id, ["train/kd"])]
+    assert len(series["off"]) == 6
+    assert series["aligned"] == pytest.approx(series["off"], rel=1e-5)

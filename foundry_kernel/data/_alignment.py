@@ -188,12 +188,12 @@ def _spans_from_offsets(
     owner: dict[int, int] = {i: k for k, members in enumerate(clusters) for i in members}
     pos = 0
     for i in range(len(ids)):
-        k = owner.get(i)
-        if k is None:  # zero-width: where the text stands now
+        cluster = owner.get(i)
+        if cluster is None:  # zero-width: where the text stands now
             starts[i] = ends[i] = pos
         else:
-            starts[i], ends[i] = bounds[k]
-            pos = bounds[k][1]
+            starts[i], ends[i] = bounds[cluster]
+            pos = bounds[cluster][1]
     return TokenSpans(list(ids), starts, ends)
 
 
@@ -373,7 +373,7 @@ def _teacher_view(
         return_attention_mask=False,
         verbose=False,
     )
-    for (lo, hi, eos_index), (base, text), ids, offsets in zip(
+    for (_lo, hi, eos_index), (base, text), ids, offsets in zip(
         pieces, texts, encoded["input_ids"], encoded["offset_mapping"], strict=True
     ):
         if text:
@@ -490,12 +490,12 @@ def _pack(
     ptr = torch.tensor([0, *torch.tensor([len(p) for p in pair_lists]).cumsum(0).tolist()])
     cols = torch.tensor(flat, dtype=torch.long).reshape(-1, len(PAIR_COLUMNS))
     teacher_tokens = int(mask.sum())
-    m, n = cols[:, 2], cols[:, 3]
+    s_len, t_len = cols[:, 2], cols[:, 3]
     shapes = {
-        "one_to_one": int(((m == 1) & (n == 1)).sum()),
-        "student_finer": int(((m > 1) & (n == 1)).sum()),
-        "teacher_finer": int(((m == 1) & (n > 1)).sum()),
-        "many_to_many": int(((m > 1) & (n > 1)).sum()),
+        "one_to_one": int(((s_len == 1) & (t_len == 1)).sum()),
+        "student_finer": int(((s_len > 1) & (t_len == 1)).sum()),
+        "teacher_finer": int(((s_len == 1) & (t_len > 1)).sum()),
+        "many_to_many": int(((s_len > 1) & (t_len > 1)).sum()),
     }
     report = {
         "aligned_positions": aligned,

@@ -78,7 +78,9 @@ def prepare_cross_tokenizer(
     assign, twin = prefix_assignment(teacher.tokenizer, student.tokenizer)
     assign = [a if a < s_vocab else -1 for a in assign[:t_vocab]]
     assign += [-1] * (t_vocab - len(assign))
-    vocab = VocabMap.of(assign, twin[:t_vocab] + [False] * (t_vocab - len(twin)), student_vocab=s_vocab)
+    vocab = VocabMap.of(
+        assign, twin[:t_vocab] + [False] * (t_vocab - len(twin)), student_vocab=s_vocab
+    )
     strategy = CrossTokenizerLoss(
         setting,  # type: ignore[arg-type]  # the config's Literal, 'off' excluded by the caller
         train,
