@@ -338,3 +338,52 @@ def test_identical_tokenizers_give_the_ordinary_run(runs_dir: Path, tiny_teacher
         series[setting] = [r.value for r in store.metrics(run_id, ["train/kd"])]
     assert len(series["off"]) == 6
     assert series["aligned"] == pytest.approx(series["off"], rel=1e-5)
+
+
+def test_two_ranks_train_the_one_process_trajectory(
+    tmp_path: Path, student_dir: Path, tiny_teacher_dir: Path
+) -> None:
+    """DDP (a real 2-process gloo group via torchrun, the job worker of
+    test_distributed_job.py): each rank trains its share of every batch with the
+    cross-tokenizer loss divided by the global valid count; the loss series is the one
+    process's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from foundry_kernel.supervisor import free_port
+
+    cfg = _xtok_config(tmp_path / "one", student_dir, "hybrid")
+    cfg["eval"]["baseline"] = False
+    cfg["checkpoint"] = {"every_steps": None}
+    store, run_id, _ = _run(cfg)
+    one = [r.value for r in store.metrics(run_id, ["train/loss"])]
+    cfg["runs_dir"] = str(tmp_path / "two")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(cfg), encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    worker = Path(__file__).parent / "dist_workers" / "job_worker.py"
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        str(worker),
+        "job",
+        str(config),
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    rank0 = json.loads((out / "rank-0.json").read_text())
+    with RunStore(tmp_path / "two", read_only=True) as two_store:
+        two = [r.value for r in two_store.metrics(rank0["run_id"], ["train/loss"])]
+    assert rank0["summary"]["distributed"]["world_size"] == 2
+    assert len(two) == len(one) == 6
+    assert two == pytest.approx(one, rel=1e-4)
