@@ -24,6 +24,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from foundry_kernel._isolation import GLOBAL_RNG_LOCK, seeded_global_rng
+from foundry_kernel._token_bytes import teacher_coverage
 from foundry_kernel.config import StudentConfig, looks_like_path
 from foundry_kernel.errors import ModelError
 from foundry_kernel.paths import allowed_roots, resolve_within
@@ -233,14 +234,18 @@ def build_student(
     device: torch.device,
     seed: int,
     check: Check | None = None,
+    cross_tokenizer: bool = False,
 ) -> LoadedModel:
-    """Make the student the config asks for; it always shares the teacher's tokenizer.
-    ``check`` reaches a pretrained student's download (see :func:`load_causal_lm`)."""
+    """Make the student the config asks for; it shares the teacher's tokenizer unless
+    ``cross_tokenizer`` (``loss.cross_tokenizer`` != off: a pretrained student keeps its
+    own tokenizer, and the pairing check is skipped). ``check`` reaches a pretrained
+    student's download (see :func:`load_causal_lm`)."""
     if cfg.init == "pretrained":
         if cfg.source is None:
             raise ModelError("student.source: required when student.init='pretrained'")
         student = load_causal_lm(cfg.source, device=device, field="student.source", check=check)
-        check_tokenizers(teacher.tokenizer, student.tokenizer)
+        if not cross_tokenizer:
+            check_tokenizers(teacher.tokenizer, student.tokenizer)
         return student
     if cfg.init == "from_teacher":
         model = student_from_teacher(teacher.model, cfg.layers)
@@ -427,7 +432,10 @@ def check_tokenizers(teacher_tok: Any, student_tok: Any) -> None:
     """Raise ``ModelError`` unless both tokenizers map text to the same ids.
 
     Compares the full vocabularies (added tokens included), the special tokens,
-    and the encoding of a probe string; the message names the first differences.
+    and the encoding of a probe string; the message names the first differences, and the
+    ``loss.cross_tokenizer`` settings that distil across tokenizers instead, with how much
+    of the teacher's vocabulary the student shares byte for byte (what ``aligned`` and
+    ``hybrid`` compare over).
     """
     problems = [
         *_vocab_differences(teacher_tok.get_vocab(), student_tok.get_vocab()),
@@ -435,12 +443,15 @@ def check_tokenizers(teacher_tok: Any, student_tok: Any) -> None:
         *_probe_differences(teacher_tok, student_tok),
     ]
     if problems:
+        shared = teacher_coverage(teacher_tok, student_tok)
         raise ModelError(
             "teacher and student tokenizers differ, so their token distributions cannot "
-            "be compared: "
+            "be compared position by position: "
             + "; ".join(problems)
             + ". Use a student that shares the teacher's tokenizer (e.g. student.init="
-            "'fresh' or 'from_teacher')."
+            "'fresh' or 'from_teacher'), or set loss.cross_tokenizer=hybrid (or aligned / "
+            f"uld) to distil across tokenizers; {shared:.1%} of the teacher's vocabulary has "
+            "an exact match in the student's."
         )
 
 
@@ -485,6 +496,20 @@ def _probe_differences(teacher_tok: Any, student_tok: Any) -> list[str]:
         f"they split the same text differently from token {first} "
         f"(teacher {a[first : first + 3]}, student {b[first : first + 3]})"
     ]
+
+
+def own_vocab_size(model: LoadedModel, role: str) -> int:
+    """The real vocabulary of one model of a cross-tokenizer pair (each has its own): its
+    tokenizer's size, which its output layer must cover (padded rows beyond it are never
+    tokens, and are sliced off)."""
+    n_tok = len(model.tokenizer)
+    rows = model.model.get_output_embeddings().weight.shape[0]
+    if rows < n_tok:
+        raise ModelError(
+            f"vocabulary mismatch: the {role}'s tokenizer has {n_tok} tokens but its output "
+            f"layer only {rows} rows"
+        )
+    return n_tok
 
 
 def shared_vocab_size(teacher: LoadedModel, student: LoadedModel) -> int:

@@ -57,6 +57,9 @@ class ModelResult:
     # Parameters that trained, when fewer than ``params`` (a LoRA student's adapters);
     # None: every parameter trained (or an older run).
     trainable_params: int | None = None
+    # Held-out bits per byte of text: the figure comparable across tokenizers (a per-token
+    # loss is not, when teacher and student tokenize differently: loss.cross_tokenizer).
+    val_bpb: float | None = None
 
     _ALWAYS = ("params", "val_ppl", "val_loss")
 
@@ -74,13 +77,14 @@ class ModelResult:
             val_kl=_number(part.get("val_kl")),
             backend=_text(part.get("backend")),
             trainable_params=_count(part.get("trainable_params")),
+            val_bpb=_number(part.get("val_bpb")),
         )
 
     def to_dict(self) -> dict[str, Any]:
         """As stored and as ``--json`` prints it: unmeasured optional fields left out."""
         out: dict[str, Any] = {}
-        names = ("params", "trainable_params", "val_ppl", "val_loss", "agreement", "val_kl")
-        for name in (*names, "tokens_per_s"):
+        names = ("params", "trainable_params", "val_ppl", "val_loss", "val_bpb", "agreement")
+        for name in (*names, "val_kl", "tokens_per_s"):
             value = getattr(self, name)
             if value is not None or name in self._ALWAYS:
                 out[name] = value

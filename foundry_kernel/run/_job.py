@@ -47,7 +47,6 @@ from foundry_kernel._models import (
     LoadedModel,
     build_student,
     context_limit,
-    count_params,
     load_causal_lm,
     shared_vocab_size,
 )
@@ -64,6 +63,13 @@ from foundry_kernel.config import BUILTIN_TEACHER, RunConfig, teacher_placement
 from foundry_kernel.data._blocks import DataBundle, build_data
 from foundry_kernel.errors import ConfigError, DataError, TeacherServerError
 from foundry_kernel.paths import default_cache_dir
+from foundry_kernel.run._cross import (
+    CrossSetup,
+    bits_per_byte,
+    byte_table,
+    prepare_cross_tokenizer,
+    scored_bytes,
+)
 from foundry_kernel.run._resources import estimate_memory_for, preflight
 from foundry_kernel.store import RunStore
 from foundry_kernel.summary import ModelResult, RunSummary
@@ -88,6 +94,7 @@ from foundry_kernel.teachers._targets import SparseTargets
 from foundry_kernel.teachers._vllm_server import teacher_server
 from foundry_kernel.training import _parallel
 from foundry_kernel.training._evaluate import (
+    EvalShard,
     evaluate_lm,
     evaluate_teacher,
     generate_samples,
@@ -95,7 +102,7 @@ from foundry_kernel.training._evaluate import (
 )
 from foundry_kernel.training._sequence import describe as describe_sequence
 from foundry_kernel.training._sequence import sequence_data, sequence_key
-from foundry_kernel.training._strategy import FusedLinearLoss, choose_strategy
+from foundry_kernel.training._strategy import FusedLinearLoss, LossStrategy, choose_strategy
 from foundry_kernel.training._trainer import Trainer, TrainPlan
 
 if TYPE_CHECKING:
@@ -194,8 +201,13 @@ def _run_phases(job: Job, *, resume: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     config, ctx = job.config, job.ctx
     teacher = _load_teacher(job)
+    student: LoadedModel | None = None
+    if config.loss.cross_tokenizer != "off":  # the blocks are in the student's tokens
+        ctx.set_phase("student")
+        student = _build_student(job, teacher)
     ctx.set_phase("data")
-    data = build_data(config.data, teacher.tokenizer, seed=config.data.split_seed, ctx=ctx)
+    tokenizer = teacher.tokenizer if student is None else student.tokenizer
+    data = build_data(config.data, tokenizer, seed=config.data.split_seed, ctx=ctx)
     _same_on_every_rank(
         job,
         "data",
@@ -204,10 +216,12 @@ def _run_phases(job: Job, *, resume: bool) -> dict[str, Any]:
         "is not deterministic); give every node the same data",
     )
     job.record(data=_data_report(job, data))
-    ctx.set_phase("student")
-    student = _build_student(job, teacher)
+    if student is None:
+        ctx.set_phase("student")
+        student = _build_student(job, teacher)
     ctx.set_stage("runtime")
-    vocab = shared_vocab_size(teacher, student)
+    cross = _cross_setup(job, teacher, student, data)
+    vocab = shared_vocab_size(teacher, student) if cross is None else cross.student_vocab
     job.runtime = resolve_runtime(
         config,
         teacher_hidden=teacher.model.config.hidden_size,
@@ -216,10 +230,18 @@ def _run_phases(job: Job, *, resume: bool) -> dict[str, Any]:
     )
     job.record(runtime=job.runtime.describe())
     _preflight(job, teacher, student, vocab)
-    with _open_teacher(job, teacher, vocab) as live:
+    teacher_vocab = vocab if cross is None else cross.teacher_vocab
+    with _open_teacher(job, teacher, teacher_vocab) as live:
         trainer_teacher, train_data = _prepare_mode(job, live, teacher, data, vocab)
         student = _train_phase(
-            job, "distill", student, train_data, trainer_teacher, vocab, resume=resume
+            job,
+            "distill",
+            student,
+            train_data,
+            trainer_teacher,
+            vocab,
+            resume=resume,
+            strategy=None if cross is None else cross.strategy,
         )
         if isinstance(trainer_teacher, CachedTeacher):
             _record_cache_reads(job, trainer_teacher)
@@ -229,7 +251,7 @@ def _run_phases(job: Job, *, resume: bool) -> dict[str, Any]:
             baseline = _build_student(job, teacher)  # the same path as the student's
             baseline = _train_phase(job, "baseline", baseline, data, None, vocab, resume=resume)
         ctx.set_phase("evaluate")
-        results, plain = _evaluate_all(job, live, teacher, student, baseline, data, vocab)
+        results, plain = _evaluate_all(job, live, teacher, student, baseline, data, vocab, cross)
         job.world.barrier()  # no rank leaves the teacher (a node's server) while others use it
     ctx.set_phase("export")
     export_dir = _export(job, plain, student.tokenizer, results)
@@ -298,7 +320,14 @@ def _build_student(job: Job, teacher: LoadedModel) -> LoadedModel:
         )
         student = LoadedModel(student.model, teacher.tokenizer, student.source)
     else:
-        student = build_student(cfg.student, teacher, device=job.device, seed=cfg.seed, check=check)
+        student = build_student(
+            cfg.student,
+            teacher,
+            device=job.device,
+            seed=cfg.seed,
+            check=check,
+            cross_tokenizer=cfg.loss.cross_tokenizer != "off",
+        )
     check()
     if cfg.student.lora is not None:
         job.ctx.set_stage("lora", rank=cfg.student.lora.rank)
@@ -314,6 +343,20 @@ def _build_student(job: Job, teacher: LoadedModel) -> LoadedModel:
             }
         )
     return student
+
+
+def _cross_setup(
+    job: Job, teacher: LoadedModel, student: LoadedModel, data: DataBundle
+) -> CrossSetup | None:
+    """For ``loss.cross_tokenizer`` != off: the teacher's tokenization of every block and
+    the aligned positions (``run._cross``), recorded in the summary; None otherwise."""
+    setting = job.config.loss.cross_tokenizer
+    if setting == "off":
+        return None
+    job.ctx.set_stage("cross_tokenize", setting=setting)
+    cross = prepare_cross_tokenizer(setting, teacher, student, data, check=job.ctx.check)
+    job.record(cross_tokenizer=cross.report)
+    return cross
 
 
 def _open_teacher(job: Job, teacher: LoadedModel, vocab: int) -> Teacher:
@@ -626,8 +669,10 @@ def _train_phase(
     vocab: int,
     *,
     resume: bool,
+    strategy: LossStrategy | None = None,
 ) -> LoadedModel:
     """Distil (with a teacher) or train CE-only (without) on the same batches and budget.
+    ``strategy`` overrides ``loss.strategy`` (the cross-tokenizer loss).
 
     Returns the trained model as the job's later phases must call it: the model itself for
     one process, else a view through the Trainer's DDP/FSDP2 wrapper (an FSDP2 student's
@@ -639,6 +684,8 @@ def _train_phase(
         amp_dtype=job.rt.student_amp,
         teacher_amp_dtype=job.rt.teacher_amp,
     )
+    if strategy is not None and teacher is not None:
+        plan = dataclasses.replace(plan, loss_strategy=strategy)
     trainer = Trainer(
         student.model,
         data,
@@ -705,9 +752,16 @@ def _evaluate_all(
     baseline: LoadedModel | None,
     data: DataBundle,
     vocab: int,
+    cross: CrossSetup | None = None,
 ) -> tuple[dict[str, Any], PreTrainedModel | None]:
     """Held-out numbers of the three models, samples and speeds; with the student as one
     ordinary module on rank 0 (None elsewhere) for the export.
+
+    Every model's ``val_bpb`` (bits per byte of the held-out text) is recorded: with
+    ``cross`` (different tokenizers) the teacher is measured on its own tokenization of the
+    held-out blocks, agreement and KL are not defined (other vocabularies), and
+    ``gap_closed`` is computed on bits per byte, not on per-token losses of different
+    tokenizers.
 
     Under a World: the students' held-out metrics are sharded and reduced (every rank);
     samples and generation speed are measured on rank 0 only, on the gathered student; the
@@ -725,7 +779,7 @@ def _evaluate_all(
             batch_size=cfg.optim.batch_size,
             max_batches=cfg.eval.max_batches,
             ctx=job.ctx,
-            teacher=live if with_teacher else None,
+            teacher=live if with_teacher and cross is None else None,
             vocab_size=vocab,
             amp_dtype=amp,
             teacher_amp_dtype=job.rt.teacher_amp,
@@ -734,6 +788,13 @@ def _evaluate_all(
         )
 
     job.ctx.set_stage("teacher")
+    teacher_blocks = data.val if cross is None else cross.teacher_val_blocks()
+
+    def bpb(ev: dict[str, float], blocks: Any, model: LoadedModel) -> float | None:
+        total = EvalShard.plan(len(blocks), cfg.optim.batch_size, cfg.eval.max_batches, ONE_PROCESS)
+        n_bytes = scored_bytes(blocks, byte_table(model), total.total)
+        return bits_per_byte(ev["loss"], ev["tokens"], n_bytes)
+
     prompts = list(cfg.eval.sample_prompts)
     t_eval: dict[str, float] = {"ppl": math.nan, "loss": math.nan, "tokens": 0}
     teacher_samples: list[str] = []
@@ -741,7 +802,7 @@ def _evaluate_all(
     if teacher_here:
         t_eval = evaluate_teacher(
             live,
-            data.val,
+            teacher_blocks,
             batch_size=cfg.optim.batch_size,
             max_batches=cfg.eval.max_batches,
             ctx=job.ctx,
@@ -757,6 +818,7 @@ def _evaluate_all(
             val_loss=t_eval["loss"],
             tokens_per_s=teacher_speed,
             backend=live.kind,
+            val_bpb=bpb(t_eval, teacher_blocks, teacher) if teacher_here else None,
         ).to_dict(),
         "val_tokens": int(t_eval["tokens"]),
     }
@@ -780,16 +842,17 @@ def _evaluate_all(
             trainable_params=counts.trainable if counts.frozen else None,
             val_ppl=ev["ppl"],
             val_loss=ev["loss"],
-            agreement=ev["agreement"],
-            val_kl=ev["kl"],
+            agreement=ev.get("agreement"),
+            val_kl=ev.get("kl"),
             tokens_per_s=speed,
+            val_bpb=bpb(ev, data.val, model),
         ).to_dict()
         if name == "student":
             plain_student = plain
-    out["agreement"] = out["student"]["agreement"]
-    out["val_kl"] = out["student"]["val_kl"]
+    out["agreement"] = out["student"].get("agreement")
+    out["val_kl"] = out["student"].get("val_kl")
     if "baseline" in out:
-        out["gap_closed"] = _gap_closed(out)
+        out["gap_closed"] = _gap_closed(out, "val_loss" if cross is None else "val_bpb")
     out["samples"] = (
         [{"prompt": p, **{k: v[i] for k, v in samples.items()}} for i, p in enumerate(prompts)]
         if world.is_main
@@ -833,12 +896,17 @@ def _samples(job: Job, model: LoadedModel, prompts: list[str]) -> list[str]:
     )
 
 
-def _gap_closed(out: dict[str, Any]) -> float | None:
-    """Fraction of the CE-student → teacher gap in held-out loss (nats) closed by distillation."""
-    gap = out["baseline"]["val_loss"] - out["teacher"]["val_loss"]
+def _gap_closed(out: dict[str, Any], key: str = "val_loss") -> float | None:
+    """Fraction of the CE-student → teacher gap in held-out ``key`` closed by distillation:
+    the per-token loss (nats) when all share one tokenizer, bits per byte across tokenizers."""
+    values = [out[name].get(key) for name in ("baseline", "teacher", "student")]
+    if any(v is None for v in values):
+        return None
+    base, teach, stud = values
+    gap = base - teach
     if not math.isfinite(gap) or abs(gap) < 1e-9:
         return None
-    return (out["baseline"]["val_loss"] - out["student"]["val_loss"]) / gap
+    return (base - stud) / gap
 
 
 def _export(
@@ -964,6 +1032,17 @@ def model_card(config: RunConfig, results: Mapping[str, Any] | RunSummary) -> st
                 f"Distillation closed {summary.gap_closed:.0%} of the gap between "
                 "the CE-only student and the teacher (held-out loss).",
             ]
+    if config.loss.cross_tokenizer != "off":
+        parts = [("teacher", t), ("student", s), ("CE-only student", b)]
+        figures = ", ".join(
+            f"{name} {m.val_bpb:.3f}" for name, m in parts if m is not None and m.val_bpb
+        )
+        lines += [
+            "",
+            f"Teacher and student tokenize differently (loss.cross_tokenizer="
+            f"{config.loss.cross_tokenizer}): perplexities are per token of each model's own "
+            f"tokenizer and do not compare; bits per byte of the held-out text do: {figures}.",
+        ]
     return "\n".join(lines) + "\n"
 
 

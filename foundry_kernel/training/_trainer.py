@@ -457,7 +457,7 @@ class Trainer:
             batch_size=self.plan.optim.batch_size,
             max_batches=self.plan.eval.max_batches,
             ctx=None if distributed else self.ctx,
-            teacher=self.teacher,
+            teacher=None if self._cross_tokenizer else self.teacher,
             vocab_size=self.vocab_size,
             amp_dtype=self.plan.amp_dtype,
             teacher_amp_dtype=self.plan.teacher_amp_dtype,
@@ -468,6 +468,13 @@ class Trainer:
         result.pop("tokens", None)
         self.last_eval = {f"val/{k}": v for k, v in result.items()}
         return dict(self.last_eval)
+
+    @property
+    def _cross_tokenizer(self) -> bool:
+        """The teacher reads other tokens than the student (``loss.cross_tokenizer``): its
+        agreement and KL on the student's held-out blocks are not defined there."""
+        loss = self.plan.loss
+        return loss is not None and loss.cross_tokenizer != "off"
 
     def _report(self, metrics: dict[str, float]) -> None:
         """Metrics go to the store from rank 0 only; the step event goes to every rank's
