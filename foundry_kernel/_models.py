@@ -291,7 +291,7 @@ def student_from_teacher(teacher: PreTrainedModel, layers: list[int] | None) -> 
     """Keep a subset of the teacher's decoder layers (DistilBERT/Minitron style)."""
     stack = _decoder_layers(teacher)
     n = len(stack)
-    keep = layers if layers is not None else list(range(0, n, 2))
+    keep = kept_layers(n, layers)
     bad = [i for i in keep if i >= n]
     if bad:
         raise ModelError(f"student.layers: {bad} out of range; the teacher has layers 0..{n - 1}")
@@ -307,6 +307,12 @@ def student_from_teacher(teacher: PreTrainedModel, layers: list[int] | None) -> 
     if getattr(student.config, "layer_types", None) is not None:
         student.config.layer_types = [student.config.layer_types[i] for i in keep]
     return student
+
+
+def kept_layers(n: int, layers: list[int] | None) -> list[int]:
+    """The teacher layers a from_teacher student keeps, in order: ``student.layers``, or
+    every other one of the teacher's ``n`` (the hidden-state loss pairs them with these)."""
+    return list(layers) if layers is not None else list(range(0, n, 2))
 
 
 def _decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
