@@ -297,6 +297,10 @@ def student_from_teacher(teacher: PreTrainedModel, layers: list[int] | None) -> 
         raise ModelError(f"student.layers: {bad} out of range; the teacher has layers 0..{n - 1}")
     with MODEL_BUILD_LOCK:
         student = copy.deepcopy(teacher)
+    # The copy inherits the teacher's flags: a loaded (or HFTeacher-held) teacher is frozen
+    # and in eval mode, and a frozen student would train nothing.
+    student.requires_grad_(True)
+    student.train()
     kept = torch.nn.ModuleList(student.model.layers[i] for i in keep)
     for new_idx, layer in enumerate(kept):
         attn = getattr(layer, "self_attn", None)
