@@ -360,7 +360,7 @@ def student_from_teacher(teacher: PreTrainedModel, layers: list[int] | None) -> 
     """
     path, stack = decoder_stack(teacher)
     n = len(stack)
-    keep = layers if layers is not None else list(range(0, n, 2))
+    keep = kept_layers(n, layers)
     bad = [i for i in keep if i >= n]
     if bad:
         raise ModelError(f"student.layers: {bad} out of range; the teacher has layers 0..{n - 1}")
@@ -385,6 +385,12 @@ def student_from_teacher(teacher: PreTrainedModel, layers: list[int] | None) -> 
         sconf.mlp_only_layers = [new for new, old in enumerate(keep) if old in dense]
     _check_describable(student, keep)
     return student
+
+
+def kept_layers(n: int, layers: list[int] | None) -> list[int]:
+    """The teacher layers a from_teacher student keeps, in order: ``student.layers``, or
+    every other one of the teacher's ``n`` (the hidden-state loss pairs them with these)."""
+    return list(layers) if layers is not None else list(range(0, n, 2))
 
 
 def decoder_stack(model: PreTrainedModel) -> tuple[str, torch.nn.ModuleList]:

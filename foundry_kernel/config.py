@@ -308,8 +308,9 @@ class HiddenLossConfig(_Section):
     layers: list[list[int]] | None = Field(
         None,
         description="[teacher_layer, student_layer] pairs of hidden-state indices (0 = the "
-        "embeddings, i = after decoder layer i); None = the last hidden state of each, plus "
-        "evenly spaced pairs, one per student layer.",
+        "embeddings, i = the output of decoder layer i, before any final norm); None = one "
+        "pair per student layer i (1..L_s): for student.init=from_teacher the teacher layer "
+        "it was cut from, else teacher index round(i * L_t / L_s).",
     )
 
     @field_validator("layers")

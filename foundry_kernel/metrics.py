@@ -46,6 +46,13 @@ METRICS: tuple[Metric, ...] = (
     Metric("train/loss", "train loss", "training loss (total)", "loss", "lower"),
     Metric("train/kd", "KD", "training loss: imitating the teacher (KD)", "loss", "lower"),
     Metric("train/ce", "CE", "training loss: predicting the text (CE)", "loss", "lower"),
+    Metric(
+        "train/hidden",
+        "hidden",
+        "training loss: matching the teacher's hidden states (loss.hidden, unweighted)",
+        "loss",
+        "lower",
+    ),
     Metric("val/loss", "val loss", "held-out loss", "loss", "lower"),
     Metric("val/ppl", "val perplexity", "held-out perplexity (lower is better)", "eval", "lower"),
     Metric(

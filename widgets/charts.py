@@ -81,7 +81,7 @@ class TraceSpec:
 # What each chart draws: registry names (foundry_kernel.metrics) and their place; labels
 # come from the registry. Validation points are sparse, so they get markers.
 _CHARTED: dict[str, tuple[str, ...]] = {
-    "loss": ("train/loss", "train/kd", "train/ce", "val/loss"),
+    "loss": ("train/loss", "train/kd", "train/ce", "train/hidden", "val/loss"),
     "eval": ("val/ppl", "val/agreement"),
     "memory": ("mem/rss_mb", "mem/torch_allocated_mb", "mem/torch_reserved_mb"),
 }

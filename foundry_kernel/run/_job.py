@@ -994,6 +994,19 @@ def _replace_folder(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _hidden_card_line(config: RunConfig) -> list[str]:
+    """The card's line for a hidden-state loss: what was matched, and that the learned
+    projections were a training aid, left out of this export."""
+    hidden = config.loss.hidden
+    if hidden is None:
+        return []
+    return [
+        f"Hidden-state loss: {hidden.kind}, weight {hidden.weight}; its learned "
+        "projections (where the widths differ) were a training aid and are not part of "
+        "this export."
+    ]
+
+
 def model_card(config: RunConfig, results: Mapping[str, Any] | RunSummary) -> str:
     """A short, plain-language card: what was distilled from what, and how well."""
     summary = results if isinstance(results, RunSummary) else RunSummary.parse(results)
@@ -1013,6 +1026,7 @@ def model_card(config: RunConfig, results: Mapping[str, Any] | RunSummary) -> st
         *_lora_card_line(config, s),
         f"Loss: {config.loss.kind}, temperature {config.loss.temperature}, "
         f"CE weight {config.loss.ce_weight}; {config.limits.max_steps} steps.",
+        *_hidden_card_line(config),
         "",
         "| model | held-out perplexity | agreement with teacher | generation tokens/s |",
         "|---|---|---|---|",

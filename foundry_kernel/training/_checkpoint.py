@@ -36,6 +36,7 @@ log = logging.getLogger("foundry.checkpoint")
 MANIFEST = "latest.json"
 SHARDED = "dcp"
 TRAINER_STATE = "trainer.json"
+EXTRA_STATE = "extra.pt"  # a loss strategy's own parameters and optimizer (replicated)
 
 
 class CheckpointError(FoundryError):
@@ -136,7 +137,8 @@ def _own_files(folder: Path, rank: int) -> list[Path]:
     without a shared filesystem can still list them."""
     own = sorted(folder.glob(f"__{rank}_*.distcp"))
     if rank == 0:
-        own += [p for p in (folder / ".metadata", folder / TRAINER_STATE) if p.is_file()]
+        names = (".metadata", TRAINER_STATE, EXTRA_STATE)
+        own += [folder / n for n in names if (folder / n).is_file()]
     return own
 
 
@@ -149,13 +151,15 @@ def save_sharded(
     trainer_state: dict[str, Any],
     world: Any,
     keep_last: int,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write step ``step`` as a DCP folder (every rank calls this: it is a collective), then
     point the manifest at it (rank 0, last) and prune old folders.
 
     ``model`` is the HF model (its own parameter names, so the folder loads into one
     process or any other world size); ``trainer_state`` (step, skipped, sampler) is plain
-    JSON and must be identical on every rank.
+    JSON and must be identical on every rank. ``extra`` (a loss strategy's own
+    parameters and optimizer state, replicated on every rank) is rank 0's ``extra.pt``.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -183,6 +187,10 @@ def save_sharded(
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
     if world.is_main:
         atomic_write_text(folder / TRAINER_STATE, json.dumps(trainer_state))
+        if extra is not None:
+            buffer = io.BytesIO()
+            torch.save(extra, buffer)
+            atomic_write_bytes(folder / EXTRA_STATE, buffer.getvalue())
     hashes = {p.name: _sha256(p) for p in _own_files(folder, world.rank)}
     every = world.all_gather_object(hashes)  # also the barrier: every rank has written
     if world.is_main:
@@ -254,6 +262,22 @@ def load_sharded(
     if not isinstance(trainer_state, dict):
         raise CheckpointError(f"{folder / TRAINER_STATE} does not hold the trainer state")
     return trainer_state
+
+
+def load_sharded_extra(directory: Path) -> dict[str, Any] | None:
+    """The newest sharded checkpoint's ``extra.pt`` (checked against the manifest's
+    SHA-256, loaded with ``weights_only``), or None when it has none."""
+    manifest = _read_manifest(directory / MANIFEST)
+    folder = directory / Path(str(manifest.get("dir"))).name
+    expected = dict(manifest.get("files") or {}).get(EXTRA_STATE)
+    path = folder / EXTRA_STATE
+    if expected is None or not path.is_file():
+        return None
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise CheckpointError(f"{path} does not match its recorded SHA-256; refusing to load it")
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return state if isinstance(state, dict) else None
 
 
 def _prune_sharded(directory: Path, *, keep: int, current: str) -> None:

@@ -171,12 +171,15 @@ class LossOutput:
     ``scale_by_t2``, before the ``1 - ce_weight`` weight) and ``ce`` are detached, for
     logging. All three are divided by the same normalizer, so under gradient
     accumulation with a global ``num_valid_tokens`` they sum across micro-batches.
+    ``hidden`` (detached, unweighted) is the hidden-state term when a strategy adds one
+    (``training._hidden``; ``total`` then holds it times ``loss.hidden.weight``), else None.
     """
 
     total: Tensor
     kd: Tensor
     ce: Tensor
     n_tokens: int
+    hidden: Tensor | None = None
 
 
 # --------------------------------------------------------------------------- shared helpers

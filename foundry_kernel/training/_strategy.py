@@ -24,6 +24,15 @@ Two built-ins, chosen by ``loss.strategy`` (``auto`` | ``fused`` | ``logits``):
 ``auto`` (the default) is ``fused`` where :func:`fused_eligibility` allows it and ``logits``
 otherwise, and says why. Evaluation and generation (held-out metrics, on-policy samples)
 always use the model's logits: they are not micro-steps.
+
+A strategy may own trainable parameters: an ``extra`` attribute holding an ``nn.Module``
+(optional; the protocol does not require it). The Trainer then trains them with their own
+AdamW on the student's schedule, clips them with the student's gradients, sums their
+gradients over ranks each step under DDP (FSDP2 is refused), and saves and restores them
+and their optimizer state in every checkpoint, so a resumed run continues exactly
+(``training._extra``). They are not part of the student: the export leaves them out. The
+hidden-state loss (``training._hidden.HiddenStateLoss``, ``loss.hidden``) is built this
+way: it wraps the phase's strategy, and its projections are its ``extra``.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ from transformers import PreTrainedModel
 
 from foundry_kernel._context import RunContext
 from foundry_kernel._isolation import derive_seed, seeded_global_rng, uses_dropout
+from foundry_kernel._models import kept_layers
 from foundry_kernel._world import World
 from foundry_kernel.config import (
     CheckpointConfig,
@@ -55,6 +56,7 @@ from foundry_kernel.config import (
     OnPolicyConfig,
     OptimConfig,
     RunConfig,
+    StudentConfig,
 )
 from foundry_kernel.data._blocks import IGNORE_INDEX, BatchSampler, DataBundle
 from foundry_kernel.errors import ConfigError, DataError, DivergenceError, RunCancelled, RunTimeout
@@ -65,10 +67,13 @@ from foundry_kernel.training._checkpoint import (
     load_full_state,
     load_latest,
     load_sharded,
+    load_sharded_extra,
     save_checkpoint,
     save_sharded,
 )
 from foundry_kernel.training._evaluate import evaluate_lm, shift_labels
+from foundry_kernel.training._extra import ExtraParams, strategy_extra
+from foundry_kernel.training._hidden import decoder_stack, with_hidden_loss
 from foundry_kernel.training._losses import LossSpec, trusted_labels
 from foundry_kernel.training._parallel import through, wrap_student
 from foundry_kernel.training._strategy import (
@@ -107,6 +112,10 @@ class TrainPlan:
     loss_strategy: str | LossStrategy | None = None
     # Data parallelism (ignored by a single process): ddp or fsdp2, and fsdp2's precision.
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # The student's config section: where a from_teacher student's layers came from (the
+    # hidden-state loss pairs each kept layer with its source). None: unknown (a student
+    # handed over directly), and the hidden-state loss uses its evenly spaced default.
+    student: StudentConfig | None = None
 
     @classmethod
     def from_config(
@@ -130,6 +139,7 @@ class TrainPlan:
             teacher_amp_dtype=teacher_amp_dtype,
             loss_strategy=cfg.loss.strategy,
             distributed=cfg.distributed,
+            student=cfg.student,
         )
 
     def updated(self, changes: Mapping[str, Any]) -> TrainPlan:
@@ -236,6 +246,14 @@ class Trainer:
         self._setup, self._on_policy_setup = self._loss_setups()
         self.wrapped = wrap_student(model, self.world, plan.distributed, plan.amp_dtype)
         self.optimizer = self._make_optimizer()
+        # The strategy's own trainable parameters (loss.hidden's projections): trained,
+        # checkpointed and kept in sync across ranks with the student (training._extra).
+        self.extra = ExtraParams(
+            strategy_extra(self.loss_strategy.strategy),
+            plan.optim,
+            self.world,
+            fsdp=plan.distributed.strategy == "fsdp2",
+        )
         self._group_stop: str | None = None
         self._rank_rate: float | None = None  # this rank's tokens/s in its previous step
 
@@ -243,6 +261,15 @@ class Trainer:
         """Resolve ``plan.loss_strategy`` for this model and teacher (a ConfigError for an
         explicit ``fused`` the model cannot take), and say which it is and why."""
         choice = choose_strategy(self.plan.strategy, self.model, self.teacher)
+        if self.plan.loss is not None:
+            choice = with_hidden_loss(
+                choice,
+                self.plan.loss.hidden,
+                self.model,
+                self.teacher,
+                source_layers=_source_layers(self.plan.student, self.teacher),
+                seed=self.plan.seed,
+            )
         where = self.prefix.rstrip("/") or "training"
         log.info("%s loss strategy: %s (%s)", where, choice.name, choice.reason)
         if choice.fell_back and self.world.is_main:
@@ -316,13 +343,16 @@ class Trainer:
         self.model.load_state_dict(state, strict=False)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "step": self.step,
             "skipped": self.skipped,
             "model": self._model_state(),
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
         }
+        if self.extra:
+            state["extra"] = self.extra.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A one-process (one-file) checkpoint's state; in a distributed job every rank
@@ -332,6 +362,7 @@ class Trainer:
         else:
             self._load_model_state(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+        self.extra.load_state_dict(state.get("extra"))
         self._load_counters(state)
 
     def _load_counters(self, state: Mapping[str, Any]) -> None:
@@ -358,6 +389,7 @@ class Trainer:
             trainer_state=self._counters(),
             world=self.world,
             keep_last=keep,
+            extra=self.extra.state_dict(),
         )
 
     def try_resume(self) -> bool:
@@ -374,6 +406,8 @@ class Trainer:
                 self.ckpt_dir, model=self.model, optimizer=self.optimizer, world=self.world
             )
             assert counters is not None
+            if self.extra:
+                self.extra.load_state_dict(load_sharded_extra(self.ckpt_dir))
             self._load_counters(counters)
         else:
             state = load_latest(self.ckpt_dir)
@@ -439,6 +473,7 @@ class Trainer:
         batches; keep a checkpoint of the last completed step (if asked), so a resume
         continues exactly where the run stood."""
         self.optimizer.zero_grad(set_to_none=True)
+        self.extra.zero_grad()
         if rewind_to is not None:
             self.sampler.load_state_dict(rewind_to)
         if self.plan.checkpoint.on_stop and self.step > 0:
@@ -499,6 +534,7 @@ class Trainer:
         lr = plan.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.extra.set_lr(lr)
         rollout = self._on_policy_now()
         global_idx = [self.sampler.next_indices() for _ in range(plan.optim.grad_accum)]
         rows = [_host_indices(idx) for idx in global_idx]
@@ -511,7 +547,7 @@ class Trainer:
         else:  # every rank holds the whole global batch's labels on the host: no collective
             n_valid = sum(self._blocks.valid_of(r) for r in rows)
         n_valid = max(n_valid, 1)
-        acc = torch.zeros(3, dtype=self._acc_dtype, device=self.device)
+        acc = torch.zeros(4, dtype=self._acc_dtype, device=self.device)
         with trusted_labels():  # validated once, in _BlockFacts.of
             for m, mb in enumerate(micro):
                 if not self.world.distributed:
@@ -520,10 +556,13 @@ class Trainer:
                 with self._step_rng(m), self._grad_sync(last=m == len(micro) - 1):
                     acc += self._micro_step(batch, on_policy=rollout).to(acc.dtype)
         tokens = sum(mb.local_tokens or 0 for mb in micro)
+        self.extra.sync_grads()  # before the clip: every rank then sees the same norm
         norm = self._clip()
         values = self._step_values(acc, norm, tokens, start)
         loss, kd, ce = values[0], values[1], values[2]
         totals = {"loss": loss, "kd": kd, "ce": ce}
+        if plan.loss is not None and plan.loss.hidden is not None:
+            totals["hidden"] = values[self._HIDDEN]
         grad_norm = values[3]
         if values[5] > 0 and math.isfinite(grad_norm):  # another rank's norm (FSDP2 shards)
             grad_norm = math.inf
@@ -534,6 +573,8 @@ class Trainer:
             return None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.extra.step()
+        self.extra.zero_grad()
         out = {f"train/{k}": v for k, v in totals.items() if plan.loss is not None or k != "kd"}
         out.update({"train/lr": lr, "train/grad_norm": grad_norm, "tokens": values[4]})
         if plan.on_policy is not None:
@@ -550,15 +591,18 @@ class Trainer:
     # Layout of the step's one reduced vector: 0-2 loss parts (each rank's share of the
     # globally normalised loss; they sum to the step's loss), 3 gradient norm (rank 0's
     # slot only: it is identical on every rank), 4 tokens, 5 ranks whose norm is not
-    # finite, 6 ranks asking to cancel, 7 ranks past the deadline, then per rank r the
-    # triple (tokens/s, RSS MB, VRAM MB) at 8 + 3 r, zero in every other rank's rows.
-    _FIXED = 8
+    # finite, 6 ranks asking to cancel, 7 ranks past the deadline, 8 the hidden-state
+    # loss part (0 without one), then per rank r the triple (tokens/s, RSS MB, VRAM MB)
+    # at 9 + 3 r, zero in every other rank's rows.
+    _HIDDEN = 8
+    _FIXED = 9
 
     def _step_values(self, acc: Tensor, norm: Tensor, tokens: int, start: float) -> list[float]:
         world = self.world
         size = self._FIXED + (3 * world.world_size if world.distributed else 0)
         vec = torch.zeros(size, dtype=acc.dtype, device=self.device)
-        vec[0:3] = acc
+        vec[0:3] = acc[0:3]
+        vec[self._HIDDEN] = acc[3]
         norm = norm.detach().to(acc.dtype)
         vec[3] = norm if world.is_main else 0.0
         vec[5] = (~torch.isfinite(norm)).to(acc.dtype)
@@ -704,20 +748,21 @@ class Trainer:
     def _micro_step(self, batch: MicroBatch, *, on_policy: bool = False) -> Tensor:
         """Forward and loss by the phase's strategy (inside the wrapper's forward when
         there is one), then backward (gradients accumulate). Returns the detached
-        (total, kd, ce) on the device."""
+        (total, kd, ce, hidden) on the device (hidden 0 without a hidden-state loss)."""
         setup = self._on_policy_setup if on_policy else self._setup
         strategy = self.loss_strategy.strategy
         if self.wrapped is self.model:
-            total, kd, ce = _loss_parts(self.model, strategy, setup, batch)
+            total, kd, ce, hidden = _loss_parts(self.model, strategy, setup, batch)
         else:
-            total, kd, ce = self.wrapped(_loss_parts, strategy, setup, batch)
+            total, kd, ce, hidden = self.wrapped(_loss_parts, strategy, setup, batch)
         total.backward()
-        return torch.stack([total.detach(), kd.detach(), ce.detach()])
+        return torch.stack([total.detach(), kd.detach(), ce.detach(), hidden.detach()])
 
     def _clip(self) -> Tensor:
         """Clip by the global gradient norm and return it (a device tensor; under FSDP2 the
         norm over every rank's shards)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
+        params += [p for p in self.extra.params if p.grad is not None]
         max_norm = self.plan.optim.max_grad_norm or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         full = getattr(norm, "full_tensor", None)  # a DTensor under FSDP2
@@ -735,6 +780,7 @@ class Trainer:
     def _handle_nonfinite(self, component: str, totals: dict[str, float]) -> None:
         """Skip or stop; the decision comes from reduced values, so every rank takes it."""
         self.optimizer.zero_grad(set_to_none=True)
+        self.extra.zero_grad()
         where = f"{self.prefix}step {self.step + 1}"
         if self.plan.limits.on_nonfinite == "skip" and self.skipped < self.plan.limits.max_skips:
             self.skipped += 1
@@ -759,13 +805,26 @@ class Trainer:
 
 def _loss_parts(
     model: torch.nn.Module, strategy: LossStrategy, setup: LossSetup, batch: MicroBatch
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A micro-step's whole loss with ``model`` as the student: what runs inside the
     wrapper's forward (``StepModule``), so every use of the student's parameters, the
     fused loss's head weight included, is seen by DDP/FSDP2. Returns plain tensors (a
-    wrapper finds its backward hooks on them)."""
+    wrapper finds its backward hooks on them): total, kd, ce and the hidden-state part
+    (zero when the strategy adds none)."""
     out = strategy(dataclasses.replace(setup, model=model), batch)
-    return out.total, out.kd, out.ce
+    hidden = out.hidden if out.hidden is not None else torch.zeros_like(out.ce)
+    return out.total, out.kd, out.ce, hidden
+
+
+def _source_layers(student: StudentConfig | None, teacher: Teacher | None) -> list[int] | None:
+    """The teacher layer each layer of a from_teacher student was cut from (the cut's own
+    rule, ``_models.kept_layers``); None for any other student or an unknown one."""
+    if student is None or student.init != "from_teacher":
+        return None
+    model = getattr(teacher, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return kept_layers(len(decoder_stack(model)), student.layers)
 
 
 @dataclass(frozen=True)

@@ -156,11 +156,11 @@ def train(
     if bypass:
 
         def outside(batch: Any, *, on_policy: bool = False) -> torch.Tensor:
-            total, kd, ce = _loss_parts(
+            total, kd, ce, hidden = _loss_parts(
                 trainer.model, trainer.loss_strategy.strategy, trainer._setup, batch
             )
             total.backward()
-            return torch.stack([total.detach(), kd.detach(), ce.detach()])
+            return torch.stack([total.detach(), kd.detach(), ce.detach(), hidden.detach()])
 
         trainer._micro_step = outside  # type: ignore[method-assign]
     ended = "finished"
