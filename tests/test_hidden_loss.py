@@ -199,7 +199,7 @@ def test_out_of_range_layers_name_the_field_and_both_ranges() -> None:
     assert "0..4" in str(err.value) and "0..2" in str(err.value)
     teacher = HFTeacher(tiny_llama(1, 24, 2))
     choice = choose_strategy("logits", tiny_llama(0, 16, 2), teacher)
-    with pytest.raises(ConfigError, match="loss.hidden.layers"):
+    with pytest.raises(ConfigError, match=r"loss\.hidden\.layers"):
         with_hidden_loss(choice, HiddenLossConfig(layers=[[1, 3]]), tiny_llama(0, 16, 2), teacher)
 
 
@@ -407,7 +407,7 @@ def _one_process_reference() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "mode,student",
+    ("mode", "student"),
     [
         ("online", {"init": "fresh", "hidden_size": 16, "num_layers": 2, "num_heads": 2}),
         ("on_policy", {"init": "from_teacher"}),

@@ -43,10 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from foundry_kernel import _models
 from foundry_kernel._isolation import derive_seed
 from foundry_kernel.config import HiddenLossConfig
 from foundry_kernel.data._blocks import IGNORE_INDEX
-from foundry_kernel.errors import ConfigError
+from foundry_kernel.errors import ConfigError, ModelError
 from foundry_kernel.teachers._interface import HFTeacher, Teacher
 from foundry_kernel.training._losses import LossOutput
 from foundry_kernel.training._strategy import LossSetup, LossStrategy, MicroBatch, StrategyChoice
@@ -64,46 +65,20 @@ __all__ = [
 FIELD = "loss.hidden.layers"
 Pair = tuple[int, int]  # (teacher index, student index)
 
-# Where transformers' families keep their decoder stack, relative to the top model
-# (Llama/Qwen/Mistral/Gemma/Phi3/OLMo2/MoE: model.layers; GPT-2: transformer.h;
-# GPT-NeoX: gpt_neox.layers; a few: *.blocks or decoder.layers).
-_STACK_PATHS = (
-    "model.layers",
-    "transformer.h",
-    "gpt_neox.layers",
-    "model.decoder.layers",
-    "transformer.blocks",
-    "model.blocks",
-    "layers",
-)
-
-
 # --------------------------------------------------------------------------- the layers
 
 
 def decoder_stack(model: nn.Module) -> nn.ModuleList:
-    """The model's decoder layers in order, found generically: the families' known paths
-    first, else the longest ``nn.ModuleList`` of the classes transformers names in
-    ``_no_split_modules``. A :class:`ConfigError` naming ``loss.hidden`` if there is none."""
-    for path in _STACK_PATHS:
-        node: Any = model
-        for part in path.split("."):
-            node = getattr(node, part, None)
-        if isinstance(node, nn.ModuleList) and len(node) > 0:
-            return node
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    best: nn.ModuleList | None = None
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and module and type(module[0]).__name__ in names:
-            if best is None or len(module) > len(best):
-                best = module
-    if best is None:
+    """The model's decoder layers in order (``_models.decoder_stack``, which finds them in
+    every family), with a :class:`ConfigError` naming ``loss.hidden`` if there are none."""
+    try:
+        return _models.decoder_stack(model)[1]  # type: ignore[arg-type]  # any HF model
+    except ModelError as exc:
         raise ConfigError(
-            f"loss.hidden: cannot find the decoder layers of {type(model).__name__} (no "
-            "model.layers, transformer.h, gpt_neox.layers, ...); drop loss.hidden",
+            f"loss.hidden: cannot find the decoder layers of {type(model).__name__}; drop "
+            "loss.hidden",
             field="loss.hidden",
-        )
-    return best
+        ) from exc
 
 
 def default_pairs(teacher_layers: int, student_layers: int) -> list[Pair]:
@@ -173,7 +148,7 @@ class HiddenProjections(nn.Module):
         self.maps = nn.ModuleList(maps)
 
     def forward(self, index: int, hidden: Tensor) -> Tensor:
-        return self.maps[index](hidden)  # type: ignore[no-any-return]
+        return self.maps[index](hidden)
 
 
 def hidden_state_loss(
@@ -291,7 +266,8 @@ class HiddenStateLoss:
         self.inner = inner
         self.cfg = cfg
         self.pairs = [(int(t), int(s)) for t, s in pairs]
-        self.extra = HiddenProjections([(student_width, teacher_width)] * len(self.pairs), seed=seed)
+        widths = [(student_width, teacher_width)] * len(self.pairs)
+        self.extra = HiddenProjections(widths, seed=seed)
         self.name = inner.name
 
     def describe(self) -> str:
