@@ -8,6 +8,7 @@ a real torchrun launch over gloo.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -447,3 +448,54 @@ def test_a_real_run_records_the_hidden_loss_and_exports_no_projection(
     weights = load_file(str(export / "model.safetensors"))
     assert not any("maps" in k for k in weights)
     StudentConfig.model_validate(student)  # the sections used are the schema's
+
+
+# --------------------------------------------------------------------------- quality
+
+# Measured when written (2 cores; the quality test's teacher, held-out ppl 64.6; 200 steps,
+# the same batches and seeds; cosine, weight 1). Fresh student (hidden 48, 2 layers, a
+# learned 48 -> 128 projection per pair): CE-only 139.7 / 142.1, logit KD 123.3 / 122.3,
+# KD + hidden 92.4 / 94.2 (seeds 0 / 1): the hidden-state loss helps on both seeds, by 0.26-
+# 0.29 nats. Student cut from the teacher (from_teacher: 1 of its 2 layers, width 128, no
+# projection): CE-only 49.3 / 49.5, KD 52.9 / 53.0, KD + hidden 56.0 / 56.0: here it does
+# not help (nor does logit KD: the cut student already beats this small, overfit teacher).
+
+
+def _quality(seed: int, student: dict[str, Any], hidden: dict[str, Any] | None, **eval_: Any):
+    from test_quality import QUALITY
+
+    from foundry_kernel import run_sync
+
+    cfg = copy.deepcopy(QUALITY)  # the same teacher (built once per session, cached)
+    cfg.update(seed=seed, student=student, runs_dir=str(Path(f"{_QUALITY_TMP[0]}/runs-{seed}")))
+    cfg["eval"].update(max_batches=40, **eval_)
+    if hidden is not None:
+        cfg["loss"] = {**cfg["loss"], "hidden": hidden}
+    handle = run_sync(load_config(cfg))
+    assert str(handle.state) == "completed", handle.error and handle.error.message
+    return handle.result
+
+
+_QUALITY_TMP: list[Path] = []
+
+
+@pytest.mark.slow
+def test_quality_the_hidden_loss_on_the_built_in_corpus(tmp_path: Path) -> None:
+    """What is robust: with a fresh, narrower student (projection learned) the hidden-state
+    loss beats logit KD alone, which beats CE-only, on two seeds; with a cut student it
+    trains to a finite held-out loss (it did not help there when measured: see above)."""
+    _QUALITY_TMP[:] = [tmp_path]
+    fresh = {"init": "fresh", "hidden_size": 48, "num_layers": 2, "num_heads": 4}
+    cosine = {"kind": "cosine", "weight": 1.0}
+    for seed in (0, 1):
+        kd = _quality(seed, fresh, None)
+        both = _quality(seed, fresh, cosine, baseline=False)
+        ce = kd["baseline"]["val_loss"]
+        print(
+            f"seed {seed}: CE {ce:.4f} KD {kd['student']['val_loss']:.4f} "
+            f"KD+hidden {both['student']['val_loss']:.4f}"
+        )
+        assert both["student"]["val_loss"] < kd["student"]["val_loss"] - 0.1
+        assert kd["student"]["val_loss"] < ce
+    cut = _quality(0, {"init": "from_teacher"}, cosine, baseline=False)
+    assert math.isfinite(cut["student"]["val_loss"]) and cut["student"]["val_loss"] < 4.5
