@@ -8,6 +8,7 @@ session under a temporary FOUNDRY_CACHE_DIR.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +152,20 @@ def vllm_python() -> Path:
         return find_vllm_python()
     except TeacherServerError as exc:
         pytest.fail(f"vLLM is not installed: {exc}")
+
+
+def torchrun_prefix(nproc: int = 2) -> list[str]:
+    """``python -m torch.distributed.run --nproc-per-node N --master-port P`` with a free
+    port of the test's own, so that tests launching ranks in parallel never collide."""
+    from foundry_kernel.supervisor import free_port
+
+    port = str(free_port())
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        port,
+    ]

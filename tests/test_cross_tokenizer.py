@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_config_dict
+from conftest import tiny_config_dict, torchrun_prefix
 from tokenizers import processors
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -350,9 +350,6 @@ def test_two_ranks_train_the_one_process_trajectory(
     import json
     import os
     import subprocess
-    import sys
-
-    from foundry_kernel.supervisor import free_port
 
     cfg = _xtok_config(tmp_path / "one", student_dir, "hybrid")
     cfg["eval"]["baseline"] = False
@@ -366,13 +363,7 @@ def test_two_ranks_train_the_one_process_trajectory(
     out.mkdir()
     worker = Path(__file__).parent / "dist_workers" / "job_worker.py"
     argv = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
+        *torchrun_prefix(),
         str(worker),
         "job",
         str(config),

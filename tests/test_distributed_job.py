@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_config_dict
+from conftest import tiny_config_dict, torchrun_prefix
 
 from foundry_kernel._context import RunContext
 from foundry_kernel._world import World
@@ -260,13 +260,7 @@ def test_ranks_with_different_data_fail_clearly(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     argv = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
+        *torchrun_prefix(),
         str(WORKER),
         "job",
         str(config),

@@ -11,16 +11,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
+from conftest import torchrun_prefix
 
 from foundry_kernel._world import World
-from foundry_kernel.supervisor import free_port
 
 WORKER = Path(__file__).parent / "dist_workers" / "lora_worker.py"
 TOL = 1e-5  # fp32 rounding of another summation order
@@ -48,13 +47,7 @@ def launched(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     strategy = request.param
     out = tmp_path_factory.mktemp(f"lora-{strategy}")
     args = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
+        *torchrun_prefix(),
         str(WORKER),
         "--strategy",
         strategy,

@@ -27,12 +27,12 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import torchrun_prefix
 
 from foundry_kernel._context import RunContext
 from foundry_kernel._world import World
 from foundry_kernel.data._blocks import BatchSampler
 from foundry_kernel.errors import ConfigError
-from foundry_kernel.supervisor import free_port
 from foundry_kernel.training._checkpoint import CheckpointError, load_sharded
 from foundry_kernel.training._evaluate import shift_labels
 from foundry_kernel.training._parallel import (
@@ -106,13 +106,7 @@ def launched(
     out = tmp_path_factory.mktemp(f"dist-{strategy}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
+        *torchrun_prefix(),
         str(WORKER),
         "--strategy",
         strategy,

@@ -11,14 +11,13 @@ import copy
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config_dict
+from conftest import tiny_config_dict, torchrun_prefix
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from foundry_kernel._context import RunContext
@@ -37,7 +36,6 @@ from foundry_kernel.data._blocks import DataBundle, TokenBlocks
 from foundry_kernel.errors import ConfigError, RunCancelled
 from foundry_kernel.run._job import run_job
 from foundry_kernel.store import RunStore
-from foundry_kernel.supervisor import free_port
 from foundry_kernel.teachers._interface import HFTeacher
 from foundry_kernel.training._checkpoint import load_sharded_extra
 from foundry_kernel.training._evaluate import shift_labels
@@ -368,13 +366,7 @@ def test_the_extra_parameters_are_not_the_students(tmp_path: Path) -> None:
 def test_two_ranks_keep_the_projection_identical(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
+        *torchrun_prefix(),
         str(WORKER),
         "--out",
         str(tmp_path),
