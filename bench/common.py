@@ -368,3 +368,57 @@ def clean_floats(obj: Any) -> Any:
 
 
 Printer = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- targets summary
+
+
+@dataclass(frozen=True)
+class Target:
+    """One goal a benchmark checks, with the figure measured for it.
+
+    Every benchmark module has ``targets_of(section) -> list[Target]``; ``python -m bench``
+    gathers them into one Markdown summary (``render_summary``), so a reader sees at a glance
+    which goals are met and by how much. ``met`` is ``None`` when the goal could not be
+    measured in this run (no GPU, a contender missing, ``--quick`` sizes); ``figure`` then
+    says why.
+    """
+
+    benchmark: str  # the section: "loss", "cache", "throughput", ...
+    goal: str  # what is wanted, with its threshold: "logits path peak <= 0.10x plain at 128k x 4k"
+    figure: str  # what was measured, ready to read: "0.06x (0.98 GiB vs 16.4 GiB)"
+    met: bool | None
+    issue: int | None = None  # the issue that set the goal
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "benchmark": self.benchmark,
+            "goal": self.goal,
+            "figure": self.figure,
+            "met": self.met,
+            "issue": self.issue,
+        }
+
+
+def verdict(met: bool | None) -> str:
+    return "not measured" if met is None else ("met" if met else "MISSED")
+
+
+def render_summary(targets: Sequence[Target], *, title: str = "Foundry benchmarks") -> str:
+    """A Markdown table of every target: benchmark, goal, figure, verdict; counts on top."""
+    met = sum(t.met is True for t in targets)
+    missed = sum(t.met is False for t in targets)
+    unknown = sum(t.met is None for t in targets)
+    lines = [
+        f"# {title}",
+        "",
+        f"{len(targets)} targets: {met} met, {missed} missed, {unknown} not measured.",
+        "",
+        "| benchmark | goal | figure | verdict |",
+        "|---|---|---|---|",
+    ]
+    for t in targets:
+        goal = t.goal if t.issue is None else f"{t.goal} (issue {t.issue})"
+        cells = [t.benchmark, goal, t.figure, verdict(t.met)]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"

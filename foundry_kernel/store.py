@@ -81,6 +81,8 @@ DB_FILENAME = "foundry.sqlite"
 CONFIG_FILENAME = "config.json"
 _BUSY_TIMEOUT_S = 30.0
 _MAX_ID_ATTEMPTS = 5
+# How long a reader waits for a writer that is creating the database to add its tables.
+_CREATION_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -580,6 +582,8 @@ class RunStore:
                 f"understands (v{self.SCHEMA_VERSION}); upgrade Foundry to open it"
             )
         if self.read_only:
+            if version == 0:
+                version = self._wait_for_creation(conn)
             if version < self.SCHEMA_VERSION:
                 raise StoreError(
                     f"run store {self.db_path} has schema v{version}, older than "
@@ -595,6 +599,27 @@ class RunStore:
         if version < self.SCHEMA_VERSION:
             with self._write("migrate schema"):
                 self._migrate(conn)
+
+    def _wait_for_creation(self, conn: sqlite3.Connection) -> int:
+        """The schema version once a writer that is creating the database has finished.
+
+        A writer creates the file first and its tables a moment later, so a reader that
+        opens in between sees an empty database (version 0). That is not an old store to
+        migrate; it is a new one being made, so the reader waits for it (up to the busy
+        wait) instead of failing, and says so if it never appears.
+        """
+        deadline = time.monotonic() + _CREATION_WAIT_S
+        version = 0
+        while version == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            version = _schema_version(conn)
+        if version == 0:
+            raise StoreError(
+                f"run store {self.db_path} is empty: no Foundry tables appeared within "
+                f"{_CREATION_WAIT_S:.0f} s (it is not a Foundry runs database, or the "
+                "process creating it stopped); open it once without read_only to create it"
+            )
+        return version
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         """Apply missing migrations; re-read the version under the write lock (races)."""

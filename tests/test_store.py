@@ -305,14 +305,36 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     assert not _open_paths_under(tmp_path)
 
 
-def test_old_schema_is_migrated_read_write_but_refused_read_only(tmp_path: Path) -> None:
+def test_empty_database_is_created_read_write_but_refused_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "_CREATION_WAIT_S", 0.3)
     sqlite3.connect(tmp_path / DB_FILENAME).close()  # an empty (v0) database file
-    with pytest.raises(StoreError, match="older"):
+    with pytest.raises(StoreError, match="is empty: no Foundry tables appeared within"):
         RunStore(tmp_path, read_only=True)
     with RunStore(tmp_path) as migrated:
         migrated.create_run({})
     with RunStore(tmp_path, read_only=True) as reader:
         assert len(reader.list_runs()) == 1
+
+
+def test_a_reader_waits_for_a_writer_that_is_creating_the_database(tmp_path: Path) -> None:
+    """A dashboard that opens the store between the writer creating the file and adding
+    its tables used to fail with "schema v0, older than v1"; it now waits for the tables."""
+    sqlite3.connect(tmp_path / DB_FILENAME).close()  # the writer has made the file only
+
+    def create_later() -> None:
+        time.sleep(0.5)
+        with RunStore(tmp_path) as writer:
+            writer.create_run({"late": True})
+
+    creator = threading.Thread(target=create_later)
+    creator.start()
+    try:
+        with RunStore(tmp_path, read_only=True) as reader:
+            assert reader.list_runs() == [] or reader.list_runs()[0].config == {"late": True}
+    finally:
+        creator.join()
 
 
 def test_adding_a_v2_migration_is_one_function(
