@@ -1,8 +1,12 @@
-"""``python -m bench [loss|throughput|overheads|mfu|cache|scaling|lora|all] [--quick] [--json P]``.
+"""``python -m bench [NAME|all] [--quick] [--json P]``, NAME one of :data:`BENCHMARKS`.
 
 Runs the chosen benchmarks in this one process (the loss benchmark starts one fresh child
-process per contender and point), prints each table as it completes and a summary at the
-end, and writes everything, with the machine's load before and after, to one JSON file.
+process per contender and point), prints each table as it completes, and writes
+everything, with the machine's load before and after, to one JSON file. At the end it
+prints and writes (beside the JSON, ``.md``) one Markdown summary: every target each
+benchmark checks (its module's ``targets_of``), with the figure and whether it is met, and
+the headline figures that have no goal (``figures_of``). A benchmark that fails is
+recorded as failed in the JSON and the summary, and the others still run.
 """
 
 from __future__ import annotations
@@ -10,11 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-BENCHMARKS = ("loss", "throughput", "overheads", "mfu", "cache", "scaling", "lora")
+BENCHMARKS = ("loss", "throughput", "overheads", "mfu", "cache", "scaling", "lora", "ui")
 
 
 def _ints(text: str) -> list[int]:
@@ -29,9 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="Foundry benchmarks: loss memory/time, training throughput, controller "
-        "overhead, MFU, the offline logit cache, data-parallel scaling and full vs LoRA "
-        "training, each side by side "
-        "with its baselines in one run.",
+        "overhead, MFU, the offline logit cache, data-parallel scaling, full vs LoRA "
+        "training and the live UI's cost, each side by side with its baselines in one run, "
+        "then one summary of every target.",
     )
     p.add_argument("which", nargs="?", default="all", choices=(*BENCHMARKS, "all"))
     p.add_argument("--quick", action="store_true", help="one tiny size each: proves it runs")
@@ -77,8 +82,19 @@ def run_benchmarks(
     """Run what ``args`` asks for; returns the JSON document (also written to ``args.json``)."""
     import torch
 
-    from bench import cache, lora, loss_memory, mfu, overheads, scaling, throughput
+    from bench import cache, lora, loss_memory, mfu, overheads, scaling, throughput, ui_overhead
     from bench.common import GiB, clean_floats, environment, machine_snapshot, write_json
+
+    modules: dict[str, Any] = {
+        "loss": loss_memory,
+        "throughput": throughput,
+        "overheads": overheads,
+        "mfu": mfu,
+        "cache": cache,
+        "scaling": scaling,
+        "lora": lora,
+        "ui": ui_overhead,
+    }
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,8 +113,8 @@ def run_benchmarks(
     mode = " (quick)" if args.quick else ""
     printer(f"bench: {', '.join(which)}{mode}; {doc['meta']['machine_before']['uptime']}")
     tables: list[tuple[str, str]] = []
-    for name in which:
-        t0 = time.perf_counter()
+
+    def one(name: str) -> tuple[dict[str, Any], str]:
         if name == "loss":
             section = loss_memory.run(
                 quick=args.quick,
@@ -146,6 +162,9 @@ def run_benchmarks(
         elif name == "cache":
             section = cache.run(quick=args.quick, ks=args.cache_ks, printer=printer)
             text = cache.render(section)
+        elif name == "ui":
+            section = ui_overhead.run(quick=args.quick, steps=args.steps, printer=printer)
+            text = ui_overhead.render(section)
         else:
             section = mfu.run(
                 quick=args.quick,
@@ -156,23 +175,77 @@ def run_benchmarks(
                 printer=printer,
             )
             text = mfu.render(section)
+        return section, text
+
+    failed: dict[str, str] = {}
+    for name in which:
+        t0 = time.perf_counter()
+        try:
+            section, text = one(name)
+        except Exception as exc:  # noqa: BLE001 - one failed benchmark must not hide the rest
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            trace = traceback.format_exc()
+            section, text = {"status": "error", "error": trace[-4000:]}, trace[-2000:]
         doc[name] = section
         doc["timings_s"][name] = round(time.perf_counter() - t0, 1)
         tables.append((name, text))
         printer(f"\n## {name}\n{text}\n")
         write_json(path, clean_floats(doc))  # after every section: a late failure keeps the rest
     doc["meta"]["machine_after"] = machine_snapshot()
+    markdown = _summary(doc, which, modules, failed)
+    doc["summary"]["markdown_path"] = str(path.with_suffix(".md"))
     write_json(path, clean_floats(doc))
+    path.with_suffix(".md").write_text(markdown, encoding="utf-8")
     doc["meta"]["json_path"] = str(path)
+    printer(f"\n{markdown}")
     printer(f"machine after: {doc['meta']['machine_after']['uptime']}")
-    printer(f"wrote {path}")
+    printer(f"wrote {path} and {path.with_suffix('.md')}")
+    if failed:
+        printer(f"FAILED: {', '.join(failed)} (see the JSON)")
     return doc
+
+
+def _summary(
+    doc: dict[str, Any], which: Sequence[str], modules: dict[str, Any], failed: dict[str, str]
+) -> str:
+    """Gather every section's targets and figures into ``doc["summary"]``; the Markdown."""
+    from bench.common import Figure, Target, render_summary
+
+    targets: list[Target] = []
+    figures: list[Figure] = []
+    for name in which:
+        if name in failed:
+            why = f"failed: {failed[name][:200]}"
+            targets.append(Target(name, "the benchmark runs", why, False))
+            continue
+        module = modules[name]
+        if hasattr(module, "targets_of"):
+            targets += module.targets_of(doc[name])
+        if hasattr(module, "figures_of"):
+            figures += module.figures_of(doc[name])
+    meta = doc["meta"]
+    notes = [
+        f"run: `python -m bench {' '.join(meta['argv'])}`"
+        + (" (--quick: tiny sizes, figures prove the path only)" if meta["quick"] else ""),
+        f"machine before: {meta['machine_before']['uptime']}",
+        f"machine after: {meta['machine_after']['uptime']}",
+        "time per benchmark: " + ", ".join(f"{k} {v:.0f} s" for k, v in doc["timings_s"].items()),
+    ]
+    doc["summary"] = {
+        "targets": [t.as_json() for t in targets],
+        "figures": [f.as_json() for f in figures],
+        "met": sum(t.met is True for t in targets),
+        "missed": sum(t.met is False for t in targets),
+        "not_measured": sum(t.met is None for t in targets),
+        "failed": sorted(failed),
+    }
+    return render_summary(targets, figures, notes=notes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run_benchmarks(args, printer=lambda s: print(s, flush=True))
-    return 0
+    doc = run_benchmarks(args, printer=lambda s: print(s, flush=True))
+    return 1 if doc["summary"]["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -404,21 +404,52 @@ def verdict(met: bool | None) -> str:
     return "not measured" if met is None else ("met" if met else "MISSED")
 
 
-def render_summary(targets: Sequence[Target], *, title: str = "Foundry benchmarks") -> str:
-    """A Markdown table of every target: benchmark, goal, figure, verdict; counts on top."""
+@dataclass(frozen=True)
+class Figure:
+    """A headline figure a benchmark reports without a goal (MFU, scaling efficiency...):
+    ``figures_of(section) -> list[Figure]`` in a module puts it under the targets."""
+
+    benchmark: str
+    what: str
+    figure: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"benchmark": self.benchmark, "what": self.what, "figure": self.figure}
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+
+def render_summary(
+    targets: Sequence[Target],
+    figures: Sequence[Figure] = (),
+    *,
+    title: str = "Foundry benchmarks",
+    notes: Sequence[str] = (),
+) -> str:
+    """One Markdown page: every target with its figure and verdict, counts on top, then the
+    figures that have no goal, then ``notes`` (the run's machine and load, sections that
+    failed)."""
     met = sum(t.met is True for t in targets)
     missed = sum(t.met is False for t in targets)
     unknown = sum(t.met is None for t in targets)
     lines = [
         f"# {title}",
         "",
-        f"{len(targets)} targets: {met} met, {missed} missed, {unknown} not measured.",
+        f"{len(targets)} target{'' if len(targets) == 1 else 's'}: {met} met, {missed} missed, "
+        f"{unknown} not measured.",
         "",
         "| benchmark | goal | figure | verdict |",
         "|---|---|---|---|",
     ]
     for t in targets:
         goal = t.goal if t.issue is None else f"{t.goal} (issue {t.issue})"
-        cells = [t.benchmark, goal, t.figure, verdict(t.met)]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append(_row([t.benchmark, goal, t.figure, verdict(t.met)]))
+    if figures:
+        lines += ["", "## Figures without a goal", "", "| benchmark | what | figure |"]
+        lines.append("|---|---|---|")
+        lines += [_row([f.benchmark, f.what, f.figure]) for f in figures]
+    if notes:
+        lines += ["", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"

@@ -25,8 +25,10 @@ from typing import Any
 
 from bench.common import (
     CpuMeter,
+    Figure,
     ModelShape,
     Printer,
+    Target,
     build_llama,
     fmt_bytes,
     fmt_ratio,
@@ -155,6 +157,45 @@ def render(section: dict[str, Any]) -> str:
             f"trainable {lora['trainable_params'] / full['trainable_params']:.2%}"
         )
     return text
+
+
+def targets_of(section: dict[str, Any]) -> list[Target]:
+    """LoRA must train fewer parameters in less memory than full fine-tuning (issue 13)."""
+    res = section["results"]
+    full, lora = res.get("full", {}), res.get("lora", {})
+    if not full.get("status") == lora.get("status") == "ok":
+        why = "a contender failed: " + ", ".join(
+            n for n in CONTENDERS if res.get(n, {}).get("status") != "ok"
+        )
+        return [Target("lora", "LoRA: less peak memory than full fine-tuning", why, None, 13)]
+    mem = ratio(lora["peak_bytes"], full["peak_bytes"])
+    share = lora["trainable_params"] / full["trainable_params"]
+    return [
+        Target(
+            "lora",
+            "LoRA student: less peak memory than full fine-tuning, same model and batches",
+            f"{fmt_ratio(mem)} ({fmt_bytes(lora['peak_bytes'])} vs "
+            f"{fmt_bytes(full['peak_bytes'])})",
+            None if mem is None else mem < 1.0,
+            13,
+        ),
+        Target(
+            "lora",
+            "LoRA student: under 10% of the parameters trainable",
+            f"{share:.2%} ({lora['trainable_params']:,} of {full['trainable_params']:,})",
+            share < 0.10,
+            13,
+        ),
+    ]
+
+
+def figures_of(section: dict[str, Any]) -> list[Figure]:
+    res = section["results"]
+    full, lora = res.get("full", {}), res.get("lora", {})
+    if not full.get("status") == lora.get("status") == "ok":
+        return []
+    speed = ratio(lora["tokens_per_s"], full["tokens_per_s"])
+    return [Figure("lora", "LoRA vs full training tokens/s", fmt_ratio(speed))]
 
 
 def _child(argv: list[str]) -> None:

@@ -35,7 +35,16 @@ from typing import Any
 
 import torch
 
-from bench.common import ModelShape, Printer, in_worker_thread, matmul_params, median, ratio, table
+from bench.common import (
+    Figure,
+    ModelShape,
+    Printer,
+    in_worker_thread,
+    matmul_params,
+    median,
+    ratio,
+    table,
+)
 from bench.throughput import StepClock, StepConfig, config_for, make_workload, run_foundry
 
 # A distillation step that loads a GPU: Llama-shaped, vocabulary 32k, 8 x 1024 tokens.
@@ -255,4 +264,22 @@ def render(section: dict[str, Any]) -> str:
     return table([*headers, "vs bf16 peak"], rows)
 
 
-__all__: Sequence[str] = ("GPU", "gemm_peak", "render", "run", "step_flops")
+def figures_of(section: dict[str, Any]) -> list[Figure]:
+    """MFU has no goal: it says how close to the machine's matmul peak the loop runs."""
+    device = section["config"].get("device", "cpu")
+    out = []
+    for key, label in (("student_step", "student step"), ("distill_step", "distillation step")):
+        s = section[key]
+        mfu = s["mfu_bf16"] if device == "cuda" else s["mfu_fp32"]
+        peak = "bf16" if device == "cuda" else "fp32"
+        out.append(
+            Figure(
+                "mfu",
+                f"{label} MFU on {device} (vs the measured {peak} matmul peak)",
+                f"{_pct(mfu)} ({_g(s['flops_per_s'])}, {_tok(s.get('tokens_per_s'))})",
+            )
+        )
+    return out
+
+
+__all__: Sequence[str] = ("GPU", "figures_of", "gemm_peak", "render", "run", "step_flops")

@@ -31,7 +31,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.common import Printer, fmt_ratio, in_worker_thread, median, ratio, summary, table
+from bench.common import (
+    Printer,
+    Target,
+    fmt_ratio,
+    in_worker_thread,
+    median,
+    ratio,
+    summary,
+    table,
+)
 from bench.throughput import (
     StepClock,
     StepConfig,
@@ -206,4 +215,25 @@ def render(section: dict[str, Any]) -> str:
     return text
 
 
-__all__: Sequence[str] = ("render", "run")
+# The controller (run_sync: store writes, events, memory samples, cancellation checks) must be
+# nearly free: a step through it within 10 % of Trainer.fit called directly (issue 6).
+CONTROLLER_STEP_CEILING = 1.10
+
+
+def targets_of(section: dict[str, Any]) -> list[Target]:
+    r = section.get("step_ratio")
+    direct = section["direct"]["step_s"]["median"] * 1000
+    controller = section["controller"]["step_s"]["median"] * 1000
+    figure = "-" if r is None else f"{r:.2f}x ({controller:.1f} ms vs {direct:.1f} ms median step)"
+    return [
+        Target(
+            "overheads",
+            f"a step under the run controller <= {CONTROLLER_STEP_CEILING:.2f}x Trainer.fit's",
+            figure,
+            None if r is None else r <= CONTROLLER_STEP_CEILING,
+            6,
+        )
+    ]
+
+
+__all__: Sequence[str] = ("render", "run", "targets_of")

@@ -21,6 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 LOSS_STATUSES = {"ok", "oom", "na", "error", "timeout"}
+ALL = ("loss", "throughput", "overheads", "mfu", "cache", "scaling", "lora", "ui")
 
 
 def _env() -> dict[str, str]:
@@ -53,14 +54,14 @@ def _positive(x: Any) -> bool:
 
 def test_cli_prints_every_table_and_writes_strict_json(quick: tuple[dict[str, Any], str]) -> None:
     doc, stdout = quick
-    for name in ("loss", "throughput", "overheads", "mfu", "cache", "scaling", "lora"):
+    for name in ALL:
         assert f"## {name}" in stdout
         assert name in doc
         assert doc["timings_s"][name] >= 0
     assert "| contender" in stdout and "wrote " in stdout
     meta = doc["meta"]
     assert meta["quick"] is True
-    assert meta["which"] == ["loss", "throughput", "overheads", "mfu", "cache", "scaling", "lora"]
+    assert meta["which"] == list(ALL)
     for when in ("machine_before", "machine_after"):
         assert "load average" in meta[when]["uptime"]
     assert meta["environment"]["versions"]["torch"]
@@ -296,3 +297,74 @@ def test_lora_section(quick: tuple[dict[str, Any], str]) -> None:
     for r in (full, lora):
         assert _positive(r["tokens_per_s"]) and r["peak_bytes"] >= 0
     assert "lora vs full:" in quick[1]
+
+
+def test_summary_names_every_target_with_its_figure_and_verdict(
+    quick: tuple[dict[str, Any], str],
+) -> None:
+    """``bench all`` ends with one Markdown summary (printed, and written beside the JSON):
+    a row per target of every benchmark, and the counts match the JSON's."""
+    doc, stdout = quick
+    summary = doc["summary"]
+    markdown = Path(summary["markdown_path"]).read_text(encoding="utf-8")
+    assert markdown in stdout
+    benchmarks = {t["benchmark"] for t in summary["targets"]}
+    # every benchmark that sets a goal contributes at least one target
+    assert {"loss", "throughput", "overheads", "cache", "scaling", "lora", "ui"} <= benchmarks
+    assert {f["benchmark"] for f in summary["figures"]} >= {"mfu", "scaling"}
+    n = len(summary["targets"])
+    assert summary["met"] + summary["missed"] + summary["not_measured"] == n
+    assert f"{n} targets: {summary['met']} met, {summary['missed']} missed" in markdown
+    assert summary["failed"] == []
+    for t in summary["targets"]:
+        assert t["goal"] and t["figure"]
+        assert t["met"] in (True, False, None)
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        rows = [r for r in markdown.splitlines() if r.startswith(f"| {t['benchmark']} |")]
+        cell = t["figure"].replace("|", "\\|")
+        assert any(cell in r and r.endswith(f"| {verdict} |") for r in rows), (t, rows)
+    # --quick figures prove the path, they judge nothing that needs real sizes
+    ui = [t for t in summary["targets"] if t["benchmark"] == "ui"]
+    assert ui and all(t["met"] is None for t in ui)
+
+
+def test_a_failing_benchmark_is_recorded_and_the_rest_still_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One benchmark that raises must not lose the others' figures: its section holds the
+    traceback, the summary lists it as a missed "the benchmark runs" target and the exit
+    status is 1."""
+    from bench import __main__ as cli
+    from bench import mfu
+
+    def broken(**_: Any) -> dict[str, Any]:
+        raise RuntimeError("matmul peak exploded")
+
+    monkeypatch.setattr(mfu, "run", broken)
+    out = tmp_path / "mfu.json"
+    printed: list[str] = []
+    args = cli.build_parser().parse_args(["mfu", "--quick", "--json", str(out)])
+    doc = cli.run_benchmarks(args, printer=printed.append)
+    assert doc["mfu"]["status"] == "error" and "matmul peak exploded" in doc["mfu"]["error"]
+    assert doc["summary"]["failed"] == ["mfu"]
+    (target,) = doc["summary"]["targets"]
+    assert target["met"] is False and "matmul peak exploded" in target["figure"]
+    saved = json.loads(out.read_text())
+    assert saved["summary"]["failed"] == ["mfu"]
+    assert "1 target: 0 met, 1 missed" in out.with_suffix(".md").read_text()
+    monkeypatch.setattr(cli, "run_benchmarks", lambda *a, **k: doc)
+    assert cli.main(["mfu", "--quick"]) == 1
+
+
+def test_render_summary_escapes_cells_and_lists_figures() -> None:
+    from bench.common import Figure, Target, render_summary
+
+    text = render_summary(
+        [Target("loss", "a|b <= 1", "0.5x", True, 14), Target("ui", "g", "why", None)],
+        [Figure("mfu", "student MFU", "12.0%")],
+        notes=["machine: quiet"],
+    )
+    assert "2 targets: 1 met, 0 missed, 1 not measured." in text
+    assert "| loss | a\\|b <= 1 (issue 14) | 0.5x | met |" in text
+    assert "| ui | g | why | not measured |" in text
+    assert "| mfu | student MFU | 12.0% |" in text and "- machine: quiet" in text
