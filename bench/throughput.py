@@ -565,11 +565,11 @@ def run_trl_gkd(w: Workload, clock: StepClock, *, output_dir: str) -> None:
         }
 
     clock.info["trl"] = trl_info("trl_gkd", cfg)
-    args = GKDConfig(
-        output_dir=output_dir, max_length=cfg.student.seq_len, **_trl_args(cfg, TRL_GKD_ARGS)
-    )
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # transformers 5 renames gradient_checkpointing: noise
         warnings.simplefilter("ignore")
+        args = GKDConfig(
+            output_dir=output_dir, max_length=cfg.student.seq_len, **_trl_args(cfg, TRL_GKD_ARGS)
+        )
         trainer = GKDTrainer(
             model=w.student(),
             teacher_model=w.teacher(),
@@ -614,9 +614,9 @@ def run_trl_distill(w: Workload, clock: StepClock, *, output_dir: str) -> None:
             return [row[1:] for row in self._given]
 
     clock.info["trl"] = trl_info("trl_distill", cfg)
-    args = DistillationConfig(output_dir=output_dir, **_trl_args(cfg, TRL_DISTILL_ARGS))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        args = DistillationConfig(output_dir=output_dir, **_trl_args(cfg, TRL_DISTILL_ARGS))
         trainer = GivenCompletions(
             model=w.student(),
             teacher_model=w.teacher(),
@@ -964,7 +964,7 @@ def _speed_target(section: dict[str, Any], other: str | None, goal: str, need: f
     theirs = res.get(other, {}) if other else {}
     if mine.get("status") != "ok" or theirs.get("status") != "ok":
         missing = [n for n, r in (("foundry", mine), (other, theirs)) if r.get("status") != "ok"]
-        why = ", ".join(f"{n or 'no TRL contender'} did not run" for n in missing)
+        why = ", ".join(f"{n} did not run" if n else "no TRL contender ran" for n in missing)
         return Target("throughput", goal, f"not measured: {why}", None, 14)
     r = mine["tokens_per_s"] / theirs["tokens_per_s"]
     gap = gaps.get(other)
