@@ -52,8 +52,15 @@ NO_CUDA = "skipped: no CUDA device"
 OUT_OF_TIME = "skipped: out of time budget"
 VOCAB_128K = 128256
 LOSS_TOKENS = (4096, 16384)
-# Liger's two kernels beside ours and plain PyTorch; TRL is not a Foundry dependency and
-# is not on the GPU machine, so its contenders are left out rather than reported n/a.
+# Liger's two kernels beside ours and plain PyTorch (issue 14 asks for Liger's fused JSD on
+# CUDA): ``liger_jsd`` is LigerJSD(beta=0.5) on the full logits' log-softmax (the logits
+# path, beside plain_kl / ours_kl), ``liger_fused_jsd`` LigerFusedLinearJSD(jsd_beta=0,
+# forward KL) from hidden states + lm_head weights (the fused path, beside plain_kl_proj /
+# ours_fused_kl): peak CUDA memory and time of forward + backward at 128k x 4k and 16k
+# tokens. The loss benchmark runs the Liger rows first, so they are measured even if the
+# step runs out of time later. Liger comes from the carried wheels (gpu_wheels.txt: pure
+# Python, its torch and triton are the image's). TRL is not a Foundry dependency and is not
+# on the GPU machine, so its contenders are left out rather than reported n/a.
 LOSS_CONTENDERS = (
     "plain_kl",
     "liger_jsd",
@@ -193,7 +200,13 @@ def probe() -> dict[str, Any]:
     except ImportError as exc:
         engine = str(exc)
     cuda = torch.cuda.is_available()
-    names = ("transformers", "tokenizers", "safetensors", "pydantic", "pydantic-core")
+    names: tuple[str, ...] = (
+        "transformers",
+        "tokenizers",
+        "safetensors",
+        "pydantic",
+        "pydantic-core",
+    )
     names += ("liger-kernel", "triton", "pytest", "pytest-timeout", "pyyaml", "psutil", "httpx")
     info: dict[str, Any] = {
         "python": sys.version.split()[0],
@@ -425,7 +438,7 @@ def run_child(argv: Sequence[str], timeout_s: float, env: dict[str, str], log: P
     return Ran(proc.returncode, round(wall, 1), output, timed_out)
 
 
-def _kill_group(proc: subprocess.Popen[str]) -> None:
+def _kill_group(proc: subprocess.Popen[Any]) -> None:
     """SIGTERM the step's process group, SIGKILL what is left after 10 s."""
     for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
         try:
