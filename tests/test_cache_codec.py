@@ -173,7 +173,7 @@ def test_served_targets_drive_the_sparse_loss_close_to_the_exact_cache(tmp_path:
     got = b.logprobs.gather(-1, b.ids.argsort(-1))
     ref = want.logprobs.gather(-1, want.ids.argsort(-1))
     d = want.logprobs[..., :1] - ref
-    bound = 2 * CODEC.value_error_bound(d) + TAIL_BOUND  # type: ignore[operator]
+    bound = 2 * CODEC.value_error_bound(d) + TAIL_BOUND
     assert bool(((got - ref).abs() <= bound).all())
     assert float((b.tail_logmass() - want.tail_logmass()).abs().max()) <= TAIL_BOUND
     assert a.logprobs.shape == b.logprobs.shape

@@ -16,7 +16,7 @@ the shard's SHA-256 covers); a shard is decoded with the parameters it was writt
 
 * **ids** are sorted per position and stored as gaps (``id - previous id``, the first from 0),
   split into byte planes (low bytes of all gaps, then the next bytes, ...; as many planes
-  as the largest id needs) and deflated (zlib, raw, level 9, ``Z_FILTERED``) per block.
+  as the largest id needs) and deflated (zlib, raw, level 6, ``Z_FILTERED``) per block.
   Exact. Sorted gaps cost ~3.8 bits per id at k=128 of 1024 where the ids in rank order
   would cost ~10.
 * **values** travel in the same (id) order, as one byte each: ``d = top1 - value >= 0``
@@ -196,7 +196,7 @@ class CompressedCodec:
     step: float = 0.1
     knee: float = 2.0
     tail_step: float = 2.0**-10
-    level: int = 9
+    level: int = 6  # 9 packs 0.1 B/token tighter at k=128 and encodes 1.4x slower
 
     def __post_init__(self) -> None:
         if not (0 < self.step <= 1 and 0 < self.knee <= 100 and 0 < self.tail_step <= 0.01):
@@ -255,7 +255,12 @@ class CompressedCodec:
         ids = arrays["ids"].to(torch.int64)
         values = arrays["values"].to(torch.float32)
         n = ids.shape[0]
-        sorted_ids, order = ids.sort(dim=-1, stable=True)
+        if id_limit <= _U16_IDS:  # numpy sorts 16-bit keys by radix: ~10x torch.sort here
+            perm = np.argsort(ids.numpy().astype(np.uint16), axis=-1, kind="stable")
+            order = torch.from_numpy(perm)
+            sorted_ids = ids.gather(-1, order)
+        else:
+            sorted_ids, order = ids.sort(dim=-1, stable=True)
         codes = self.quantise(values).gather(-1, order).numpy()
         gaps = torch.diff(sorted_ids, dim=-1, prepend=torch.zeros_like(sorted_ids[..., :1]))
         width = _id_bytes(id_limit)

@@ -9,19 +9,33 @@ number of epochs and students, without the teacher loaded.
 
 Layout of a cache folder::
 
-    manifest.json             key, shape, dtypes, the completed shards with SHA-256 + size
-    shard-00000.safetensors   blocks [0, shard_blocks): ids, values, tail[, label]
+    manifest.json             key (with the codec's name), shape, the codec's parameters,
+                              the completed shards with SHA-256 + size
+    shard-00000.safetensors   blocks [0, shard_blocks), encoded by the codec
     shard-00001.safetensors   ...
 
-Per shard of ``n`` blocks with ``P`` positions each:
+Format 2 (``CACHE_FORMAT_VERSION``): each cache has a codec (``CacheKey.codec``, from
+``distill.cache_codec``), see :mod:`foundry_kernel.teachers._cache_codec` for the layouts and
+their error bounds. Per shard of ``n`` blocks with ``P`` positions each:
 
-* ``ids`` ``[n, P, k]`` - uint16 when every id fits (vocab <= 65536; safetensors has a
-  native U16), else int32. Exact either way.
-* ``values`` ``[n, P, k]`` float16 - the top-k log-probabilities (temperature 1).
-* ``tail`` ``[n, P]`` float32 - log of the mass outside the top-k, computed from the
-  teacher's fp32 values *before* rounding to fp16: re-summing rounded values could miss a
-  small tail entirely.
-* ``label`` ``[n, P]`` float32, optional - the teacher's log p of the true next token.
+* ``compressed`` (the default, ~137 B/token at k=128 on the built-in teacher): ``payload``
+  uint8 (per block, two raw-deflate streams: the sorted ids' gaps as byte planes, and one
+  companded byte per log-probability in id order), ``streams`` int64 ``[n, 2]`` (the
+  streams' lengths), ``id_bytes`` int64 ``[1]``, ``tail`` uint16 ``[n, P]`` (the smaller of
+  log top-k mass and log tail mass on a 2^-10 grid, with a flag), ``label`` fp16 ``[n, P]``
+  (optional). Ids exact; log-probabilities within the codec's documented bound.
+* ``exact`` (format 1's tensors): ``ids`` ``[n, P, k]`` uint16 when every id fits (vocab <=
+  65536), else int32; ``values`` ``[n, P, k]`` float16 top-k log-probabilities; ``tail``
+  ``[n, P]`` float32 log of the mass outside the top-k, computed from the teacher's fp32
+  values *before* rounding (re-summing rounded values could miss a small tail entirely);
+  ``label`` ``[n, P]`` float32, optional, the teacher's log p of the true next token.
+
+Every shard's safetensors metadata records the format version and the codec's parameters
+(the SHA-256 covers them); a shard whose record differs from the manifest's is refused on
+first use, so an edited codec field cannot make a shard decode under wrong parameters.
+Format 1 (no codec field; the exact layout) is still read by :meth:`LogitCache.open`;
+capturing into a format-1 folder, or opening any other format, is refused naming the
+format.
 
 Robustness: every shard is written atomically (temp file + ``os.replace``) and then the
 manifest is rewritten atomically to list it, so a crash or cancel at any point leaves a
