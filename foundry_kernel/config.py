@@ -436,6 +436,12 @@ class DistillConfig(_Section):
     cache_shard_blocks: int = Field(
         256, ge=1, le=1_000_000, description="Blocks per logit-cache shard (the resume unit)."
     )
+    cache_codec: Literal["compressed", "exact"] = Field(
+        "compressed",
+        description="How the logit cache stores the top-k: 'compressed' (sorted-id gaps and "
+        "one-byte companded log-probabilities, deflated: ~137 B/token at k=128) or 'exact' "
+        "(uint16/int32 ids, fp16 values, fp32 tail: 4k+4 B/token).",
+    )
     sequence: SequenceConfig = Field(default_factory=SequenceConfig, description="mode='sequence'.")
     on_policy: OnPolicyConfig = Field(
         default_factory=OnPolicyConfig, description="mode='on_policy'."

@@ -270,7 +270,11 @@ def test_scaling_section(quick: tuple[dict[str, Any], str]) -> None:
 
 def test_cache_bench_prints_bytes_per_token_speedup_and_break_even(tmp_path: Path) -> None:
     """``python -m bench cache --quick`` on its own: the printed figures are the cache's own
-    (bytes/token = shard bytes over positions = 4k + 4 plus headers) and the ratios add up."""
+    (bytes/token = shard bytes over positions; the exact codec's = 4k + 4 plus headers, the
+    compressed codec's smaller), the errors are within the codecs' bounds, the ratios add up
+    and the targets are named (not measured at --quick sizes)."""
+    from bench.cache import targets_of
+
     out = tmp_path / "cache.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "cache", "--quick", "--threads", "1", "--json", str(out)],
@@ -283,24 +287,37 @@ def test_cache_bench_prints_bytes_per_token_speedup_and_break_even(tmp_path: Pat
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text, section = proc.stdout, json.loads(out.read_text())["cache"]
-    rows = re.findall(r"^\| (\d+) +\| ([\d.]+) +\| (\d+) +\|", text, flags=re.MULTILINE)
-    printed = {int(k): (float(bpt), int(formula)) for k, bpt, formula in rows}
-    assert sorted(printed) == [32, 64]
+    rows = re.findall(
+        r"^\| (\d+) +\| (compressed|exact) +\| ([\d.]+) +\|", text, flags=re.MULTILINE
+    )
+    printed = {(int(k), codec): float(bpt) for k, codec, bpt in rows}
+    assert sorted(printed) == [(32, "compressed"), (32, "exact"), (64, "compressed"), (64, "exact")]
     for entry in section["storage"]:
         k, bpt = entry["k"], entry["bytes_per_token"]
-        assert printed[k] == (pytest.approx(bpt, abs=0.005), 4 * k + 4)
+        assert printed[(k, entry["codec"])] == pytest.approx(bpt, abs=0.005)
         assert bpt == pytest.approx(entry["cache_bytes"] / entry["positions"], rel=1e-12)
-        assert 4 * k + 4 <= bpt < 4 * k + 4 + 1  # safetensors headers add a fraction of a byte
+        if entry["codec"] == "exact":
+            assert 4 * k + 4 <= bpt < 4 * k + 4 + 1  # safetensors headers add a fraction
+            assert entry["logprob_abs_err_max"] < 0.01  # fp16 values
+        else:
+            assert bpt < 4 * k + 4
+            assert entry["logprob_abs_err_max"] < 0.5  # the codec's bound near the top
+        assert entry["tail_log_abs_err_max"] < 1e-3
+        assert _positive(entry["read_tokens_per_s"]) and _positive(entry["capture_tokens_per_s"])
     assert "DistillKit reports ~300 B/token at k=128" in text
     speedup = float(re.search(r"speed-up \(online / cached epoch\): ([\d.]+)x", text)[1])
     assert _positive(speedup)
     epoch = section["epoch"]
     assert epoch["online"]["status"] == epoch["cached"]["status"] == "ok"
+    assert epoch["cached_exact"]["status"] == "ok"
     ratio = epoch["online"]["epoch_s"] / epoch["cached"]["epoch_s"]
     assert speedup == pytest.approx(ratio, abs=0.005)
     assert epoch["steps"] == section["data"]["train_blocks"] // section["config"]["batch"]
-    capture = float(re.search(r"capture time \(k=64\): ([\d.]+) s", text)[1])
-    assert capture == pytest.approx(section["storage"][-1]["capture_s"], abs=0.005)
+    ppl = section["perplexity"]
+    assert _positive(ppl["compressed"]) and _positive(ppl["exact"])
+    assert ppl["relative"] == pytest.approx(ppl["compressed"] / ppl["exact"] - 1)
+    capture = float(re.search(r"capture time \(k=64, compressed\): ([\d.]+) s", text)[1])
+    assert capture == pytest.approx(section["capture_s"], abs=0.005)
     assert _positive(capture)
     even = re.search(r"break-even: (never|[\d.]+ epochs)", text)[1]
     saved = section["saved_per_epoch_s"]
@@ -309,6 +326,11 @@ def test_cache_bench_prints_bytes_per_token_speedup_and_break_even(tmp_path: Pat
         assert section["break_even_epochs"] == pytest.approx(section["capture_s"] / saved)
     else:
         assert even == "never" and section["break_even_epochs"] is None
+    targets = targets_of(section)
+    assert [t.issue for t in targets] == [14, 14, 14]
+    assert all(t.met is None for t in targets)  # --quick: no k=128, not the goal's sizes
+    assert "150 B/token at k=128" in targets[0].goal and "within 1%" in targets[1].goal
+    assert "1.5x" in targets[2].goal
 
 
 def test_out_of_memory_is_a_result_and_larger_points_are_skipped() -> None:

@@ -93,7 +93,11 @@ def expected_targets(
 
 
 def key_for(blocks: TokenBlocks, k: int = K, **changes: Any) -> CacheKey:
-    key = CacheKey(teacher="teacher-a", tokenizer="tok-a", data=fingerprint_tokens(blocks), k=k)
+    """The exact codec (format 1's layout), whose bytes these tests inspect; the compressed
+    codec's own round trip, tampering and version tests are in tests/test_cache_codec.py."""
+    key = CacheKey(
+        teacher="teacher-a", tokenizer="tok-a", data=fingerprint_tokens(blocks), k=k, codec="exact"
+    )
     return dataclasses.replace(key, **changes)
 
 
@@ -244,7 +248,8 @@ def test_resume_keeps_the_existing_shard_size(tmp_path: Path) -> None:
         ("teacher", {"teacher": "teacher-b"}, "another teacher model"),
         ("tokenizer", {"tokenizer": "tok-b"}, "another tokenizer"),
         ("k", {"k": K + 1}, f"k={K} \\(now k={K + 1}\\)"),
-        ("version", {"version": 99}, "cache format 1"),
+        ("version", {"version": 99}, "cache format 2"),
+        ("codec", {"codec": "compressed"}, "the 'exact' codec \\(now 'compressed'\\)"),
     ],
 )
 def test_stale_key_is_refused(

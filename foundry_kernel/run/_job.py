@@ -485,6 +485,7 @@ def _capture(
         tokenizer=fingerprint_tokenizer(teacher.tokenizer),
         data=fingerprint_tokens(data.train),
         k=cfg.loss.top_k,
+        codec=cfg.distill.cache_codec,
     )
     folder = default_cache_dir() / "logits" / key.digest()
     job.ctx.set_phase("capture", blocks=len(data.train))

@@ -9,19 +9,33 @@ number of epochs and students, without the teacher loaded.
 
 Layout of a cache folder::
 
-    manifest.json             key, shape, dtypes, the completed shards with SHA-256 + size
-    shard-00000.safetensors   blocks [0, shard_blocks): ids, values, tail[, label]
+    manifest.json             key (with the codec's name), shape, the codec's parameters,
+                              the completed shards with SHA-256 + size
+    shard-00000.safetensors   blocks [0, shard_blocks), encoded by the codec
     shard-00001.safetensors   ...
 
-Per shard of ``n`` blocks with ``P`` positions each:
+Format 2 (``CACHE_FORMAT_VERSION``): each cache has a codec (``CacheKey.codec``, from
+``distill.cache_codec``), see :mod:`foundry_kernel.teachers._cache_codec` for the layouts and
+their error bounds. Per shard of ``n`` blocks with ``P`` positions each:
 
-* ``ids`` ``[n, P, k]`` - uint16 when every id fits (vocab <= 65536; safetensors has a
-  native U16), else int32. Exact either way.
-* ``values`` ``[n, P, k]`` float16 - the top-k log-probabilities (temperature 1).
-* ``tail`` ``[n, P]`` float32 - log of the mass outside the top-k, computed from the
-  teacher's fp32 values *before* rounding to fp16: re-summing rounded values could miss a
-  small tail entirely.
-* ``label`` ``[n, P]`` float32, optional - the teacher's log p of the true next token.
+* ``compressed`` (the default, ~137 B/token at k=128 on the built-in teacher): ``payload``
+  uint8 (per block, two raw-deflate streams: the sorted ids' gaps as byte planes, and one
+  companded byte per log-probability in id order), ``streams`` int64 ``[n, 2]`` (the
+  streams' lengths), ``id_bytes`` int64 ``[1]``, ``tail`` uint16 ``[n, P]`` (the smaller of
+  log top-k mass and log tail mass on a 2^-10 grid, with a flag), ``label`` fp16 ``[n, P]``
+  (optional). Ids exact; log-probabilities within the codec's documented bound.
+* ``exact`` (format 1's tensors): ``ids`` ``[n, P, k]`` uint16 when every id fits (vocab <=
+  65536), else int32; ``values`` ``[n, P, k]`` float16 top-k log-probabilities; ``tail``
+  ``[n, P]`` float32 log of the mass outside the top-k, computed from the teacher's fp32
+  values *before* rounding (re-summing rounded values could miss a small tail entirely);
+  ``label`` ``[n, P]`` float32, optional, the teacher's log p of the true next token.
+
+Every shard's safetensors metadata records the format version and the codec's parameters
+(the SHA-256 covers them); a shard whose record differs from the manifest's is refused on
+first use, so an edited codec field cannot make a shard decode under wrong parameters.
+Format 1 (no codec field; the exact layout) is still read by :meth:`LogitCache.open`;
+capturing into a format-1 folder, or opening any other format, is refused naming the
+format.
 
 Robustness: every shard is written atomically (temp file + ``os.replace``) and then the
 manifest is rewritten atomically to list it, so a crash or cancel at any point leaves a
@@ -70,6 +84,15 @@ from torch import Tensor
 from foundry_kernel._world import World
 from foundry_kernel.atomic import atomic_write_bytes, atomic_write_text
 from foundry_kernel.errors import CacheError, ConfigError, ModelError, StaleCacheError
+from foundry_kernel.teachers._cache_codec import (
+    CODEC_NAMES,
+    DEFAULT_CODEC,
+    BlockReader,
+    Codec,
+    ExactCodec,
+    codec_from_params,
+    codec_named,
+)
 from foundry_kernel.teachers._targets import SparseTargets
 
 if TYPE_CHECKING:
@@ -89,12 +112,12 @@ __all__ = [
 
 log = logging.getLogger("foundry.logit_cache")
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
+_V1 = 1  # format 1: no codec field, the exact layout; still read
 MANIFEST = "manifest.json"
 _FORMAT_NAME = "foundry-logit-cache"
 _MIB = 2**20
 _HASH_CHUNK = 8 * _MIB
-_U16_IDS = 2**16  # ids below this fit uint16
 _FINGERPRINT_ROWS = 4096  # token rows hashed per step, so hashing never copies the data set
 _PART = ".part-{rank}.json"
 _POLL_S = 0.2
@@ -114,7 +137,8 @@ class CacheKey:
     """What a cache's contents depend on; a cache is only reused under an equal key.
 
     ``teacher``, ``tokenizer`` and ``data`` are fingerprints (see the ``fingerprint_*``
-    helpers); ``version`` is the on-disk format, bumped when the layout changes.
+    helpers); ``codec`` is how shards store the targets (``compressed`` or ``exact``, see
+    ``_cache_codec``); ``version`` is the on-disk format, bumped when the layout changes.
     """
 
     teacher: str
@@ -122,10 +146,16 @@ class CacheKey:
     data: str
     k: int
     version: int = CACHE_FORMAT_VERSION
+    codec: str = DEFAULT_CODEC
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ConfigError(f"cache k must be a positive integer, got {self.k!r}", field="k")
+        if self.codec not in CODEC_NAMES:
+            raise ConfigError(
+                f"cache codec must be one of {list(CODEC_NAMES)}, got {self.codec!r}",
+                field="codec",
+            )
 
     def digest(self) -> str:
         """A short stable id of the whole key (16 hex digits), e.g. to name its cache folder:
@@ -141,14 +171,17 @@ class CacheKey:
     def from_dict(cls, raw: Any) -> CacheKey:
         """Parse a manifest's key; a malformed one is a corrupt cache, not a crash."""
         try:
+            version = int(raw["version"])
             return cls(
                 teacher=str(raw["teacher"]),
                 tokenizer=str(raw["tokenizer"]),
                 data=str(raw["data"]),
                 k=int(raw["k"]),
-                version=int(raw["version"]),
+                version=version,
+                # format 1 had one layout, the one the exact codec still writes
+                codec=str(raw["codec"]) if version != _V1 else "exact",
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise CacheError(f"logit cache manifest has a malformed key: {exc}") from exc
 
 
@@ -271,6 +304,19 @@ class _Manifest:
     has_label: bool | None = None
     shards: dict[int, _Shard] = field(default_factory=dict)
     complete: bool = False
+    codec: Codec = field(default_factory=ExactCodec)  # what the shards are written with
+
+    @classmethod
+    def fresh(cls, layout: _Layout) -> _Manifest:
+        """A new manifest for ``layout``, its shards written with today's codec."""
+        return cls(
+            layout.key,
+            layout.num_blocks,
+            layout.seq_len,
+            layout.shard_blocks,
+            layout.vocab_size,
+            codec=codec_named(layout.key.codec),
+        )
 
     @property
     def num_shards(self) -> int:
@@ -290,8 +336,7 @@ class _Manifest:
             "positions": self.positions,
             "shard_blocks": self.shard_blocks,
             "vocab_size": self.vocab_size,
-            "value_dtype": "float16",
-            "tail_dtype": "float32",
+            "codec": self.codec.params(),
             "has_label": self.has_label,
             "shards": [asdict(s) for _, s in sorted(self.shards.items())],
             "complete": self.complete,
@@ -308,8 +353,9 @@ class _Manifest:
             if raw.get("format") != _FORMAT_NAME:
                 raise ValueError(f"format is {raw.get('format')!r}, not {_FORMAT_NAME!r}")
             shards = [_shard_from_json(s) for s in raw["shards"]]
+            key = CacheKey.from_dict(raw["key"])
             return cls(
-                key=CacheKey.from_dict(raw["key"]),
+                key=key,
                 num_blocks=int(raw["num_blocks"]),
                 seq_len=int(raw["seq_len"]),
                 shard_blocks=int(raw["shard_blocks"]),
@@ -318,6 +364,7 @@ class _Manifest:
                 has_label=None if raw["has_label"] is None else bool(raw["has_label"]),
                 shards={s.index: s for s in shards},
                 complete=bool(raw["complete"]),
+                codec=_manifest_codec(key, raw),
             )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CacheError(f"logit cache manifest {path} is unreadable: {exc}") from exc
@@ -328,6 +375,20 @@ class _Manifest:
 
 def _optional_int(value: Any) -> int | None:
     return None if value is None else int(value)
+
+
+def _manifest_codec(key: CacheKey, raw: dict[str, Any]) -> Codec:
+    """The codec a manifest records; format 1 predates the field (its layout is exact's).
+
+    The record must name the key's codec: a codec field edited apart from the key (or
+    the key apart from it) is refused here, and a parameter edited in the manifest only is
+    refused when a shard, whose metadata records its own, is first read."""
+    if key.version == _V1:
+        return ExactCodec()
+    codec = codec_from_params(raw["codec"])
+    if codec.name != key.codec:
+        raise ValueError(f"its codec {codec.name!r} is not its key's codec {key.codec!r}")
+    return codec
 
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -361,6 +422,7 @@ def _check_key(found: CacheKey, wanted: CacheKey, folder: Path) -> None:
         "data": "other training data (token blocks)",
         "k": f"k={found.k} (now k={wanted.k})",
         "version": f"cache format {found.version} (this Foundry writes {wanted.version})",
+        "codec": f"the {found.codec!r} codec (now {wanted.codec!r})",
     }
     raise StaleCacheError(
         f"the logit cache in {folder} was captured for {', '.join(what[d] for d in diffs)}; "
@@ -368,6 +430,15 @@ def _check_key(found: CacheKey, wanted: CacheKey, folder: Path) -> None:
         "folder.",
         differences=diffs,
     )
+
+
+def _check_readable_key(found: CacheKey, wanted: CacheKey, folder: Path) -> None:
+    """As :func:`_check_key`, except that a format-1 cache of an otherwise equal key is
+    read (it is exact-codec data, whatever codec the caller would capture with now)."""
+    if found.version == _V1 and set(wanted.differences(found)) <= {"version", "codec"}:
+        log.info("reading %s: a format-%d logit cache (exact layout)", folder, _V1)
+        return
+    _check_key(found, wanted, folder)
 
 
 def _shard_name(index: int) -> str:
@@ -460,7 +531,9 @@ def _shard_layout_problem(folder: Path, shard: _Shard, manifest: _Manifest) -> s
 
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "U8": torch.uint8,
     "U16": torch.uint16,
+    "I64": torch.int64,
     "I32": torch.int32,
     "F16": torch.float16,
     "F32": torch.float32,
@@ -469,8 +542,9 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 _MAX_HEADER = 1 * _MIB
 
 
-def _tensors_in(view: mmap.mmap, path: Path) -> dict[str, Tensor]:
-    """The tensors of a safetensors file held in ``view``, as zero-copy views into it.
+def _tensors_in(view: mmap.mmap, path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors of a safetensors file held in ``view``, as zero-copy views into it, and
+    its ``__metadata__`` (string values; empty when there is none).
 
     The format: 8 bytes little-endian header length, a JSON header naming each tensor's
     dtype, shape and ``[begin, end)`` offsets into the data that follows. Parsed here
@@ -494,7 +568,10 @@ def _tensors_in(view: mmap.mmap, path: Path) -> dict[str, Tensor]:
         if name == "__metadata__":
             continue
         tensors[name] = _tensor_view(view, path, name, entry, base, data_size)
-    return tensors
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise CacheError(f"logit cache shard {path}: its metadata is not a JSON object")
+    return tensors, metadata
 
 
 def _tensor_view(
@@ -651,8 +728,9 @@ def _manifest_head(manifest: _Manifest) -> dict[str, Any]:
 
 
 def _manifest_from_head(head: dict[str, Any], key: CacheKey, folder: Path) -> _Manifest:
+    parsed = CacheKey.from_dict(head["key"])
     manifest = _Manifest(
-        key=CacheKey.from_dict(head["key"]),
+        key=parsed,
         num_blocks=int(head["num_blocks"]),
         seq_len=int(head["seq_len"]),
         shard_blocks=int(head["shard_blocks"]),
@@ -661,6 +739,7 @@ def _manifest_from_head(head: dict[str, Any], key: CacheKey, folder: Path) -> _M
         has_label=head["has_label"],
         shards={s["index"]: _shard_from_json(s) for s in head["shards"]},
         complete=bool(head["complete"]),
+        codec=_manifest_codec(parsed, head),
     )
     _check_key(manifest.key, key, folder)
     return manifest
@@ -819,9 +898,7 @@ def _resume_or_start(folder: Path, layout: _Layout) -> _Manifest:
     if not (folder / MANIFEST).is_file():
         if any(folder.glob("shard-*.safetensors")):
             log.warning("%s has shards but no manifest; they will be overwritten", folder)
-        manifest = _Manifest(
-            layout.key, layout.num_blocks, layout.seq_len, layout.shard_blocks, layout.vocab_size
-        )
+        manifest = _Manifest.fresh(layout)
         manifest.write(folder)
         return manifest
     manifest = _Manifest.read(folder)
@@ -914,7 +991,7 @@ def _storage_arrays(out: SparseTargets, indices: Tensor, manifest: _Manifest) ->
     tail = out.tail_logmass().detach().to("cpu", torch.float32)
     if torch.isnan(logprobs).any() or torch.isnan(tail).any():
         raise ModelError(f"teacher returned NaN log-probabilities (or tail mass) for {where}")
-    arrays = {"ids": ids, "values": logprobs.to(torch.float16), "tail": tail}
+    arrays = {"ids": ids, "values": logprobs, "tail": tail}  # the codec rounds them
     if out.label_logprobs is not None:
         arrays["label"] = out.label_logprobs.detach().to("cpu", torch.float32)
     return arrays
@@ -949,14 +1026,18 @@ def _check_teacher_shape(out: SparseTargets, n: int, manifest: _Manifest, where:
 def _write_shard(
     folder: Path, index: int, span: tuple[int, int], arrays: dict[str, Tensor], manifest: _Manifest
 ) -> _Shard:
-    """Serialise one shard, write it atomically, and describe it for the manifest."""
-    ids = arrays["ids"]
-    fits_u16 = (manifest.vocab_size or int(ids.max()) + 1) <= _U16_IDS
-    tensors = dict(arrays, ids=ids.to(torch.uint16 if fits_u16 else torch.int32))
-    tensors = {name: t.contiguous() for name, t in tensors.items()}
+    """Encode one shard with the manifest's codec, write it atomically, and describe it for
+    the manifest. The shard's metadata records the codec too (the hash covers it)."""
+    id_limit = manifest.vocab_size or int(arrays["ids"].max()) + 1
+    tensors = manifest.codec.encode(arrays, id_limit)
     # One metadata entry: safetensors writes several in random (hash map) order, and equal
     # content should give equal bytes (so a resumed capture's shards equal a straight one's).
-    about = {"start": span[0], "stop": span[1], "version": CACHE_FORMAT_VERSION}
+    about = {
+        "start": span[0],
+        "stop": span[1],
+        "version": CACHE_FORMAT_VERSION,
+        "codec": manifest.codec.params(),
+    }
     metadata = {_FORMAT_NAME: json.dumps(about, sort_keys=True)}
     data = safetensors_save(tensors, metadata=metadata)
     name = _shard_name(index)
@@ -981,7 +1062,7 @@ class LogitCache:
     def __init__(self, folder: Path, manifest: _Manifest) -> None:
         self.folder = folder
         self._manifest = manifest
-        self._shards: dict[int, dict[str, Tensor]] = {}
+        self._shards: dict[int, BlockReader] = {}
         self._reads: dict[int, int] = {}
 
     @property
@@ -1011,7 +1092,7 @@ class LogitCache:
         the missing blocks' teacher signal).
         """
         manifest = _Manifest.read(folder)
-        _check_key(manifest.key, key, folder)
+        _check_readable_key(manifest.key, key, folder)
         if not manifest.complete and not allow_incomplete:
             done = sum(s.stop - s.start for s in manifest.shards.values())
             raise CacheError(
@@ -1060,13 +1141,24 @@ class LogitCache:
         positions = sum(s.stop - s.start for s in shards) * self.positions
         return sum(s.bytes for s in shards) / positions if positions else 0.0
 
+    @property
+    def codec(self) -> Codec:
+        """The codec this cache's shards were written with."""
+        return self._manifest.codec
+
+    @property
+    def format_version(self) -> int:
+        """The on-disk format the cache was captured in (1 is still read)."""
+        return self._manifest.key.version
+
     def targets(self, indices: Tensor | Sequence[int]) -> SparseTargets:
         """The cached targets of these blocks, in the given order: int64 ids, fp32 values.
 
-        ``logprobs`` are the stored fp16 values shifted by one constant per position so
-        that ``tail_logmass()`` gives back the stored tail (the teacher's fp32 top-k mass,
-        not a re-sum of rounded values). The shift is within the fp16 rounding of the
-        largest values; ranks and differences between ids are unchanged.
+        ``logprobs`` are the decoded values shifted by one constant per position so that
+        ``tail_logmass()`` gives back the stored tail (the teacher's fp32 top-k mass, not a
+        re-sum of rounded values). With the exact codec the shift is within the fp16
+        rounding of the largest values; the compressed codec's bounds are in
+        ``_cache_codec``. Each shard decodes only the blocks asked for.
         """
         idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
         if idx.numel() == 0:
@@ -1076,58 +1168,80 @@ class LogitCache:
                 f"block indices must be in [0, {self.num_blocks}), got "
                 f"[{int(idx.min())}, {int(idx.max())}]"
             )
-        rows = [self._row(int(i)) for i in idx]
-        ids = torch.stack([r["ids"] for r in rows]).to(torch.int64)
-        values = torch.stack([r["values"] for r in rows]).to(torch.float32)
-        tail = torch.stack([r["tail"] for r in rows]).to(torch.float32)
-        label = torch.stack([r["label"] for r in rows]) if self._manifest.has_label else None
+        shard_of = idx // self._manifest.shard_blocks
+        n, positions, k = int(idx.numel()), self.positions, self.k
+        ids = torch.empty((n, positions, k), dtype=torch.int64)
+        values = torch.empty((n, positions, k), dtype=torch.float32)
+        tail = torch.empty((n, positions), dtype=torch.float32)
+        label = torch.empty((n, positions)) if self._manifest.has_label else None
+        for index in torch.unique(shard_of).tolist():
+            rows = (shard_of == index).nonzero().reshape(-1)
+            reader, start = self._reader(int(index), int(idx[rows[0]]))
+            part = reader.blocks(idx[rows] - start)
+            ids[rows], values[rows], tail[rows] = part.ids, part.values, part.tail
+            if label is not None and part.label is not None:
+                label[rows] = part.label
         return SparseTargets(ids, _match_tail(values, tail), label)
 
-    def _row(self, block: int) -> dict[str, Tensor]:
-        """One block's tensors, read through the shard's memory map."""
-        index = block // self._manifest.shard_blocks
+    def _reader(self, index: int, block: int) -> tuple[BlockReader, int]:
+        """Shard ``index``'s reader (loaded and verified on first use) and its first block."""
         shard = self._manifest.shards.get(index)
         if shard is None:
             raise CacheError(
                 f"block {block} is not in the logit cache in {self.folder} (its shard was "
                 "never captured); run capture() again to finish the cache"
             )
-        tensors = self._shards.get(index)
-        if tensors is None:
-            tensors = self._load_shard(shard)
-            self._shards[index] = tensors
-        local = block - shard.start
-        return {name: tensor[local] for name, tensor in tensors.items()}
+        reader = self._shards.get(index)
+        if reader is None:
+            reader = self._load_shard(shard)
+            self._shards[index] = reader
+        return reader, shard.start
 
-    def _load_shard(self, shard: _Shard) -> dict[str, Tensor]:
+    def _load_shard(self, shard: _Shard) -> BlockReader:
         """Map a shard, hash the very map its tensors are then viewed from, and check them.
 
         ``open`` verified every shard already; this second hash is what makes the check
         hold for the bytes used: a file swapped or edited after ``open`` is refused here.
+        The shard's own codec record (inside the hashed bytes) must equal the manifest's.
         """
         path = _shard_path(self.folder, shard)
         self._reads[shard.index] = self._reads.get(shard.index, 0) + 1
         view = _map_verified(path, shard)
-        tensors = _tensors_in(view, path)
+        tensors, metadata = _tensors_in(view, path)
         rows, positions, k = shard.stop - shard.start, self.positions, self.k
-        wanted = {
-            "ids": (rows, positions, k),
-            "values": (rows, positions, k),
-            "tail": (rows, positions),
-        }
-        if self._manifest.has_label:
-            wanted["label"] = (rows, positions)
+        codec = self._manifest.codec
+        wanted = codec.shapes(rows, positions, k, bool(self._manifest.has_label))
         shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-        if shapes != wanted:
+        matches = shapes.keys() == wanted.keys() and all(
+            (len(shapes[n]) == 1) if want is None else shapes[n] == want
+            for n, want in wanted.items()
+        )
+        if not matches:
             raise CacheError(
                 f"logit cache shard {path} holds tensors {shapes}, the manifest describes "
                 f"{wanted}; delete the folder and capture again"
             )
-        return tensors
+        if self.format_version != _V1:
+            recorded = _shard_codec(metadata, path)
+            if recorded != codec.params():
+                raise CacheError(
+                    f"logit cache shard {path} was written with codec {recorded}, but the "
+                    f"manifest records {codec.params()}: the manifest was edited or belongs "
+                    "to another cache; delete the folder and capture again"
+                )
+        return codec.reader(tensors, positions, k, f"logit cache shard {path}")
 
     def close(self) -> None:
         """Drop the shard memory maps (they are mapped and verified again on demand)."""
         self._shards.clear()
+
+
+def _shard_codec(metadata: dict[str, Any], path: Path) -> Any:
+    """The codec parameters a format-2 shard's metadata records."""
+    try:
+        return json.loads(metadata[_FORMAT_NAME])["codec"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CacheError(f"logit cache shard {path} records no codec: {exc!r}") from exc
 
 
 def _match_tail(values: Tensor, tail: Tensor) -> Tensor:
