@@ -625,19 +625,28 @@ def inplace_refusal(student: Tensor) -> str | None:
 
 
 def _saved_this_storage(node: Any, data_ptr: int) -> str | None:
-    """The name of ``node`` when one of its saved tensors lives in the storage at
-    ``data_ptr`` (a built-in op's ``_saved_*`` fields, a custom Function's
-    ``saved_tensors`` and ctx attributes), else None."""
+    """The name of ``node`` when a tensor it saved for backward lives in the storage at
+    ``data_ptr``, else None.
+
+    A built-in op saves its own output as ``_saved_result*`` (tanh, exp, softmax...); an
+    in-place op whose formula needs its input saves a clone of it, so the other ``_saved_*``
+    fields cannot alias the output and are not unpacked (under saved-tensor hooks, e.g.
+    CPU offloading, unpacking a saved lm_head weight would copy it). A custom Function
+    (Python, or ``torch.compile``'s) is looked at whole: its ``saved_tensors`` and its ctx
+    attributes.
+    """
     if node is None:
         return None
+    custom = hasattr(node, "saved_tensors")
+    names = ["saved_tensors"] if custom else [n for n in dir(node) if n.startswith("_saved_result")]
     values: list[Any] = []
-    for name in dir(node):
-        if name.startswith("_saved_") or name in ("saved_tensors",):
-            try:
-                values.append(getattr(node, name))
-            except RuntimeError:  # freed after an earlier backward: it needs nothing now
-                continue
-    values.extend(getattr(node, "__dict__", {}).values())
+    for name in names:
+        try:
+            values.append(getattr(node, name))
+        except RuntimeError:  # freed after an earlier backward: it needs nothing now
+            continue
+    if custom:
+        values.extend(getattr(node, "__dict__", {}).values())
     for value in values:
         items = value if isinstance(value, tuple | list) else (value,)
         for item in items:
