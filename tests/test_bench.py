@@ -113,7 +113,7 @@ def test_loss_section(quick: tuple[dict[str, Any], str]) -> None:
     from bench.loss_memory import targets_of
 
     summary = targets_of(loss)  # quick sizes: every goal named, none judged
-    assert len(summary) == 2 * 5 + 2 * (len(DIVERGENCES) + 1)
+    assert len(summary) == 2 * 4 + 2 * (len(DIVERGENCES) + 1)  # issue 6: not the copy
     assert all(t.met is None and "not measured" in t.figure for t in summary), summary
 
 
