@@ -83,9 +83,11 @@ loss over them computed before this one) fails its backward with PyTorch's "modi
 inplace operation" error instead of silently using the gradient as logits; and the loss
 records the version it left and refuses, in backward, a gradient someone overwrote in
 between. What no check can see is a plain read of the values after the call (metrics,
-top-1 agreement): compute those before the loss, or keep ``inplace=False``. Liger's
-cross-entropy writes its gradient over its input unconditionally and without a version
-bump; this path refuses the cases above and makes the remaining misuse loud.
+top-1 agreement): compute those before the loss, or keep ``inplace=False``. (Liger's
+cross-entropy, the model for this, has its Triton kernel store the gradient over any
+contiguous input - a leaf, rows sliced from a bigger tensor, an op's saved output alike -
+through a raw pointer, so no version counter moves and nothing can notice; it has no
+opt-out, and a code comment is where the overwrite is written down.)
 """
 
 from __future__ import annotations
