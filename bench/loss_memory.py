@@ -93,7 +93,7 @@ DIVERGENCES: dict[str, tuple[dict[str, Any], str]] = {
 @dataclass(frozen=True)
 class Contender:
     name: str
-    scenario: str  # "logits" | "hidden"
+    scenario: str  # "logits" | "sparse" | "hidden"
     label: str
     includes: str
     baseline: bool = False
