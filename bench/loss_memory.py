@@ -4,9 +4,18 @@ fresh process.
 Two scenarios, because what a loss function is handed decides what it can save:
 
 ``logits``  Every contender gets the same precomputed fp32 logits ``[tokens, vocab]`` of
-            student (``requires_grad``) and teacher, and all-valid labels. The student's
-            gradient (one ``[tokens, vocab]`` fp32 tensor) is part of every contender's
-            output, so it is counted for all of them.
+            student and teacher, and all-valid labels. The student logits come out of an
+            op, as a model's do: ``raw.add_(zero)`` with ``zero`` a 0-d leaf that
+            requires grad, so they are a non-leaf owning their storage and their gradient
+            flows on to ``zero`` (a cheap sum) rather than being kept as a
+            ``[tokens, vocab]`` ``.grad``. A contender's own gradient buffer is therefore
+            what its memory shows: plain autograd's intermediates, ours' copy buffer
+            (``*_copy``), or nothing extra when ours writes it over the logits (the engine's
+            ``inplace=True``, what the Trainer's logits strategy does by default).
+``sparse``  The student logits as above and the teacher's top-k (k = 128) log-probabilities
+            (``SparseTargets``, what vLLM or the logit cache give); plain PyTorch computes
+            the same k + 1 atom loss (top-k and a tail bucket) with autograd over the full
+            ``log_softmax``.
 ``hidden``  Every contender gets final hidden states ``[tokens, hidden]`` and the lm_head
             weights ``[vocab, hidden]`` of student (both ``requires_grad``) and teacher, and
             must do the projection itself: the plain contender computes full logits with
@@ -47,6 +56,7 @@ from bench.common import (
     CudaMeter,
     GiB,
     Printer,
+    Target,
     fmt_bytes,
     fmt_ratio,
     fmt_seconds,
@@ -66,12 +76,24 @@ QUICK_HIDDEN = 32
 DEFAULT_CAP = 16 * GiB
 TARGET_POINT = (128256, 4096)
 SLAB_BUDGET = 32 * 1024**2
+SPARSE_K = 128
+LOGITS_PEAK_GOAL = 0.10  # issue 14: in-place logits path <= 0.10x plain PyTorch's peak
+TIME_GOAL = 1.10  # issue 14: the in-place path within 1.1x the copy path's (today's) time
+# Our logits-path contenders per divergence: name stem -> (LossSpec keywords, label).
+DIVERGENCES: dict[str, tuple[dict[str, Any], str]] = {
+    "kl": ({"kind": "forward_kl"}, "KL"),
+    "rkl": ({"kind": "reverse_kl"}, "reverse KL"),
+    "jsd": ({"kind": "jsd", "beta": 0.5}, "JSD b=0.5"),
+    "skew_fkl": ({"kind": "skew_forward_kl", "skew_alpha": 0.1}, "skew forward KL a=0.1"),
+    "skew_rkl": ({"kind": "skew_reverse_kl", "skew_alpha": 0.1}, "skew reverse KL a=0.1"),
+    "tvd": ({"kind": "tvd"}, "TVD"),
+}
 
 
 @dataclass(frozen=True)
 class Contender:
     name: str
-    scenario: str  # "logits" | "hidden"
+    scenario: str  # "logits" | "sparse" | "hidden"
     label: str
     includes: str
     baseline: bool = False
@@ -102,35 +124,52 @@ CONTENDERS: tuple[Contender, ...] = (
         "liger_kernel LigerJSD(beta=0.5) on log_softmax of the full logits (Triton kernel)",
         family="liger",
     ),
-    Contender(
-        "ours_kl",
-        "logits",
-        "ours distillation_loss KL",
-        "foundry distillation_loss(kind=forward_kl), default chunk_tokens=1024, analytic "
-        "gradient made in forward",
+    *(
+        Contender(
+            f"ours_{stem}{suffix}",
+            "logits",
+            f"ours distillation_loss {label}{' (copy)' if suffix else ''}",
+            f"foundry distillation_loss({', '.join(f'{k}={v}' for k, v in kw.items())}), "
+            "default chunk_tokens, analytic gradient made in forward "
+            + (
+                "and kept in a [tokens, vocab] buffer of its own (inplace=False: today's "
+                "path, the public functions' default)"
+                if suffix
+                else "and written over the student logits (inplace=True: the Trainer's "
+                "logits strategy by default, loss.logits_grad=inplace)"
+            ),
+        )
+        for stem, (kw, label) in DIVERGENCES.items()
+        for suffix in ("", "_copy")
     ),
     Contender(
         "ours_kl_budget",
         "logits",
-        "ours distillation_loss KL, 32 MiB chunks",
+        "ours distillation_loss KL in place, 32 MiB chunks",
         "as ours_kl with chunk_tokens sized so one fp32 [chunk, vocab] slab is 32 MiB "
-        "(65 rows at 128k, 262 at 32k): the proposed engine default",
+        "(65 rows at 128k, 262 at 32k); the engine caps chunks so by itself (chunk_rows)",
     ),
     Contender(
-        "ours_kl_inplace",
-        "logits",
-        "proposal: ours KL, gradient written into the logits",
-        "PROTOTYPE of a proposed engine option (defined in bench/loss_memory.py from the "
-        "engine's chunk kernel): as ours_kl_budget, but each chunk's gradient overwrites the "
-        "student logits it came from (as Liger's cross-entropy does), so no second "
-        "[tokens, vocab] buffer exists; the logits are consumed",
-        family="proposal",
+        "plain_sparse_kl",
+        "sparse",
+        "plain PyTorch sparse KL (top-k + tail)",
+        f"log_softmax of the student logits, gathered at the teacher's top-{SPARSE_K} ids plus "
+        "a log(1 - sum) tail atom, forward KL against the teacher's k + 1 atoms, autograd",
+        baseline=True,
+        family="plain",
     ),
     Contender(
-        "ours_jsd",
-        "logits",
-        "ours distillation_loss JSD b=0.5",
-        "foundry distillation_loss(kind=jsd, beta=0.5), chunk_tokens=1024 (same loss as TRL's)",
+        "ours_sparse_kl",
+        "sparse",
+        "ours sparse_distillation_loss KL in place",
+        f"foundry sparse_distillation_loss(kind=forward_kl, mass=tail, k={SPARSE_K}), "
+        "gradient written over the student logits (inplace=True)",
+    ),
+    Contender(
+        "ours_sparse_kl_copy",
+        "sparse",
+        "ours sparse_distillation_loss KL (copy)",
+        "as ours_sparse_kl with inplace=False: the gradient in a buffer of its own",
     ),
     Contender(
         "plain_kl_proj",
@@ -229,11 +268,22 @@ def _make_inputs(
     g = torch.Generator(device="cpu").manual_seed(seed)
     labels = torch.randint(0, vocab, (tokens,), generator=g).to(device)
     torch.manual_seed(seed)
-    if contender.scenario == "logits":
-        student = torch.empty(tokens, vocab, device=device).normal_(0.0, 2.0)
-        teacher = torch.empty(tokens, vocab, device=device).normal_(0.0, 2.0)
-        student.requires_grad_(True)
-        return {"student": student, "teacher": teacher, "labels": labels}
+    if contender.scenario in ("logits", "sparse"):
+        # The logits are made by an op (as a model's are): a non-leaf over its own storage,
+        # whose gradient flows on to a 0-d leaf. add_ in place: no second [tokens, vocab].
+        sink = torch.zeros((), device=device, requires_grad=True)
+        student = torch.empty(tokens, vocab, device=device).normal_(0.0, 2.0).add_(sink)
+        if contender.scenario == "logits":
+            teacher = torch.empty(tokens, vocab, device=device).normal_(0.0, 2.0)
+            return {"student": student, "teacher": teacher, "labels": labels, "sink": sink}
+        ids, logprobs = _sparse_teacher(tokens, vocab, device)
+        return {
+            "student": student[None],  # [1, tokens, vocab]: SparseTargets are [B, T, k]
+            "ids": ids,
+            "logprobs": logprobs,
+            "labels": labels[None],
+            "sink": sink,
+        }
     scale = hidden**-0.5
     h_s = torch.empty(tokens, hidden, device=device).normal_().requires_grad_(True)
     w_s = torch.empty(vocab, hidden, device=device).normal_(0.0, 2.0 * scale)
@@ -243,61 +293,20 @@ def _make_inputs(
     return {"h_s": h_s, "w_s": w_s, "h_t": h_t, "w_t": w_t, "labels": labels}
 
 
-class _InplaceChunkedDistillation:
-    """Prototype of a proposed engine option, built from the engine's own chunk kernel.
+def _sparse_teacher(tokens: int, vocab: int, device: Any, rows: int = 256) -> tuple[Any, Any]:
+    """A random teacher's top-``SPARSE_K`` ids and log-probabilities ``[1, tokens, k]``, made
+    ``rows`` at a time so no ``[tokens, vocab]`` teacher tensor exists."""
+    import torch
 
-    Like ``foundry_kernel.losses._ChunkedDistillation``, but the gradient of each chunk is
-    written over the student logits of that chunk instead of into a new buffer of their
-    size; the logits are consumed (what Liger's cross-entropy does). Measured here to size
-    the gain; not engine code.
-    """
-
-    _fn: Any = None
-
-    @classmethod
-    def apply(cls, student: Any, teacher: Any, labels: Any, spec: Any) -> Any:
-        import torch
-
-        from foundry_kernel.training import _losses as L
-
-        if cls._fn is None:
-
-            class Fn(torch.autograd.Function):
-                @staticmethod
-                def forward(ctx: Any, s: Any, t: Any, plan: Any) -> Any:
-                    buf = s.detach()  # the logits' own storage
-                    cdt = L._compute_dtype(buf)
-                    kd_sum = torch.zeros((), dtype=cdt)
-                    ce_sum = torch.zeros((), dtype=cdt)
-                    s_view, t_view = buf[..., : plan.vocab], t[..., : plan.vocab]
-                    for rows, targets in plan.chunks():
-                        kd_c, ce_c, g = L._chunk_loss_and_grad(
-                            s_view[rows], t_view[rows], targets, plan, with_grad=True
-                        )
-                        kd_sum += kd_c
-                        ce_sum += ce_c
-                        assert g is not None  # with_grad=True always returns one
-                        s_view[rows] = g.to(buf.dtype)
-                    valid = torch.zeros(buf.shape[:-1], dtype=torch.bool, device=buf.device)
-                    valid[plan.rows] = True
-                    buf[~valid] = 0.0  # positions without a target get no gradient
-                    if plan.vocab < buf.shape[-1]:
-                        buf[..., plan.vocab :] = 0.0
-                    total, kd, ce = L._finish(plan, kd_sum, ce_sum)
-                    ctx.save_for_backward(buf)
-                    ctx.mark_non_differentiable(kd, ce)
-                    return total, kd, ce
-
-                @staticmethod
-                def backward(ctx: Any, grad_total: Any, _kd: Any, _ce: Any) -> Any:
-                    (grad,) = ctx.saved_tensors
-                    return L._scale_grad(grad, grad_total), None, None
-
-            cls._fn = Fn
-        v = L._resolve_vocab(student.shape[-1], teacher.shape[-1], None)
-        rows, targets = L._valid_rows(labels, student.shape[:-1], v)
-        plan = L._Plan(spec, rows, targets, v, L._normalizer(None, targets.numel()))
-        return cls._fn.apply(student, teacher.detach(), plan)[0]
+    k = min(SPARSE_K, vocab)
+    ids = torch.empty(1, tokens, k, dtype=torch.long, device=device)
+    logprobs = torch.empty(1, tokens, k, device=device)
+    for start in range(0, tokens, rows):
+        stop = min(start + rows, tokens)
+        t = torch.empty(stop - start, vocab, device=device).normal_(0.0, 2.0)
+        values, top = t.log_softmax(-1).topk(k, dim=-1)
+        ids[0, start:stop], logprobs[0, start:stop] = top, values
+    return ids, logprobs
 
 
 def budget_chunk(vocab: int, budget: int = SLAB_BUDGET) -> int:
@@ -317,6 +326,20 @@ def _loss_fn(name: str, vocab: int) -> Callable[[dict[str, Any]], Any]:
 
     if name == "plain_kl":
         return lambda x: plain_kl(x["student"], x["teacher"])
+    if name == "plain_sparse_kl":
+
+        def plain_sparse(x: dict[str, Any]) -> Any:
+            log_q_all = F.log_softmax(x["student"], dim=-1)
+            log_q = log_q_all.gather(-1, x["ids"])
+            log_p = x["logprobs"]
+            # k + 1 atoms: the top-k and the rest of the vocabulary (floored like the cache)
+            q_tail = torch.log1p(-log_q.exp().sum(-1).clamp(max=1.0 - 1e-7))
+            p_tail = torch.log1p(-log_p.exp().sum(-1).clamp(max=1.0 - 1e-7))
+            lq = torch.cat([log_q, q_tail.unsqueeze(-1)], dim=-1)
+            lp = torch.cat([log_p, p_tail.unsqueeze(-1)], dim=-1)
+            return (lp.exp() * (lp - lq)).sum(-1).mean()
+
+        return plain_sparse
     if name == "plain_kl_proj":
 
         def proj(x: dict[str, Any]) -> Any:
@@ -357,30 +380,52 @@ def _loss_fn(name: str, vocab: int) -> Callable[[dict[str, Any]], Any]:
         fljsd = LigerFusedLinearJSD(jsd_beta=0.0)
         return lambda x: fljsd(x["h_s"], x["w_s"], x["h_t"], x["w_t"], x["labels"])
 
+    from foundry_kernel.teachers._targets import SparseTargets
     from foundry_kernel.training._losses import (
         LossSpec,
         distillation_loss,
         fused_linear_distillation_loss,
+        sparse_distillation_loss,
     )
 
-    chunk = budget_chunk(vocab) if name.endswith(("_budget", "_inplace")) else 1024
-    if name == "ours_jsd":
-        spec = LossSpec(kind="jsd", beta=0.5, chunk_tokens=chunk)
-    else:
-        spec = LossSpec(kind="forward_kl", chunk_tokens=chunk)
-    if name == "ours_kl_inplace":
-        return lambda x: _InplaceChunkedDistillation.apply(
-            x["student"], x["teacher"], x["labels"], spec
-        )
+    chunk = budget_chunk(vocab) if name.endswith("_budget") else 1024
+    inplace = not name.endswith("_copy")
     if name.startswith("ours_fused"):
+        spec = LossSpec(kind="forward_kl", chunk_tokens=chunk)
         return lambda x: (
             fused_linear_distillation_loss(
                 x["h_s"], x["w_s"], x["h_t"], x["labels"], spec, teacher_weight=x["w_t"]
             ).total
         )
-    if name.startswith("ours_"):
-        return lambda x: distillation_loss(x["student"], x["teacher"], x["labels"], spec).total
+    if name.startswith("ours_sparse"):
+        spec = LossSpec(kind="forward_kl", chunk_tokens=chunk)
+        return lambda x: _checked(
+            sparse_distillation_loss(
+                x["student"],
+                SparseTargets(x["ids"], x["logprobs"]),
+                x["labels"],
+                spec,
+                inplace=inplace,
+            ),
+            inplace,
+        )
+    stem = name.removeprefix("ours_").removesuffix("_copy").removesuffix("_budget")
+    if name.startswith("ours_") and stem in DIVERGENCES:
+        spec = LossSpec(**DIVERGENCES[stem][0], chunk_tokens=chunk)
+        return lambda x: _checked(
+            distillation_loss(x["student"], x["teacher"], x["labels"], spec, inplace=inplace),
+            inplace,
+        )
     raise ValueError(f"unknown contender {name!r}")
+
+
+def _checked(out: Any, inplace: bool) -> Any:
+    """The loss's total, after making sure the engine took the path the contender names
+    (an in-place contender that silently copied would measure the wrong thing)."""
+    want = "inplace" if inplace else "copy"
+    if out.logits_grad != want:
+        raise RuntimeError(f"the loss took the {out.logits_grad!r} path, not {want!r}")
+    return out.total
 
 
 def _one_call(
@@ -388,7 +433,7 @@ def _one_call(
 ) -> tuple[float, float]:
     """One forward+backward: (seconds, loss value)."""
     for v in inputs.values():
-        if getattr(v, "requires_grad", False):
+        if getattr(v, "requires_grad", False) and v.is_leaf:
             v.grad = None
     sync()
     t0 = time.perf_counter()
@@ -710,18 +755,18 @@ def targets(
     results: list[dict[str, Any]], point: tuple[int, int] = TARGET_POINT
 ) -> list[dict[str, Any]]:
     """Issue 6's memory target at ``point``: ours <= 1/5 of plain and <= Liger's, per scenario,
-    for the engine as it is, with a smaller ``loss.chunk_tokens``, and for the prototype."""
+    for the engine's default, its copy path, and an explicit 32 MiB ``loss.chunk_tokens``."""
     out = []
     chunk = budget_chunk(point[0])
     how = {
-        "ours_kl": "engine default (chunk_tokens=1024)",
-        "ours_kl_budget": f"engine with loss.chunk_tokens={chunk}",
-        "ours_kl_inplace": f"proposed option, prototype (chunk {chunk})",
+        "ours_kl": "engine, gradient in place (the Trainer's logits default)",
+        "ours_kl_copy": "engine, gradient copied (inplace=False)",
+        "ours_kl_budget": f"engine in place with loss.chunk_tokens={chunk}",
         "ours_fused_kl": "engine default (chunk_tokens=1024)",
         "ours_fused_kl_budget": f"engine with loss.chunk_tokens={chunk}",
     }
     for scenario, ours_names, plain, liger in (
-        ("logits", ("ours_kl", "ours_kl_budget", "ours_kl_inplace"), "plain_kl", "liger_jsd"),
+        ("logits", ("ours_kl", "ours_kl_copy", "ours_kl_budget"), "plain_kl", "liger_jsd"),
         ("hidden", ("ours_fused_kl", "ours_fused_kl_budget"), "plain_kl_proj", "liger_fused_jsd"),
     ):
         p = _row(results, scenario, plain, point)
@@ -759,6 +804,118 @@ def targets(
                 ok = o["status"] == "ok" and o.get("peak_bytes", 0) <= li.get("peak_bytes", 0)
                 entry["vs_liger"] = "met" if ok else "missed"
             out.append(entry)
+    return out
+
+
+def _verdict(label: str) -> bool | None:
+    return {"met": True, "missed": False}.get(label)
+
+
+def _issue6_targets(entries: list[dict[str, Any]]) -> list[Target]:
+    """Issue 6's goals, one Target each: <= 1/5 of plain's peak, and <= Liger's."""
+    out = []
+    for e in entries:
+        if e["ours"].endswith("_copy"):
+            continue  # the opt-out path: its figure is in the table, the goal is the default's
+        at = (e["point"]["vocab"], e["point"]["tokens"])
+        full = at == TARGET_POINT
+        where = "" if full else f"not measured at 128256x4096 (this run: {at[0]}x{at[1]}): "
+        plain = fmt_bytes(e.get("plain_peak_bytes")) + (
+            "" if e["plain_status"] == "ok" else " (plain OOM: a lower bound)"
+        )
+        ratio_text = fmt_ratio(e.get("mem_vs_plain"), bound=e.get("mem_bound", ""))
+        what = f"{e['scenario']} path, {e['ours']} ({e['how']})"
+        out.append(
+            Target(
+                "loss",
+                f"{what}: peak <= 1/5 of plain PyTorch's at 128k x 4k",
+                f"{where}{ratio_text} ({fmt_bytes(e.get('ours_peak_bytes'))} vs {plain}); "
+                f"{e['fifth_of_plain']}",
+                _verdict(e["fifth_of_plain"]) if full else None,
+                issue=6,
+            )
+        )
+        liger = (
+            f"{fmt_bytes(e.get('ours_peak_bytes'))} vs Liger {fmt_bytes(e['liger_peak_bytes'])}"
+            if e.get("liger_peak_bytes") is not None
+            else e["vs_liger"]
+        )
+        out.append(
+            Target(
+                "loss",
+                f"{what}: peak <= Liger's at 128k x 4k",
+                f"{where}{liger}",
+                _verdict(e["vs_liger"]) if full else None,
+                issue=6,
+            )
+        )
+    return out
+
+
+def _peak_target(
+    results: list[dict[str, Any]], scenario: str, name: str, plain: str, what: str
+) -> Target:
+    """Issue 14: ``name``'s peak <= 0.10x of ``plain``'s at the target point."""
+    goal = f"{what}: logits-path peak <= {LOGITS_PEAK_GOAL:.2f}x plain PyTorch at 128k x 4k"
+    o = _row(results, scenario, name, TARGET_POINT)
+    b = _row(results, scenario, plain, TARGET_POINT)
+    if o is None or b is None:
+        return Target(
+            "loss", goal, f"not measured at 128256x4096 ({name} or {plain} not run)", None, issue=14
+        )
+    if o["status"] == "oom" and not o.get("skipped"):
+        return Target("loss", goal, f"{name} ran out of memory under the cap", False, issue=14)
+    r, bound = o.get("mem_vs_plain"), o.get("mem_bound", "")
+    if o["status"] != "ok" or r is None:
+        why = o.get("note") or b.get("note") or "no ratio"
+        return Target(
+            "loss", goal, f"not measured: {o['status']}/{b['status']}: {why[:120]}", None, issue=14
+        )
+    plain_text = fmt_bytes(b.get("peak_bytes")) + ("" if b["status"] == "ok" else " (OOM)")
+    figure = f"{fmt_ratio(r, bound=bound)} ({fmt_bytes(o.get('peak_bytes'))} vs {plain_text})"
+    if r <= LOGITS_PEAK_GOAL:
+        return Target("loss", goal, figure, True, issue=14)  # "<=": an upper bound, still met
+    if bound == "<=":
+        return Target("loss", goal, figure + "; unproven: plain ran out of memory", None, issue=14)
+    return Target("loss", goal, figure, False, issue=14)
+
+
+def _time_target(results: list[dict[str, Any]], scenario: str, name: str, what: str) -> Target:
+    """Issue 14: the in-place path's time within 1.1x of the copy path's (today's path)."""
+    copy = f"{name}_copy"
+    goal = f"{what}: in-place time <= {TIME_GOAL:.1f}x the copy path's (today's) at 128k x 4k"
+    o = _row(results, scenario, name, TARGET_POINT)
+    c = _row(results, scenario, copy, TARGET_POINT)
+    if o is None or c is None:
+        return Target(
+            "loss", goal, f"not measured at 128256x4096 ({name} or {copy} not run)", None, issue=14
+        )
+    r = ratio(o.get("time_s"), c.get("time_s")) if o["status"] == c["status"] == "ok" else None
+    if r is None:
+        return Target("loss", goal, f"not measured: {o['status']}/{c['status']}", None, issue=14)
+    figure = (
+        f"{r:.2f}x ({fmt_seconds(o.get('time_s'))} in place vs {fmt_seconds(c.get('time_s'))} copy)"
+    )
+    return Target("loss", goal, figure, r <= TIME_GOAL, issue=14)
+
+
+def targets_of(section: dict[str, Any]) -> list[Target]:
+    """The loss benchmark's goals as Targets: issue 6's (from ``section["targets"]``) and
+    issue 14's, per divergence and for the sparse top-k loss: the in-place logits path's
+    peak <= 0.10x plain PyTorch's and its time <= 1.1x the copy path's, at 128k x 4k.
+    ``met`` is None where the target point was not measured (``--quick``, a subset)."""
+    results = section.get("results", [])
+    out = _issue6_targets(section.get("targets", []))
+    for stem, (_, label) in DIVERGENCES.items():
+        out.append(_peak_target(results, "logits", f"ours_{stem}", "plain_kl", label))
+    out.append(
+        _peak_target(
+            results, "sparse", "ours_sparse_kl", "plain_sparse_kl", f"sparse top-{SPARSE_K} KL"
+        )
+    )
+    for stem, (_, label) in DIVERGENCES.items():
+        out.append(_time_target(results, "logits", f"ours_{stem}", label))
+    out.append(_time_target(results, "sparse", "ours_sparse_kl", f"sparse top-{SPARSE_K} KL"))
     return out
 
 

@@ -389,6 +389,15 @@ class LossConfig(_Section):
         "where the model allows it (plain lm_head, no logit soft-capping or scaling) and "
         "logits otherwise, recording why in the summary.",
     )
+    logits_grad: Literal["inplace", "copy"] = Field(
+        "inplace",
+        description="Logits strategy only: 'inplace' writes the loss's gradient over the "
+        "student's logits (no second [batch, seq, vocab] buffer: at 128k vocab x 4k tokens "
+        "~0.05x of plain PyTorch's loss peak instead of ~0.25x); the loss still copies "
+        "where the logits' storage may be needed elsewhere (a slice, a leaf, an op that "
+        "saved them). 'copy' always keeps the gradient in a buffer of its own; use it when "
+        "a custom strategy or hook reads the logits after the loss.",
+    )
 
 
 class _Continuations(_Section):

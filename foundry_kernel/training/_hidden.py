@@ -299,7 +299,12 @@ class HiddenStateLoss:
         )
         total = out.total + self.cfg.weight * hidden.to(out.total.dtype)
         return LossOutput(
-            total=total, kd=out.kd, ce=out.ce, n_tokens=out.n_tokens, hidden=hidden.detach()
+            total=total,
+            kd=out.kd,
+            ce=out.ce,
+            n_tokens=out.n_tokens,
+            hidden=hidden.detach(),
+            logits_grad=out.logits_grad,
         )
 
 

@@ -15,7 +15,10 @@ Four entry points (and two fused variants, below):
   computes the loss *and its analytic gradient* in the forward pass, and keeps only that
   gradient (in the student logits' dtype) for backward. The fp32 full-vocabulary
   log-probabilities of teacher and student therefore exist for one chunk at a time,
-  instead of the five or six ``[tokens, vocab]`` fp32 tensors autograd would keep.
+  instead of the five or six ``[tokens, vocab]`` fp32 tensors autograd would keep. With
+  ``inplace=True`` (the Trainer's default, ``loss.logits_grad``) that gradient is written
+  over the logits themselves, so not even one extra ``[tokens, vocab]`` buffer exists; see
+  "In-place gradients" below for when that is allowed and how misuse is caught.
 * :func:`fused_linear_distillation_loss` - as above, but it also owns the student's
   ``lm_head`` projection, so full student logits never exist at all (Liger-style).
 * :func:`sparse_distillation_loss` - the same divergences against a teacher that only
@@ -42,6 +45,49 @@ per-element "gradient wrt probabilities" ``g``, the softmax Jacobian
 and ``dL/dlogits = dL/dz / tau``; the tau**2 option multiplies the KD term (value and
 gradient) by ``tau**2``, which is why Hinton added it: it cancels the ``1/tau**2`` that
 softening puts on the KD gradient, keeping it on the scale of the CE gradient.
+
+In-place gradients (the logits path: :func:`distillation_loss`, :func:`sparse_distillation_loss`)
+---------------------------------------------------------------------------------------------
+The chunked logits path makes the whole gradient in forward. Kept in a buffer of its own
+(``inplace=False``, "copy") it is one more ``[tokens, vocab]`` tensor: at a 128k vocabulary
+and 4k tokens that is 2 GiB in fp32, 0.2x of what plain PyTorch peaks at. Written over the
+logits (``inplace=True``) it costs nothing: each chunk is read (gathered into a temporary)
+before its gradient is scattered back into the same rows, rows without a target and
+columns past ``vocab_size`` are zeroed, and backward returns that storage, scaled in place.
+The values and gradients are bit-for-bit those of the copy path (tested per divergence).
+
+What it costs the caller: **after the call the logits tensor holds the gradient, not the
+logits.** A function cannot see whether its caller reads its argument later, so the public
+functions default to the copy (``inplace=False``); a caller that has read all it needs
+from the logits opts in. The engine's own caller, the ``logits`` training strategy,
+computes nothing from the logits after the loss and opts in unless ``loss.logits_grad:
+copy``. Even when asked, the loss copies instead (and reports ``LossOutput.logits_grad ==
+"copy"``) whenever :func:`inplace_refusal` names a reason, i.e. when the storage may be
+needed by someone else:
+
+* no gradient is wanted (grad mode off, or the logits do not require grad): nothing is
+  written at all;
+* the tensor is a leaf (the caller's own data; its ``.grad`` would alias it) or a view of
+  one, or ``retain_grad()`` was called on it (the caller reads it after backward);
+* it does not cover its whole storage exactly (a slice such as ``logits[:, :-1]``, a
+  strided or offset view, a non-contiguous tensor): the rest belongs to the tensor it views;
+* it is a tensor subclass (DTensor, a wrapper) whose storage semantics we do not know;
+* the op that produced it (its ``grad_fn``, and for a view the base's ``grad_fn``) saved
+  this very storage for its own backward: ``tanh``/``sigmoid``/``exp``/``softmax`` as the
+  last op, or a custom Function that saved it. (Gemma-2-style soft-capping ends with a
+  multiplication by a constant, which saves nothing, so it stays in place.)
+
+Two checks catch what inspection cannot. The writes go through an alias that shares the
+tensor's version counter, so any *other* autograd node that saved the logits (a second
+loss over them computed before this one) fails its backward with PyTorch's "modified by an
+inplace operation" error instead of silently using the gradient as logits; and the loss
+records the version it left and refuses, in backward, a gradient someone overwrote in
+between. What no check can see is a plain read of the values after the call (metrics,
+top-1 agreement): compute those before the loss, or keep ``inplace=False``. (Liger's
+cross-entropy, the model for this, has its Triton kernel store the gradient over any
+contiguous input - a leaf, rows sliced from a bigger tensor, an op's saved output alike -
+through a raw pointer, so no version counter moves and nothing can notice; it has no
+opt-out, and a code comment is where the overwrite is written down.)
 """
 
 from __future__ import annotations
@@ -71,6 +117,7 @@ __all__ = [
     "fused_linear_cross_entropy",
     "fused_linear_distillation_loss",
     "fused_linear_sparse_distillation_loss",
+    "inplace_refusal",
     "sparse_distillation_loss",
     "token_divergence",
     "trusted_labels",
@@ -173,6 +220,9 @@ class LossOutput:
     accumulation with a global ``num_valid_tokens`` they sum across micro-batches.
     ``hidden`` (detached, unweighted) is the hidden-state term when a strategy adds one
     (``training._hidden``; ``total`` then holds it times ``loss.hidden.weight``), else None.
+    ``logits_grad`` says how a logits-path loss kept its gradient: ``"inplace"`` (written
+    over the student logits, which now hold it), ``"copy"`` (a buffer of its own; the logits
+    are untouched) or None (no gradient made, or not a logits-path loss).
     """
 
     total: Tensor
@@ -180,6 +230,7 @@ class LossOutput:
     ce: Tensor
     n_tokens: int
     hidden: Tensor | None = None
+    logits_grad: str | None = None
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -536,6 +587,99 @@ def _spend(ctx: Any) -> None:
 
 # --------------------------------------------------------------------------- chunked logits path
 
+GradMode = Literal["none", "copy", "inplace"]
+"""How :class:`_ChunkedDistillation` keeps the gradient: not at all, in a buffer of its own,
+or over the student logits."""
+
+
+def inplace_refusal(student: Tensor) -> str | None:
+    """Why the gradient may NOT be written over ``student`` (None: it may).
+
+    The rules of the module docstring ("In-place gradients"), cheapest first; each names
+    a way the storage could still be needed after the loss. Passing all of them does not
+    prove the caller will not read the values later: that is the caller's promise, made by
+    asking for ``inplace=True``.
+    """
+    if not (torch.is_grad_enabled() and student.requires_grad):
+        return "no gradient is needed (grad mode is off or the logits do not require grad)"
+    if type(student) is not Tensor:
+        return f"a tensor subclass ({type(student).__name__}) whose storage is not ours to reuse"
+    base = student._base
+    if student.is_leaf or (base is not None and base.is_leaf):
+        return "a leaf tensor (or a view of one): its values are the caller's own data"
+    if student.retains_grad or (base is not None and base.retains_grad):
+        return "retain_grad() was called on it: the caller reads it after backward"
+    storage = student.untyped_storage()
+    if (
+        not student.is_contiguous()
+        or student.storage_offset() != 0
+        or storage.nbytes() != student.numel() * student.element_size()
+    ):
+        return (
+            "it does not cover its whole storage (a slice, strided or offset view): the rest "
+            "belongs to the tensor it views"
+        )
+    for node in (student.grad_fn, None if base is None else base.grad_fn):
+        saver = _saved_this_storage(node, storage.data_ptr())
+        if saver is not None:
+            return f"{saver} saved this storage for its own backward"
+    return None
+
+
+def _saved_this_storage(node: Any, data_ptr: int) -> str | None:
+    """The name of ``node`` when a tensor it saved for backward lives in the storage at
+    ``data_ptr``, else None.
+
+    A built-in op saves its own output as ``_saved_result*`` (tanh, exp, softmax...); an
+    in-place op whose formula needs its input saves a clone of it, so the other ``_saved_*``
+    fields cannot alias the output and are not unpacked (under saved-tensor hooks, e.g.
+    CPU offloading, unpacking a saved lm_head weight would copy it). A custom Function
+    (Python, or ``torch.compile``'s) is looked at whole: its ``saved_tensors`` and its ctx
+    attributes.
+    """
+    if node is None:
+        return None
+    custom = hasattr(node, "saved_tensors")
+    names = ["saved_tensors"] if custom else [n for n in dir(node) if n.startswith("_saved_result")]
+    values: list[Any] = []
+    for name in names:
+        try:
+            values.append(getattr(node, name))
+        except RuntimeError:  # freed after an earlier backward: it needs nothing now
+            continue
+    if custom:
+        values.extend(getattr(node, "__dict__", {}).values())
+    for value in values:
+        items = value if isinstance(value, tuple | list) else (value,)
+        for item in items:
+            if isinstance(item, Tensor) and item.untyped_storage().data_ptr() == data_ptr:
+                return type(node).__name__
+    return None
+
+
+def _grad_mode(student: Tensor, inplace: bool, argument: str = "inplace") -> GradMode:
+    """Resolve a loss call's ``inplace`` request into what it will do (see module docstring)."""
+    if not isinstance(inplace, bool):
+        raise LossInputError(f"inplace must be True or False, got {inplace!r}", argument=argument)
+    if not (torch.is_grad_enabled() and student.requires_grad):
+        return "none"
+    if inplace and inplace_refusal(student) is None:
+        return "inplace"
+    return "copy"
+
+
+def _zero_untouched(buf: Tensor, plan: _Plan) -> None:
+    """Give gradient 0 where no chunk wrote one: positions without a target (their logits are
+    still there) and vocabulary columns past ``plan.vocab``. Writes those rows only."""
+    if plan.vocab < buf.shape[-1]:
+        buf[..., plan.vocab :] = 0
+    lead = buf.shape[:-1]
+    if plan.n_rows == lead.numel():  # every position has a target (valid rows are unique)
+        return
+    untouched = torch.ones(lead, dtype=torch.bool, device=buf.device)
+    untouched[plan.rows] = False
+    buf[untouched] = 0
+
 
 class _ChunkedDistillation(torch.autograd.Function):
     """Loss over precomputed student logits; the gradient is made in forward, chunk by chunk.
@@ -543,7 +687,12 @@ class _ChunkedDistillation(torch.autograd.Function):
     ``teacher_rows(rows)`` gives the teacher's targets for a chunk of rows (dense logits
     or sparse top-k) and ``chunk_fn`` computes that chunk's loss and gradient, so dense
     and sparse losses share this one driver. Only the gradient wrt the student logits
-    (same shape and dtype as them) is saved; the teacher never receives a gradient.
+    (same shape and dtype as them) is kept; the teacher never receives a gradient.
+
+    ``mode`` (:func:`_grad_mode`): ``"copy"`` keeps it in a new buffer, saved for backward;
+    ``"inplace"`` scatters it over the student logits through ``student.detach()`` (same
+    storage, same version counter, so the writes are visible to autograd's checks) and
+    keeps that alias with the version it left; ``"none"`` computes the loss only.
     """
 
     @staticmethod
@@ -553,35 +702,58 @@ class _ChunkedDistillation(torch.autograd.Function):
         teacher_rows: Callable[[tuple[Tensor, ...]], Any],
         chunk_fn: Callable[..., tuple[Tensor, Tensor, Tensor | None]],
         plan: _Plan,
+        mode: GradMode,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        with_grad = student.requires_grad
-        grad = (
-            torch.zeros_like(student, memory_format=torch.contiguous_format) if with_grad else None
-        )
+        with_grad = mode != "none"
+        grad: Tensor | None = None
+        if mode == "copy":
+            grad = torch.zeros_like(student, memory_format=torch.contiguous_format)
+        elif mode == "inplace":
+            grad = student.detach()
         cdt = _compute_dtype(student)
         kd_sum = torch.zeros((), dtype=cdt, device=student.device)
         ce_sum = torch.zeros((), dtype=cdt, device=student.device)
-        s_view = student[..., : plan.vocab]
+        s_view = student.detach()[..., : plan.vocab]
+        g_view = None if grad is None else grad[..., : plan.vocab]
         for rows, targets in plan.chunks():
+            # Advanced indexing gathers the chunk into a temporary before any write below,
+            # so in place, each chunk reads logits and only then gets its gradient.
             kd_c, ce_c, g = chunk_fn(
                 s_view[rows], teacher_rows(rows), targets, plan, with_grad=with_grad
             )
             kd_sum += kd_c
             ce_sum += ce_c
-            if grad is not None and g is not None:
-                grad[..., : plan.vocab][rows] = g.to(grad.dtype)
+            if g_view is not None and g is not None:
+                g_view[rows] = g.to(g_view.dtype)
         total, kd, ce = _finish(plan, kd_sum, ce_sum)
-        ctx.save_for_backward(grad)
+        ctx.mode = mode
+        if mode == "inplace":
+            assert grad is not None
+            _zero_untouched(grad, plan)
+            ctx.inplace_grad, ctx.version = grad, grad._version
+            ctx.save_for_backward(None)
+        else:
+            ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(kd, ce)
         return total, kd, ce
 
     @staticmethod
     def backward(
         ctx: Any, grad_total: Tensor, _grad_kd: Tensor, _grad_ce: Tensor
-    ) -> tuple[Tensor | None, None, None, None]:
+    ) -> tuple[Tensor | None, None, None, None, None]:
         _spend(ctx)
-        (grad,) = ctx.saved_tensors
-        return _scale_grad(grad, grad_total), None, None, None
+        if ctx.mode == "inplace":
+            grad, ctx.inplace_grad = ctx.inplace_grad, None  # free it with the graph
+            if grad._version != ctx.version:
+                raise RuntimeError(
+                    "the student logits were modified after the loss wrote its gradient over "
+                    f"them (version {grad._version}, expected {ctx.version}); do not change "
+                    "the logits between the loss and backward, or call the loss with "
+                    "inplace=False (loss.logits_grad=copy)"
+                )
+        else:
+            (grad,) = ctx.saved_tensors
+        return _scale_grad(grad, grad_total), None, None, None, None
 
 
 def _valid_rows(
@@ -642,6 +814,7 @@ def distillation_loss(
     *,
     num_valid_tokens: int | Tensor | None = None,
     vocab_size: int | None = None,
+    inplace: bool = False,
 ) -> LossOutput:
     """KD (+ optional CE) loss over logits ``[..., V]``, chunked and memory-lean.
 
@@ -655,17 +828,30 @@ def distillation_loss(
     given - pass the valid-token count of the whole gradient-accumulation window there,
     which makes accumulated micro-batch gradients equal the full-batch gradient - else by
     this call's valid-token count (at least 1).
+
+    ``inplace``: False (default) keeps the gradient in a buffer of its own and leaves
+    ``student_logits`` untouched. True writes it over ``student_logits`` (no second
+    ``[..., V]`` buffer: at 128k x 4k tokens the peak drops from ~0.2x to ~0.05x of plain
+    PyTorch's); pass True only if nothing reads the logits after this call: from then on
+    they hold the gradient. The loss still copies when :func:`inplace_refusal` names a
+    reason (a leaf, a slice, a producer that saved them...); ``LossOutput.logits_grad``
+    says which it did. Details and the checks that catch misuse: the module docstring.
     """
     v = _resolve_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
     lead = student_logits.shape[:-1]
     _check_leading_shapes(lead, teacher_logits.shape[:-1], "teacher_logits")
+    mode = _grad_mode(student_logits, inplace)
     rows, targets = _valid_rows(labels.to(student_logits.device), lead, v)
     plan = _Plan(spec, rows, targets, v, _normalizer(num_valid_tokens, targets.numel()))
     t_view = teacher_logits.detach()[..., : plan.vocab]
     total, kd, ce = _ChunkedDistillation.apply(
-        student_logits, lambda rows: t_view[rows], _chunk_loss_and_grad, plan
+        student_logits, lambda rows: t_view[rows], _chunk_loss_and_grad, plan, mode
     )
-    return LossOutput(total=total, kd=kd, ce=ce, n_tokens=plan.n_rows)
+    return LossOutput(total=total, kd=kd, ce=ce, n_tokens=plan.n_rows, logits_grad=_reported(mode))
+
+
+def _reported(mode: GradMode) -> str | None:
+    return None if mode == "none" else mode
 
 
 # --------------------------------------------------------------------------- fused linear path
@@ -986,6 +1172,7 @@ def sparse_distillation_loss(
     mass: SparseMass = "tail",
     num_valid_tokens: int | Tensor | None = None,
     vocab_size: int | None = None,
+    inplace: bool = False,
 ) -> LossOutput:
     """KD (+ optional CE) loss against a teacher's top-k log-probabilities.
 
@@ -1022,7 +1209,9 @@ def sparse_distillation_loss(
     chunk's loss is differentiated by plain autograd *inside the forward pass* (a small
     graph over that chunk only), and only the resulting gradient wrt the student logits is
     kept for backward, as in the dense path. So the full-vocabulary softmax of all rows is
-    never alive at once.
+    never alive at once. ``inplace`` is that of :func:`distillation_loss`: True writes the
+    gradient over ``student_logits`` (when :func:`inplace_refusal` allows), False (default)
+    keeps a buffer of its own.
 
     Raises :class:`~foundry_kernel.errors.ConfigError` (a ``ValueError``) when the targets'
     ``[B, T]`` differ from the logits', when an id is outside ``[0, vocab)`` or repeats
@@ -1031,13 +1220,14 @@ def sparse_distillation_loss(
     v = _resolve_vocab(student_logits.shape[-1], student_logits.shape[-1], vocab_size)
     lead = student_logits.shape[:-1]
     teacher = _sparse_teacher(targets, lead, mass, student_logits.device)
+    mode = _grad_mode(student_logits, inplace)
     rows, labels_v = _valid_rows(labels.to(student_logits.device), lead, v)
     _check_sparse_ids(teacher.ids[rows], v)
     plan = _Plan(spec, rows, labels_v, v, _normalizer(num_valid_tokens, labels_v.numel()))
     total, kd, ce = _ChunkedDistillation.apply(
-        student_logits, teacher.rows, _sparse_chunk_loss_and_grad, plan
+        student_logits, teacher.rows, _sparse_chunk_loss_and_grad, plan, mode
     )
-    return LossOutput(total=total, kd=kd, ce=ce, n_tokens=plan.n_rows)
+    return LossOutput(total=total, kd=kd, ce=ce, n_tokens=plan.n_rows, logits_grad=_reported(mode))
 
 
 def fused_linear_sparse_distillation_loss(

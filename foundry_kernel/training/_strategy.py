@@ -10,7 +10,10 @@ Two built-ins, chosen by ``loss.strategy`` (``auto`` | ``fused`` | ``logits``):
 
 ``logits``  The model's forward returns logits ``[B, T, V]``; the chunked losses score them
             against the teacher's dense logits or sparse top-k targets (plain
-            cross-entropy without a teacher). Works with every causal LM.
+            cross-entropy without a teacher). Works with every causal LM. Nothing reads
+            the logits after the loss, so by default (``loss.logits_grad=inplace``) the
+            loss writes its gradient over them (``training._losses``, "In-place
+            gradients"); anything that needs them (a metric) must be computed before.
 ``fused``   The model's forward runs with ``logits_to_keep`` set to no position, so its lm_head
             projects nothing; the backbone's final hidden states are caught by a forward
             hook on the backbone, and the fused-linear losses project them through the
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,9 +64,12 @@ from foundry_kernel.training._losses import (
     fused_linear_cross_entropy,
     fused_linear_distillation_loss,
     fused_linear_sparse_distillation_loss,
+    inplace_refusal,
     sparse_distillation_loss,
 )
 from foundry_kernel.training._precision import autocast
+
+log = logging.getLogger("foundry.train")
 
 __all__ = [
     "STRATEGY_NAMES",
@@ -79,6 +86,7 @@ __all__ = [
 
 StrategyName = Literal["auto", "fused", "logits"]
 STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
+LogitsGrad = Literal["inplace", "copy"]
 
 
 # --------------------------------------------------------------------------- the interface
@@ -120,7 +128,9 @@ class LossSetup:
     """What a strategy may use besides the batch; fixed for a training phase.
 
     ``spec`` None means plain hard-label cross-entropy (no teacher). On on-policy steps the
-    Trainer hands a setup whose spec has ``ce_weight=0``.
+    Trainer hands a setup whose spec has ``ce_weight=0``. ``logits_grad`` is
+    ``loss.logits_grad``: whether the logits strategy lets the loss write its gradient over
+    the model's logits (it reads nothing from them after the loss).
     """
 
     model: nn.Module
@@ -129,6 +139,7 @@ class LossSetup:
     sparse_mass: SparseMass = "tail"
     vocab_size: int | None = None
     amp_dtype: torch.dtype | None = None
+    logits_grad: LogitsGrad = "inplace"
 
 
 @runtime_checkable
@@ -150,9 +161,19 @@ class LossStrategy(Protocol):
 
 
 class LogitsLoss:
-    """The model's logits ``[B, T, V]``, then the chunked loss over them."""
+    """The model's logits ``[B, T, V]``, then the chunked loss over them.
+
+    The loss is the last reader of the logits here: with ``setup.logits_grad == "inplace"``
+    it may write its gradient over them. Keep it that way: anything computed from the
+    logits (a metric, an agreement count) goes before the loss call, or the setup says
+    ``copy``. When the loss had to copy anyway (the model's last op saved its output, say),
+    the reason is logged once.
+    """
 
     name = "logits"
+
+    def __init__(self) -> None:
+        self._told = False
 
     def __call__(self, setup: LossSetup, batch: MicroBatch) -> LossOutput:
         device = batch.input_ids.device
@@ -169,6 +190,12 @@ class LogitsLoss:
         signal = setup.teacher.signal(
             batch.index, batch.input_ids, _teacher_mask(setup.teacher, batch)
         )
+        inplace = setup.logits_grad == "inplace"
+        if inplace and not self._told and torch.is_grad_enabled() and logits.requires_grad:
+            why = inplace_refusal(logits)
+            if why is not None:
+                log.info("logits strategy: the loss keeps its own gradient buffer: %s", why)
+            self._told = True
         if isinstance(signal, SparseTargets):
             return sparse_distillation_loss(
                 logits,
@@ -178,6 +205,7 @@ class LogitsLoss:
                 mass=setup.sparse_mass,
                 num_valid_tokens=batch.num_valid,
                 vocab_size=setup.vocab_size,
+                inplace=inplace,
             )
         return distillation_loss(
             logits,
@@ -186,6 +214,7 @@ class LogitsLoss:
             setup.spec,
             num_valid_tokens=batch.num_valid,
             vocab_size=setup.vocab_size,
+            inplace=inplace,
         )
 
 

@@ -291,6 +291,7 @@ class Trainer:
             sparse_mass=self.plan.loss.top_k_mass if self.plan.loss else "tail",
             vocab_size=self.vocab_size,
             amp_dtype=self.plan.amp_dtype,
+            logits_grad=self.plan.loss.logits_grad if self.plan.loss else "inplace",
         )
         on_policy = None if spec is None else dataclasses.replace(spec, ce_weight=0.0)
         return setup, dataclasses.replace(setup, spec=on_policy)
