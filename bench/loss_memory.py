@@ -200,7 +200,7 @@ CONTENDERS: tuple[Contender, ...] = (
         "hidden",
         "ours fused_linear KL",
         "foundry fused_linear_distillation_loss(kind=forward_kl), student and teacher "
-        "projected chunk by chunk, chunk_tokens=1024",
+        "projected chunk by chunk, the engine's default loss.chunk_tokens",
     ),
     Contender(
         "ours_fused_kl_budget",
@@ -388,7 +388,7 @@ def _loss_fn(name: str, vocab: int) -> Callable[[dict[str, Any]], Any]:
         sparse_distillation_loss,
     )
 
-    chunk = budget_chunk(vocab) if name.endswith("_budget") else 1024
+    chunk = budget_chunk(vocab) if name.endswith("_budget") else LossSpec.chunk_tokens
     inplace = not name.endswith("_copy")
     if name.startswith("ours_fused"):
         spec = LossSpec(kind="forward_kl", chunk_tokens=chunk)
@@ -762,7 +762,7 @@ def targets(
         "ours_kl": "engine, gradient in place (the Trainer's logits default)",
         "ours_kl_copy": "engine, gradient copied (inplace=False)",
         "ours_kl_budget": f"engine in place with loss.chunk_tokens={chunk}",
-        "ours_fused_kl": "engine default (chunk_tokens=1024)",
+        "ours_fused_kl": "engine default (loss.chunk_tokens=256)",
         "ours_fused_kl_budget": f"engine with loss.chunk_tokens={chunk}",
     }
     for scenario, ours_names, plain, liger in (

@@ -622,3 +622,61 @@ def test_key_digest_is_stable_and_key_specific() -> None:
     key = key_for(blocks)
     assert key.digest() == key_for(blocks).digest() and len(key.digest()) == 16
     assert key.digest() != key_for(blocks, k=K + 1).digest()
+
+
+# --------------------------------------------------------------------------- read-ahead
+
+
+class _Live:
+    """The live side of a CachedTeacher, never asked in these tests."""
+
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_read_ahead_answers_like_a_direct_read_and_raises_its_errors_there(
+    tmp_path: Path,
+) -> None:
+    """``CachedTeacher.prefetch`` decodes on its reader thread; ``signal`` then returns that
+    very answer (equal to a direct read), still answers blocks never announced, raises a
+    read-ahead's error itself (a shard swapped after open), and ``close`` stops the thread."""
+    from foundry_kernel.teachers._interface import CachedTeacher
+
+    blocks, folder, evil = genuine_cache(tmp_path)
+    cache = LogitCache.open(folder, key_for(blocks))
+    live = _Live()
+    teacher = CachedTeacher(cache, live)  # type: ignore[arg-type]
+    ids, mask = blocks.input_ids, blocks.attention_mask
+    index = torch.tensor([4, 5])
+    teacher.prefetch(index)
+    ahead = teacher.signal(index, ids[index], mask[index])
+    assert not teacher._ahead  # the read-ahead was used, not a second read
+    direct = cache.targets(index)
+    assert torch.equal(ahead.ids, direct.ids) and torch.equal(ahead.logprobs, direct.logprobs)
+    never = teacher.signal(torch.tensor([3]), ids[[3]], mask[[3]])
+    assert torch.equal(never.ids, cache.targets([3]).ids)
+    assert cache.shards_read == {1: 1}  # one thread or two, the shard was read once
+    evil.replace(folder / "shard-00000.safetensors")
+    teacher.prefetch(torch.tensor([0]))
+    with pytest.raises(CacheError, match=r"shard-00000.*SHA-256 does not match"):
+        teacher.signal(torch.tensor([0]), ids[[0]], mask[[0]])
+    reader = teacher._reader
+    assert reader is not None
+    teacher.close()
+    assert teacher._reader is None and live.closed
+    with pytest.raises(RuntimeError, match="shutdown"):
+        reader.submit(int)
+
+
+def test_read_ahead_forgets_announcements_never_asked_for(tmp_path: Path) -> None:
+    from foundry_kernel.teachers._interface import CachedTeacher
+
+    blocks, folder, _ = genuine_cache(tmp_path)
+    teacher = CachedTeacher(LogitCache.open(folder, key_for(blocks)), _Live())  # type: ignore[arg-type]
+    teacher.max_ahead = 2
+    for i in range(5):
+        teacher.prefetch(torch.tensor([i]))
+    assert list(teacher._ahead) == [(3,), (4,)]
+    teacher.close()

@@ -156,6 +156,47 @@ def test_offline_captures_once_then_trains_from_the_cache(
     assert _series(store, second_id, "train/loss") == _series(store, first_id, "train/loss")
 
 
+def test_offline_reads_the_next_step_ahead_and_trains_the_same(
+    runs_dir: Path, fresh_cache: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Trainer announces each next step's blocks (``Teacher.prefetch``) and the cached
+    teacher decodes them on its reader thread meanwhile: every training step after the
+    first is served from a read-ahead, nothing past the last step is read, and the run is
+    the same, loss for loss, as one with the read-ahead turned off."""
+    from foundry_kernel.teachers._interface import CachedTeacher
+
+    _, teacher = fresh_cache
+    cfg = _config(
+        runs_dir, teacher={"source": teacher}, distill={"mode": "offline"}, loss={"top_k": 8}
+    )
+    served: list[str] = []
+    announced: list[tuple[int, ...]] = []
+    real_signal, real_prefetch = CachedTeacher.signal, CachedTeacher.prefetch
+
+    def signal(self: CachedTeacher, index: Any, *args: Any) -> Any:
+        if index is not None:
+            key = tuple(int(i) for i in index.reshape(-1).tolist())
+            served.append("ahead" if key in self._ahead else "direct")
+        return real_signal(self, index, *args)
+
+    def prefetch(self: CachedTeacher, index: Any) -> None:
+        announced.append(tuple(int(i) for i in index.reshape(-1).tolist()))
+        real_prefetch(self, index)
+
+    monkeypatch.setattr(CachedTeacher, "signal", signal)
+    monkeypatch.setattr(CachedTeacher, "prefetch", prefetch)
+    store, ahead_id, summary = _run(cfg)
+    steps, accum = cfg["limits"]["max_steps"], cfg["optim"].get("grad_accum", 1)
+    assert summary["student"]["val_loss"] > 0
+    assert served == ["direct"] * accum + ["ahead"] * ((steps - 1) * accum)
+    assert len(announced) == (steps - 1) * accum  # none after the last step
+    monkeypatch.setattr(CachedTeacher, "max_ahead", 0)
+    served.clear()
+    _, plain_id, _ = _run(cfg)
+    assert served == ["direct"] * steps
+    assert _series(store, ahead_id, "train/loss") == _series(store, plain_id, "train/loss")
+
+
 def test_offline_at_full_vocabulary_matches_online(
     runs_dir: Path, fresh_cache: tuple[Path, str], tiny_teacher_dir: Path
 ) -> None:

@@ -554,6 +554,18 @@ class BatchSampler:
         self.pos += len(batch)
         return torch.tensor(batch, dtype=torch.long)
 
+    def peek(self, count: int) -> list[torch.Tensor]:
+        """The next ``count`` batches :meth:`next_indices` will return, without moving.
+
+        For read-ahead (``Teacher.prefetch``): the order is a pure function of
+        ``(seed, epoch, pos)``, so looking ahead and restoring changes nothing.
+        """
+        saved = (self.epoch, self.pos, self._order)
+        try:
+            return [self.next_indices() for _ in range(count)]
+        finally:
+            self.epoch, self.pos, self._order = saved
+
     def batches_per_epoch(self) -> int:
         """Full batches per epoch (a partial last batch is never drawn)."""
         return self.n_blocks // self.batch_size

@@ -20,6 +20,7 @@ import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,6 +57,16 @@ class Teacher(ABC):
     def eval_signal(self, input_ids: Tensor, attention_mask: Tensor) -> TeacherSignal:
         """The same for held-out blocks; sparse answers carry the true token's log p."""
         return self.signal(None, input_ids, attention_mask)
+
+    def prefetch(self, index: Tensor) -> None:
+        """A hint: :meth:`signal` will soon be asked for the training blocks ``index``.
+
+        The Trainer calls it with the next step's blocks (this rank's share) before it
+        computes the current step, so a teacher whose answers are read rather than
+        computed can fetch them meanwhile. A hint only: it must not change any answer,
+        and ``signal`` must still work for blocks never announced. By default nothing.
+        """
+        return None
 
     @abstractmethod
     def generate(
@@ -224,11 +235,33 @@ class CachedTeacher(Teacher):
     (held-out evaluation and generation still need a teacher that can answer new text)."""
 
     kind = "cache"
+    # Announced batches read ahead at most: a step's micro-batches, twice over.
+    max_ahead = 16
 
     def __init__(self, cache: LogitCache, live: Teacher) -> None:
         self.cache = cache
         self.live = live
         self.blocks_asked: set[int] = set()  # which blocks training asked for (see reads())
+        self._ahead: dict[tuple[int, ...], Future[SparseTargets]] = {}
+        self._reader: ThreadPoolExecutor | None = None
+
+    def prefetch(self, index: Tensor) -> None:
+        """Read and decode these blocks on one background thread while the step computes.
+
+        Decoding a compressed shard (inflate, un-delta, dequantise) costs about as much as
+        the exact layout's copy and overlaps with the student's forward and backward
+        (zlib, numpy and torch release the GIL). The answer is the very ``targets()`` call
+        that ``signal`` would make, so nothing changes but when it runs; its errors are
+        raised by the ``signal`` that uses it.
+        """
+        key = _blocks_key(index)
+        if key in self._ahead or self.max_ahead < 1:
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="foundry-cache-read")
+        while len(self._ahead) >= self.max_ahead:  # announced but never asked: forget
+            self._ahead.pop(next(iter(self._ahead))).cancel()
+        self._ahead[key] = self._reader.submit(self.cache.targets, index.detach().cpu().clone())
 
     def signal(
         self, index: Tensor | None, input_ids: Tensor, attention_mask: Tensor
@@ -236,7 +269,9 @@ class CachedTeacher(Teacher):
         if index is None:
             return self.live.signal(None, input_ids, attention_mask)
         self.blocks_asked.update(int(i) for i in index.reshape(-1).tolist())
-        return self.cache.targets(index).to(input_ids.device)
+        ahead = self._ahead.pop(_blocks_key(index), None)
+        targets = ahead.result() if ahead is not None else self.cache.targets(index)
+        return targets.to(input_ids.device)
 
     def reads(self) -> dict[str, Any]:
         """The blocks this process asked for and the shards it read from disk for them
@@ -262,10 +297,18 @@ class CachedTeacher(Teacher):
         )
 
     def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.shutdown(wait=True, cancel_futures=True)
+        self._ahead.clear()
         self.live.close()
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _blocks_key(index: Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in index.reshape(-1).tolist())
 
 
 def as_teacher(teacher: Teacher | PreTrainedModel | None, **kwargs: Any) -> Teacher | None:

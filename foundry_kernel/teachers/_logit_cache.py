@@ -71,6 +71,7 @@ import logging
 import math
 import mmap
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -1064,6 +1065,7 @@ class LogitCache:
         self._manifest = manifest
         self._shards: dict[int, BlockReader] = {}
         self._reads: dict[int, int] = {}
+        self._lock = threading.Lock()  # targets() and close() from more than one thread
 
     @property
     def shards_read(self) -> dict[int, int]:
@@ -1168,6 +1170,10 @@ class LogitCache:
                 f"block indices must be in [0, {self.num_blocks}), got "
                 f"[{int(idx.min())}, {int(idx.max())}]"
             )
+        with self._lock:  # a prefetch thread and the training thread may both read
+            return self._targets(idx)
+
+    def _targets(self, idx: Tensor) -> SparseTargets:
         shard_of = idx // self._manifest.shard_blocks
         n, positions, k = int(idx.numel()), self.positions, self.k
         ids = torch.empty((n, positions, k), dtype=torch.int64)
@@ -1233,7 +1239,8 @@ class LogitCache:
 
     def close(self) -> None:
         """Drop the shard memory maps (they are mapped and verified again on demand)."""
-        self._shards.clear()
+        with self._lock:
+            self._shards.clear()
 
 
 def _shard_codec(metadata: dict[str, Any], path: Path) -> Any:

@@ -153,7 +153,7 @@ class LossSpec:
     temperature: float = 1.0
     scale_by_t2: bool = False
     ce_weight: float = 0.0
-    chunk_tokens: int = 1024
+    chunk_tokens: int = 256
 
     @classmethod
     def from_config(cls, loss: LossConfig) -> LossSpec:

@@ -543,6 +543,7 @@ class Trainer:
             self._micro_batch(idx, r, rollout, m)
             for m, (idx, r) in enumerate(zip(global_idx, rows, strict=True))
         ]
+        self._announce_next_step()
         if rollout:  # the samples were drawn per rank: count their labels over all ranks
             n_valid = self._global_count(sum(mb.local_valid or 0 for mb in micro))
         else:  # every rank holds the whole global batch's labels on the host: no collective
@@ -691,6 +692,17 @@ class Trainer:
         if self.device.type != "cuda":
             return t.to(self.device)
         return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _announce_next_step(self) -> None:
+        """Tell the teacher which blocks (this rank's share) the next step will ask for, so
+        that one that reads its answers (the offline cache) reads them during this step.
+        Not after the last step: a rank then reads only shards its own batches use."""
+        last = self.step + 1 >= self.plan.max_steps
+        if self.teacher is None or self._cross_tokenizer or last:
+            return
+        for idx in self.sampler.peek(self.plan.optim.grad_accum):
+            start, stop = self.world.shard(len(idx))
+            self.teacher.prefetch(idx[start:stop])
 
     def _micro_batch(self, idx: Tensor, rows: list[int], rollout: bool, micro: int) -> MicroBatch:
         """This rank's share of one global micro-batch (block indices ``idx``, the same as
