@@ -187,7 +187,7 @@ def test_cancel_button_then_a_second_run_keeps_both(runs_dir: Path) -> None:
     panel.start_button.click()
     assert panel.wait(RUN_TIMEOUT_S)
     assert [str(h.state) for h in panel.runs] == ["cancelled", "completed"]
-    assert list(panel.tabs.titles) == ["#1 tiny", "#2 tiny", "compare"]
+    assert list(panel.tabs.titles) == ["compare", "#1 tiny", "#2 tiny"]
     assert cancelled.charts.trace_lengths()["train/loss"] == kept
     compare = panel.compare.trace_lengths()
     assert compare["#1 tiny|train"] == kept and compare["#2 tiny|train"] == 2
@@ -375,3 +375,28 @@ def test_a_run_label_reaches_the_compare_chart_as_text(live: bool) -> None:
     assert names == [f"{label} {part}" for label in LABEL_PAYLOADS for part in ("train", "val")]
     # a literal entity stays literal: plotly would otherwise show "&lt;i&gt;" as "<i>"
     assert "&amp;lt;i&amp;gt; &amp;amp;" in figure.data[4].name
+
+
+def test_a_new_view_gets_every_point_from_the_widget_state() -> None:
+    """Issue 16: plotly sends live changes as deltas and kept the synced state as it was
+    at creation, so a reload drew empty axes (test_browser_lab proves it in a browser).
+    The state a reconnecting frontend gets holds the current (decimated) data as plain
+    lists, and a chart's widget is one box, so re-laying tabs keeps its views."""
+    import json
+
+    from widgets.charts import CompareChart
+
+    chart = CompareChart(live=True, min_interval_s=0.0)
+    chart.add_run("#1 a")
+    assert chart.widget is chart.widget
+    for step in range(5):
+        chart.add("#1 a|train", step, 1.0 / (step + 1))
+        chart.flush(force=True)
+    state = chart.figures["compare"].get_state()
+    (trace,) = state["_widget_data"]
+    assert trace["name"] == "#1 a train"
+    assert trace["y"] == [1.0 / (s + 1) for s in range(5)] and trace["x"] == list(range(5))
+    assert state["_widget_layout"]["title"]["text"] == "Loss by run"
+    json.dumps(state["_widget_data"])  # no binary buffers: a restored state's share one
+    one = chart.figures["compare"].get_state("_last_trace_edit_id")
+    assert set(one) == {"_last_trace_edit_id"}  # a single trait's update stays small

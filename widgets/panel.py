@@ -378,9 +378,11 @@ class DistillPanel:
             self._views.append(view)
             children = [v.widget for v in self._views]
             titles = [v.label for v in self._views]
-        self.tabs.children = [*children, self.compare.widget]
-        self.tabs.titles = [*titles, "compare"]
-        self.tabs.selected_index = len(children) - 1
+        # The compare tab stays first: a tab that moves gets a new view, and the browser's
+        # plotly view it replaces broke the figure's updates (the compare tab was empty).
+        self.tabs.children = [self.compare.widget, *children]
+        self.tabs.titles = ["compare", *titles]
+        self.tabs.selected_index = len(children)
         self._ensure_updater()
         self._sync_buttons()
         return view
