@@ -305,6 +305,23 @@ def test_compare_tab_and_a_page_reload_keep_the_curves(lab: dict[str, Any], tmp_
             context.close()
 
 
+def _typed_values_are_kept(page: Any, start: Any) -> None:
+    """A bad number stays as typed, with the error beside it (bounded boxes used to
+    clamp lr=-0.01 to 0 in the browser and blame 0.0), and Start stays off until fixed."""
+    box = page.locator(".foundry-field-optim-lr input").first
+    was = box.input_value()
+    box.fill("-0.01")
+    box.press("Tab")
+    error = page.locator(".foundry-field-optim-lr .foundry-field-error")
+    error.filter(has_text="-0.01").wait_for()
+    assert box.input_value() == "-0.01" and start.is_disabled()
+    _shot(page, "07-form-keeps-the-typed-value.png", ".foundry-field-optim-lr")
+    box.fill(was)
+    box.press("Tab")
+    page.wait_for_function("(el) => !el.disabled", arg=start.element_handle())
+    assert box.input_value() == was
+
+
 def _saved_with_widgets(notebook: Path) -> bool:
     """Whether the file on disk holds the panel's widget view (saved after Run All)."""
     return "application/vnd.jupyter.widget-view+json" in notebook.read_text(encoding="utf-8")
@@ -324,6 +341,7 @@ def _drive_compare_and_reload(page: Any, url: str, notebook: Path) -> None:
             # on the one it drops never run (no execution count): run them again
             assert page.locator(".jp-InputPrompt:has-text('[1]')").count() == 0
     page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]')
+    _typed_values_are_kept(page, start)
     start.click()
     first = _points(page, "loss", "train loss", 2)
 

@@ -418,9 +418,13 @@ class DistillPanel:
     def _on_start(self, _button: ipw.Button) -> None:
         self.message.value = ""
         try:
-            self.start()
+            handle = self.start()
         except (FoundryError, OSError, RuntimeError) as exc:
             self.message.value = error_html("Could not start the run", str(exc))
+            return
+        self.message.value = error_html(
+            f"Run {handle.id} started", f"run store {handle.runs_dir}", level="info"
+        )
 
     def _on_cancel(self, _button: ipw.Button) -> None:
         self.cancel()
