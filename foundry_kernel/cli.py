@@ -40,7 +40,7 @@ from foundry_kernel._context import Event
 from foundry_kernel.config import json_schema, load_config
 from foundry_kernel.errors import FoundryError
 from foundry_kernel.logs import Throttle, configure_logging
-from foundry_kernel.paths import default_runs_dir, validate_run_id
+from foundry_kernel.paths import default_runs_dir, runs_dir_for, validate_run_id
 from foundry_kernel.store import RunRecord, RunStore
 from foundry_kernel.summary import ROLES, RunSummary
 from foundry_kernel.teachers import _vllm_server as vllm_server
@@ -83,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one field, e.g. --set loss.temperature=2 (repeatable)",
     )
     distill.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run")
-    distill.add_argument("--runs-dir", type=Path, help="run store (default: runs_dir or ./runs)")
+    distill.add_argument(
+        "--runs-dir",
+        type=Path,
+        help="run store (default: runs_dir, $FOUNDRY_RUNS_DIR, the project's runs/)",
+    )
     distill.add_argument("--json", action="store_true", help="end stdout with a JSON summary")
     _add_launch_arguments(distill)
     distill.set_defaults(handler=_distill)
@@ -245,6 +249,8 @@ def _run_rank(args: argparse.Namespace) -> int:
         control_dir=args.control_dir,
     )
     main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:
+        _print_store(request.runs_dir or (given.runs_dir if given is not None else None))
     handle, world = run_rank(request, on_event=_progress_printer() if main_rank else None)
     if handle is None:
         return 2 if main_rank else 1
@@ -259,8 +265,10 @@ def _distill_here(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.runs_dir is not None:
         overrides.append(f"runs_dir={args.runs_dir}")
+    given_runs_dir = args.runs_dir
     if args.resume:
         validate_run_id(args.resume)
+        _print_store(given_runs_dir)
         # The run's saved config (or --config) with the --set overrides on top; the
         # controller refuses overrides that would change what the run is.
         given = load_config(args.config) if args.config else None
@@ -268,7 +276,9 @@ def _distill_here(args: argparse.Namespace) -> int:
             given, resume=args.resume, overrides=overrides, on_event=_progress_printer()
         )
     else:
-        handle = run_sync(load_config(args.config, overrides), on_event=_progress_printer())
+        config = load_config(args.config, overrides)
+        _print_store(config.runs_dir)
+        handle = run_sync(config, on_event=_progress_printer())
     _report(handle, args, world_size=1)
     return EXIT.get(str(handle.state), 1)
 
@@ -292,6 +302,11 @@ def _report(handle: Any, args: argparse.Namespace, *, world_size: int) -> None:
             strategy = handle.config.distributed.strategy
             payload["strategy"] = strategy if world_size > 1 else "single"
         print(json.dumps(payload, default=str))
+
+
+def _print_store(configured: Path | None) -> None:
+    """Say which store the run goes to: the default one depends on the folder."""
+    print(f"foundry: run store {runs_dir_for(configured)}", file=sys.stderr, flush=True)
 
 
 def _progress_printer() -> Any:

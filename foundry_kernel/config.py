@@ -575,7 +575,9 @@ class RunConfig(_Section):
         "None = torch's default).",
     )
     runs_dir: Path | None = Field(
-        None, description="Run store folder (None = $FOUNDRY_RUNS_DIR or ./runs)."
+        None,
+        description="Run store folder (None = $FOUNDRY_RUNS_DIR, else runs/ of the project "
+        "found upward (pyproject.toml, .git), else the per-user store).",
     )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher.")
     student: StudentConfig = Field(default_factory=StudentConfig, description="Student.")

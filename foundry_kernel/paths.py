@@ -31,9 +31,11 @@ __all__ = [
     "WINDOWS_RESERVED_NAMES",
     "default_cache_dir",
     "default_runs_dir",
+    "find_project_root",
     "is_within",
     "new_run_id",
     "resolve_within",
+    "runs_dir_for",
     "validate_run_id",
 ]
 
@@ -198,13 +200,74 @@ def resolve_within(
     return resolved
 
 
-def default_runs_dir() -> Path:
-    """``$FOUNDRY_RUNS_DIR`` if set, else ``./runs`` in the current directory (absolute).
+PROJECT_MARKERS = ("pyproject.toml", ".git")
+"""What makes a folder a project: its ``runs/`` is the store of everything started in it."""
+STORE_MARKER = ("runs", "foundry.sqlite")
+"""An existing store (``runs/foundry.sqlite``) also marks the folder that owns it."""
 
-    Made absolute at call time so a later ``os.chdir`` in a notebook cannot move it.
+
+def find_project_root(start: Path | None = None) -> Path | None:
+    """The nearest folder at or above ``start`` (the working folder) that is a project.
+
+    A folder with a project marker (``pyproject.toml``, ``.git``) wins over one that only
+    holds an existing store, so a stray ``notebooks/runs`` from an older version does not
+    keep splitting the runs of one project. None when neither is found up to the root.
+    """
+    here = (start or Path.cwd()).absolute()
+    chain = [here, *here.parents]
+    for folder in chain:
+        if any((folder / marker).exists() for marker in PROJECT_MARKERS):
+            return folder
+    for folder in chain:
+        if folder.joinpath(*STORE_MARKER).is_file():
+            return folder
+    return None
+
+
+def _data_dir_for(os_name: str, environ: Mapping[str, str], home: PurePath) -> PurePath:
+    """Platform rule for the per-user data folder, pure so tests can check Windows too."""
+    flavour: type[PurePath] = PureWindowsPath if os_name == "nt" else PurePosixPath
+    if os_name == "nt":
+        local = environ.get("LOCALAPPDATA", "").strip()
+        base = flavour(local) if local else flavour(home) / "AppData" / "Local"
+        return base / "foundry"
+    xdg = environ.get("XDG_DATA_HOME", "").strip()
+    base = flavour(xdg) if xdg and flavour(xdg).is_absolute() else flavour(home) / ".local/share"
+    return base / "foundry"
+
+
+def default_runs_dir(start: Path | None = None) -> Path:
+    """The one store every entry point uses unless told otherwise (absolute).
+
+    ``$FOUNDRY_RUNS_DIR`` if set; else ``runs/`` of the project the working folder is in
+    (:func:`find_project_root`), so a JupyterLab kernel in ``notebooks/``, the CLI at the
+    project's top and the dashboard all agree; else a per-user folder
+    (``~/.local/share/foundry/runs``, ``%LOCALAPPDATA%\\foundry\\runs``), the same from
+    any folder. A config's ``runs_dir`` (or ``--runs-dir``) overrides this. Made absolute
+    at call time so a later ``os.chdir`` in a notebook cannot move it.
     """
     configured = os.environ.get("FOUNDRY_RUNS_DIR", "").strip()
-    return (Path(configured).expanduser() if configured else Path("runs")).absolute()
+    if configured:
+        return Path(configured).expanduser().absolute()
+    project = find_project_root(start)
+    if project is not None:
+        return project / "runs"
+    try:
+        home = Path.home()
+    except RuntimeError as exc:
+        raise ConfigError(
+            "no project folder (pyproject.toml, .git) above the working folder and no home "
+            "folder for the per-user store; set runs_dir or FOUNDRY_RUNS_DIR",
+            field="runs_dir",
+        ) from exc
+    return Path(_data_dir_for(os.name, os.environ, home)).expanduser() / "runs"
+
+
+def runs_dir_for(configured: str | os.PathLike[str] | None) -> Path:
+    """The store a run with this ``runs_dir`` setting lands in (what gets printed)."""
+    if configured is None or not str(configured).strip():
+        return default_runs_dir()
+    return Path(configured).expanduser().absolute()
 
 
 def _cache_dir_for(os_name: str, environ: Mapping[str, str], home: PurePath) -> PurePath:

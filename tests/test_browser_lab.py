@@ -72,6 +72,24 @@ def _points(page: Any, chart: str, name: str, at_least: int) -> int:
     return int(page.wait_for_function(TRACE_POINTS_JS, arg=[chart, name, at_least]).json_value())
 
 
+COMPARE_POINTS_JS = """
+([suffix, min]) => {
+  for (const el of document.querySelectorAll('.foundry-chart-compare .js-plotly-plot')) {
+    const trace = (el.data || []).find((t) => (t.name || '').endsWith(suffix));
+    if (trace && trace.y && trace.y.length >= min) return trace.y.length;
+  }
+  return false;
+}
+"""
+"""Points of the compare chart's trace whose name ends with ``suffix``."""
+
+
+def _compare_points(page: Any, suffix: str, at_least: int) -> int:
+    """Wait until the compare chart's trace has ``at_least`` points; return how many."""
+    found = page.wait_for_function(COMPARE_POINTS_JS, arg=[suffix, at_least])
+    return int(found.json_value())
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -179,7 +197,7 @@ def lab(tmp_path: Path, tiny_teacher_dir: Path) -> Iterator[dict[str, Any]]:
         try:
             base = f"http://127.0.0.1:{port}"
             _wait_for_server(f"{base}/api/status?token={token}", proc, log)
-            yield {"base": base, "token": token, "runs_dir": runs_dir, "log": log}
+            yield {"base": base, "token": token, "runs_dir": runs_dir, "log": log, "root": root}
         finally:
             _stop(proc)
 
@@ -261,3 +279,99 @@ def _drive(page: Any, url: str, lab: dict[str, Any]) -> None:
     with RunStore(lab["runs_dir"], read_only=True) as store:
         (record,) = store.list_runs()
     assert record.state == "cancelled"
+
+
+def test_compare_tab_and_a_page_reload_keep_the_curves(lab: dict[str, Any], tmp_path: Path) -> None:
+    """The compare tab overlays the live run, and a reload redraws every chart from the
+    kernel (it used to show an empty compare plot, and empty axes after a reload)."""
+    url = f"{lab['base']}/lab/tree/distill.ipynb?reset&token={lab['token']}"
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1500, "height": 1100},
+        )
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            page.set_default_timeout(STEP_MS)
+            _drive_compare_and_reload(page, url, lab["root"] / "distill.ipynb")
+        except BaseException:
+            if context.pages:
+                _shot(context.pages[0], "failure-reload.png")
+            raise
+        finally:
+            context.close()
+
+
+def _typed_values_are_kept(page: Any, start: Any) -> None:
+    """A bad number stays as typed, with the error beside it (bounded boxes used to
+    clamp lr=-0.01 to 0 in the browser and blame 0.0), and Start stays off until fixed."""
+    box = page.locator(".foundry-field-optim-lr input").first
+    was = box.input_value()
+    box.fill("-0.01")
+    box.press("Tab")
+    error = page.locator(".foundry-field-optim-lr .foundry-field-error")
+    error.filter(has_text="-0.01").wait_for()
+    assert box.input_value() == "-0.01" and start.is_disabled()
+    _shot(page, "07-form-keeps-the-typed-value.png", ".foundry-field-optim-lr")
+    box.fill(was)
+    box.press("Tab")
+    page.wait_for_function("(el) => !el.disabled", arg=start.element_handle())
+    assert box.input_value() == was
+
+
+def _saved_with_widgets(notebook: Path) -> bool:
+    """Whether the file on disk holds the panel's widget view (saved after Run All)."""
+    return "application/vnd.jupyter.widget-view+json" in notebook.read_text(encoding="utf-8")
+
+
+def _drive_compare_and_reload(page: Any, url: str, notebook: Path) -> None:
+    page.goto(url)
+    page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]')
+    start = page.locator(".foundry-panel button", has_text="Start")
+    for attempt in range(2):
+        _run_all_cells(page)
+        try:
+            start.wait_for(state="visible", timeout=90_000 if attempt == 0 else STEP_MS)
+            break
+        except sync_api.TimeoutError:
+            # Lab sometimes starts two kernels for one new session and the cells queued
+            # on the one it drops never run (no execution count): run them again
+            assert page.locator(".jp-InputPrompt:has-text('[1]')").count() == 0
+    page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]')
+    _typed_values_are_kept(page, start)
+    start.click()
+    first = _points(page, "loss", "train loss", 2)
+
+    # the compare tab, selected while the run trains: it holds the run and keeps growing
+    page.locator(".foundry-panel .lm-TabBar-tab", has_text="compare").click()
+    seen = _compare_points(page, " train", 2)
+    seen = _compare_points(page, " train", seen + 2)
+    _shot(page, "04-compare-live.png", ".foundry-panel .foundry-chart-compare")
+
+    # save (the widget views are outputs of the file) and reload: the curves come back
+    # from the kernel's state, with every point so far, and still move
+    deadline = time.monotonic() + 60
+    while not _saved_with_widgets(notebook):
+        assert time.monotonic() < deadline, "the notebook was not saved"
+        page.locator(".jp-Notebook .jp-InputPrompt").first.click()
+        page.keyboard.press("Escape")
+        page.keyboard.press("Control+s")
+        time.sleep(2)
+    page.reload()
+    page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]')
+    # Lab renders the outputs of cells out of view lazily: show the panel's cell
+    page.locator(".jp-Cell", has_text="DistillPanel(config)").scroll_into_view_if_needed()
+    page.locator(".foundry-panel .foundry-chart-compare").first.scroll_into_view_if_needed()
+    after = _compare_points(page, " train", seen)
+    _compare_points(page, " train", after + 2)
+    _shot(page, "05-compare-after-reload.png", ".foundry-panel .foundry-chart-compare")
+    page.locator(".foundry-panel .lm-TabBar-tab", has_text="#1").click()
+    loss = _points(page, "loss", "train loss", first + 2)
+    _points(page, "loss", "train loss", loss + 2)
+    _shot(page, "06-loss-after-reload.png", ".foundry-run .foundry-chart-loss")
+
+    page.locator(".foundry-panel button", has_text="Cancel").click()
+    page.wait_for_selector('.foundry-run .foundry-status [data-state="cancelled"]')

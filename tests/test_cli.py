@@ -50,6 +50,7 @@ def test_distill_json_contract_and_store_commands(
     assert 0 <= summary["agreement"] <= 1 and summary["val_kl"] >= 0
     assert "held-out perplexity" in proc.stderr  # the human summary goes to stderr
     runs_dir = tiny_config["runs_dir"]
+    assert f"run store {Path(runs_dir).absolute()}" in proc.stderr  # where it went, said
     listed = json.loads(_foundry("runs", "--runs-dir", runs_dir, "--json").stdout)
     assert [r["run_id"] for r in listed] == [summary["run_id"]]
     assert listed[0]["config"]["loss"]["temperature"] == 2.0

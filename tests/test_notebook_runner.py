@@ -71,6 +71,7 @@ def test_foundry_run_writes_the_executed_notebook_into_the_run_folder(
     code = notebook_runner.main([*argv, "--runs-dir", str(runs_dir), "--timeout", CELL_TIMEOUT])
     out = capsys.readouterr()
     assert code == 0, out.err
+    assert f"run store {runs_dir.absolute()}" in out.err
     with RunStore(runs_dir, read_only=True) as store:
         (record,) = store.list_runs()
     assert record.state == "completed" and record.batch_id is None
@@ -335,3 +336,66 @@ def test_sigterm_stops_the_kernels_and_cancels_the_runs(params_file: Path, runs_
     assert "stopped by SIGTERM" in err and "Traceback" not in err
     assert by_seed[0].run_id in out  # the summary table still ends the output
     print(f"\nSIGTERM: {len(tree)} processes stopped, exit after {stopped_s:.1f} s")
+
+
+def test_an_edited_shipped_notebook_is_never_run_headless(
+    tmp_path: Path,
+    runs_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 16: in an editable install JupyterLab autosaves into the package's own
+    notebook, and `foundry run distill` executed the cell a user had added there. The
+    shipped notebook runs only as shipped (by name, by its path, or by default), and the
+    refusal names the way out: a copy of your own, by path."""
+    import papermill
+
+    from widgets import resources
+
+    package = tmp_path / "package"
+    package.mkdir()
+    edited = package / "distill.ipynb"
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("open('/tmp/leak', 'w')  # added in Lab"))
+    nbformat.write(nb, edited)
+    shipped = {"distill": edited, "dashboard": resources.shipped_notebook("dashboard")}
+    monkeypatch.setattr(resources, "shipped_notebook", shipped.__getitem__)
+    monkeypatch.setattr(notebook_runner, "shipped_notebook", shipped.__getitem__)
+
+    def no_kernel(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("the edited shipped notebook was executed")
+
+    monkeypatch.setattr(papermill, "execute_notebook", no_kernel)
+    for named in (["distill"], [str(edited)], []):
+        code = notebook_runner.main([*named, "-p", "max_steps", "1", "--runs-dir", str(runs_dir)])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "was edited after it shipped" in err and "my-distill.ipynb" in err
+    assert not (runs_dir / "foundry.sqlite").exists()
+    # the same notebook as the user's own file (not the package's) runs: it is theirs
+    own = tmp_path / "mine.ipynb"
+    own.write_bytes(edited.read_bytes())
+    assert notebook_runner.check_notebook(str(own)) == own.resolve()
+
+
+def test_the_shipped_notebooks_are_as_shipped_and_run_without_lab_state(
+    tmp_path: Path,
+) -> None:
+    """Each shipped notebook carries its cells' fingerprint (restamp after an edit on
+    purpose: ``python -m widgets.resources``); what a frontend saved into a notebook -
+    outputs, and the widget state that made an executed copy 5.5 MB - is not executed."""
+    from widgets.resources import SHIPPED_NOTEBOOKS, edited_shipped_notebook
+
+    for name in SHIPPED_NOTEBOOKS:
+        assert edited_shipped_notebook(name) is None, "run: python -m widgets.resources"
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"x": "y" * 1000}}
+    code = next(c for c in nb.cells if c.cell_type == "code")
+    code.outputs = [nbformat.v4.new_output("stream", text="old\n")]
+    code.execution_count = 7
+    saved = tmp_path / "saved-by-lab.ipynb"
+    nbformat.write(nb, saved)
+    clean = notebook_runner._clean_input(saved)
+    assert "widgets" not in clean.metadata
+    assert all(c.outputs == [] and c.execution_count is None for c in clean.cells if "outputs" in c)
+    assert [c.source for c in clean.cells] == [c.source for c in nb.cells]

@@ -21,11 +21,14 @@ from foundry_kernel.paths import (
     RUN_ID_MAX_LEN,
     RUN_ID_RE,
     _cache_dir_for,
+    _data_dir_for,
     default_cache_dir,
     default_runs_dir,
+    find_project_root,
     is_within,
     new_run_id,
     resolve_within,
+    runs_dir_for,
     validate_run_id,
 )
 
@@ -268,12 +271,58 @@ def test_resolve_within_without_roots(tmp_path: Path) -> None:
 
 def test_default_runs_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("FOUNDRY_RUNS_DIR", raising=False)
+    (tmp_path / "pyproject.toml").write_text("[project]\n", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     assert default_runs_dir() == tmp_path.absolute() / "runs"
     monkeypatch.setenv("FOUNDRY_RUNS_DIR", str(tmp_path / "elsewhere"))
     assert default_runs_dir() == tmp_path / "elsewhere"
     monkeypatch.setenv("FOUNDRY_RUNS_DIR", "rel")
     assert default_runs_dir() == tmp_path.absolute() / "rel"
+
+
+def test_one_default_store_for_the_whole_project(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Issue 16: a Lab kernel works in notebooks/, the CLI and the dashboard at the top;
+    ``./runs`` gave two stores. The default is the project's runs/ from any folder in it,
+    and a stale notebooks/runs store from before does not win over the project."""
+    monkeypatch.delenv("FOUNDRY_RUNS_DIR", raising=False)
+    project = tmp_path / "proj"
+    notebooks = project / "notebooks" / "deep"
+    notebooks.mkdir(parents=True)
+    (project / ".git").mkdir()
+    (project / "notebooks" / "runs").mkdir()
+    (project / "notebooks" / "runs" / "foundry.sqlite").write_bytes(b"")
+    monkeypatch.chdir(project)
+    top = default_runs_dir()
+    monkeypatch.chdir(notebooks)
+    assert default_runs_dir() == top == project.absolute() / "runs"
+    assert find_project_root() == project.absolute()
+    # no project marker, only an existing store: that store's folder owns the runs
+    alone = tmp_path / "alone"
+    (alone / "runs").mkdir(parents=True)
+    (alone / "runs" / "foundry.sqlite").write_bytes(b"")
+    (alone / "sub").mkdir()
+    assert default_runs_dir(alone / "sub") == alone.absolute() / "runs"
+    assert runs_dir_for("rel/x") == (notebooks / "rel" / "x").absolute()
+    assert runs_dir_for(None) == top
+
+
+def test_without_a_project_the_store_is_per_user(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("FOUNDRY_RUNS_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert find_project_root(bare) is None, "the test folder sits in a project"
+    expected = tmp_path / "home" / ".local" / "share" / "foundry" / "runs"
+    assert default_runs_dir(bare) == expected
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert default_runs_dir(bare) == tmp_path / "xdg" / "foundry" / "runs"
+    win = _data_dir_for("nt", {"LOCALAPPDATA": r"C:\Users\a\AppData\Local"}, PureWindowsPath("C:/"))
+    assert str(win) == r"C:\Users\a\AppData\Local\foundry"
 
 
 def test_default_cache_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

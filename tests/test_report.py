@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import sqlite3
 import subprocess
 import sys
@@ -628,3 +629,29 @@ def test_resuming_a_damaged_run_is_refused_not_run_on_blanks(damaged: dict[str, 
     assert proc.returncode == 2, proc.stderr
     assert "damaged record: config is not valid JSON" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_teacher_built_on_the_users_corpus_is_named_as_theirs(tmp_path: Path) -> None:
+    """Issue 16: Foundry's teacher recipe trained on a user's own corpus was labelled
+    'built-in tiny teacher' on the dashboard; the model card named a relative path."""
+    from foundry_kernel.config import load_config
+    from foundry_kernel.run._job import model_card
+
+    mine = {"source": "builtin:tiny-teacher", "build": {"data": "corpora/notes.txt"}}
+    assert report.describe_teacher({"teacher": mine}) == "tiny teacher built on notes.txt"
+    assert report.describe_teacher({"teacher": {"source": "builtin:tiny-teacher"}}) == (
+        "built-in tiny teacher"
+    )
+    results = {
+        "teacher": {"params": 100, "val_ppl": 10.0, "tokens_per_s": 50.0},
+        "student": {"params": 25, "val_ppl": 20.0, "agreement": 0.5, "tokens_per_s": 90.0},
+    }
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text("text\n", encoding="utf-8")
+    built = load_config(overrides=[f"teacher.build.data={corpus}"])
+    assert f"built on `{corpus}`" in model_card(built, results)
+    folder = tmp_path / "my-teacher"
+    folder.mkdir()
+    relative = os.path.relpath(folder)
+    card = model_card(load_config(overrides=[f"teacher.source={relative}"]), results)
+    assert f"Teacher: `{folder.absolute()}`" in card and f"`{relative}`" not in card

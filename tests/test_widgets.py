@@ -80,9 +80,9 @@ def test_widgets_follow_the_schema(runs_dir: Path) -> None:
     controls = panel.form.controls
     assert isinstance(controls["loss.kind"].input, ipw.Dropdown)
     assert "jsd" in controls["loss.kind"].input.options
-    assert isinstance(controls["loss.beta"].input, ipw.BoundedFloatText)
-    assert (controls["loss.beta"].input.min, controls["loss.beta"].input.max) == (0, 1)
-    assert isinstance(controls["limits.max_steps"].input, ipw.BoundedIntText)
+    # unbounded boxes: the schema's bounds are the validator's to report, not to clamp
+    assert type(controls["loss.beta"].input) is ipw.FloatText
+    assert type(controls["limits.max_steps"].input) is ipw.IntText
     assert isinstance(controls["eval.baseline"].input, ipw.Checkbox)
     assert isinstance(controls["teacher.source"].input, ipw.Text)
     assert "temperature" in controls["loss.temperature"].input.tooltip.lower()
@@ -97,9 +97,11 @@ def test_widgets_follow_the_schema(runs_dir: Path) -> None:
 
 def test_an_invalid_starting_config_is_shown_not_raised(runs_dir: Path) -> None:
     panel = DistillPanel({**_quick(runs_dir), "loss": {"beta": 3.0}})
-    # BoundedFloatText clamps to the schema's bounds, so the form value is valid;
+    # the form keeps the value it was given and says what is wrong with it;
     # a field outside the form is reported in the panel's message area instead.
-    assert panel.form.valid
+    assert not panel.form.valid and panel.form.controls["loss.beta"].value == 3.0
+    assert "loss.beta" not in panel.form.message.value
+    assert panel.form.controls["loss.beta"].error.value
     bad = DistillPanel({**_quick(runs_dir), "optim": {"max_grad_norm": -1}})
     assert not bad.form.valid and bad.start_button.disabled
     assert "optim.max_grad_norm" in bad.form.message.value
@@ -146,6 +148,7 @@ def test_start_button_runs_to_completion_and_draws_charts(runs_dir: Path) -> Non
     handle = panel.current
     assert handle is not None
     assert panel.start_button.disabled and not panel.cancel_button.disabled
+    assert f"run store {runs_dir.absolute()}" in panel.message.value  # where it goes
 
     assert panel.wait(RUN_TIMEOUT_S), "the run or its updater did not finish"
     assert handle.state is RunState.COMPLETED
@@ -187,7 +190,7 @@ def test_cancel_button_then_a_second_run_keeps_both(runs_dir: Path) -> None:
     panel.start_button.click()
     assert panel.wait(RUN_TIMEOUT_S)
     assert [str(h.state) for h in panel.runs] == ["cancelled", "completed"]
-    assert list(panel.tabs.titles) == ["#1 tiny", "#2 tiny", "compare"]
+    assert list(panel.tabs.titles) == ["compare", "#1 tiny", "#2 tiny"]
     assert cancelled.charts.trace_lengths()["train/loss"] == kept
     compare = panel.compare.trace_lengths()
     assert compare["#1 tiny|train"] == kept and compare["#2 tiny|train"] == 2
@@ -195,15 +198,19 @@ def test_cancel_button_then_a_second_run_keeps_both(runs_dir: Path) -> None:
 
 
 def test_a_failed_run_shows_a_readable_error_box(runs_dir: Path, tmp_path: Path) -> None:
-    missing = tmp_path / "no-such-corpus.txt"
-    panel = DistillPanel(_quick(runs_dir, data={"source": str(missing)}))
+    # a folder that exists (the form checks that) whose pattern matches nothing: only
+    # reading the corpus finds out, in the run
+    (tmp_path / "corpus").mkdir()
+    pattern = tmp_path / "corpus" / "*.no-such-corpus"
+    panel = DistillPanel(_quick(runs_dir, data={"source": str(pattern)}))
+    assert panel.form.valid
     panel.start_button.click()
     assert panel.wait(RUN_TIMEOUT_S)
     handle = panel.current
     assert handle is not None and handle.state is RunState.FAILED
     box = panel.views[0].outcome.value
     assert "foundry-error" in box and "failed" in box
-    assert "no-such-corpus.txt" in box  # the engine's message, not a traceback
+    assert "no-such-corpus" in box and "matches no files" in box  # the engine's message
     assert "Traceback" not in box
 
 
@@ -375,3 +382,59 @@ def test_a_run_label_reaches_the_compare_chart_as_text(live: bool) -> None:
     assert names == [f"{label} {part}" for label in LABEL_PAYLOADS for part in ("train", "val")]
     # a literal entity stays literal: plotly would otherwise show "&lt;i&gt;" as "<i>"
     assert "&amp;lt;i&amp;gt; &amp;amp;" in figure.data[4].name
+
+
+def test_a_new_view_gets_every_point_from_the_widget_state() -> None:
+    """Issue 16: plotly sends live changes as deltas and kept the synced state as it was
+    at creation, so a reload drew empty axes (test_browser_lab proves it in a browser).
+    The state a reconnecting frontend gets holds the current (decimated) data as plain
+    lists, and a chart's widget is one box, so re-laying tabs keeps its views."""
+    import json
+
+    from widgets.charts import CompareChart
+
+    chart = CompareChart(live=True, min_interval_s=0.0)
+    chart.add_run("#1 a")
+    assert chart.widget is chart.widget
+    for step in range(5):
+        chart.add("#1 a|train", step, 1.0 / (step + 1))
+        chart.flush(force=True)
+    state = chart.figures["compare"].get_state()
+    (trace,) = state["_widget_data"]
+    assert trace["name"] == "#1 a train"
+    assert trace["y"] == [1.0 / (s + 1) for s in range(5)] and trace["x"] == list(range(5))
+    assert state["_widget_layout"]["title"]["text"] == "Loss by run"
+    json.dumps(state["_widget_data"])  # no binary buffers: a restored state's share one
+    one = chart.figures["compare"].get_state("_last_trace_edit_id")
+    assert set(one) == {"_last_trace_edit_id"}  # a single trait's update stays small
+
+
+@pytest.mark.parametrize(
+    ("field", "typed"),
+    [("limits.max_steps", 0), ("optim.batch_size", 0), ("optim.lr", -0.01)],
+)
+def test_the_form_never_changes_a_typed_number(runs_dir: Path, field: str, typed: float) -> None:
+    """Issue 16: Bounded* boxes clamped max_steps=0 and batch_size=0 to 1 (a run of the
+    wrong size started), lr=-0.01 to 0 (the error then blamed 0.0)."""
+    panel = DistillPanel(_quick(runs_dir))
+    panel.form.set(field, typed)
+    control = panel.form.controls[field]
+    assert control.value == typed and control.input.value == typed
+    assert not panel.form.valid and panel.start_button.disabled
+    assert str(typed) in control.error.value, control.error.value  # the user's value
+    assert "0.0 is" not in control.error.value
+
+
+def test_a_missing_data_source_is_caught_in_the_form(runs_dir: Path, tmp_path: Path) -> None:
+    panel = DistillPanel(_quick(runs_dir))
+    assert panel.form.valid
+    missing = tmp_path / "no-such-corpus.txt"
+    panel.form.set("data.source", str(missing))
+    error = panel.form.controls["data.source"].error.value
+    assert not panel.form.valid and panel.start_button.disabled
+    assert "no such file or folder" in error and "no-such-corpus.txt" in error
+    panel.form.set("data.source", str(tmp_path / "nowhere" / "*.txt"))
+    assert "not an existing folder" in panel.form.controls["data.source"].error.value
+    missing.write_text("a corpus\n" * 50, encoding="utf-8")
+    panel.form.set("data.source", str(missing))
+    assert panel.form.valid and not panel.form.controls["data.source"].error.value

@@ -12,6 +12,11 @@ through anywidget). Three rules keep a long run cheap for the kernel and the bro
   most ``max_points`` (2000) with min-max decimation, which keeps the spikes an engineer
   looks for (a stride would drop them). The full series stays in Python.
 
+A view made after the figure was filled (a page reload, the notebook reopened on a
+running kernel, a tab shown later) draws from the widget's state, not from the messages it
+missed: :class:`StatefulFigureWidget` makes that state the figure's current data, and
+:attr:`ChartSet.widget` is built once, so re-laying a panel's tabs keeps the live views.
+
 Headless kernels (papermill, nbval) get plain ``go.Figure`` objects from the same class
 and show them as static output, so an executed notebook keeps its charts.
 
@@ -42,6 +47,7 @@ __all__ = [
     "ChartSet",
     "CompareChart",
     "LiveCharts",
+    "StatefulFigureWidget",
     "TraceSpec",
     "decimate",
     "metric_trace",
@@ -63,6 +69,50 @@ PY2JS_TRAITS = (
 )
 """FigureWidget traits whose every non-None assignment is one comm message (plotly sets
 them to the message and back to None)."""
+
+
+class StatefulFigureWidget(go.FigureWidget):
+    """A ``FigureWidget`` whose synced state is always its current data and layout.
+
+    Why: plotly sends each change to the open views as a delta message (addTraces,
+    restyle) and leaves the synced ``_widget_data``/``_widget_layout`` as they were when
+    the figure was created. A frontend that connects later - a page reload, a notebook
+    reopened while its kernel trains - asks the kernel for the state and drew empty axes.
+    Here the state handed out is built from the figure's data at that moment, under the
+    lock its feeder holds while changing it; live views still get the cheap deltas.
+    """
+
+    def __init__(self, *args: Any, lock: threading.RLock | None = None, **kwargs: Any) -> None:
+        self._state_lock = lock if lock is not None else threading.RLock()
+        super().__init__(*args, **kwargs)
+
+    def get_state(self, key: Any = None, drop_defaults: bool = False) -> dict[str, Any]:
+        with self._state_lock:
+            state: dict[str, Any] = super().get_state(key, drop_defaults=drop_defaults)
+            if "_layout_obj" not in self.__dict__:
+                return state  # still being built: plotly sets both just below
+            current = {"_widget_data": self._data, "_widget_layout": self._layout_obj._props}
+            for name, value in current.items():
+                if name in state:
+                    state[name] = _plain(value)
+            return state
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready copy of figure data, arrays as lists.
+
+    Why not binary buffers as plotly's own serializer makes: its browser side builds a
+    typed array from a buffer's whole ``ArrayBuffer``, ignoring the view's offset, and a
+    page reload restores every widget from one message whose buffers are views into it;
+    the restore failed and the panel showed "model not found".
+    """
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
 
 
 @dataclass(frozen=True)
@@ -240,6 +290,7 @@ class ChartSet:
         self._dirty: set[str] = set()
         self._traces: dict[str, int] = {}  # series name -> index in its figure
         self._last_push: float | None = None
+        self._widget: ipw.Box | None = None
         self.pushes = 0
         self.messages = 0
         self.figures: dict[str, go.Figure] = {c: self._new_figure(c, height, width) for c in charts}
@@ -259,7 +310,11 @@ class ChartSet:
                 "uirevision": chart,  # keep the user's zoom across data updates
             }
         )
-        fig = go.FigureWidget(layout=layout) if self.live else go.Figure(layout=layout)
+        fig = (
+            StatefulFigureWidget(layout=layout, lock=self._lock)
+            if self.live
+            else go.Figure(layout=layout)
+        )
         if self.live:
             fig.observe(self._count_message, names=list(PY2JS_TRAITS))
         return fig
@@ -270,15 +325,24 @@ class ChartSet:
 
     @property
     def widget(self) -> ipw.Widget:
-        """The live figures side by side (each in a box classed ``foundry-chart-NAME``)."""
+        """The live figures side by side (each in a box classed ``foundry-chart-NAME``).
+
+        Built once: a new box each time would make a container that shows it again (a
+        panel's tabs) drop the figure's view and make a new one, and plotly's dropped view
+        keeps listening and throws on the next update before the new view gets it (the
+        compare tab stayed empty).
+        """
         if not self.live:
             raise RuntimeError("static charts have no widget; use show() or static_figures()")
+        if self._widget is not None:
+            return self._widget
         boxes = []
         for name, fig in self.figures.items():
             box = ipw.Box([fig], layout=ipw.Layout(flex="0 0 auto"))
             box.add_class(f"foundry-chart-{name}")
             boxes.append(box)
-        return ipw.Box(boxes, layout=ipw.Layout(display="flex", flex_flow="row wrap"))
+        self._widget = ipw.Box(boxes, layout=ipw.Layout(display="flex", flex_flow="row wrap"))
+        return self._widget
 
     # -- feeding --------------------------------------------------------------------
 

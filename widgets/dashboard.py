@@ -436,5 +436,5 @@ def _close_tree(widget: W.Widget) -> None:
 
 
 def build_dashboard(runs_dir: Path | str | None = None) -> Dashboard:
-    """The dashboard over ``runs_dir`` (default ``$FOUNDRY_RUNS_DIR`` or ``./runs``)."""
+    """The dashboard over ``runs_dir`` (default :func:`~foundry_kernel.paths.default_runs_dir`)."""
     return Dashboard(open_store(runs_dir), runs_dir=runs_dir)

@@ -184,7 +184,7 @@ def run_headless(
     import foundry_kernel
 
     handle = foundry_kernel.start(config, resume=run_id) if run_id else foundry_kernel.start(config)
-    print(f"run {handle.id} started", flush=True)
+    print(f"run {handle.id} started · run store {handle.runs_dir}", flush=True)
     _wait_with_progress(handle, timeout_s)
     show_run(handle)
     if handle.state is not RunState.COMPLETED:

@@ -2,11 +2,16 @@
 
 Widgets come from the schema rather than being written by hand so that a new bound or
 choice in :mod:`foundry_kernel.config` reaches the panel without anyone editing it:
-``enum`` (a ``Literal``) becomes a Dropdown, ``integer``/``number`` a bounded text box
-with the schema's min/max, ``boolean`` a Checkbox, ``string`` a Text box; a nullable
+``enum`` (a ``Literal``) becomes a Dropdown, ``integer``/``number`` a number box,
+``boolean`` a Checkbox, ``string`` a Text box; a nullable
 number gets a checkbox that switches it off (``None``). Each field's description is its
 tooltip. Every change re-validates the *whole* config with the engine's own validator
 (cross-field rules included) and shows each message next to the field it names.
+
+Number boxes are unbounded on purpose: ipywidgets' ``Bounded*Text`` clamp what is typed
+(``max_steps=0`` silently became 1, ``lr=-0.01`` became 0 and the error then blamed 0.0),
+so the box keeps the user's value and the schema's bound is reported by the validator.
+Local paths (``data.source``) are checked for existence too, before Start.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 import ipywidgets as ipw
 
 from foundry_kernel.config import RunConfig, validate_config
+from foundry_kernel.data._sources import check_local_source
 from foundry_kernel.errors import ConfigError
 
 __all__ = ["PANEL_FIELDS", "ConfigForm", "FieldControl", "field_schema"]
@@ -97,15 +103,16 @@ def _bounds(spec: Mapping[str, Any], limit: float) -> tuple[float, float]:
 
 
 def _number_widget(spec: Mapping[str, Any], value: Any, label: str, tip: str) -> ipw.Widget:
+    """An unbounded number box (no clamping); the bounds only pick a first value."""
     common = {"description": label, "tooltip": tip, "style": _LABEL_STYLE}
     common["layout"] = ipw.Layout(width=_INPUT_WIDTH)
     if spec.get("type") == "integer":
-        low, high = _bounds(spec, _INT_LIMIT)
+        low, _high = _bounds(spec, _INT_LIMIT)
         first = int(value) if isinstance(value, int | float) else int(max(low, 1))
-        return ipw.BoundedIntText(value=first, min=int(low), max=int(high), **common)
-    low, high = _bounds(spec, _FLOAT_LIMIT)
+        return ipw.IntText(value=first, **common)
+    low, _high = _bounds(spec, _FLOAT_LIMIT)
     start = float(value) if isinstance(value, int | float) else float(max(low, 0.0))
-    return ipw.BoundedFloatText(value=start, min=low, max=high, step=None, **common)
+    return ipw.FloatText(value=start, step=None, **common)
 
 
 class FieldControl:
@@ -285,7 +292,10 @@ class ConfigForm:
     def validate(self) -> RunConfig | None:
         """Validate the whole config; show each error beside its field."""
         try:
-            self.config, self.error = validate_config(self.as_dict()), None
+            config = validate_config(self.as_dict())
+            if "data.source" in self.controls:
+                check_local_source(config.data.source)
+            self.config, self.error = config, None
         except ConfigError as exc:
             self.config, self.error = None, exc
         per_field, other = ({}, []) if self.error is None else _attribute(self.error, self.controls)

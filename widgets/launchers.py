@@ -470,7 +470,7 @@ def serve_dashboard(
 ) -> ServerProcess:
     """Serve the read-only dashboard with Voila on 127.0.0.1 and return the started server.
 
-    ``runs_dir`` defaults to ``$FOUNDRY_RUNS_DIR`` or ``./runs``; the kernel gets it as
+    ``runs_dir`` defaults to :func:`~foundry_kernel.paths.default_runs_dir`; the kernel gets it as
     ``FOUNDRY_RUNS_DIR`` and opens that store read-only. No ``token``: a random one. No
     ``port``: a free one (``server.port``). Logs go to ``log_dir`` (default
     ``RUNS_DIR/logs``, or a temporary folder if that is not writable).
@@ -582,7 +582,7 @@ def add_commands(subparsers: Any) -> None:
         "dashboard", help="serve the read-only results dashboard (Voila) on 127.0.0.1"
     )
     dash.add_argument(
-        "--runs-dir", type=Path, help="run store (default: $FOUNDRY_RUNS_DIR or ./runs)"
+        "--runs-dir", type=Path, help="run store (default: $FOUNDRY_RUNS_DIR, the project's runs/)"
     )
     dash.add_argument("--port", type=int, help="port (default: a free one, printed)")
     dash.add_argument(

@@ -378,9 +378,11 @@ class DistillPanel:
             self._views.append(view)
             children = [v.widget for v in self._views]
             titles = [v.label for v in self._views]
-        self.tabs.children = [*children, self.compare.widget]
-        self.tabs.titles = [*titles, "compare"]
-        self.tabs.selected_index = len(children) - 1
+        # The compare tab stays first: a tab that moves gets a new view, and the browser's
+        # plotly view it replaces broke the figure's updates (the compare tab was empty).
+        self.tabs.children = [self.compare.widget, *children]
+        self.tabs.titles = ["compare", *titles]
+        self.tabs.selected_index = len(children)
         self._ensure_updater()
         self._sync_buttons()
         return view
@@ -416,9 +418,13 @@ class DistillPanel:
     def _on_start(self, _button: ipw.Button) -> None:
         self.message.value = ""
         try:
-            self.start()
+            handle = self.start()
         except (FoundryError, OSError, RuntimeError) as exc:
             self.message.value = error_html("Could not start the run", str(exc))
+            return
+        self.message.value = error_html(
+            f"Run {handle.id} started", f"run store {handle.runs_dir}", level="info"
+        )
 
     def _on_cancel(self, _button: ipw.Button) -> None:
         self.cancel()

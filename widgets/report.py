@@ -232,14 +232,30 @@ def _summary_of(run: RunRecord | Mapping[str, Any]) -> Mapping[str, Any]:
     return run.summary if isinstance(run, RunRecord) else run
 
 
+DEFAULT_TEACHER_DATA = "builtin:python-docs"
+"""The corpus Foundry's own teacher is built on unless ``teacher.build.data`` says otherwise."""
+
+
 def describe_teacher(config: Mapping[str, Any]) -> str:
-    """'built-in tiny teacher' or the model's folder/hub name, never a long absolute path."""
-    source = _section(config, "teacher").get("source")
+    """'built-in tiny teacher', 'tiny teacher built on notes.txt' (Foundry's recipe on the
+    user's corpus: that is their teacher, not the built-in one), or the model's folder/hub
+    name, never a long absolute path."""
+    teacher = _section(config, "teacher")
+    source = teacher.get("source")
     if not isinstance(source, str) or not source:
         return "—"
     if source.startswith("builtin:"):
-        return f"built-in {source.removeprefix('builtin:').replace('-', ' ')}"
-    return PurePath(source.replace("\\", "/")).name or source
+        name = source.removeprefix("builtin:").replace("-", " ")
+        data = _section(teacher, "build").get("data", DEFAULT_TEACHER_DATA)
+        if not isinstance(data, str) or data == DEFAULT_TEACHER_DATA:
+            return f"built-in {name}"
+        corpus = data.removeprefix("builtin:") if data.startswith("builtin:") else _leaf(data)
+        return f"{name} built on {corpus}"
+    return _leaf(source)
+
+
+def _leaf(path: str) -> str:
+    return PurePath(path.replace("\\", "/")).name or path
 
 
 def describe_student(config: Mapping[str, Any]) -> str:

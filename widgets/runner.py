@@ -65,7 +65,12 @@ from foundry_kernel.errors import ConfigError, FoundryError
 from foundry_kernel.paths import allowed_roots, default_runs_dir, new_run_id, resolve_within
 from foundry_kernel.plaindata import brief, check_plain, load_plain_yaml, read_text_capped
 from foundry_kernel.store import TERMINAL_STATES, RunState, RunStore
-from widgets.resources import SHIPPED_NOTEBOOKS, shipped_notebook
+from widgets.resources import (
+    SHIPPED_NOTEBOOKS,
+    edited_shipped_notebook,
+    shipped_name,
+    shipped_notebook,
+)
 
 __all__ = [
     "CONFIG_SHORTCUTS",
@@ -173,13 +178,48 @@ class Declared:
 
 def check_notebook(path: str | Path) -> Path:
     """A shipped notebook by name (``distill``), or an existing ``.ipynb`` under the
-    allowed roots (see ``paths.allowed_roots``)."""
-    if isinstance(path, str) and path in SHIPPED_NOTEBOOKS:
-        return shipped_notebook(path)
+    allowed roots (see ``paths.allowed_roots``).
+
+    A shipped notebook - by name, or its package file given as a path - runs only as it
+    shipped: edits made to it in JupyterLab are refused with the way out (your own copy
+    by path), never executed headless.
+    """
+    if isinstance(path, str) and path.removesuffix(".ipynb") in SHIPPED_NOTEBOOKS:
+        return _pristine(path.removesuffix(".ipynb"))
     resolved = resolve_within(path, allowed_roots(), field="notebook", must_exist=True)
     if resolved.suffix != ".ipynb" or not resolved.is_file():
         raise ConfigError(f"notebook: {str(path)!r} is not an .ipynb file", field="notebook")
-    return resolved
+    name = shipped_name(resolved)
+    return resolved if name is None else _pristine(name)
+
+
+def _pristine(name: str) -> Path:
+    """The shipped notebook ``name``, refused when it no longer is what shipped."""
+    edited = edited_shipped_notebook(name)
+    if edited is not None:
+        raise ConfigError(
+            f"notebook: {edited}. `foundry run {name}` executes the shipped notebook only: "
+            f"restore it (reinstall Foundry, or `git checkout` it in a checkout), and to run "
+            f"your changes save a copy elsewhere and pass its path (foundry run my-{name}.ipynb)",
+            field="notebook",
+        )
+    return shipped_notebook(name)
+
+
+def _clean_input(notebook: Path) -> Any:
+    """The notebook to execute, without what a Jupyter frontend saved into it.
+
+    papermill clears outputs, not the widget state JupyterLab stores in the notebook's
+    metadata (megabytes after a panel session), which every executed copy carried.
+    """
+    import nbformat
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    return nb
 
 
 def declared_parameters(notebook: Path) -> Declared:
@@ -548,7 +588,7 @@ def _execute(member: Member, notebook: Path, timeout_s: float, stop: _Stop) -> M
     t0 = time.monotonic()
     try:
         papermill.execute_notebook(
-            _format_safe(notebook),
+            _clean_input(notebook),
             _format_safe(member.output or ""),
             parameters=member.params,
             progress_bar=False,
@@ -682,7 +722,10 @@ def summary_table(members: Sequence[Member], batch_id: str | None) -> str:
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "notebook",
-        help="the notebook to execute: a shipped one by name (distill) or an .ipynb path",
+        nargs="?",
+        default="distill",
+        help="the notebook to execute: a shipped one by name (default: distill, as shipped) "
+        "or the path of your own .ipynb",
     )
     parser.add_argument(
         "-p",
@@ -713,7 +756,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--jobs", type=int, default=1, help="notebooks executed at once")
     parser.add_argument(
-        "--runs-dir", type=Path, help="run store (default: $FOUNDRY_RUNS_DIR or ./runs)"
+        "--runs-dir", type=Path, help="run store (default: $FOUNDRY_RUNS_DIR, the project's runs/)"
     )
     parser.add_argument(
         "--timeout",
@@ -749,6 +792,7 @@ def run_command(args: argparse.Namespace) -> int:
     except FoundryError as exc:
         print(f"foundry run: error: {exc}", file=sys.stderr)
         return 2
+    print(f"foundry run: run store {runs_dir}", file=sys.stderr, flush=True)
     stop = _Stop()
     batch_id = None
     with RunStore(runs_dir) as store, stop.installed():

@@ -187,6 +187,28 @@ def _folder_message(path: Path, fmt: str) -> str:
     )
 
 
+def check_local_source(source: str) -> None:
+    """Refuse a ``data.source`` that names no existing file, folder or glob folder.
+
+    What loading would refuse, asked before a run starts (the panel's form checks it on
+    every change, so a typo shows beside the field instead of after Start). Built-ins
+    pass: their names are checked by the config.
+    """
+    if source.startswith("builtin:"):
+        return
+    if not has_glob(source):
+        _existing_path(source)
+        return
+    base, _rest = split_glob(PurePath(source))
+    folder = _resolve_local(Path(base).expanduser())
+    if not folder.is_dir():
+        raise ConfigError(
+            f"data.source: the pattern {source!r} looks under {str(folder)!r}, which is not "
+            "an existing folder; check the pattern or the working folder",
+            field="data.source",
+        )
+
+
 def _existing_path(source: str) -> Path:
     path = _resolve_local(Path(source).expanduser())
     if not path.exists():

@@ -59,7 +59,7 @@ from foundry_kernel._runtime import (
 )
 from foundry_kernel._world import World
 from foundry_kernel.atomic import atomic_write_text
-from foundry_kernel.config import BUILTIN_TEACHER, RunConfig, teacher_placement
+from foundry_kernel.config import BUILTIN_TEACHER, RunConfig, looks_like_path, teacher_placement
 from foundry_kernel.data._blocks import DataBundle, build_data
 from foundry_kernel.errors import ConfigError, DataError, TeacherServerError
 from foundry_kernel.paths import default_cache_dir
@@ -1008,6 +1008,27 @@ def _hidden_card_line(config: RunConfig) -> list[str]:
     ]
 
 
+def _card_location(source: str) -> str:
+    """A hub id or built-in name as written; a local path made absolute.
+
+    Why: the card travels with the exported student, away from the folder the run was
+    started in, where a relative ``./teacher`` named nothing.
+    """
+    if source.startswith("builtin:") or not looks_like_path(source):
+        return source
+    return os.path.abspath(Path(source).expanduser())  # absolute, with no ".." left
+
+
+def _card_teacher(config: RunConfig) -> str:
+    """The teacher as the card names it: its id or absolute location, and for Foundry's
+    own recipe the corpus it was built on."""
+    source = config.teacher.source
+    if source.startswith("builtin:"):
+        corpus = _card_location(config.teacher.build.data)
+        return f"`{source}` (Foundry's recipe, built on `{corpus}`)"
+    return f"`{_card_location(source)}`"
+
+
 def model_card(config: RunConfig, results: Mapping[str, Any] | RunSummary) -> str:
     """A short, plain-language card: what was distilled from what, and how well."""
     summary = results if isinstance(results, RunSummary) else RunSummary.parse(results)
@@ -1021,7 +1042,7 @@ def model_card(config: RunConfig, results: Mapping[str, Any] | RunSummary) -> st
     lines = [
         "# Distilled student (Foundry)",
         "",
-        f"Teacher: `{config.teacher.source}` ({num(t.params, ',')} parameters).",
+        f"Teacher: {_card_teacher(config)} ({num(t.params, ',')} parameters).",
         f"Student: {num(s.params, ',')} parameters"
         + (f" ({s.params / t.params:.0%} of the teacher)." if s.params and t.params else "."),
         *_lora_card_line(config, s),
