@@ -13,6 +13,7 @@ while the run trains in its worker thread).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -210,11 +211,13 @@ def _shot(page: Any, name: str, show: str | None = None) -> None:
     page.screenshot(path=str(ARTIFACTS / name))
 
 
-def test_start_watch_and_cancel_a_run_in_jupyterlab(lab: dict[str, Any], tmp_path: Path) -> None:
-    url = f"{lab['base']}/lab/tree/distill.ipynb?reset&token={lab['token']}"
+@contextlib.contextmanager
+def _browser_page(profile: Path, failure_shot: str) -> Iterator[Any]:
+    """A page of a fresh headless chromium; a screenshot named ``failure_shot`` if the
+    body fails, and the browser closed either way."""
     with sync_api.sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"),
+            str(profile),
             executable_path=str(CHROMIUM),
             headless=True,
             args=CHROMIUM_ARGS,
@@ -223,13 +226,19 @@ def test_start_watch_and_cancel_a_run_in_jupyterlab(lab: dict[str, Any], tmp_pat
         try:
             page = context.pages[0] if context.pages else context.new_page()
             page.set_default_timeout(STEP_MS)
-            _drive(page, url, lab)
+            yield page
         except BaseException:
             if context.pages:
-                _shot(context.pages[0], "failure.png")
+                _shot(context.pages[0], failure_shot)
             raise
         finally:
             context.close()
+
+
+def test_start_watch_and_cancel_a_run_in_jupyterlab(lab: dict[str, Any], tmp_path: Path) -> None:
+    url = f"{lab['base']}/lab/tree/distill.ipynb?reset&token={lab['token']}"
+    with _browser_page(tmp_path / "profile", "failure.png") as page:
+        _drive(page, url, lab)
 
 
 def _run_all_cells(page: Any) -> None:
@@ -285,24 +294,8 @@ def test_compare_tab_and_a_page_reload_keep_the_curves(lab: dict[str, Any], tmp_
     """The compare tab overlays the live run, and a reload redraws every chart from the
     kernel (it used to show an empty compare plot, and empty axes after a reload)."""
     url = f"{lab['base']}/lab/tree/distill.ipynb?reset&token={lab['token']}"
-    with sync_api.sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1500, "height": 1100},
-        )
-        try:
-            page = context.pages[0] if context.pages else context.new_page()
-            page.set_default_timeout(STEP_MS)
-            _drive_compare_and_reload(page, url, lab["root"] / "distill.ipynb")
-        except BaseException:
-            if context.pages:
-                _shot(context.pages[0], "failure-reload.png")
-            raise
-        finally:
-            context.close()
+    with _browser_page(tmp_path / "profile", "failure-reload.png") as page:
+        _drive_compare_and_reload(page, url, lab["root"] / "distill.ipynb")
 
 
 def _typed_values_are_kept(page: Any, start: Any) -> None:
