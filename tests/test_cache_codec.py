@@ -350,3 +350,47 @@ def test_bytes_per_token_at_k128_is_under_150_on_a_realistic_teacher(tmp_path: P
     assert exact.bytes_per_token == pytest.approx(4 * 128 + 4, abs=1)
     print(f"zipf teacher, k=128: {packed.bytes_per_token:.1f} B/token compressed")
     assert packed.bytes_per_token <= 150
+
+
+@pytest.mark.parametrize("codec", [CompressedCodec(), ExactCodec()], ids=lambda c: c.name)
+def test_a_repeated_id_is_refused_as_it_is_decoded(codec: Any) -> None:
+    """Each reader checks that no id repeats within a position (a repeat would count its
+    probability twice), which is what lets the cache mark its targets ``ids_distinct``
+    and the loss skip its own per-step sort."""
+    ids = torch.tensor([[[3, 1, 2], [4, 4, 0]]])
+    values = torch.tensor([[[-0.5, -1.0, -2.0], [-0.5, -1.0, -2.0]]])
+    tail = torch.log(-torch.expm1(torch.logsumexp(values, -1)))
+    encoded = codec.encode({"ids": ids, "values": values, "tail": tail}, 8)
+    reader = codec.reader(encoded, 2, 3, "shard-x")
+    with pytest.raises(CacheError, match="shard-x: a position's top-k ids repeat"):
+        reader.blocks(torch.tensor([0]))
+    fine = codec.reader(
+        codec.encode({"ids": ids[:, :1], "values": values[:, :1], "tail": tail[:, :1]}, 8),
+        1,
+        3,
+        "shard-y",
+    )
+    assert sorted(fine.blocks(torch.tensor([0])).ids[0, 0].tolist()) == [1, 2, 3]
+
+
+def test_cache_targets_say_their_ids_are_distinct_and_the_loss_trusts_only_that(
+    tmp_path: Path,
+) -> None:
+    from foundry_kernel.errors import LossInputError
+    from foundry_kernel.training._losses import LossSpec, sparse_distillation_loss
+
+    blocks = make_blocks()
+    teacher = Teacher()
+    key = CacheKey("t", "tok", fingerprint_tokens(blocks), K)
+    cache = capture(blocks, teacher, key, tmp_path / "c", batch_size=2, shard_blocks=3)
+    served = cache.targets([0, 1])
+    assert served.ids_distinct and served.to(torch.device("cpu")).ids_distinct
+    # a producer that did not check: the loss still sorts and refuses a repeat
+    ids = served.ids.clone()
+    ids[0, 0, 1] = ids[0, 0, 0]
+    logits = torch.randn(2, served.ids.shape[1], 300, requires_grad=True)
+    labels = blocks.labels[[0, 1]]
+    with pytest.raises(LossInputError, match="repeat within a position"):
+        sparse_distillation_loss(logits, SparseTargets(ids, served.logprobs), labels, LossSpec())
+    out = sparse_distillation_loss(logits, served, labels, LossSpec())
+    assert torch.isfinite(out.total)

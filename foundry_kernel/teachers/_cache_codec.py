@@ -82,7 +82,10 @@ _LN2 = math.log(2.0)
 class Decoded:
     """Blocks of a shard as the reader serves them: ``ids`` int64 and ``values`` fp32
     ``[n, P, k]`` sorted by value descending (``values`` need not be normalised: the
-    reader shifts them to ``tail``), ``tail`` fp32 ``[n, P]``, ``label`` fp32 or None."""
+    reader shifts them to ``tail``), ``tail`` fp32 ``[n, P]``, ``label`` fp32 or None.
+    Every reader checks that no id repeats within a position (CacheError otherwise), so
+    the cache can tell the loss it need not check again (``SparseTargets.ids_distinct``).
+    """
 
     ids: Tensor
     values: Tensor
@@ -167,18 +170,23 @@ class ExactCodec:
     def reader(
         self, tensors: Mapping[str, Tensor], positions: int, k: int, where: str
     ) -> BlockReader:
-        return _ExactReader(dict(tensors))
+        return _ExactReader(dict(tensors), where)
 
 
 @dataclass
 class _ExactReader:
     tensors: dict[str, Tensor]
+    where: str
 
     def blocks(self, local: Tensor) -> Decoded:
         t = self.tensors
         label = t["label"][local].to(torch.float32) if "label" in t else None
+        ids = t["ids"][local].to(torch.int64)
+        ordered = ids.sort(dim=-1).values
+        if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+            raise CacheError(f"{self.where}: a position's top-k ids repeat")
         return Decoded(
-            t["ids"][local].to(torch.int64),
+            ids,
             t["values"][local].to(torch.float32),
             t["tail"][local].to(torch.float32),
             label,
@@ -348,7 +356,10 @@ class _CompressedReader:
         for plane in range(1, self.width):
             gaps |= planes[:, plane].astype(np.int64) << (8 * plane)
         shape = (n, self.positions, self.k)
-        ids_sorted = np.cumsum(gaps.reshape(shape), axis=-1)
+        gaps = gaps.reshape(shape)
+        if self.k > 1 and not bool((gaps[..., 1:] > 0).all()):  # sorted ids: a 0 gap repeats
+            raise CacheError(f"{self.where}: a position's top-k ids repeat")
+        ids_sorted = np.cumsum(gaps, axis=-1)
         codes = codes.reshape(shape)
         order = np.argsort(codes, axis=-1, kind="stable")  # radix sort of bytes: cheap
         ids = np.take_along_axis(ids_sorted, order, axis=-1)

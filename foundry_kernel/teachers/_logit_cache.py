@@ -1187,7 +1187,7 @@ class LogitCache:
             ids[rows], values[rows], tail[rows] = part.ids, part.values, part.tail
             if label is not None and part.label is not None:
                 label[rows] = part.label
-        return SparseTargets(ids, _match_tail(values, tail), label)
+        return SparseTargets(ids, _match_tail(values, tail), label, ids_distinct=True)
 
     def _reader(self, index: int, block: int) -> tuple[BlockReader, int]:
         """Shard ``index``'s reader (loaded and verified on first use) and its first block."""

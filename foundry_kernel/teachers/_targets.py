@@ -55,6 +55,10 @@ class SparseTargets:
     ids: Tensor
     logprobs: Tensor
     label_logprobs: Tensor | None = None
+    # True when the producer has made sure no id repeats within a position (the logit
+    # cache checks as it decodes, on its read-ahead thread): the loss then skips its own
+    # per-step check, a sort of every position's k ids.
+    ids_distinct: bool = False
 
     def __post_init__(self) -> None:
         if self.ids.shape != self.logprobs.shape or self.ids.dim() != 3:
@@ -76,6 +80,7 @@ class SparseTargets:
             self.ids.to(device),
             self.logprobs.to(device),
             None if self.label_logprobs is None else self.label_logprobs.to(device),
+            self.ids_distinct,
         )
 
     @classmethod
@@ -87,7 +92,7 @@ class SparseTargets:
         if labels is not None:
             safe = labels.clamp(min=0).unsqueeze(-1)
             label_lp = logp.gather(-1, safe).squeeze(-1)
-        return cls(ids, values, label_lp)
+        return cls(ids, values, label_lp, ids_distinct=True)  # topk never repeats an index
 
 
 TeacherSignal = Tensor | SparseTargets
