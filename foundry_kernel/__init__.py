@@ -39,6 +39,7 @@ _EXPORTS = {
     "LossStrategy": "foundry_kernel.training._strategy",
     "MicroBatch": "foundry_kernel.training._strategy",
     "fused_eligibility": "foundry_kernel.training._strategy",
+    "check_local_source": "foundry_kernel.data._sources",
 }
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "RunHandle",
     "RunState",
     "RunStore",
+    "check_local_source",
     "fused_eligibility",
     "get",
     "json_schema",
@@ -66,6 +68,7 @@ __all__ = [
 if TYPE_CHECKING:
     from foundry_kernel._context import Event
     from foundry_kernel.config import RunConfig, json_schema, load_config
+    from foundry_kernel.data._sources import check_local_source
     from foundry_kernel.errors import ConfigError, FoundryError
     from foundry_kernel.run._control import (
         SAMPLE_INTERVAL_S,

@@ -24,8 +24,8 @@ from typing import Any
 
 import ipywidgets as ipw
 
+import foundry_kernel as fk
 from foundry_kernel.config import RunConfig, validate_config
-from foundry_kernel.data._sources import check_local_source
 from foundry_kernel.errors import ConfigError
 
 __all__ = ["PANEL_FIELDS", "ConfigForm", "FieldControl", "field_schema"]
@@ -294,7 +294,7 @@ class ConfigForm:
         try:
             config = validate_config(self.as_dict())
             if "data.source" in self.controls:
-                check_local_source(config.data.source)
+                fk.check_local_source(config.data.source)
             self.config, self.error = config, None
         except ConfigError as exc:
             self.config, self.error = None, exc
