@@ -268,8 +268,9 @@ class CachedTeacher(Teacher):
     ) -> TeacherSignal:
         if index is None:
             return self.live.signal(None, input_ids, attention_mask)
-        self.blocks_asked.update(int(i) for i in index.reshape(-1).tolist())
-        ahead = self._ahead.pop(_blocks_key(index), None)
+        key = _blocks_key(index)
+        self.blocks_asked.update(key)
+        ahead = self._ahead.pop(key, None)
         targets = ahead.result() if ahead is not None else self.cache.targets(index)
         return targets.to(input_ids.device)
 
