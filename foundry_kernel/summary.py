@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["ROLES", "ModelResult", "RunSummary"]
+__all__ = ["ROLES", "ModelResult", "RunSummary", "TeacherCheck", "Verdict"]
 
 #: The three models a run measures, in the order every table shows them.
 ROLES: tuple[str, ...] = ("teacher", "student", "baseline")
@@ -93,6 +93,146 @@ class ModelResult:
         return out
 
 
+#: How a teacher compares with a model of the student's size trained the same way, and
+#: with chance (perplexity = vocabulary size): ``clear`` (clearly better: worth distilling),
+#: ``marginal`` (barely better), ``no_better``, ``near_chance`` (it has learned almost
+#: nothing), ``unknown`` (not measured: a teacher Foundry did not build).
+TeacherStanding = Literal["clear", "marginal", "no_better", "near_chance", "unknown"]
+
+#: A teacher whose held-out perplexity is above this share of the reference's is only
+#: "marginally" better: its soft targets carry little the student cannot learn alone.
+MARGINAL_RATIO = 0.85
+#: A perplexity above this share of the vocabulary size counts as near chance.
+CHANCE_RATIO = 0.5
+
+
+@dataclass(frozen=True)
+class TeacherCheck:
+    """Is the teacher worth distilling? Measured before distillation starts.
+
+    ``reference_ppl`` is the held-out perplexity of a model of the student's size trained
+    with the teacher's own recipe on the teacher's own data (Foundry-built teachers), and
+    ``chance_ppl`` the perplexity of guessing uniformly (the vocabulary size).
+    """
+
+    standing: TeacherStanding
+    teacher_ppl: float | None
+    reference_ppl: float | None = None
+    reference_params: int | None = None
+    chance_ppl: float | None = None
+    message: str = ""
+
+    @classmethod
+    def judge(
+        cls,
+        teacher_ppl: float | None,
+        reference_ppl: float | None,
+        chance_ppl: float | None,
+        *,
+        reference_params: int | None = None,
+    ) -> TeacherCheck:
+        """The standing and its plain-language message, from the three perplexities."""
+        standing: TeacherStanding = "unknown"
+        message = "the teacher was not compared with a student-sized model"
+        if teacher_ppl is not None and chance_ppl and teacher_ppl > CHANCE_RATIO * chance_ppl:
+            standing = "near_chance"
+            message = (
+                f"the teacher is barely better than chance (held-out perplexity "
+                f"{teacher_ppl:.1f}, chance {chance_ppl:.0f}): it has learned almost nothing; "
+                "train it longer (teacher.build.steps) or on more text (teacher.build.data)"
+            )
+        elif teacher_ppl is not None and reference_ppl is not None:
+            ratio = teacher_ppl / reference_ppl
+            if ratio >= 1.0:
+                standing = "no_better"
+                message = (
+                    f"the teacher is no better than a student-sized model trained the same way "
+                    f"(held-out perplexity {teacher_ppl:.1f} vs {reference_ppl:.1f}): "
+                    "distillation is unlikely to help; " + _TEACHER_ADVICE
+                )
+            elif ratio > MARGINAL_RATIO:
+                standing = "marginal"
+                message = (
+                    f"the teacher is only slightly better than a student-sized model trained "
+                    f"the same way (held-out perplexity {teacher_ppl:.1f} vs "
+                    f"{reference_ppl:.1f}): distillation may not help; " + _TEACHER_ADVICE
+                )
+            else:
+                standing = "clear"
+                message = (
+                    f"the teacher is clearly better than a student-sized model trained the "
+                    f"same way (held-out perplexity {teacher_ppl:.1f} vs {reference_ppl:.1f})"
+                )
+        return cls(standing, teacher_ppl, reference_ppl, reference_params, chance_ppl, message)
+
+    @classmethod
+    def parse(cls, raw: Any) -> TeacherCheck | None:
+        part = _mapping(raw)
+        if part is None:
+            return None
+        standing = part.get("standing")
+        if standing not in ("clear", "marginal", "no_better", "near_chance", "unknown"):
+            return None
+        return cls(
+            standing=standing,
+            teacher_ppl=_number(part.get("teacher_ppl")),
+            reference_ppl=_number(part.get("reference_ppl")),
+            reference_params=_count(part.get("reference_params")),
+            chance_ppl=_number(part.get("chance_ppl")),
+            message=_text(part.get("message")) or "",
+        )
+
+    @property
+    def worth_distilling(self) -> bool | None:
+        """False when the teacher is known to offer little; None when not measured."""
+        if self.standing == "unknown":
+            return None
+        return self.standing == "clear"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "standing": self.standing,
+            "teacher_ppl": self.teacher_ppl,
+            "reference_ppl": self.reference_ppl,
+            "reference_params": self.reference_params,
+            "chance_ppl": self.chance_ppl,
+            "message": self.message,
+        }
+
+
+_TEACHER_ADVICE = (
+    "give the teacher more text (teacher.build.data) or more steps (teacher.build.steps), "
+    "use a larger teacher, or a smaller student"
+)
+
+#: Distillation "helped" when the distilled student's held-out perplexity is at least this
+#: much lower than its CE-only twin's; within it either way the two are "about the same".
+HELPED_MARGIN = 0.01
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Did distillation help this run? One plain-language sentence, never a bare number.
+
+    ``helped`` is True (the distilled student beats its CE-only twin by more than
+    ``HELPED_MARGIN`` in held-out perplexity), False (it does not), or None (not measured:
+    no CE-only twin). ``level`` is what a renderer shows it as: ``good``, ``warning`` or
+    ``info``. ``advice`` lists what would help, each naming the setting to change.
+    """
+
+    helped: bool | None
+    level: Literal["good", "warning", "info"]
+    headline: str
+    advice: tuple[str, ...] = ()
+
+    @property
+    def text(self) -> str:
+        """The headline followed by the advice, as one paragraph."""
+        if not self.advice:
+            return self.headline
+        return f"{self.headline} Try: {'; '.join(self.advice)}."
+
+
 @dataclass(frozen=True)
 class RunSummary:
     """A run's outcome: the three models, how they compare, samples, and where things are.
@@ -112,6 +252,7 @@ class RunSummary:
     sequence: Mapping[str, Any] | None = None
     world_size: int | None = None  # processes that trained it (None: not recorded, older runs)
     strategy: str | None = None  # "ddp", "fsdp2", or "single" for one process
+    teacher_check: TeacherCheck | None = None  # measured before distilling (built teachers)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -136,6 +277,7 @@ class RunSummary:
             sequence=_mapping(summary.get("sequence")),
             world_size=_count(world.get("world_size")),
             strategy=_text(world.get("strategy")),
+            teacher_check=TeacherCheck.parse(summary.get("teacher_check")),
             raw=summary,
         )
 
@@ -154,6 +296,81 @@ class RunSummary:
     @property
     def val_kl(self) -> float | None:
         return self.student.val_kl if self.student else _number(self.raw.get("val_kl"))
+
+    @property
+    def verdict(self) -> Verdict | None:
+        """Did distillation help, in words (summary, panel, dashboard, model card all show
+        this); None while the distilled student has no held-out result."""
+        s, b, t = self.student, self.baseline, self.teacher
+        if s is None or s.val_ppl is None:
+            return None
+        if b is None or b.val_ppl is None:
+            return Verdict(
+                None,
+                "info",
+                f"The distilled student reaches held-out perplexity {s.val_ppl:.1f}; "
+                "no CE-only twin was trained (eval.baseline=false), so the benefit of "
+                "distillation was not measured.",
+            )
+        lower = 1.0 - s.val_ppl / b.val_ppl
+        gap = ""
+        if self.gap_closed is not None:
+            gap = f"; it closed {self.gap_closed:.0%} of the gap to the teacher"
+        if lower > HELPED_MARGIN:
+            return Verdict(
+                True,
+                "good",
+                f"Distillation helped: {lower:.0%} lower held-out perplexity than the same "
+                f"student trained alone ({s.val_ppl:.1f} vs {b.val_ppl:.1f}){gap}.",
+            )
+        if lower >= -HELPED_MARGIN:
+            how = "about the same as"
+        else:
+            how = f"{-lower:.0%} higher than"
+        reason, advice = self._why_not(t, b)
+        return Verdict(
+            False,
+            "warning",
+            f"Distillation did not help here: the distilled student's held-out perplexity is "
+            f"{how} the same student trained alone ({s.val_ppl:.1f} vs {b.val_ppl:.1f})"
+            f"{reason}.",
+            advice,
+        )
+
+    def _why_not(
+        self, teacher: ModelResult | None, baseline: ModelResult
+    ) -> tuple[str, tuple[str, ...]]:
+        """The likeliest reason distillation did not help, and what to try."""
+        check = self.teacher_check
+        t_ppl = teacher.val_ppl if teacher is not None else None
+        if check is not None and check.standing == "near_chance":
+            return (
+                f"; the teacher is barely better than chance ({check.teacher_ppl:.1f} vs "
+                f"{check.chance_ppl:.0f})",
+                (
+                    "train the teacher longer (teacher.build.steps)",
+                    "give it more text (teacher.build.data)",
+                ),
+            )
+        b_ppl = baseline.val_ppl
+        if t_ppl is not None and b_ppl is not None and t_ppl > MARGINAL_RATIO * b_ppl:
+            return (
+                f"; the teacher is barely better than the student trained alone "
+                f"({t_ppl:.1f} vs {b_ppl:.1f})",
+                (
+                    "more text for the teacher (teacher.build.data)",
+                    "more teacher steps (teacher.build.steps) or a larger teacher",
+                    "a smaller student (student.hidden_size, student.num_layers)",
+                ),
+            )
+        return (
+            "",
+            (
+                "more CE in the loss (loss.ce_weight closer to 1)",
+                "a lower temperature (loss.temperature)",
+                "more student steps (limits.max_steps)",
+            ),
+        )
 
     def to_json(self, *, run_id: str, state: str, duration_s: float | None) -> dict[str, Any]:
         """The documented ``foundry distill --json`` object (README, "Command line")."""
