@@ -63,7 +63,27 @@ class TeacherBuild(_Section):
     )
     seq_len: int = Field(128, ge=16, le=4096, description="Training block length in tokens.")
     batch_size: int = Field(32, ge=1, le=1024, description="Blocks per step.")
-    steps: int = Field(700, ge=1, le=1_000_000, description="Optimizer steps.")
+    steps: int = Field(
+        700,
+        ge=1,
+        le=1_000_000,
+        description="Most optimizer steps; a small corpus ends the build sooner (max_epochs), "
+        "and so may early stopping (patience).",
+    )
+    max_epochs: float = Field(
+        4.0,
+        gt=0,
+        le=1000,
+        description="Most passes over the corpus's training side: a teacher that sees a small "
+        "corpus many times memorises it instead of learning it.",
+    )
+    patience: int | None = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Stop after this many held-out evaluations (10 per build) without "
+        "improvement and keep the best weights (None = train every step, keep the last).",
+    )
     lr: float = Field(3e-3, gt=0, le=1.0, description="Peak learning rate.")
     max_documents: int | None = Field(
         None, ge=1, description="Use only the first N documents of the corpus (tests)."
@@ -273,6 +293,14 @@ class DataConfig(_Section):
     )
     max_documents: int | None = Field(
         None, ge=1, description="Use only the first N documents (quick experiments)."
+    )
+    document_chars: int | None = Field(
+        8000,
+        ge=500,
+        le=100_000_000,
+        description="A text file longer than this is cut into documents of at most this many "
+        "characters at paragraph breaks, so one large file can still be split into training "
+        "and held-out parts (None = one document per file).",
     )
     split_seed: int = Field(
         0,
@@ -488,6 +516,12 @@ class EvalConfig(_Section):
         True,
         description="Also train the same student with cross-entropy alone, same batches and "
         "budget, so the benefit of distillation is measured, not assumed.",
+    )
+    teacher_check: bool = Field(
+        True,
+        description="Before distilling from a Foundry-built teacher, train a model of a fresh "
+        "student's size with the teacher's recipe (cached per teacher and shape) and warn when "
+        "the teacher is not clearly better than it, or is near chance.",
     )
     sample_prompts: list[str] = Field(
         ["The list object", "To open a file", "An exception is"],

@@ -171,7 +171,7 @@ def _iter_path(path: Path, cfg: DataConfig, *, name: str) -> Iterator[Document]:
         )
     if fmt == "jsonl" or (fmt == "auto" and path.suffix.lower() == ".jsonl"):
         return _iter_jsonl(path, cfg, name=name)
-    return _iter_text_file(path, name=name)
+    return _iter_text_file(path, name=name, document_chars=cfg.document_chars)
 
 
 def _folder_message(path: Path, fmt: str) -> str:
@@ -280,10 +280,42 @@ def is_hf_dataset_dir(path: Path) -> bool:
 # --------------------------------------------------------------------------- local files
 
 
-def _iter_text_file(path: Path, *, name: str) -> Iterator[Document]:
+def _iter_text_file(path: Path, *, name: str, document_chars: int | None) -> Iterator[Document]:
+    """One document per file; a file longer than ``document_chars`` is cut into parts
+    (``file:<name>#<n>``) at paragraph breaks. Why: the split holds out whole documents,
+    so a corpus that is one large file could not be split at all ("use a larger corpus"
+    for 600 KB of text). Parts of one file that share a passage are still kept on one side
+    of the split by its overlap check."""
     text = _read_utf8(path)
-    if text:  # an empty file has nothing to learn from
+    if not text.strip():  # an empty file has nothing to learn from
+        return
+    if document_chars is None or len(text) <= document_chars:
         yield Document(doc_id=f"file:{name}", text=text)
+        return
+    for n, part in enumerate(cut_text(text, document_chars)):
+        yield Document(doc_id=f"file:{name}#{n:05d}", text=part)
+
+
+def cut_text(text: str, limit: int) -> Iterator[str]:
+    """``text`` in consecutive parts of at most ``limit`` characters that join back into
+    it exactly; each cut at the last paragraph break (a blank line) before the limit, else
+    the last line break, else the last space, else at the limit itself. Parts of nothing
+    but whitespace are dropped."""
+    start = 0
+    while len(text) - start > limit:
+        window = text[start : start + limit]
+        cut = -1
+        for sep in ("\n\n", "\n", " "):
+            at = window.rfind(sep)
+            if at > limit // 4:  # a cut that keeps most of the window
+                cut = at + len(sep)
+                break
+        end = start + (cut if cut > 0 else limit)
+        if text[start:end].strip():
+            yield text[start:end]
+        start = end
+    if text[start:].strip():
+        yield text[start:]
 
 
 def _read_utf8(path: Path) -> str:

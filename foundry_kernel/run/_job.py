@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import ValidationError
 
 from foundry_kernel import _lora
 from foundry_kernel._context import RunContext
@@ -59,7 +60,13 @@ from foundry_kernel._runtime import (
 )
 from foundry_kernel._world import World
 from foundry_kernel.atomic import atomic_write_text
-from foundry_kernel.config import BUILTIN_TEACHER, RunConfig, looks_like_path, teacher_placement
+from foundry_kernel.config import (
+    BUILTIN_TEACHER,
+    RunConfig,
+    TeacherBuild,
+    looks_like_path,
+    teacher_placement,
+)
 from foundry_kernel.data._blocks import DataBundle, build_data
 from foundry_kernel.errors import ConfigError, DataError, TeacherServerError
 from foundry_kernel.paths import default_cache_dir
@@ -72,8 +79,13 @@ from foundry_kernel.run._cross import (
 )
 from foundry_kernel.run._resources import estimate_memory_for, preflight
 from foundry_kernel.store import RunStore
-from foundry_kernel.summary import ModelResult, RunSummary
-from foundry_kernel.teachers._builtin import ensure_builtin_teacher, read_teacher_record
+from foundry_kernel.summary import ModelResult, RunSummary, TeacherCheck
+from foundry_kernel.teachers._builtin import (
+    ReferenceShape,
+    ensure_builtin_teacher,
+    ensure_reference,
+    read_teacher_record,
+)
 from foundry_kernel.teachers._client import RetryPolicy, TeacherClient
 from foundry_kernel.teachers._interface import (
     CachedTeacher,
@@ -201,6 +213,7 @@ def _run_phases(job: Job, *, resume: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     config, ctx = job.config, job.ctx
     teacher = _load_teacher(job)
+    _check_teacher(job, teacher)
     student: LoadedModel | None = None
     if config.loss.cross_tokenizer != "off":  # the blocks are in the student's tokens
         ctx.set_phase("student")
@@ -575,6 +588,49 @@ def _load_teacher(job: Job) -> LoadedModel:
     if job.placement == "shard":
         teacher = dataclasses.replace(teacher, model=_shard_teacher(job, teacher.model))
     return teacher
+
+
+def _check_teacher(job: Job, teacher: LoadedModel) -> None:
+    """Is the teacher worth distilling? Judged before any student step, for a teacher
+    Foundry built (its build record holds its held-out perplexity): against chance (its
+    vocabulary size) and, for a fresh student in one process, against a model of the
+    student's size trained by the same recipe on the same text (``ensure_reference``,
+    cached beside the teacher). A teacher that is not clearly better is a warning, not a
+    refusal: the run goes on, and its verdict explains the outcome."""
+    record, cfg = job.teacher_record, job.config
+    if record is None or not cfg.eval.teacher_check:
+        return
+    try:
+        build = TeacherBuild.model_validate(record.get("build", {}))
+    except ValidationError:  # a record from another Foundry version: nothing to compare
+        return
+    val = record.get("val") or {}
+    chance = float(record.get("vocab_size") or len(teacher.tokenizer))
+    ref_ppl: float | None = None
+    ref_params: int | None = None
+    s, tconf = cfg.student, teacher.model.config
+    if s.init == "fresh" and cfg.loss.cross_tokenizer == "off" and not job.world.distributed:
+        shape = ReferenceShape(
+            hidden_size=s.hidden_size or tconf.hidden_size,
+            num_layers=s.num_layers or tconf.num_hidden_layers,
+            num_heads=s.num_heads or tconf.num_attention_heads,
+            intermediate_size=s.intermediate_size,
+        )
+        job.ctx.set_phase("teacher_check")
+        reference = ensure_reference(
+            build,
+            Path(job.teacher_path).expanduser(),
+            shape,
+            ctx=job.ctx,
+            device=job.device,
+            amp_dtype=autocast_dtype(cfg.optim.precision, job.device, shape.hidden_size),
+            on_metrics=job.log_metrics,
+        )
+        ref_ppl, ref_params = (reference.get("val") or {}).get("val/ppl"), reference.get("params")
+    check = TeacherCheck.judge(val.get("val/ppl"), ref_ppl, chance, reference_params=ref_params)
+    job.record(teacher_check=check.to_dict())
+    if check.worth_distilling is False:
+        job.ctx.emit("alert", level="warning", message=f"teacher check: {check.message}")
 
 
 def _shard_teacher(job: Job, model: PreTrainedModel) -> PreTrainedModel:

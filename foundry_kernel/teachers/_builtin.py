@@ -23,13 +23,16 @@ folder is never mistaken for a dead one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +45,14 @@ from foundry_kernel._context import RunContext
 from foundry_kernel._models import seeded_init
 from foundry_kernel.atomic import atomic_write_text
 from foundry_kernel.config import DataConfig, EvalConfig, LimitsConfig, OptimConfig, TeacherBuild
-from foundry_kernel.data._blocks import build_data, split_documents
+from foundry_kernel.data._blocks import DataBundle, build_data, split_documents
 from foundry_kernel.data._sources import corpus_fingerprint, load_documents
 from foundry_kernel.data._tokenizer import train_bpe_tokenizer
 from foundry_kernel.errors import ModelError
-from foundry_kernel.training._trainer import MetricsSink, Trainer, TrainPlan
+from foundry_kernel.training._trainer import EarlyStop, MetricsSink, Trainer, TrainPlan
 
 log = logging.getLogger("foundry.teacher")
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: steps sized from the corpus, early stopping, best weights kept
 MARKER = "foundry-teacher.json"
 LOCK_STALE_S = 3600.0
 BUILD_WAIT_S = LOCK_STALE_S
@@ -66,6 +69,64 @@ def teacher_key(build: TeacherBuild, fingerprint: str) -> str:
     recipe = {"recipe_version": RECIPE_VERSION, "build": build.model_dump(), "corpus": fingerprint}
     blob = json.dumps(recipe, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """How long the build trains, sized from the corpus (a pure function of its inputs).
+
+    ``teacher.build.steps`` is the most the build may take; on a small corpus
+    ``teacher.build.max_epochs`` ends it sooner (a model that sees a small corpus ten times
+    memorises it), and early stopping on held-out loss (``teacher.build.patience``) may end
+    it sooner still, keeping the best evaluated weights.
+    """
+
+    steps: int
+    eval_every: int
+    tokens_per_step: int
+    train_tokens: int
+    epochs: float  # passes over the training side at ``steps``
+    limited_by: str  # "teacher.build.steps" or "teacher.build.max_epochs"
+
+    @classmethod
+    def size(cls, build: TeacherBuild, train_tokens: int) -> BuildPlan:
+        per_step = build.batch_size * build.seq_len
+        by_epochs = max(1, math.ceil(build.max_epochs * train_tokens / per_step))
+        steps = min(build.steps, by_epochs)
+        return cls(
+            steps=steps,
+            eval_every=max(1, math.ceil(steps / EVALS_PER_BUILD)),
+            tokens_per_step=per_step,
+            train_tokens=train_tokens,
+            epochs=steps * per_step / max(train_tokens, 1),
+            limited_by="teacher.build.steps"
+            if steps == build.steps
+            else "teacher.build.max_epochs",
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+EVALS_PER_BUILD = 10
+"""Held-out evaluations over a build: early stopping's resolution."""
+
+
+@dataclass(frozen=True)
+class ReferenceShape:
+    """A student-sized model (a fresh student's shape) that the build's recipe also trains,
+    so a teacher can be judged before anyone distils from it: is it clearly better than a
+    model of the student's size trained the same way on the same text?"""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int | None = None
+
+    @property
+    def key(self) -> str:
+        mlp = "auto" if self.intermediate_size is None else str(self.intermediate_size)
+        return f"h{self.hidden_size}-l{self.num_layers}-a{self.num_heads}-m{mlp}"
 
 
 def ensure_builtin_teacher(
@@ -131,6 +192,65 @@ def _wait_for_teacher(final: Path, ctx: RunContext, wait_s: float) -> Path:
     return final
 
 
+def _prepare(
+    build: TeacherBuild, docs: list[Any], ctx: RunContext, tokenizer: Any | None = None
+) -> tuple[Any, DataBundle, list[Any]]:
+    """The build's tokenizer (trained on the training side only, unless given), its data
+    bundle and the training documents. The split is a pure function of the corpus and its
+    seed, so a reference trained later sees exactly the teacher's split."""
+    data_cfg = teacher_data_config(build)
+    # Split first so the tokenizer never sees held-out text either.
+    ctx.set_stage("split", docs=len(docs))
+    train_docs, _, _ = split_documents(
+        docs,
+        val_fraction=data_cfg.val_fraction,
+        seed=data_cfg.split_seed,
+        overlap_chars=data_cfg.overlap_chars,
+        check=ctx.check,
+    )
+    if tokenizer is None:
+        ctx.set_stage("tokenizer", vocab_size=build.vocab_size)
+        tokenizer = train_bpe_tokenizer((d.text for d in train_docs), build.vocab_size, ctx=ctx)
+    data = build_data(data_cfg, tokenizer, seed=data_cfg.split_seed, docs=docs, ctx=ctx)
+    return tokenizer, data, train_docs
+
+
+def _train(
+    model: LlamaForCausalLM,
+    data: DataBundle,
+    build: TeacherBuild,
+    *,
+    ctx: RunContext,
+    amp_dtype: torch.dtype | None,
+    on_metrics: MetricsSink,
+    prefix: str,
+) -> dict[str, Any]:
+    """The build's recipe, for the teacher and its student-sized reference alike: CE,
+    steps sized from the corpus (:class:`BuildPlan`), early stopping on held-out loss with
+    the best weights kept. Returns what the record keeps of it."""
+    sized = BuildPlan.size(build, int(data.report["tokens"]["train"]))
+    ctx.set_phase(prefix.rstrip("/"), steps=sized.steps)
+    plan = TrainPlan(
+        optim=OptimConfig(
+            batch_size=build.batch_size, lr=build.lr, warmup_steps=min(30, sized.steps // 10)
+        ),
+        limits=LimitsConfig(max_steps=sized.steps),
+        eval=EvalConfig(every_steps=sized.eval_every, max_batches=20),
+        amp_dtype=amp_dtype,
+        early_stop=None if build.patience is None else EarlyStop(patience=build.patience),
+    )
+    trainer = Trainer(model, data, plan, ctx=ctx, on_metrics=on_metrics, prefix=prefix)
+    val = trainer.fit()
+    return {
+        "val": val,
+        "plan": sized.as_dict(),
+        "steps_trained": trainer.step,
+        "best_step": trainer.best_step,
+        "stopped_early": trainer.stopped_early,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
 def _build(
     build: TeacherBuild,
     docs: list[Any],
@@ -143,33 +263,19 @@ def _build(
 ) -> None:
     ctx.set_phase("teacher_build", steps=build.steps)
     t0 = time.perf_counter()
-    data_cfg = teacher_data_config(build)
-    # Split first so the tokenizer never sees held-out text either.
-    ctx.set_stage("split", docs=len(docs))
-    train_docs, _, _ = split_documents(
-        docs,
-        val_fraction=data_cfg.val_fraction,
-        seed=data_cfg.split_seed,
-        overlap_chars=data_cfg.overlap_chars,
-        check=ctx.check,
-    )
-    ctx.set_stage("tokenizer", vocab_size=build.vocab_size)
-    tokenizer = train_bpe_tokenizer((d.text for d in train_docs), build.vocab_size, ctx=ctx)
-    data = build_data(data_cfg, tokenizer, seed=data_cfg.split_seed, docs=docs, ctx=ctx)
+    tokenizer, data, train_docs = _prepare(build, docs, ctx)
     ctx.set_stage("model")
-    model = _fresh_teacher(build, tokenizer, device)
+    model = _fresh_model(build, tokenizer, device)
     ctx.set_stage("train")
-    plan = TrainPlan(
-        optim=OptimConfig(
-            batch_size=build.batch_size, lr=build.lr, warmup_steps=min(30, build.steps // 10)
-        ),
-        limits=LimitsConfig(max_steps=build.steps),
-        eval=EvalConfig(every_steps=max(build.steps // 4, 1), max_batches=20),
+    trained = _train(
+        model,
+        data,
+        build,
+        ctx=ctx,
         amp_dtype=amp_dtype,
+        on_metrics=on_metrics,
+        prefix="teacher_build/",
     )
-    result = Trainer(
-        model, data, plan, ctx=ctx, on_metrics=on_metrics, prefix="teacher_build/"
-    ).fit()
     ctx.set_stage("save")
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -181,9 +287,9 @@ def _build(
     record = {
         "recipe_version": RECIPE_VERSION,
         "build": build.model_dump(),
-        "params": sum(p.numel() for p in model.parameters()),
+        **trained,
+        "vocab_size": len(tokenizer),
         "build_seconds": round(time.perf_counter() - t0, 1),
-        "val": result,
         "data": data.report,
         "train_doc_ids": sorted(d.doc_id for d in train_docs),
     }
@@ -195,11 +301,55 @@ def _build(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info(
-        "built teacher %s in %.0f s (val ppl %.1f)",
+        "built teacher %s in %.0f s: %d of %d steps (best at %s), val ppl %.1f",
         final.name,
         record["build_seconds"],
-        result.get("val/ppl", float("nan")),
+        trained["steps_trained"],
+        trained["plan"]["steps"],
+        trained["best_step"],
+        trained["val"].get("val/ppl", float("nan")),
     )
+
+
+def ensure_reference(
+    build: TeacherBuild,
+    teacher: Path,
+    shape: ReferenceShape,
+    *,
+    ctx: RunContext,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    on_metrics: MetricsSink | None = None,
+) -> dict[str, Any]:
+    """The held-out result of a ``shape``-sized model trained by the teacher's own recipe on
+    its own data and tokenizer; trained once per teacher and shape, then cached beside the
+    teacher (``references/<shape>.json``, written atomically)."""
+    path = teacher / "references" / f"{shape.key}.json"
+    if path.is_file():
+        cached: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        return cached
+    from transformers import AutoTokenizer
+
+    ctx.set_stage("corpus", source=build.data)
+    docs = load_documents(teacher_data_config(build), check=ctx.check)
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    _, data, _ = _prepare(build, docs, ctx, tokenizer=tokenizer)
+    t0 = time.perf_counter()
+    model = _fresh_model(build, tokenizer, device, shape)
+    result = _train(
+        model,
+        data,
+        build,
+        ctx=ctx,
+        amp_dtype=amp_dtype,
+        on_metrics=on_metrics or (lambda step, values: None),
+        prefix="teacher_reference/",
+    )
+    record = {"shape": dataclasses.asdict(shape), **result}
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=1))
+    return record
 
 
 def _save(tmp: Path, model: LlamaForCausalLM, tokenizer: Any, ctx: RunContext) -> None:
@@ -211,16 +361,24 @@ def _save(tmp: Path, model: LlamaForCausalLM, tokenizer: Any, ctx: RunContext) -
     ctx.check()
 
 
-def _fresh_teacher(build: TeacherBuild, tokenizer: Any, device: torch.device) -> LlamaForCausalLM:
-    if build.hidden_size % build.num_heads:
-        raise ModelError("teacher.build.hidden_size must be divisible by teacher.build.num_heads")
+def _fresh_model(
+    build: TeacherBuild, tokenizer: Any, device: torch.device, shape: ReferenceShape | None = None
+) -> LlamaForCausalLM:
+    """The build's Llama-style model: the teacher, or a model of ``shape`` (its reference)."""
+    hidden = build.hidden_size if shape is None else shape.hidden_size
+    heads = build.num_heads if shape is None else shape.num_heads
+    layers = build.num_layers if shape is None else shape.num_layers
+    field = "teacher.build" if shape is None else "student"
+    if hidden % heads:
+        raise ModelError(f"{field}.hidden_size must be divisible by {field}.num_heads")
+    mlp = shape.intermediate_size if shape is not None else None
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=build.hidden_size,
-        intermediate_size=-(-build.hidden_size * 8 // 3 // 16) * 16,
-        num_hidden_layers=build.num_layers,
-        num_attention_heads=build.num_heads,
-        num_key_value_heads=build.num_heads,
+        hidden_size=hidden,
+        intermediate_size=mlp or -(-hidden * 8 // 3 // 16) * 16,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=max(build.seq_len, 512),
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,

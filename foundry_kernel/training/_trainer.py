@@ -89,6 +89,20 @@ MetricsSink = Callable[[int, dict[str, float]], None]
 
 
 @dataclass(frozen=True)
+class EarlyStop:
+    """Stop when held-out loss has not improved for ``patience`` evaluations in a row, and
+    end with the weights of the best evaluation, not the last ones.
+
+    Why: a model trained many epochs on a small corpus memorises it; its held-out loss
+    turns up long before the step budget ends. Used by the built-in teacher's build (one
+    process, no checkpoints: the best weights are kept as a copy in host memory).
+    """
+
+    patience: int
+    min_delta: float = 0.0
+
+
+@dataclass(frozen=True)
 class TrainPlan:
     """One training phase: the config's own sections (validated there, so a plan cannot
     hold a value the schema refuses) plus what the run resolved (the autocast dtypes).
@@ -116,6 +130,8 @@ class TrainPlan:
     # hidden-state loss pairs each kept layer with its source). None: unknown (a student
     # handed over directly), and the hidden-state loss uses its evenly spaced default.
     student: StudentConfig | None = None
+    # Early stopping on held-out loss (one process only); None: train every step.
+    early_stop: EarlyStop | None = None
 
     @classmethod
     def from_config(
@@ -256,6 +272,14 @@ class Trainer:
         )
         self._group_stop: str | None = None
         self._rank_rate: float | None = None  # this rank's tokens/s in its previous step
+        if plan.early_stop is not None and self.world.distributed:
+            raise ValueError("early stopping keeps a host copy of the weights: one process only")
+        # Early stopping: the best evaluation so far, its step and weights (host copies).
+        self.best_eval: dict[str, float] = {}
+        self.best_step: int | None = None
+        self.stopped_early = False
+        self._best_state: dict[str, Tensor] | None = None
+        self._bad_evals = 0
 
     def _choose_strategy(self) -> StrategyChoice:
         """Resolve ``plan.loss_strategy`` for this model and teacher (a ConfigError for an
@@ -423,7 +447,7 @@ class Trainer:
         if resume:
             self.try_resume()
         self.wrapped.train()
-        while self.step < self.plan.max_steps:
+        while self.step < self.plan.max_steps and not self.stopped_early:
             step, at_start = self.step, self.sampler.state_dict()
             try:
                 self._advance()
@@ -433,8 +457,36 @@ class Trainer:
                 mid_step = self.step == step and self._group_stop is None
                 self._stop_cleanly(at_start if mid_step else None)
                 raise
+        if self._best_state is not None:  # early stopping: end on the best weights
+            self.model.load_state_dict(self._best_state)
+            self.last_eval = dict(self.best_eval)
         self.checkpoint()
         return self.last_eval
+
+    def _track_best(self, metrics: Mapping[str, float]) -> None:
+        """Early stopping's bookkeeping after an evaluation (``plan.early_stop``)."""
+        rule = self.plan.early_stop
+        loss = metrics.get("val/loss")
+        if rule is None or loss is None or not math.isfinite(loss):
+            return
+        best = self.best_eval.get("val/loss", math.inf)
+        if loss < best - rule.min_delta:
+            self.best_eval, self.best_step, self._bad_evals = dict(metrics), self.step, 0
+            self._best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
+            }
+            return
+        self._bad_evals += 1
+        if self._bad_evals >= rule.patience:
+            self.stopped_early = True
+            log.info(
+                "%sheld-out loss has not improved for %d evaluations: stopped at step %d, "
+                "keeping step %s",
+                self.prefix,
+                self._bad_evals,
+                self.step,
+                self.best_step,
+            )
 
     def _advance(self) -> None:
         """One optimizer step, its report, and the evaluation/checkpoint it is due.
@@ -456,7 +508,9 @@ class Trainer:
         if metrics is None:
             return
         if self.step % self.plan.eval.every_steps == 0 or self.step == self.plan.max_steps:
-            self._report(self.evaluate())
+            evaluated = self.evaluate()
+            self._report(evaluated)
+            self._track_best(evaluated)
         every = self.plan.checkpoint.every_steps
         if every and self.step % every == 0 and self.step < self.plan.max_steps:
             self.checkpoint()
