@@ -559,6 +559,7 @@ def _load_teacher(job: Job) -> LoadedModel:
             amp_dtype=autocast_dtype(job.config.optim.precision, job.device, hidden),
             on_metrics=job.log_metrics,
             may_build=world.is_main or (world.is_node_main and not shared),
+            like=job.config.data,
         )
         job.ctx.set_phase("teacher")  # back from the build, if there was one
         source = str(path)
@@ -625,6 +626,7 @@ def _check_teacher(job: Job, teacher: LoadedModel) -> None:
             device=job.device,
             amp_dtype=autocast_dtype(cfg.optim.precision, job.device, shape.hidden_size),
             on_metrics=job.log_metrics,
+            like=cfg.data,
         )
         ref_ppl, ref_params = (reference.get("val") or {}).get("val/ppl"), reference.get("params")
     check = TeacherCheck.judge(val.get("val/ppl"), ref_ppl, chance, reference_params=ref_params)

@@ -60,9 +60,22 @@ BUILD_WAIT_S = LOCK_STALE_S
 build may hold its lock before the lock counts as abandoned."""
 
 
-def teacher_data_config(build: TeacherBuild) -> DataConfig:
-    """The data section a built teacher was trained on (shared with default runs)."""
-    return DataConfig(source=build.data, seq_len=build.seq_len, max_documents=build.max_documents)
+#: How a corpus is read, taken from the run's ``data`` section when the teacher is built
+#: on the run's own ``data.source`` (a JSONL corpus's fields, a file's document size).
+READING_FIELDS = ("format", "text_field", "prompt_field", "completion_field", "document_chars")
+
+
+def teacher_data_config(build: TeacherBuild, like: DataConfig | None = None) -> DataConfig:
+    """The data section a built teacher is trained on: ``teacher.build``'s corpus, block
+    length and document cap, read the way the run reads it when ``like`` (the run's
+    ``data``) names the same source (its JSONL fields, its document size); otherwise with
+    the defaults. How it was read reaches the cache key through the corpus fingerprint."""
+    reading: dict[str, Any] = {}
+    if like is not None and like.source == build.data:
+        reading = {name: getattr(like, name) for name in READING_FIELDS}
+    return DataConfig(
+        source=build.data, seq_len=build.seq_len, max_documents=build.max_documents, **reading
+    )
 
 
 def teacher_key(build: TeacherBuild, fingerprint: str) -> str:
@@ -139,6 +152,7 @@ def ensure_builtin_teacher(
     on_metrics: MetricsSink | None = None,
     may_build: bool = True,
     wait_s: float = BUILD_WAIT_S,
+    like: DataConfig | None = None,
 ) -> Path:
     """Path of a ready teacher for ``build``; trains and caches it when absent.
 
@@ -152,7 +166,8 @@ def ensure_builtin_teacher(
     the cache's own lock file, removed on the way out.
     """
     ctx.set_stage("corpus", source=build.data)
-    docs = load_documents(teacher_data_config(build), check=ctx.check)
+    data_cfg = teacher_data_config(build, like)
+    docs = load_documents(data_cfg, check=ctx.check)
     key = teacher_key(build, corpus_fingerprint(docs))
     final = cache_dir / "teachers" / key
     if (final / MARKER).is_file():
@@ -165,6 +180,7 @@ def ensure_builtin_teacher(
             return final
         _build(
             build,
+            data_cfg,
             docs,
             final,
             ctx=ctx,
@@ -193,12 +209,15 @@ def _wait_for_teacher(final: Path, ctx: RunContext, wait_s: float) -> Path:
 
 
 def _prepare(
-    build: TeacherBuild, docs: list[Any], ctx: RunContext, tokenizer: Any | None = None
+    build: TeacherBuild,
+    data_cfg: DataConfig,
+    docs: list[Any],
+    ctx: RunContext,
+    tokenizer: Any | None = None,
 ) -> tuple[Any, DataBundle, list[Any]]:
     """The build's tokenizer (trained on the training side only, unless given), its data
     bundle and the training documents. The split is a pure function of the corpus and its
     seed, so a reference trained later sees exactly the teacher's split."""
-    data_cfg = teacher_data_config(build)
     # Split first so the tokenizer never sees held-out text either.
     ctx.set_stage("split", docs=len(docs))
     train_docs, _, _ = split_documents(
@@ -210,7 +229,8 @@ def _prepare(
     )
     if tokenizer is None:
         ctx.set_stage("tokenizer", vocab_size=build.vocab_size)
-        tokenizer = train_bpe_tokenizer((d.text for d in train_docs), build.vocab_size, ctx=ctx)
+        texts = (f"{d.prompt}{d.text}" for d in train_docs)  # prompts are read too
+        tokenizer = train_bpe_tokenizer(texts, build.vocab_size, ctx=ctx)
     data = build_data(data_cfg, tokenizer, seed=data_cfg.split_seed, docs=docs, ctx=ctx)
     return tokenizer, data, train_docs
 
@@ -229,7 +249,7 @@ def _train(
     steps sized from the corpus (:class:`BuildPlan`), early stopping on held-out loss with
     the best weights kept. Returns what the record keeps of it."""
     sized = BuildPlan.size(build, int(data.report["tokens"]["train"]))
-    ctx.set_phase(prefix.rstrip("/"), steps=sized.steps)
+    ctx.set_stage("train", steps=sized.steps, limited_by=sized.limited_by)
     plan = TrainPlan(
         optim=OptimConfig(
             batch_size=build.batch_size, lr=build.lr, warmup_steps=min(30, sized.steps // 10)
@@ -253,6 +273,7 @@ def _train(
 
 def _build(
     build: TeacherBuild,
+    data_cfg: DataConfig,
     docs: list[Any],
     final: Path,
     *,
@@ -263,10 +284,9 @@ def _build(
 ) -> None:
     ctx.set_phase("teacher_build", steps=build.steps)
     t0 = time.perf_counter()
-    tokenizer, data, train_docs = _prepare(build, docs, ctx)
+    tokenizer, data, train_docs = _prepare(build, data_cfg, docs, ctx)
     ctx.set_stage("model")
     model = _fresh_model(build, tokenizer, device)
-    ctx.set_stage("train")
     trained = _train(
         model,
         data,
@@ -320,6 +340,7 @@ def ensure_reference(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     on_metrics: MetricsSink | None = None,
+    like: DataConfig | None = None,
 ) -> dict[str, Any]:
     """The held-out result of a ``shape``-sized model trained by the teacher's own recipe on
     its own data and tokenizer; trained once per teacher and shape, then cached beside the
@@ -331,9 +352,10 @@ def ensure_reference(
     from transformers import AutoTokenizer
 
     ctx.set_stage("corpus", source=build.data)
-    docs = load_documents(teacher_data_config(build), check=ctx.check)
+    data_cfg = teacher_data_config(build, like)
+    docs = load_documents(data_cfg, check=ctx.check)
     tokenizer = AutoTokenizer.from_pretrained(teacher)
-    _, data, _ = _prepare(build, docs, ctx, tokenizer=tokenizer)
+    _, data, _ = _prepare(build, data_cfg, docs, ctx, tokenizer=tokenizer)
     t0 = time.perf_counter()
     model = _fresh_model(build, tokenizer, device, shape)
     result = _train(
