@@ -280,3 +280,80 @@ def test_foundry_dashboard_export(views: dict[str, Any], tmp_path: Path) -> None
         cwd=REPO,
     )
     assert bad.returncode == 2 and "add --export" in bad.stderr
+
+
+# --- the dashboard's new views ------------------------------------------------------------
+
+
+def test_dashboard_filters_overlay_and_downloads(views: dict[str, Any]) -> None:
+    import base64
+
+    import ipywidgets as W
+
+    from widgets.dashboard import build_dashboard, figure_of
+
+    board = build_dashboard(views["root"])
+    try:
+        assert "1 failed hidden" in board.table_view.value
+        assert "broken" not in board.table_view.value
+        board.hide_failed.value = False
+        assert "broken" in board.table_view.value and "failed hidden" not in board.table_view.value
+        board.tag_filter.value = "jsd"
+        shown = board.table_view.value
+        assert "jsd-t1" in shown and "fkl-t1" not in shown and "JSD β=0.5 · T=2" in shown
+        link = re.search(r'download="runs.csv" href="data:text/csv;charset=utf-8;base64,([^"]+)"',
+                         board.downloads.value)  # fmt: skip
+        assert link is not None
+        csv_text = base64.b64decode(link.group(1)).decode()
+        assert "jsd-t1" in csv_text and "fkl-t1" not in csv_text  # the table as filtered
+        board.tag_filter.value = "any"
+
+        board.overlay_picker.value = (views["fkl-t1"], views["jsd-t1"], views["jsd-t2"])
+        board.smoothing.value = 0.5
+        board.log_scale.value = True
+        charts = [figure_of(w) for w in board.overlay_view.children if isinstance(w, W.Output)]
+        overlay, parallel = charts
+        assert overlay["layout"]["yaxis"]["type"] == "log"
+        assert len([t for t in overlay["data"] if t.get("showlegend") is not False]) == 3
+        assert parallel["data"][0]["type"] == "parcoords"
+        diffs = board.overlay_view.children[1].value
+        assert "loss.kind" in diffs and "loss.temperature" in diffs and "loss.beta" not in diffs
+        board.offer_report.value = True
+        assert 'download="foundry-report.html"' in board.overlay_view.children[-1].value
+
+        board.show_run(views["hurt"])  # not listed by id? it is; warnings are shown
+        board.run_picker.value = views["hurt"]
+        status = board.run_view.children[0].value
+        assert "Distillation did not help" in status and "barely better than chance" in status
+    finally:
+        assert board.store is not None
+        board.store.close()
+
+
+def test_dashboard_refresh_keeps_running_runs_live(tmp_path: Path) -> None:
+    from widgets.dashboard import build_dashboard
+
+    root = tmp_path / "runs"
+    with RunStore(root) as store:
+        run_id = store.create_run(_config("live", "jsd", 1.0), name="live").run_id
+        store.set_state(run_id, "running")
+        store.log_metrics(run_id, 1, {"train/loss": 5.0})
+    board = build_dashboard(root)
+    try:
+        board.overlay_picker.value = (run_id,)
+        before = board.table_view.value
+        with RunStore(root) as store:
+            store.log_metrics(run_id, 2, {"train/loss": 4.0})
+            store.set_state(run_id, "completed")
+            new = store.create_run(_config("new", "jsd", 1.0), name="newcomer").run_id
+        board.refresh()
+        assert "completed" in board.table_view.value and before != board.table_view.value
+        assert new in dict((v, k) for k, v in board.run_picker.options)
+        from widgets.dashboard import figure_of
+
+        overlay = figure_of(board.overlay_view.children[0])
+        assert overlay["data"][0]["x"] == [1.0, 2.0]  # the new point reached the chart
+    finally:
+        board.close()
+        assert board.store is not None
+        board.store.close()
