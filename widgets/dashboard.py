@@ -647,7 +647,8 @@ def _data_link(text: str, filename: str, mime: str, label: str) -> str:
     """A download link holding ``text`` itself (``data:`` URL): the server writes nothing."""
     payload = base64.b64encode(text.encode("utf-8")).decode("ascii")
     return (
-        f'<a download="{html.escape(filename)}" href="data:{mime};charset=utf-8;base64,'
+        f'<a class="foundry-download" download="{html.escape(filename)}" '
+        f'href="data:{mime};charset=utf-8;base64,'
         f'{payload}" style="color:#2563eb">{html.escape(label)}</a>'
     )
 
