@@ -295,6 +295,7 @@ def test_dashboard_filters_overlay_and_downloads(views: dict[str, Any]) -> None:
     board = build_dashboard(views["root"])
     try:
         assert "1 failed hidden" in board.table_view.value
+        assert board.state_filter.value == board.tag_filter.value == "any"
         assert "broken" not in board.table_view.value
         board.hide_failed.value = False
         assert "broken" in board.table_view.value and "failed hidden" not in board.table_view.value

@@ -351,6 +351,8 @@ class Dashboard:
         self.state_filter.options = [_ANY, *states]
         self.mode_filter.options = [_ANY, *modes]
         self.tag_filter.options = [_ANY, *tags]
+        for picker in (self.state_filter, self.mode_filter, self.tag_filter):
+            picker.value = _ANY  # shown as chosen, not a blank box
         for widget in (self.state_filter, self.mode_filter, self.tag_filter, self.hide_failed):
             widget.observe(self._on_filter, names="value")
         self.show_table()
