@@ -61,7 +61,8 @@ WORKBENCH_COMMANDS: dict[str, tuple[str, bool, str]] = {
     "dashboard": (
         "widgets.launchers",
         True,
-        "serve the read-only results dashboard (Voila) on 127.0.0.1",
+        "serve the read-only results dashboard (Voila) on 127.0.0.1, or --export an "
+        "offline HTML report",
     ),
     "lab": ("widgets.launchers", True, "start JupyterLab on 127.0.0.1 with a token"),
 }

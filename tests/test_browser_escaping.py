@@ -49,10 +49,12 @@ _FINDINGS_JS = """
   const inPlots = (sel) => [...scope].flatMap((el) => [...el.querySelectorAll(sel)]);
   const everywhere = (sel) => [...document.querySelectorAll(sel)];
   const attrs = (el) => [...el.attributes].map((a) => a.name);
+  // the dashboard's own downloads: data: links it builds (a payload is escaped text)
+  const ours = (el) => el.matches('a.foundry-download[download][href^="data:"]');
   return {
-    links: inPlots('a').filter((a) => !a.classList.contains('modebar-btn'))
+    links: inPlots('a').filter((a) => !a.classList.contains('modebar-btn') && !ours(a))
       .map((a) => a.outerHTML.slice(0, 200)),
-    hrefs: inPlots('*').filter((el) => !el.classList.contains('modebar-btn'))
+    hrefs: inPlots('*').filter((el) => !el.classList.contains('modebar-btn') && !ours(el))
       .filter((el) => attrs(el).some((n) => /(^|:)href$/.test(n)))
       .map((el) => el.outerHTML.slice(0, 200)),
     styled_text: inPlots('tspan[style]').map((el) => el.outerHTML.slice(0, 200)),
@@ -171,7 +173,8 @@ def test_the_dashboard_shows_payloads_as_text_and_damaged_rows_flagged(
 
     # one payload run in detail: its memory chart's legend holds every payload
     label = next(label for label, run_id in choices.items() if run_id == served["members"][0])
-    page.locator(".widget-dropdown select").first.select_option(label=label)
+    picker = page.locator(".widget-dropdown", has_text="Run:").locator("select").first
+    picker.select_option(label=label)
     memory = page.locator(".js-plotly-plot", has_text="Memory use").first
     legend = memory.locator(".legendtext")
     page.wait_for_function(

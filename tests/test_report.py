@@ -277,13 +277,19 @@ def test_dashboard_refuses_a_writable_store(demo: dict[str, Any]) -> None:
 
 
 def test_dashboard_offers_nothing_but_pickers(dashboard: Any) -> None:
-    """No Text inputs, no buttons: the only widgets a viewer can act on are two Dropdowns."""
+    """No Text inputs, no buttons: the only widgets a viewer can act on select what to
+    display (Dropdowns, a multi-select of run ids, checkboxes, the smoothing slider)."""
     interactive = [
         w
         for w in _walk(dashboard.root)
         if isinstance(w, (W.ValueWidget, W.Button)) and not isinstance(w, W.HTML)
     ]
-    assert {type(w) for w in interactive} == {W.Dropdown}
+    assert {type(w) for w in interactive} == {
+        W.Dropdown,
+        W.SelectMultiple,
+        W.Checkbox,
+        W.FloatSlider,
+    }
     assert not any(isinstance(w, (W.Text, W.Textarea, W.Button)) for w in _walk(dashboard.root))
 
 
@@ -346,7 +352,7 @@ def test_dashboard_module_imports_no_control_code() -> None:
     }
     assert not imported & forbidden
     # the read-only view and its queries; never the panel, the form or the run controls
-    allowed = {"widgets", "widgets.report", "widgets.plot_text"}
+    allowed = {"widgets", "widgets.report", "widgets.plot_text", "widgets.html_report"}
     assert {name for name in imported if name.startswith("widgets")} <= allowed
 
 

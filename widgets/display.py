@@ -18,6 +18,7 @@ from foundry_kernel import RunHandle, RunState
 from foundry_kernel.config import RunConfig
 from foundry_kernel.store import RunStore
 from foundry_kernel.summary import ROLES, RunSummary
+from widgets import report
 from widgets.charts import LiveCharts, metric_trace
 from widgets.frontend import in_ipython
 
@@ -92,27 +93,46 @@ def summary_html(result: Mapping[str, Any] | RunSummary) -> str:
         for h in ("", "params", "val ppl", "val loss", "agreement", "val KL", "gen tok/s")
     )
     parts = [f'<table class="foundry-summary" {_TABLE}><tr>{head}</tr>{"".join(rows)}</table>']
-    if summary.gap_closed is not None:
-        parts.append(
-            f"<p>Distillation closed <b>{summary.gap_closed:.0%}</b> of the CE-only "
-            "student's gap.</p>"
-        )
+    verdict = summary.verdict
+    if verdict is not None:  # the sentence, never a bare "-75%" (it includes gap closed)
+        level = {"good": "info"}.get(verdict.level, verdict.level)
+        title = {"good": "Distillation helped", "warning": "Warning"}.get(verdict.level, "Note")
+        parts.append(error_html(title, verdict.text, level=level))
+    check = summary.teacher_check
+    if check is not None and check.standing in ("near_chance", "no_better", "marginal"):
+        if check.message and (verdict is None or check.message not in verdict.text):
+            parts.append(error_html("Teacher", check.message, level="warning"))
     parts.append(_samples_html(summary.samples))
     if summary.export_dir:
         parts.append(f"<p>Student saved to <code>{html.escape(summary.export_dir)}</code></p>")
     return "".join(parts)
 
 
+_SAMPLE_HEADS = {"baseline": "CE-only", "baseline_sampled": "CE-only (sampled)"}
+_SAMPLE_CELL = (
+    "font-family:monospace;font-size:12px;max-height:7.5em;overflow:auto;"
+    "white-space:pre-wrap;word-break:break-word;max-width:32em"
+)
+
+
 def _samples_html(samples: Sequence[Mapping[str, str]]) -> str:
+    """Same prompts, teacher / distilled / CE-only (and their sampled continuations when
+    stored) side by side; whitespace made visible and compact (a sample of newlines used
+    to make a tall empty row), each cell a few lines at most, scrollable, raw on hover."""
     if not samples:
         return ""
-    keys = [k for k in ROLES if any(k in s for s in samples)]
-    head = "".join(f'<th style="{_CELL};text-align:left">{k}</th>' for k in ("prompt", *keys))
+    columns = report.sample_columns(samples)
+    head = "".join(
+        f'<th style="{_CELL};text-align:left">{_SAMPLE_HEADS.get(k, k.replace("_", " "))}</th>'
+        for k in columns
+    )
     body = "".join(
         "<tr>"
         + "".join(
-            f'<td style="{_CELL};font-family:monospace">{html.escape(s.get(k, ""))}</td>'
-            for k in ("prompt", *keys)
+            f'<td style="{_CELL};vertical-align:top"><div style="{_SAMPLE_CELL}" '
+            f'title="{html.escape(s.get(k, ""))}">'
+            f"{html.escape(report.visible_text(s.get(k, '')))}</div></td>"
+            for k in columns
         )
         + "</tr>"
         for s in samples

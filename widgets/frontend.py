@@ -50,16 +50,28 @@ def is_headless() -> bool:
     return not os.environ.get("JPY_SESSION_NAME")
 
 
-def static_bundle(figure: Any) -> dict[str, Any]:
+_plotlyjs_shown = False  # one kernel runs one notebook: plotly.js goes in its first chart
+
+
+def static_bundle(figure: Any, *, include_plotlyjs: bool | None = None) -> dict[str, Any]:
     """A figure as one display output: the plotly JSON mimetype (JupyterLab's plotly
-    extension renders it) plus HTML that loads plotly.js from its CDN (nbviewer, GitHub)
-    and a text title. No image export, so no kaleido or browser is needed."""
+    extension renders it), HTML for everything else (nbconvert, nbviewer, a browser
+    opening the exported notebook) and a text title. No image export, so no kaleido.
+
+    The HTML of the kernel's first figure embeds plotly.js inline (from the installed
+    plotly package) and later ones reuse it: loading it from the CDN left the headless
+    output notebook's charts blank offline. ``include_plotlyjs`` forces either way.
+    """
+    global _plotlyjs_shown
+    embed = not _plotlyjs_shown if include_plotlyjs is None else include_plotlyjs
     title = figure.layout.title.text or "figure"
-    return {
+    bundle = {
         PLOTLY_MIMETYPE: json.loads(figure.to_json()),
-        "text/html": figure.to_html(include_plotlyjs="cdn", full_html=False),
+        "text/html": figure.to_html(include_plotlyjs=embed, full_html=False),
         "text/plain": f"<plotly figure: {title}>",
     }
+    _plotlyjs_shown = _plotlyjs_shown or embed
+    return bundle
 
 
 def show_static(figure: Any) -> None:

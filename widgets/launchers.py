@@ -595,6 +595,19 @@ def add_commands(subparsers: Any) -> None:
         help=f"most viewers at once, one kernel (~80 MiB) each; the next gets a 'busy, try "
         f"again' page (default: {DEFAULT_MAX_KERNELS})",
     )
+    dash.add_argument(
+        "--export",
+        type=Path,
+        metavar="REPORT.html",
+        help="write one self-contained HTML report (tables, charts with plotly.js inline, "
+        "samples, warnings) that opens with no network and no server, then exit",
+    )
+    dash.add_argument(
+        "--runs",
+        nargs="+",
+        metavar="RUN_ID",
+        help="with --export: the runs to include (default: every completed run)",
+    )
     dash.set_defaults(handler=_dashboard_command)
 
     lab = subparsers.add_parser("lab", help="start JupyterLab on 127.0.0.1 with a token")
@@ -605,6 +618,14 @@ def add_commands(subparsers: Any) -> None:
 
 
 def _dashboard_command(args: argparse.Namespace) -> int:
+    if args.runs and not args.export:
+        raise ServerError("--runs chooses the runs of an --export report; add --export FILE.html")
+    if args.export:
+        from widgets.html_report import write_report
+
+        path = write_report(args.runs_dir, args.export, args.runs)
+        print(f"report written to {path.absolute()} ({path.stat().st_size / 1e6:.1f} MB)")
+        return 0
     server = serve_dashboard(
         args.runs_dir, port=args.port, token=args.token, max_kernels=args.max_kernels
     )

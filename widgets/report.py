@@ -14,7 +14,11 @@ raising: a run that failed half-way must still get a row.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -24,27 +28,40 @@ from typing import Any
 from foundry_kernel.metrics import lookup, names_in
 from foundry_kernel.ranks import parse_rank_metric, rank_figures
 from foundry_kernel.store import RunRecord, RunStore
-from foundry_kernel.summary import ROLES, ModelResult, RunSummary
+from foundry_kernel.summary import MARGINAL_RATIO, ROLES, ModelResult, RunSummary
 
 __all__ = [
     "BATCH_COLUMNS",
     "COMPARISON_COLUMNS",
+    "FAILED_STATES",
     "LABELS",
     "LOSS_METRICS",
     "PPL_METRICS",
     "RUN_COLUMNS",
     "SAMPLE_COLUMNS",
+    "Notice",
     "Series",
     "batch_comparison",
     "batch_ids",
     "comparison",
+    "config_differences",
+    "ema",
+    "filter_rows",
     "fmt",
     "memory_series",
     "metric_label",
     "metric_series",
+    "parallel_data",
+    "recipe",
     "run_choices",
+    "run_warnings",
     "runs_table",
+    "sample_columns",
     "samples",
+    "table_csv",
+    "table_json",
+    "tags_of",
+    "visible_text",
     "with_damage_column",
 ]
 
@@ -86,6 +103,13 @@ LABELS: dict[str, str] = {
     "rss_mb": "Memory (RSS, MB)",
     "vram_mb": "GPU memory (MB)",
     "straggler": "Slowing the others down",
+    "recipe": "Settings (loss, temperature, CE weight, mode, data)",
+    "verdict": "Did distillation help?",
+    "tags": "Tags",
+    "setting": "Setting",
+    "teacher_sampled": "Teacher (sampled)",
+    "student_sampled": "Distilled student (sampled)",
+    "baseline_sampled": "Student without teacher (sampled)",
 }
 
 RUN_COLUMNS: tuple[str, ...] = (
@@ -100,6 +124,8 @@ RUN_COLUMNS: tuple[str, ...] = (
     "baseline_ppl",
     "agreement",
     "gap_closed",
+    "verdict",
+    "recipe",
 )
 COMPARISON_COLUMNS: tuple[str, ...] = (
     "model",
@@ -309,6 +335,10 @@ def run_row(run: RunRecord, *, now: float | None = None) -> dict[str, Any]:
         "baseline_ppl": baseline.val_ppl,
         "agreement": summary.agreement,
         "gap_closed": summary.gap_closed,
+        "verdict": _verdict_word(summary),
+        "recipe": recipe(run.config),
+        "mode": _mode(run.config),
+        "tags": tags_of(run),
         "error": run.error,
         "damage": "; ".join(run.damage),
     }
@@ -469,9 +499,11 @@ def comparison(run: RunRecord | Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def samples(run: RunRecord | Mapping[str, Any]) -> list[dict[str, str]]:
-    """The run's sample generations, one row per prompt, missing texts as empty strings."""
+    """The run's sample generations, one row per prompt, missing texts as empty strings;
+    seeded sampled continuations (``student_sampled``...) are kept when the run has them."""
     rows = RunSummary.parse(_summary_of(run)).samples
-    return [{key: row.get(key) or "" for key in SAMPLE_COLUMNS} for row in rows]
+    extra = [r + SAMPLED_SUFFIX for r in ROLES if any(row.get(r + SAMPLED_SUFFIX) for row in rows)]
+    return [{key: row.get(key) or "" for key in (*SAMPLE_COLUMNS, *extra)} for row in rows]
 
 
 # --- batches ------------------------------------------------------------------------------
@@ -523,3 +555,320 @@ def batch_comparison(store: RunStore, batch_id: str) -> list[dict[str, Any]]:
     if ranked:
         min(ranked, key=lambda r: r["student_ppl"])["best"] = True
     return rows
+
+
+# --- issue 16: settings, tags, filters, differences, grids, downloads, warnings ----------
+
+FAILED_STATES = frozenset({"failed", "timed_out"})
+"""States a reader usually wants out of the way (the dashboard hides them by default)."""
+
+_LOSS_NAMES = {
+    "forward_kl": "forward KL",
+    "reverse_kl": "reverse KL",
+    "jsd": "JSD",
+    "skew_forward_kl": "skew forward KL",
+    "skew_reverse_kl": "skew reverse KL",
+    "tvd": "TVD",
+}
+# losses whose formula reads loss.beta / loss.skew_alpha (elsewhere the field is unused)
+_USES_BETA = frozenset({"jsd"})
+_USES_ALPHA = frozenset({"skew_forward_kl", "skew_reverse_kl"})
+
+
+def _mode(config: Mapping[str, Any]) -> str | None:
+    mode = _section(config, "distill").get("mode")
+    return mode if isinstance(mode, str) else None
+
+
+def _short_source(source: Any) -> str | None:
+    if not isinstance(source, str) or not source:
+        return None
+    return source.removeprefix("builtin:") if source.startswith("builtin:") else _leaf(source)
+
+
+def recipe(config: Mapping[str, Any]) -> str:
+    """The settings that tell runs apart at a glance: 'JSD β=0.5 · T=2 · CE 0.5 · online ·
+    python-docs' (forward-KL and JSD runs used to look identical in the runs table).
+    Only the fields the chosen loss reads are shown (β only for JSD)."""
+    loss = _section(config, "loss")
+    kind = loss.get("kind")
+    parts: list[str] = []
+    if isinstance(kind, str):
+        name = _LOSS_NAMES.get(kind, kind)
+        if kind in _USES_BETA and _number(loss.get("beta")) is not None:
+            name += f" β={loss['beta']:g}"
+        if kind in _USES_ALPHA and _number(loss.get("skew_alpha")) is not None:
+            name += f" α={loss['skew_alpha']:g}"
+        parts.append(name)
+    if (temperature := _number(loss.get("temperature"))) is not None:
+        parts.append(f"T={temperature:g}")
+    if (ce := _number(loss.get("ce_weight"))) is not None:
+        parts.append(f"CE {ce:g}")
+    if (mode := _mode(config)) is not None:
+        parts.append(mode.replace("_", "-"))
+    if (data := _short_source(_section(config, "data").get("source"))) is not None:
+        parts.append(data)
+    return " · ".join(parts) or "—"
+
+
+_TAG_SPLIT = re.compile(r"[\s,;]+")
+
+
+def tags_of(run: RunRecord) -> list[str]:
+    """Tags to filter by. The store keeps none of its own, so they are read from what a
+    user already chose: a ``tags`` list in the config if there is one, the words of the
+    config's ``name`` ('grid-0 lr-sweep' -> grid-0, lr-sweep), the loss kind, the mode,
+    the data source, and ``batch:<id>`` for batch members. Read only, never written."""
+    config = run.config
+    found: list[str] = []
+    listed = config.get("tags")
+    if isinstance(listed, list | tuple):
+        found += [str(t) for t in listed if isinstance(t, str | int | float)]
+    name = config.get("name")
+    if isinstance(name, str):
+        found += [w for w in _TAG_SPLIT.split(name) if w]
+    kind = _section(config, "loss").get("kind")
+    if isinstance(kind, str):
+        found.append(kind)
+    if (mode := _mode(config)) is not None:
+        found.append(mode)
+    if (data := _short_source(_section(config, "data").get("source"))) is not None:
+        found.append(data)
+    if run.batch_id:
+        found.append(f"batch:{run.batch_id}")
+    return list(dict.fromkeys(t.strip() for t in found if t.strip()))
+
+
+def _verdict_word(summary: RunSummary) -> str | None:
+    """The verdict in two or three words for a table cell (the full sentence is shown
+    with the run); None while the run has no held-out result."""
+    verdict = summary.verdict
+    if verdict is None:
+        return None
+    return {True: "helped", False: "did not help", None: "not measured"}[verdict.helped]
+
+
+def filter_rows(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    states: Iterable[str] = (),
+    modes: Iterable[str] = (),
+    tag: str | None = None,
+    hide_failed: bool = True,
+) -> tuple[list[Mapping[str, Any]], int]:
+    """The rows a reader asked for, and how many failed runs were hidden.
+
+    Empty ``states``/``modes`` mean "any"; ``tag`` keeps rows carrying it. Failed and
+    timed-out runs are hidden unless asked for (``hide_failed=False`` or a failed state
+    chosen explicitly); the count lets the page say "11 failed hidden".
+    """
+    wanted_states, wanted_modes = set(states), set(modes)
+    kept: list[Mapping[str, Any]] = []
+    hidden = 0
+    for row in rows:
+        if wanted_states and row.get("state") not in wanted_states:
+            continue
+        if wanted_modes and row.get("mode") not in wanted_modes:
+            continue
+        if tag and tag not in (row.get("tags") or ()):
+            continue
+        if hide_failed and row.get("state") in FAILED_STATES and not wanted_states:
+            hidden += 1
+            continue
+        kept.append(row)
+    return kept, hidden
+
+
+def config_differences(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
+    """W&B's "Run Comparer, differences only": one row per dotted setting whose value is
+    not the same in every given run, ``{"setting": key, <run_id>: value, ...}``; a run
+    without the setting shows None. Names and paths are left out (they always differ)."""
+    flats = {run.run_id: _flatten(run.config) for run in runs}
+    keys = varying_settings([run.config for run in runs]) if len(runs) > 1 else []
+    return [{"setting": key, **{rid: flat.get(key) for rid, flat in flats.items()}} for key in keys]
+
+
+def parallel_data(runs: Sequence[RunRecord]) -> dict[str, Any]:
+    """A grid as parallel coordinates: each setting that varies among the completed runs
+    (numbers as they are, anything else as categories with tick labels), then the
+    distilled student's held-out perplexity and the gap closed.
+
+    Returns ``{"run_ids": [...], "dimensions": [{"label", "values", "ticktext"?,
+    "tickvals"?}, ...]}``; no dimensions when fewer than two runs completed.
+    """
+    done = [r for r in runs if r.state == "completed"]
+    if len(done) < 2:
+        return {"run_ids": [], "dimensions": []}
+    flats = [_flatten(r.config) for r in done]
+    dims: list[dict[str, Any]] = []
+    for key in varying_settings([r.config for r in done]):
+        values = [flat.get(key) for flat in flats]
+        numbers = [_number(v) for v in values]
+        if all(n is not None for n in numbers):
+            dims.append({"label": key, "values": numbers})
+            continue
+        cats = sorted({repr(v) if not isinstance(v, str) else v for v in values})
+        index = {c: i for i, c in enumerate(cats)}
+        dims.append(
+            {
+                "label": key,
+                "values": [index[repr(v) if not isinstance(v, str) else v] for v in values],
+                "tickvals": list(range(len(cats))),
+                "ticktext": cats,
+            }
+        )
+    summaries = [RunSummary.parse(r.summary) for r in done]
+    dims.append(
+        {
+            "label": "student held-out perplexity",
+            "values": [s.student.val_ppl if s.student else None for s in summaries],
+        }
+    )
+    dims.append({"label": "gap closed", "values": [s.gap_closed for s in summaries]})
+    return {"run_ids": [r.run_id for r in done], "dimensions": dims}
+
+
+def _plain(value: Any) -> Any:
+    """A cell for a download: lists joined, non-finite numbers blank."""
+    if isinstance(value, list | tuple):
+        return " ".join(str(v) for v in value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def table_csv(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
+    """The rows as CSV with the column keys as header, raw values (not display text)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if (v := _plain(row.get(c))) is None else v for c in columns])
+    return buffer.getvalue()
+
+
+def table_json(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
+    """The rows as a JSON list of objects (strict JSON: NaN and inf become null)."""
+    records = [{c: _plain(row.get(c)) for c in columns} for row in rows]
+    return json.dumps(records, indent=1, allow_nan=False, default=str)
+
+
+Notice = tuple[str, str]
+"""``(level, text)``: level is ``good``, ``warning`` or ``info`` (the verdict's levels)."""
+
+
+def run_warnings(
+    run: RunRecord | Mapping[str, Any], config: Mapping[str, Any] | None = None
+) -> list[Notice]:
+    """What a reader must not miss, in sentences: did distillation help (the verdict), and
+    is the teacher worth distilling (no better than chance, no better than / barely better
+    than the student trained without it). Never a bare percentage."""
+    summary = RunSummary.parse(_summary_of(run))
+    cfg = run.config if isinstance(run, RunRecord) else (config or {})
+    out: list[Notice] = []
+    verdict = summary.verdict
+    if verdict is not None:
+        out.append((verdict.level, verdict.text))
+    verdict_text = verdict.text if verdict is not None else ""
+    check = summary.teacher_check
+    if check is not None and check.standing in ("near_chance", "no_better", "marginal"):
+        if check.message and check.message not in verdict_text:
+            out.append(("warning", check.message[0].upper() + check.message[1:] + "."))
+        return out
+    teacher, baseline = summary.teacher, summary.baseline
+    t_ppl = teacher.val_ppl if teacher else None
+    vocab = _number(_section(_section(cfg, "teacher"), "build").get("vocab_size"))
+    if check is None and t_ppl is not None and vocab and t_ppl > 0.5 * vocab:
+        out.append(
+            (
+                "warning",
+                f"The teacher is barely better than chance: held-out perplexity {t_ppl:.1f} "
+                f"with a vocabulary of {vocab:.0f} words (guessing gives {vocab:.0f}). It "
+                "has learned almost nothing; train it longer (teacher.build.steps) or on "
+                "more text (teacher.build.data).",
+            )
+        )
+        return out
+    b_ppl = baseline.val_ppl if baseline else None
+    if (
+        t_ppl is not None
+        and b_ppl is not None
+        and "barely better than the student" not in verdict_text
+    ):
+        if t_ppl >= b_ppl:
+            out.append(
+                (
+                    "warning",
+                    f"The teacher is no better than the student trained without it "
+                    f"(held-out perplexity {t_ppl:.1f} vs {b_ppl:.1f}): it has nothing to "
+                    "teach; use a stronger teacher or a smaller student.",
+                )
+            )
+        elif t_ppl > MARGINAL_RATIO * b_ppl:
+            out.append(
+                (
+                    "warning",
+                    f"The teacher is only barely better than the student trained without it "
+                    f"(held-out perplexity {t_ppl:.1f} vs {b_ppl:.1f}): distillation has "
+                    "little to pass on; use a stronger teacher or a smaller student.",
+                )
+            )
+    return out
+
+
+def ema(values: Sequence[float | None], weight: float) -> list[float | None]:
+    """Exponential moving average (TensorBoard's smoothing slider): ``weight`` 0 keeps the
+    curve, 0.99 is very smooth. Debiased at the start so the first points are not pulled
+    to zero; gaps (None) stay gaps and do not reset the average."""
+    if not 0.0 <= weight < 1.0:
+        raise ValueError(f"smoothing weight must be in [0, 1), got {weight!r}")
+    out: list[float | None] = []
+    last, norm = 0.0, 0.0
+    for value in values:
+        if value is None:
+            out.append(None)
+            continue
+        last = weight * last + (1.0 - weight) * value
+        norm = weight * norm + (1.0 - weight)
+        out.append(last / norm)
+    return out
+
+
+SAMPLED_SUFFIX = "_sampled"
+
+
+def sample_columns(rows: Sequence[Mapping[str, str]]) -> tuple[str, ...]:
+    """The sample table's columns: prompt, then each role's greedy text followed by its
+    seeded sampled continuation when the run stored one (``student_sampled``)."""
+    columns: list[str] = ["prompt"]
+    for role in ROLES:
+        if any(role in row for row in rows):
+            columns.append(role)
+        sampled = role + SAMPLED_SUFFIX
+        if any(row.get(sampled) for row in rows):
+            columns.append(sampled)
+    return tuple(columns)
+
+
+_WS_RUN = re.compile(r"(\n+|\t+| {3,})")
+
+
+def visible_text(text: str, *, max_chars: int = 400) -> str:
+    """Generated text with its whitespace made visible and compact: a newline is '⏎', a
+    run of them '⏎×7', a tab '⇥', three or more spaces '·×5'; the result is one line a
+    table cell can wrap. A sample that is mostly newlines used to make a row hundreds
+    of pixels tall with nothing visible. Longer than ``max_chars``: cut with '…'."""
+
+    def mark(match: re.Match[str]) -> str:
+        run = match.group(0)
+        symbol = {"\n": "⏎", "\t": "⇥", " ": "·"}[run[0]]
+        return symbol if len(run) == 1 else f"{symbol}×{len(run)}"
+
+    shown = _WS_RUN.sub(mark, text.replace("\r\n", "\n").replace("\r", "\n"))
+    if shown != shown.strip(" "):  # leading/trailing spaces are invisible too
+        lead = len(shown) - len(shown.lstrip(" "))
+        trail = len(shown) - len(shown.rstrip(" "))
+        shown = "·" * lead + shown.strip(" ") + "·" * trail
+    if not shown:
+        return "∅ (nothing generated)"
+    return shown if len(shown) <= max_chars else shown[: max_chars - 1] + "…"
