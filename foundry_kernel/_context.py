@@ -65,6 +65,7 @@ class RunContext:
         self.last_beat = clock()
         self.phase = "pending"
         self.stage: str | None = None
+        self._last_count: float | None = None
 
     # controller side ---------------------------------------------------------
     def cancel(self, reason: str = "cancelled") -> None:
@@ -138,6 +139,25 @@ class RunContext:
         self.check()
         self.stage = stage
         self.emit("stage", phase=self.phase, stage=stage, **payload)
+
+    def advance(self, done: int, total: int | None, unit: str = "batches") -> None:
+        """Say how far the current phase's counted work is (``done`` of ``total`` items,
+        e.g. evaluation batches): a ``count`` event, so a progress line can show
+        ``n/N`` and a rate where no optimizer step moves (validation, final evaluation).
+
+        A heartbeat, never a stop point (the caller's own ``check`` is). Events go out for
+        the first and the last item and at most every ``COUNT_EVERY_S`` in between, so a
+        long evaluation does not flood the run's event buffer.
+        """
+        from foundry_kernel.progress import COUNT_EVERY_S
+
+        self.heartbeat()
+        now = self._clock()
+        last = done <= 1 or (total is not None and done >= total)
+        if not last and self._last_count is not None and now - self._last_count < COUNT_EVERY_S:
+            return
+        self._last_count = now
+        self.emit("count", phase=self.phase, stage=self.stage, done=done, total=total, unit=unit)
 
     @property
     def where(self) -> str:

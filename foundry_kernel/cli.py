@@ -311,34 +311,36 @@ def _print_store(configured: Path | None) -> None:
 
 
 def _progress_printer() -> Any:
-    throttle = Throttle(5.0)
+    """Progress on stderr as the one line every view shows (:mod:`foundry_kernel.progress`):
+    on a terminal one line that updates in place (at most 4 times a second), elsewhere
+    (a log, CI) a line per phase change and at most one per 10 s; alerts on lines of
+    their own."""
+    from foundry_kernel.progress import ProgressLines, format_progress
+    from foundry_kernel.run._control import get
+
+    tty = sys.stderr.isatty()
+    lines = ProgressLines(every_s=10.0)
+    redraw = Throttle(0.25)
 
     def on_event(event: Event) -> None:
-        p = event.payload
-        if event.kind == "phase":
-            print(f"[{event.run_id}] phase: {p.get('phase')}", file=sys.stderr)
-        elif event.kind == "alert":
-            print(f"[{event.run_id}] alert: {p.get('message')}", file=sys.stderr)
-        elif event.kind == "step":
-            line = _step_line(p.get("metrics", {}))
-            if line is not None and throttle.ready():
-                print(
-                    f"[{event.run_id}] {p.get('prefix') or ''}step {p.get('step')}/"
-                    f"{p.get('max_steps')} {line}",
-                    file=sys.stderr,
-                )
+        if event.kind == "alert":
+            print(("\n" if tty else "") + f"[{event.run_id}] alert: {event.payload.get('message')}",
+                  file=sys.stderr)  # fmt: skip
+            return
+        handle = get(event.run_id)
+        if handle is None:
+            return
+        progress = handle.progress
+        if tty:
+            if redraw.ready() or event.kind in ("phase", "state"):
+                end = "\n" if progress.finished else ""
+                print(f"\r\x1b[2K{format_progress(progress)}", end=end, file=sys.stderr, flush=True)
+            return
+        text = lines.next(progress, event.time)
+        if text is not None:
+            print(f"[{event.run_id}] {text}", file=sys.stderr, flush=True)
 
     return on_event
-
-
-def _step_line(metrics: dict[str, Any]) -> str | None:
-    """``loss 3.21`` for a training step, ``val_loss 3.40`` for an evaluation step, None
-    for a step that reports neither (nothing worth a line)."""
-    for suffix, label in (("train/loss", "loss"), ("val/loss", "val_loss")):
-        value = next((v for k, v in metrics.items() if k.endswith(suffix)), None)
-        if isinstance(value, (int, float)):
-            return f"{label} {round(float(value), 4)}"
-    return None
 
 
 def render_summary(

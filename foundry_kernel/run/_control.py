@@ -70,6 +70,7 @@ import contextlib
 import errno
 import functools
 import gc
+import json
 import logging
 import os
 import signal
@@ -92,6 +93,7 @@ from foundry_kernel._run_state import (
     RunState,
     check_transition,
 )
+from foundry_kernel.atomic import atomic_write_text
 from foundry_kernel.config import RunConfig, load_config, parse_override, validate_config
 from foundry_kernel.errors import (
     ConfigError,
@@ -103,6 +105,7 @@ from foundry_kernel.errors import (
 )
 from foundry_kernel.logs import run_log
 from foundry_kernel.paths import default_runs_dir
+from foundry_kernel.progress import PROGRESS_FILE, Progress, ProgressTracker, RunPlan
 from foundry_kernel.store import RunRecord, RunStore
 
 if TYPE_CHECKING:
@@ -135,6 +138,8 @@ HISTORY_LEN = 2000
 """Values kept per metric on a handle (the store keeps all of them)."""
 EVENT_BUFFER = 10_000
 """Events kept on a handle for pollers; older ones are dropped first."""
+PROGRESS_FILE_EVERY_S = 2.0
+"""How often a run rewrites its progress file between phase changes."""
 KEEP_FINISHED = 100
 """Finished handles kept in the registry (live ones are always kept)."""
 TIMEOUT_GRACE_S = 10.0
@@ -604,6 +609,8 @@ class RunHandle:
         self.ctx = RunContext(run_id, sink=self._on_event, deadline=self._deadline)
         self._sample_interval_s = sample_interval_s
         self._first_sample = first_sample
+        self._tracker = ProgressTracker(run_id, RunPlan.from_config(config))
+        self._progress_written: float | None = None
         self._sampler: MemorySampler | None = None  # made on the worker (it imports torch)
 
     # -- read side ------------------------------------------------------------------
@@ -657,6 +664,12 @@ class RunHandle:
     @property
     def phase(self) -> str:
         return self.ctx.phase
+
+    @property
+    def progress(self) -> Progress:
+        """Where the run stands now: phase, ``n/N``, elapsed, an ETA for the whole run,
+        rates (see :mod:`foundry_kernel.progress`); the one snapshot every view prints."""
+        return self._tracker.snapshot(time.time(), self.state.value)
 
     @property
     def duration_s(self) -> float | None:
@@ -782,6 +795,8 @@ class RunHandle:
         self._publish(event)
 
     def _publish(self, event: Event) -> None:
+        self._tracker.observe(event.kind, event.payload, event.time)
+        self._write_progress(event)
         with self._lock:
             self._seq += 1
             self._events.append((self._seq, event))
@@ -800,6 +815,26 @@ class RunHandle:
                 exc,
             )
             self.unsubscribe(token)
+
+    def _write_progress(self, event: Event) -> None:
+        """Keep ``<run dir>/progress.json`` (the snapshot as plain data) for readers in
+        other processes - ``foundry run`` waiting on a notebook's kernel, a dashboard -
+        on every phase, stage and state change and at most every PROGRESS_FILE_EVERY_S."""
+        if not self.records_state:
+            return
+        now = event.time
+        change = event.kind in ("phase", "stage", "state")
+        last = self._progress_written
+        if not change and last is not None and now - last < PROGRESS_FILE_EVERY_S:
+            return
+        self._progress_written = now
+        snapshot = self._tracker.snapshot(now, event.payload.get("state") or self.state.value)
+        try:
+            atomic_write_text(
+                self._store.run_dir(self.id) / PROGRESS_FILE, json.dumps(snapshot.to_dict())
+            )
+        except (OSError, ValueError) as exc:  # progress is a view: never fail the run
+            self._log(logging.DEBUG, "could not write the progress file: %s", exc)
 
     def _emit_state(self, state: RunState, failure: RunFailure | None) -> None:
         payload: dict[str, Any] = {"state": state.value}

@@ -219,7 +219,7 @@ def evaluate_lm(
     was_training = model.training
     model.eval()
     try:
-        for batch in iter_batches(blocks, shard, device):
+        for n, batch in enumerate(iter_batches(blocks, shard, device), 1):
             if ctx is not None:
                 ctx.check()
             with autocast(device, amp_dtype):
@@ -228,6 +228,8 @@ def evaluate_lm(
             if batch.real:
                 _score(logits, shift_labels(batch.labels), signal, vocab_size, chunk_tokens, sums)
             del logits, signal
+            if ctx is not None:
+                ctx.advance(n, shard.steps, "batches")
     finally:
         model.train(was_training)
     return _ratios(sums.totals(world), judge is not None)
@@ -335,7 +337,7 @@ def evaluate_teacher(
     cpu = torch.device("cpu")
     shard = EvalShard.plan(len(blocks), batch_size, max_batches, world)
     sums = _Sums(cpu)
-    for batch in iter_batches(blocks, shard, cpu):
+    for n, batch in enumerate(iter_batches(blocks, shard, cpu), 1):
         if ctx is not None:
             ctx.check()
         signal = teacher.eval_signal(batch.ids, batch.full_mask)
@@ -347,6 +349,8 @@ def evaluate_teacher(
         label_logp = signal.label_logprobs.to(cpu)
         sums.add("nll", -torch.where(valid, label_logp, 0.0).sum())
         sums.add("tokens", valid.sum())
+        if ctx is not None:
+            ctx.advance(n, shard.steps, "batches")
     return _ratios(sums.totals(world), with_teacher=False)
 
 
