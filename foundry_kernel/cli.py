@@ -361,6 +361,11 @@ def render_summary(
             f"  distillation closed {summary.gap_closed:.0%} of the CE-only student's gap "
             "to the teacher"
         )
+    if summary.teacher_check is not None and summary.teacher_check.worth_distilling is False:
+        lines.append(f"  teacher check: {summary.teacher_check.message}")
+    verdict = summary.verdict
+    if verdict is not None:
+        lines.append(f"  {verdict.text}")
     if summary.export_dir:
         lines.append(f"  student saved to {summary.export_dir}")
     return "\n".join(lines)

@@ -1126,6 +1126,8 @@ def model_card(config: RunConfig, results: Mapping[str, Any] | RunSummary) -> st
                 f"Distillation closed {summary.gap_closed:.0%} of the gap between "
                 "the CE-only student and the teacher (held-out loss).",
             ]
+        if summary.verdict is not None:
+            lines += ["", summary.verdict.text]
     if config.loss.cross_tokenizer != "off":
         parts = [("teacher", t), ("student", s), ("CE-only student", b)]
         figures = ", ".join(
