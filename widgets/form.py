@@ -33,6 +33,7 @@ __all__ = ["PANEL_FIELDS", "ConfigForm", "FieldControl", "field_schema"]
 PANEL_FIELDS: tuple[str, ...] = (
     "teacher.source",
     "teacher.backend",
+    "teacher.build.data",
     "distill.mode",
     "loss.top_k",
     "student.init",
