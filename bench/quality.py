@@ -156,20 +156,17 @@ def job_config(corpus: Mapping[str, Any], overrides: Mapping[str, Any], runs_dir
     """The default job on ``corpus`` (student and teacher alike) with ``overrides``."""
     from foundry_kernel import load_config
 
-    raw: dict[str, Any] = {"name": "quality-sweep", "runs_dir": str(runs_dir)}
     data = dict(corpus)
-    raw["data"] = data
     build = {"data": data["source"]}
     if "max_documents" in data:
         build["max_documents"] = data["max_documents"]
-    raw["teacher"] = {"build": build}
-    for key, value in overrides.items():
-        section, dot, name = key.partition(".")
-        if dot:
-            raw.setdefault(section, {})[name] = value
-        else:
-            raw[key] = value
-    return load_config(raw)
+    raw = {
+        "name": "quality-sweep",
+        "runs_dir": str(runs_dir),
+        "data": data,
+        "teacher": {"build": build},
+    }
+    return load_config(raw, overrides)
 
 
 def run_one(
