@@ -40,6 +40,11 @@ _EXPORTS = {
     "MicroBatch": "foundry_kernel.training._strategy",
     "fused_eligibility": "foundry_kernel.training._strategy",
     "check_local_source": "foundry_kernel.data._sources",
+    "runs_frame": "foundry_kernel.tables",
+    "metrics_frame": "foundry_kernel.tables",
+    "events_frame": "foundry_kernel.tables",
+    "model_card": "foundry_kernel.card",
+    "export_run": "foundry_kernel.card",
 }
 
 __all__ = [
@@ -56,17 +61,23 @@ __all__ = [
     "RunState",
     "RunStore",
     "check_local_source",
+    "events_frame",
+    "export_run",
     "fused_eligibility",
     "get",
     "json_schema",
     "list_runs",
     "load_config",
+    "metrics_frame",
+    "model_card",
     "run_sync",
+    "runs_frame",
     "start",
 ]
 
 if TYPE_CHECKING:
     from foundry_kernel._context import Event
+    from foundry_kernel.card import export_run, model_card
     from foundry_kernel.config import RunConfig, json_schema, load_config
     from foundry_kernel.data._sources import check_local_source
     from foundry_kernel.errors import ConfigError, FoundryError
@@ -80,6 +91,7 @@ if TYPE_CHECKING:
         start,
     )
     from foundry_kernel.store import RunStore
+    from foundry_kernel.tables import events_frame, metrics_frame, runs_frame
     from foundry_kernel.training._losses import LossOutput
     from foundry_kernel.training._strategy import (
         LossSetup,

@@ -32,13 +32,16 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from foundry_kernel._context import Event
-from foundry_kernel.config import json_schema, load_config
-from foundry_kernel.errors import FoundryError
+from foundry_kernel._run_state import TERMINAL_STATES
+from foundry_kernel.config import RunConfig, json_schema, load_config
+from foundry_kernel.errors import ConfigError, FoundryError
 from foundry_kernel.logs import Throttle, configure_logging
 from foundry_kernel.paths import default_runs_dir, runs_dir_for, validate_run_id
 from foundry_kernel.store import RunRecord, RunStore
@@ -93,16 +96,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch_arguments(distill)
     distill.set_defaults(handler=_distill)
 
-    runs = sub.add_parser("runs", help="list runs in the store")
+    runs = sub.add_parser("runs", help="list runs in the store (or delete finished ones: --prune)")
     runs.add_argument("--runs-dir", type=Path)
-    runs.add_argument("--json", action="store_true")
+    runs.add_argument("--json", action="store_true", help="the raw records, as JSON")
+    runs.add_argument(
+        "--prune", action="store_true", help="delete runs (a dry-run listing without --yes)"
+    )
+    runs.add_argument(
+        "--state",
+        default="failed,cancelled",
+        help="with --prune: the states to delete, comma-separated (default failed,cancelled)",
+    )
+    runs.add_argument(
+        "--older-than", type=float, metavar="DAYS", help="with --prune: created over DAYS ago"
+    )
+    runs.add_argument("--yes", action="store_true", help="with --prune: really delete them")
     runs.set_defaults(handler=_runs)
 
     show = sub.add_parser("show", help="show one run")
     show.add_argument("run_id")
     show.add_argument("--runs-dir", type=Path)
-    show.add_argument("--json", action="store_true")
+    show.add_argument("--json", action="store_true", help="the raw record, as JSON")
     show.set_defaults(handler=_show)
+
+    export = sub.add_parser(
+        "export", help="re-export a completed run's student (weights, tokenizer, model card)"
+    )
+    export.add_argument("run_id")
+    export.add_argument("dir", type=Path, help="folder to write (must be empty or absent)")
+    export.add_argument("--runs-dir", type=Path)
+    export.add_argument("--force", action="store_true", help="replace a non-empty DIR")
+    export.set_defaults(handler=_export)
 
     schema = sub.add_parser("schema", help="print the config's JSON Schema")
     schema.set_defaults(handler=_schema)
@@ -371,8 +395,9 @@ def render_summary(
     return "\n".join(lines)
 
 
-def _open_store(runs_dir: Path | None) -> RunStore:
-    return RunStore(runs_dir or default_runs_dir(), read_only=True)
+def _open_store(runs_dir: Path | None, *, write: bool = False) -> RunStore:
+    """Read-only unless the command deletes (``runs --prune --yes``)."""
+    return RunStore(runs_dir or default_runs_dir(), read_only=not write)
 
 
 def _record_json(rec: RunRecord) -> dict[str, Any]:
@@ -394,34 +419,279 @@ def _record_json(rec: RunRecord) -> dict[str, Any]:
     }
 
 
-def _ppl_cell(summary: RunSummary, part: str) -> str:
-    """One perplexity column; anything but a number (absent, or a malformed summary) is '-'."""
-    result = summary.role(part)
-    if result is not None and result.val_ppl is not None:
-        return f"{result.val_ppl:8.2f}"
-    return f"{'-':>8}"
+# --------------------------------------------------------------------------- runs / show
+
+
+def _when(stamp: float | None) -> str:
+    """A timestamp as local date and time (``-`` when absent or damaged)."""
+    if stamp is None or not math.isfinite(stamp):
+        return "-"
+    return datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M")
+
+
+def _duration(rec: RunRecord, now: float | None = None) -> str:
+    """How long the run ran (so far, for a live one): ``2h 05m``, ``3m 12s``, ``12s``."""
+    start = rec.started_at
+    if start is None or not math.isfinite(start):
+        return "-"
+    end = rec.ended_at if rec.ended_at is not None else (now or time.time())
+    return _span(max(0.0, end - start))
+
+
+def _span(seconds: float) -> str:
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"loss.temperature": 2.0, ...}`` (lists kept whole)."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+# Settings never worth a column: labels and where the store is, and those with their own.
+_NOT_SETTINGS = frozenset({"name", "runs_dir", "schema_version", "distill.mode", "loss.kind"})
+
+
+def differing_settings(configs: Sequence[dict[str, Any]]) -> list[str]:
+    """The dotted config keys whose values differ between ``configs`` (W&B's "differences
+    only"): what tells runs of a grid apart."""
+    flats = [_flat(c) for c in configs]
+    keys = sorted({k for f in flats for k in f} - _NOT_SETTINGS)
+    return [k for k in keys if len({_shown(f.get(k)) for f in flats}) > 1]
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned labelled columns, each as wide as its widest cell."""
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def _ppl(result: Any) -> str:
+    return "-" if result is None or result.val_ppl is None else f"{result.val_ppl:.2f}"
+
+
+def _helped(summary: RunSummary) -> str:
+    """The verdict in one word for a table cell (``foundry show`` prints the sentence)."""
+    verdict = summary.verdict
+    if verdict is None or verdict.helped is None:
+        return "-"
+    return "yes" if verdict.helped else "NO"
+
+
+def runs_table(records: Sequence[RunRecord]) -> list[str]:
+    """``foundry runs``: one labelled row per run, the settings that differ between them."""
+    settings = differing_settings([r.config for r in records])
+    headers = ["id", "name", "state", "started", "duration", "mode", "loss"]
+    headers += [*settings, "student ppl", "CE-only ppl", "gap closed", "helped"]
+    rows = []
+    for rec in records:
+        flat = _flat(rec.config)
+        parsed = RunSummary.parse(rec.summary)
+        gap = "-" if parsed.gap_closed is None else f"{parsed.gap_closed:.0%}"
+        rows.append(
+            [
+                rec.run_id,
+                rec.name if rec.name != rec.run_id else "",
+                rec.state + (" (damaged)" if rec.damaged else ""),
+                _when(rec.started_at if rec.started_at is not None else rec.created_at),
+                _duration(rec),
+                _shown(flat.get("distill.mode", "-")),
+                _shown(flat.get("loss.kind", "-")),
+                *(_shown(flat.get(k, "-")) for k in settings),
+                _ppl(parsed.student),
+                _ppl(parsed.baseline),
+                gap,
+                _helped(parsed),
+            ]
+        )
+    return _table(headers, rows)
 
 
 def _runs(args: argparse.Namespace) -> int:
+    if args.prune:
+        return _prune(args)
     with _open_store(args.runs_dir) as store:
         records = store.list_runs()
     if args.json:
         print(json.dumps([_record_json(r) for r in records], default=str))
         return 0
-    print(f"{'run id':<48} {'state':<10} {'teacher':>8} {'student':>8} {'baseline':>8}")
-    for rec in records:
-        parsed = RunSummary.parse(rec.summary)
-        cells = " ".join(_ppl_cell(parsed, k) for k in ROLES)
-        flag = f"  DAMAGED: {'; '.join(rec.damage)}" if rec.damaged else ""
-        print(f"{rec.run_id:<48} {rec.state:<10} {cells}{flag}")
-    damaged = sum(rec.damaged for rec in records)
+    if not records:
+        print(f"no runs in {store.root}")
+        return 0
+    print("\n".join(runs_table(records)))
+    damaged = [rec for rec in records if rec.damaged]
+    for rec in damaged:
+        print(f"foundry: run {rec.run_id} is damaged: {'; '.join(rec.damage)}", file=sys.stderr)
     if damaged:
         print(
-            f"foundry: {damaged} run record(s) are damaged and shown with blanks; "
+            f"foundry: {len(damaged)} run record(s) are damaged and shown with blanks; "
             "`foundry show RUN_ID` prints what could be read",
             file=sys.stderr,
         )
     return 0
+
+
+def _prune_states(text: str) -> set[str]:
+    states = {s.strip() for s in text.split(",") if s.strip()}
+    bad = sorted(states - set(TERMINAL_STATES))
+    if bad or not states:
+        raise ConfigError(
+            f"--state {text!r}: only finished runs can be pruned; choose from "
+            f"{', '.join(sorted(TERMINAL_STATES))} (comma-separated)",
+            field="--state",
+        )
+    return states
+
+
+def _folder_bytes(folder: Path) -> int:
+    if not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _prune(args: argparse.Namespace) -> int:
+    """``foundry runs --prune``: list (dry run) or, with ``--yes``, delete finished runs."""
+    states = _prune_states(args.state)
+    if args.older_than is not None and not (
+        math.isfinite(args.older_than) and args.older_than >= 0
+    ):
+        raise ConfigError("--older-than: give a number of days, 0 or more", field="--older-than")
+    cutoff = None if args.older_than is None else time.time() - args.older_than * 86400
+    with _open_store(args.runs_dir, write=args.yes) as store:
+        chosen = [
+            rec
+            for rec in store.list_runs()
+            if rec.state in states and (cutoff is None or rec.created_at < cutoff)
+        ]
+        if not chosen:
+            print(f"no {'/'.join(sorted(states))} runs to prune in {store.root}")
+            return 0
+        size = sum(_folder_bytes(store.run_dir(r.run_id)) for r in chosen)
+        if not args.yes:
+            print(f"would delete {len(chosen)} run(s), {size / 2**20:.1f} MiB, from {store.root}:")
+            print("\n".join(runs_table(chosen)))
+            print("run again with --yes to delete them (rows, metrics, events and run folders)")
+            return 0
+        deleted = store.delete_runs(r.run_id for r in chosen)
+    skipped = len(chosen) - len(deleted)
+    print(
+        f"deleted {len(deleted)} run(s), {size / 2**20:.1f} MiB"
+        + (f"; {skipped} in use and kept" if skipped else "")
+    )
+    return 0
+
+
+def _results_lines(summary: RunSummary) -> list[str]:
+    rows = []
+    for name, label in (
+        ("teacher", "teacher"),
+        ("student", "distilled student"),
+        ("baseline", "CE-only twin"),
+    ):
+        r = summary.role(name)
+        if r is None:
+            continue
+        rows.append(
+            [
+                label,
+                "-" if r.params is None else f"{r.params:,}",
+                _ppl(r),
+                "-" if r.agreement is None else f"{r.agreement:.1%}",
+                "-" if r.val_kl is None else f"{r.val_kl:.3f}",
+                "-" if r.tokens_per_s is None else f"{r.tokens_per_s:.0f}",
+            ]
+        )
+    if not rows:
+        return ["  no results (the run ended before its evaluation)"]
+    table = _table(["model", "params", "held-out ppl", "agreement", "val KL", "tokens/s"], rows)
+    lines = [f"  {line}" for line in table]
+    if summary.gap_closed is not None:
+        lines.append(
+            f"  gap closed: {summary.gap_closed:.0%} of the CE-only twin's gap to the teacher"
+        )
+    verdict = summary.verdict
+    if verdict is not None:
+        mark = {"good": "verdict", "warning": "WARNING", "info": "note"}[verdict.level]
+        lines.append(f"  {mark}: {verdict.text}")
+    if summary.teacher_check is not None and summary.teacher_check.standing != "clear":
+        lines.append(f"  teacher check: {summary.teacher_check.message}")
+    return lines
+
+
+def _events_lines(events: Sequence[Any], last: int = 8) -> list[str]:
+    if not events:
+        return ["  none"]
+    counts: dict[str, int] = {}
+    for e in events:
+        counts[e.kind] = counts.get(e.kind, 0) + 1
+    lines = ["  " + ", ".join(f"{n} {kind}" for kind, n in counts.items())]
+    for e in events[-last:]:
+        step = "" if e.step is None else f" step {e.step}"
+        lines.append(f"  {_when(e.time)}{step} {e.kind}: {e.message}")
+    if len(events) > last:
+        lines.append(f"  ({len(events) - last} earlier; `foundry show --json` lists all)")
+    return lines
+
+
+def show_text(rec: RunRecord, events: Sequence[Any], store_root: Path) -> str:
+    """``foundry show``: what a person asks of one run, top to bottom."""
+    summary = RunSummary.parse(rec.summary)
+    flat = _flat(rec.config)
+    defaults = _flat(RunConfig().to_dict())
+    name = f" ({rec.name})" if rec.name != rec.run_id else ""
+    lines = [f"run {rec.run_id}{name}", ""]
+    state = rec.state + (f": {rec.error}" if rec.error else "")
+    lines += [
+        f"  state     {state}",
+        f"  created   {_when(rec.created_at)}",
+        f"  started   {_when(rec.started_at)}   ended {_when(rec.ended_at)}   "
+        f"duration {_duration(rec)}",
+        f"  mode      {_shown(flat.get('distill.mode', '-'))} · loss "
+        f"{_shown(flat.get('loss.kind', '-'))} · teacher {_shown(flat.get('teacher.source', '-'))}"
+        f" · data {_shown(flat.get('data.source', '-'))}",
+    ]
+    if rec.damaged:
+        lines.append(f"  DAMAGED   {'; '.join(rec.damage)}")
+    changed = [
+        k
+        for k in flat
+        if k not in ("name", "runs_dir") and _shown(flat[k]) != _shown(defaults.get(k))
+    ]
+    lines += ["", "config (differences from the defaults):"]
+    if changed:
+        rows = [[k, _shown(flat[k]), _shown(defaults.get(k, "-"))] for k in changed]
+        lines += [f"  {line}" for line in _table(["setting", "value", "default"], rows)]
+    else:
+        lines.append("  none: every setting is the default")
+    lines += ["", "results (held-out):", *_results_lines(summary)]
+    lines += ["", f"events ({len(events)}):", *_events_lines(events)]
+    run_dir = store_root / rec.run_id
+    lines += ["", "paths:", f"  run folder  {run_dir}"]
+    if summary.export_dir:
+        lines.append(f"  student     {summary.export_dir}")
+    lines.append(f"  store       {store_root / 'foundry.sqlite'}")
+    return "\n".join(lines)
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -429,16 +699,28 @@ def _show(args: argparse.Namespace) -> int:
     with _open_store(args.runs_dir) as store:
         rec = store.get_run(run_id, damaged_ok=True)
         events = store.events(run_id)
-    data = _record_json(rec)
-    data["events"] = [{"kind": e.kind, "message": e.message, "step": e.step} for e in events]
     if rec.damaged:
         print(
             f"foundry: run {run_id} has a damaged record: {'; '.join(rec.damage)}", file=sys.stderr
         )
     if args.json:
+        data = _record_json(rec)
+        data["events"] = [
+            {"kind": e.kind, "message": e.message, "step": e.step, "time": e.time} for e in events
+        ]
         print(json.dumps(data, default=str))
     else:
-        print(json.dumps(data, indent=2, default=str))
+        print(show_text(rec, events, store.root))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from foundry_kernel.card import export_run
+
+    run_id = validate_run_id(args.run_id)
+    with _open_store(args.runs_dir) as store:
+        out = export_run(store, run_id, args.dir, force=args.force)
+    print(f"exported run {run_id}'s student to {out}")
     return 0
 
 

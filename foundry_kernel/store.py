@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from foundry_kernel._run_lock import LockOwner, RunLock, claim_unowned
+from foundry_kernel._run_lock import LOCK_FILENAME, LockOwner, RunLock, claim_unowned
 from foundry_kernel._run_state import (
     LIVE_STATES,
     TERMINAL_STATES,
@@ -840,6 +840,56 @@ class RunStore:
             )
             if cursor.rowcount == 0:
                 raise StoreError(f"unknown run {run_id!r} in {self.db_path}")
+
+    def delete_runs(self, run_ids: Iterable[str]) -> list[str]:
+        """Delete finished runs for good: their rows, metrics and events, and their folders
+        (checkpoints, logs, exported students); return the ids deleted (``foundry runs
+        --prune``).
+
+        Only terminal runs (completed, failed, cancelled, timed out) are deleted; a live one
+        is refused with a ``StoreError`` naming it, before anything is deleted. A run whose
+        lock a process holds (a resume starting right now) is skipped, not deleted. Each run
+        is deleted under its own lock, its rows first (in one transaction) and then its
+        folder, so a run never appears in the store without its folder's owner knowing.
+        Runs that named a deleted run as their parent keep their rows, with no parent.
+        """
+        self._require_writable("delete runs")
+        wanted = list(dict.fromkeys(validate_run_id(r) for r in run_ids))
+        with self._read("delete runs") as conn:
+            for run_id in wanted:
+                row = conn.execute("SELECT state FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+                if row is None:
+                    raise StoreError(f"unknown run {run_id!r} in {self.db_path}")
+                if row[0] not in TERMINAL_STATES:
+                    raise StoreError(
+                        f"run {run_id} is {row[0]}: only finished runs can be deleted "
+                        "(cancel it first, or wait for it to end)"
+                    )
+        deleted = []
+        for run_id in wanted:
+            run_dir = self.run_dir(run_id)
+            with contextlib.ExitStack() as held:
+                if (run_dir / LOCK_FILENAME).exists():
+                    owner = held.enter_context(claim_unowned(run_dir, run_id))
+                    if owner is None:  # a live process holds it: not ours to delete
+                        log.warning("run %s is in use; not deleted", run_id)
+                        continue
+                if self._delete_rows(run_id):
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                    deleted.append(run_id)
+        return deleted
+
+    def _delete_rows(self, run_id: str) -> bool:
+        """One run's rows, if it is still terminal (re-checked under the write lock)."""
+        with self._write("delete a run") as conn:
+            row = conn.execute("SELECT state FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None or row[0] not in TERMINAL_STATES:
+                return False
+            conn.execute("UPDATE runs SET parent_run_id = NULL WHERE parent_run_id = ?", (run_id,))
+            conn.execute("DELETE FROM metrics WHERE run_id = ?", (run_id,))
+            conn.execute("DELETE FROM events WHERE run_id = ?", (run_id,))
+            conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+        return True
 
     # -- stale runs --
 

@@ -34,7 +34,6 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,11 +59,11 @@ from foundry_kernel._runtime import (
 )
 from foundry_kernel._world import World
 from foundry_kernel.atomic import atomic_write_text
+from foundry_kernel.card import model_card, provenance, weights_size
 from foundry_kernel.config import (
     BUILTIN_TEACHER,
     RunConfig,
     TeacherBuild,
-    looks_like_path,
     teacher_placement,
 )
 from foundry_kernel.data._blocks import DataBundle, build_data
@@ -79,7 +78,7 @@ from foundry_kernel.run._cross import (
 )
 from foundry_kernel.run._resources import estimate_memory_for, preflight
 from foundry_kernel.store import RunStore
-from foundry_kernel.summary import ModelResult, RunSummary, TeacherCheck
+from foundry_kernel.summary import ModelResult, TeacherCheck
 from foundry_kernel.teachers._builtin import (
     ReferenceShape,
     ensure_builtin_teacher,
@@ -987,6 +986,7 @@ def _export(
         job.world.barrier()
         return export
     assert student is not None  # rank 0 always holds the gathered student
+    job.record(provenance=provenance())  # versions and git revision, for any later card
     try:
         _write_export(job, student, tokenizer, results, export)
     finally:
@@ -1010,7 +1010,13 @@ def _write_export(
         ctx.set_stage("tokenizer")
         tokenizer.save_pretrained(tmp)
         ctx.set_stage("card")
-        atomic_write_text(tmp / "README.md", model_card(job.config, results))
+        card = model_card(
+            job.config,
+            {**job.summary, **results},
+            model_name=job.config.name or job.run_id,
+            weights_bytes=weights_size(tmp),
+        )
+        atomic_write_text(tmp / "README.md", card)
         atomic_write_text(tmp / "foundry-metrics.json", json.dumps(results, indent=1, default=str))
         ctx.check()
         _replace_folder(tmp, export)
@@ -1051,108 +1057,3 @@ def _replace_folder(new: Path, target: Path) -> None:
         os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _hidden_card_line(config: RunConfig) -> list[str]:
-    """The card's line for a hidden-state loss: what was matched, and that the learned
-    projections were a training aid, left out of this export."""
-    hidden = config.loss.hidden
-    if hidden is None:
-        return []
-    return [
-        f"Hidden-state loss: {hidden.kind}, weight {hidden.weight}; its learned "
-        "projections (where the widths differ) were a training aid and are not part of "
-        "this export."
-    ]
-
-
-def _card_location(source: str) -> str:
-    """A hub id or built-in name as written; a local path made absolute.
-
-    Why: the card travels with the exported student, away from the folder the run was
-    started in, where a relative ``./teacher`` named nothing.
-    """
-    if source.startswith("builtin:") or not looks_like_path(source):
-        return source
-    return os.path.abspath(Path(source).expanduser())  # absolute, with no ".." left
-
-
-def _card_teacher(config: RunConfig) -> str:
-    """The teacher as the card names it: its id or absolute location, and for Foundry's
-    own recipe the corpus it was built on."""
-    source = config.teacher.source
-    if source.startswith("builtin:"):
-        corpus = _card_location(config.teacher.build.data)
-        return f"`{source}` (Foundry's recipe, built on `{corpus}`)"
-    return f"`{_card_location(source)}`"
-
-
-def model_card(config: RunConfig, results: Mapping[str, Any] | RunSummary) -> str:
-    """A short, plain-language card: what was distilled from what, and how well."""
-    summary = results if isinstance(results, RunSummary) else RunSummary.parse(results)
-    t, s = summary.teacher, summary.student
-    if t is None or s is None:
-        raise ValueError("a model card needs the teacher's and the student's results")
-
-    def num(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    lines = [
-        "# Distilled student (Foundry)",
-        "",
-        f"Teacher: {_card_teacher(config)} ({num(t.params, ',')} parameters).",
-        f"Student: {num(s.params, ',')} parameters"
-        + (f" ({s.params / t.params:.0%} of the teacher)." if s.params and t.params else "."),
-        *_lora_card_line(config, s),
-        f"Loss: {config.loss.kind}, temperature {config.loss.temperature}, "
-        f"CE weight {config.loss.ce_weight}; {config.limits.max_steps} steps.",
-        *_hidden_card_line(config),
-        "",
-        "| model | held-out perplexity | agreement with teacher | generation tokens/s |",
-        "|---|---|---|---|",
-        f"| teacher | {num(t.val_ppl, '.2f')} | - | {num(t.tokens_per_s, '.0f')} |",
-        f"| student (distilled) | {num(s.val_ppl, '.2f')} | {num(s.agreement, '.1%')} | "
-        f"{num(s.tokens_per_s, '.0f')} |",
-    ]
-    b = summary.baseline
-    if b is not None:
-        lines.append(
-            f"| student (CE only, same budget) | {num(b.val_ppl, '.2f')} | "
-            f"{num(b.agreement, '.1%')} | {num(b.tokens_per_s, '.0f')} |"
-        )
-        if summary.gap_closed is not None:
-            lines += [
-                "",
-                f"Distillation closed {summary.gap_closed:.0%} of the gap between "
-                "the CE-only student and the teacher (held-out loss).",
-            ]
-        if summary.verdict is not None:
-            lines += ["", summary.verdict.text]
-    if config.loss.cross_tokenizer != "off":
-        parts = [("teacher", t), ("student", s), ("CE-only student", b)]
-        figures = ", ".join(
-            f"{name} {m.val_bpb:.3f}" for name, m in parts if m is not None and m.val_bpb
-        )
-        lines += [
-            "",
-            f"Teacher and student tokenize differently (loss.cross_tokenizer="
-            f"{config.loss.cross_tokenizer}): perplexities are per token of each model's own "
-            f"tokenizer and do not compare; bits per byte of the held-out text do: {figures}.",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def _lora_card_line(config: RunConfig, student: ModelResult) -> list[str]:
-    """The card's LoRA line: rank, alpha, what trained, and what the folder holds."""
-    lora = config.student.lora
-    if lora is None:
-        return []
-    share = ""
-    trained, total = student.trainable_params, student.params
-    if trained and total:
-        share = f"; {trained:,} of {total:,} parameters trained ({trained / total:.2%})"
-    held = {
-        "merged": "adapters merged into the weights",
-        "adapter": "the peft adapter (load it with peft.PeftModel.from_pretrained over its base)",
-    }[lora.export]
-    return [f"LoRA: rank {lora.rank}, alpha {lora.alpha:g}{share}; this folder holds {held}."]
