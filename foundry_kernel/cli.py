@@ -525,7 +525,14 @@ def runs_table(records: Sequence[RunRecord]) -> list[str]:
                 _helped(parsed),
             ]
         )
-    return _table(headers, rows)
+    lines = _table(headers, rows)
+    # A damaged row says what is damaged on its own line of the table, so a reader of the
+    # table alone (stderr is often not kept) sees why its cells are blank.
+    body = len(lines) - len(records)
+    return lines[:body] + [
+        line + (f"  DAMAGED: {'; '.join(rec.damage)}" if rec.damaged else "")
+        for line, rec in zip(lines[body:], records, strict=True)
+    ]
 
 
 def _runs(args: argparse.Namespace) -> int:

@@ -621,10 +621,13 @@ def test_foundry_runs_and_show_survive_damaged_rows(damaged: dict[str, Any]) -> 
     assert records[damaged["healthy"][0]]["damage"] == []
 
     for name, run_id in damaged["damaged"].items():
-        shown = _foundry("show", run_id, "--runs-dir", root)
+        shown = _foundry("show", run_id, "--runs-dir", root)  # human-readable by default
         assert shown.returncode == 0, shown.stderr
-        assert EXPECTED_DAMAGE[name] in " ".join(json.loads(shown.stdout)["damage"])
+        assert "DAMAGED" in shown.stdout and EXPECTED_DAMAGE[name] in shown.stdout
         assert f"run {run_id} has a damaged record" in shown.stderr
+        raw = _foundry("show", run_id, "--runs-dir", root, "--json")
+        assert raw.returncode == 0, raw.stderr
+        assert EXPECTED_DAMAGE[name] in " ".join(json.loads(raw.stdout)["damage"])
 
 
 def test_resuming_a_damaged_run_is_refused_not_run_on_blanks(damaged: dict[str, Any]) -> None:
