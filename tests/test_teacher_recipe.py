@@ -66,6 +66,9 @@ def test_build_steps_are_capped_by_epochs_on_a_small_corpus() -> None:
     assert 3.9 < small.epochs <= 4.02
     large = BuildPlan.size(build, 10_000_000)
     assert large.steps == 700 and large.limited_by == "teacher.build.steps"
+    uncapped = BuildPlan.size(TeacherBuild(steps=700, batch_size=32, seq_len=128), 250_000)
+    assert TeacherBuild().max_epochs is None  # the default: early stopping alone
+    assert uncapped.steps == 700 and uncapped.limited_by == "teacher.build.steps"
 
 
 def test_cut_text_keeps_every_character_and_cuts_at_paragraphs() -> None:

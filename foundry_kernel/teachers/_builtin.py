@@ -88,10 +88,12 @@ def teacher_key(build: TeacherBuild, fingerprint: str) -> str:
 class BuildPlan:
     """How long the build trains, sized from the corpus (a pure function of its inputs).
 
-    ``teacher.build.steps`` is the most the build may take; on a small corpus
-    ``teacher.build.max_epochs`` ends it sooner (a model that sees a small corpus ten times
-    memorises it), and early stopping on held-out loss (``teacher.build.patience``) may end
-    it sooner still, keeping the best evaluated weights.
+    ``teacher.build.steps`` is the most the build may take; early stopping on held-out
+    loss (``teacher.build.patience``) may end it sooner, keeping the best evaluated weights,
+    and so may an optional cap on passes (``teacher.build.max_epochs``). The cap is off by
+    default: the quality sweep measured that 4 passes left every corpus's teacher
+    undertrained (held-out loss still falling), and that on ~600 KB corpora the uncapped,
+    early-stopped teacher halves its perplexity (134 -> 61, 92 -> 32).
     """
 
     steps: int
@@ -104,8 +106,9 @@ class BuildPlan:
     @classmethod
     def size(cls, build: TeacherBuild, train_tokens: int) -> BuildPlan:
         per_step = build.batch_size * build.seq_len
-        by_epochs = max(1, math.ceil(build.max_epochs * train_tokens / per_step))
-        steps = min(build.steps, by_epochs)
+        steps = build.steps
+        if build.max_epochs is not None:
+            steps = min(steps, max(1, math.ceil(build.max_epochs * train_tokens / per_step)))
         return cls(
             steps=steps,
             eval_every=max(1, math.ceil(steps / EVALS_PER_BUILD)),
