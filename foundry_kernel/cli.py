@@ -44,6 +44,7 @@ from foundry_kernel.config import RunConfig, json_schema, load_config
 from foundry_kernel.errors import ConfigError, FoundryError
 from foundry_kernel.logs import Throttle, configure_logging
 from foundry_kernel.paths import default_runs_dir, runs_dir_for, validate_run_id
+from foundry_kernel.progress import format_duration
 from foundry_kernel.store import RunRecord, RunStore
 from foundry_kernel.summary import ROLES, RunSummary
 from foundry_kernel.teachers import _vllm_server as vllm_server
@@ -435,18 +436,7 @@ def _duration(rec: RunRecord, now: float | None = None) -> str:
     if start is None or not math.isfinite(start):
         return "-"
     end = rec.ended_at if rec.ended_at is not None else (now or time.time())
-    return _span(max(0.0, end - start))
-
-
-def _span(seconds: float) -> str:
-    total = round(seconds)
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    if minutes:
-        return f"{minutes}m {secs:02d}s"
-    return f"{secs}s"
+    return format_duration(max(0.0, end - start))
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
