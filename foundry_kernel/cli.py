@@ -40,7 +40,13 @@ from typing import Any
 
 from foundry_kernel._context import Event
 from foundry_kernel._run_state import TERMINAL_STATES
-from foundry_kernel.config import RunConfig, json_schema, load_config
+from foundry_kernel.config import (
+    RunConfig,
+    flatten_config,
+    json_schema,
+    load_config,
+    varying_settings,
+)
 from foundry_kernel.errors import ConfigError, FoundryError
 from foundry_kernel.logs import Throttle, configure_logging
 from foundry_kernel.paths import default_runs_dir, runs_dir_for, validate_run_id
@@ -439,30 +445,12 @@ def _duration(rec: RunRecord, now: float | None = None) -> str:
     return format_duration(max(0.0, end - start))
 
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested config as ``{"loss.temperature": 2.0, ...}`` (lists kept whole)."""
-    if not isinstance(value, dict):
-        return {prefix: value}
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
 def _shown(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
-# Settings never worth a column: labels and where the store is, and those with their own.
-_NOT_SETTINGS = frozenset({"name", "runs_dir", "schema_version", "distill.mode", "loss.kind"})
-
-
-def differing_settings(configs: Sequence[dict[str, Any]]) -> list[str]:
-    """The dotted config keys whose values differ between ``configs`` (W&B's "differences
-    only"): what tells runs of a grid apart."""
-    flats = [_flat(c) for c in configs]
-    keys = sorted({k for f in flats for k in f} - _NOT_SETTINGS)
-    return [k for k in keys if len({_shown(f.get(k)) for f in flats}) > 1]
+#: Settings with columns of their own in ``foundry runs``.
+_OWN_COLUMNS = ("distill.mode", "loss.kind")
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -491,12 +479,12 @@ def _helped(summary: RunSummary) -> str:
 
 def runs_table(records: Sequence[RunRecord]) -> list[str]:
     """``foundry runs``: one labelled row per run, the settings that differ between them."""
-    settings = differing_settings([r.config for r in records])
+    settings = varying_settings([r.config for r in records], ignore=_OWN_COLUMNS)
     headers = ["id", "name", "state", "started", "duration", "mode", "loss"]
     headers += [*settings, "student ppl", "CE-only ppl", "gap closed", "helped"]
     rows = []
     for rec in records:
-        flat = _flat(rec.config)
+        flat = flatten_config(rec.config)
         parsed = RunSummary.parse(rec.summary)
         gap = "-" if parsed.gap_closed is None else f"{parsed.gap_closed:.0%}"
         rows.append(
@@ -654,8 +642,8 @@ def _events_lines(events: Sequence[Any], last: int = 8) -> list[str]:
 def show_text(rec: RunRecord, events: Sequence[Any], store_root: Path) -> str:
     """``foundry show``: what a person asks of one run, top to bottom."""
     summary = RunSummary.parse(rec.summary)
-    flat = _flat(rec.config)
-    defaults = _flat(RunConfig().to_dict())
+    flat = flatten_config(rec.config)
+    defaults = flatten_config(RunConfig().to_dict())
     name = f" ({rec.name})" if rec.name != rec.run_id else ""
     lines = [f"run {rec.run_id}{name}", ""]
     state = rec.state + (f": {rec.error}" if rec.error else "")

@@ -1029,6 +1029,34 @@ def _short(value: Any) -> str:
     return brief(value, 80)
 
 
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A stored config as dotted keys, ``{"loss.temperature": 2.0, ...}`` (lists kept
+    whole): the one view the CLI, the dashboard and the pandas tables compare runs by."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+#: Keys that tell runs apart without being settings: labels and where the store is.
+SETTINGS_NOISE = frozenset({"name", "runs_dir", "schema_version"})
+
+
+def varying_settings(configs: Iterable[Mapping[str, Any]], ignore: Iterable[str] = ()) -> list[str]:
+    """The dotted keys whose values differ between ``configs`` (W&B's "differences only"):
+    what tells the runs of a grid apart. A key missing from one config differs from any
+    value; ``ignore`` adds keys a caller shows in columns of their own."""
+    flats = [flatten_config(config) for config in configs]
+    skip = SETTINGS_NOISE | set(ignore)
+    keys = sorted({key for flat in flats for key in flat} - skip)
+    missing = object()
+    return [key for key in keys if len({repr(flat.get(key, missing)) for flat in flats}) > 1]
+
+
 def json_schema() -> dict[str, Any]:
     """The config's JSON Schema (what ``foundry schema`` prints)."""
     schema = RunConfig.model_json_schema()
@@ -1051,9 +1079,11 @@ __all__ = [
     "StudentConfig",
     "TeacherBuild",
     "TeacherConfig",
+    "flatten_config",
     "json_schema",
     "load_config",
     "parse_override",
     "teacher_placement",
     "validate_config",
+    "varying_settings",
 ]

@@ -24,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from foundry_kernel.config import flatten_config
 from foundry_kernel.store import RunRecord, RunStore
 from foundry_kernel.summary import ROLES, RunSummary
 
@@ -40,15 +41,6 @@ def _opened(store: StoreLike) -> Iterator[RunStore]:
         return
     with RunStore(store, read_only=True) as opened:
         yield opened
-
-
-def _flat(value: Any, prefix: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        return {prefix: value}
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        out.update(_flat(item, f"{prefix}.{key}"))
-    return out
 
 
 def _times(seconds: Sequence[float | None]) -> pd.Series:
@@ -87,7 +79,7 @@ def _run_row(rec: RunRecord) -> dict[str, Any]:
     row["error"] = rec.error
     row["batch_id"] = rec.batch_id
     row["damaged"] = rec.damaged
-    row.update(_flat(rec.config, "config"))
+    row.update(flatten_config(rec.config, "config."))
     return row
 
 

@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import PurePath
 from typing import Any
 
+from foundry_kernel.config import flatten_config, varying_settings
 from foundry_kernel.metrics import lookup, names_in
 from foundry_kernel.ranks import parse_rank_metric, rank_figures
 from foundry_kernel.store import RunRecord, RunStore
@@ -153,7 +154,6 @@ LOSS_METRICS: tuple[str, ...] = names_in("loss")
 PPL_METRICS: tuple[str, ...] = tuple(n for n in names_in("eval") if n.endswith("/ppl"))
 
 # Flattened config keys that always differ between runs (or say nothing about the recipe).
-_SETTINGS_NOISE = frozenset({"name", "runs_dir", "schema_version"})
 
 
 # --- formatting ---------------------------------------------------------------------------
@@ -518,25 +518,6 @@ def batch_ids(store: RunStore) -> list[str]:
     return list(seen)
 
 
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{dotted}."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
-def varying_settings(configs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Dotted config keys whose values differ between the given configs (a batch's grid)."""
-    flats = [_flatten(config) for config in configs]
-    keys = sorted({key for flat in flats for key in flat} - _SETTINGS_NOISE)
-    missing = object()
-    return [key for key in keys if len({repr(flat.get(key, missing)) for flat in flats}) > 1]
-
-
 def batch_comparison(store: RunStore, batch_id: str) -> list[dict[str, Any]]:
     """The members of a batch side by side: what differed, how each did, which is best.
 
@@ -546,7 +527,7 @@ def batch_comparison(store: RunStore, batch_id: str) -> list[dict[str, Any]]:
     keys = varying_settings([run.config for run in runs])
     rows = []
     for run in runs:
-        flat = _flatten(run.config)
+        flat = flatten_config(run.config)
         row = run_row(run)
         row["settings"] = ", ".join(f"{key}={flat.get(key)}" for key in keys) or "—"
         row["best"] = False
@@ -683,7 +664,7 @@ def config_differences(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
     """W&B's "Run Comparer, differences only": one row per dotted setting whose value is
     not the same in every given run, ``{"setting": key, <run_id>: value, ...}``; a run
     without the setting shows None. Names and paths are left out (they always differ)."""
-    flats = {run.run_id: _flatten(run.config) for run in runs}
+    flats = {run.run_id: flatten_config(run.config) for run in runs}
     keys = varying_settings([run.config for run in runs]) if len(runs) > 1 else []
     return [{"setting": key, **{rid: flat.get(key) for rid, flat in flats.items()}} for key in keys]
 
@@ -699,7 +680,7 @@ def parallel_data(runs: Sequence[RunRecord]) -> dict[str, Any]:
     done = [r for r in runs if r.state == "completed"]
     if len(done) < 2:
         return {"run_ids": [], "dimensions": []}
-    flats = [_flatten(r.config) for r in done]
+    flats = [flatten_config(r.config) for r in done]
     dims: list[dict[str, Any]] = []
     for key in varying_settings([r.config for r in done]):
         values = [flat.get(key) for flat in flats]
