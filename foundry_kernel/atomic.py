@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "replace_folder"]
 
 # O_BINARY only exists (and only matters) on Windows, where text mode would mangle bytes.
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
@@ -56,3 +57,22 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str, *, encoding: str = "utf-8") -> None:
     """Text flavour of :func:`atomic_write_bytes`; newlines are written as given on all OSes."""
     atomic_write_bytes(path, text.encode(encoding))
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the finished folder ``new`` at ``target`` (an exported student).
+
+    A rename cannot replace a non-empty folder, so an existing ``target`` (a folder, a
+    file or a link) is moved aside first and deleted after: no moment leaves a
+    half-written ``target``, and a link is removed, never followed.
+    """
+    old = target.with_name(f".{target.name}.{os.getpid()}.old")
+    if target.exists() or target.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(new, target)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()

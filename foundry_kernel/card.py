@@ -15,7 +15,6 @@ This module imports neither torch nor transformers: ``foundry export`` is a file
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
 import os
@@ -29,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from foundry_kernel.atomic import replace_folder
 from foundry_kernel.config import HUB_ID_RE, RunConfig, looks_like_path
 from foundry_kernel.errors import FoundryError
 from foundry_kernel.summary import ModelResult, RunSummary
@@ -473,23 +473,8 @@ def export_run(store: Any, run_id: str, target: Path | str, *, force: bool = Fal
         (tmp / METRICS_FILENAME).write_text(
             json.dumps(record.summary, indent=1, default=str), encoding="utf-8"
         )
-        _put_in_place(tmp, dest)
+        replace_folder(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
-
-
-def _put_in_place(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an existing ``target`` (empty, or ``--force``) is moved
-    aside first and deleted after, so no moment leaves a half-written ``target``."""
-    old = target.with_name(f".{target.name}.{os.getpid()}.old")
-    if target.exists() or target.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(new, target)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            old.unlink()

@@ -58,7 +58,7 @@ from foundry_kernel._runtime import (
     weights_dtype,
 )
 from foundry_kernel._world import World
-from foundry_kernel.atomic import atomic_write_text
+from foundry_kernel.atomic import atomic_write_text, replace_folder
 from foundry_kernel.card import model_card, provenance, weights_size
 from foundry_kernel.config import (
     BUILTIN_TEACHER,
@@ -1019,7 +1019,7 @@ def _write_export(
         atomic_write_text(tmp / "README.md", card)
         atomic_write_text(tmp / "foundry-metrics.json", json.dumps(results, indent=1, default=str))
         ctx.check()
-        _replace_folder(tmp, export)
+        replace_folder(tmp, export)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1046,14 +1046,3 @@ def _write_lora_weights(
     job.ctx.check()
     _lora.save_base(student, tmp / "base")
     tokenizer.save_pretrained(tmp / "base")
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Put folder ``new`` at ``target``, replacing an older export there (a rename cannot
-    replace a non-empty folder, so the old one is moved aside first, then deleted)."""
-    old = target.with_name(f".{target.name}.{os.getpid()}.old")
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
