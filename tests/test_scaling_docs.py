@@ -352,7 +352,7 @@ def test_gpu_check_steps_parse_and_reference_existing_fields(tmp_path: Path) -> 
 
 # the packages the GPU machine's image holds (device KINDS.md), of Foundry's engine deps
 IMAGE_HAS = {"torch", "transformers", "tokenizers", "safetensors", "pyyaml", "psutil"}
-IMAGE_HAS |= {"nvidia-ml-py", "httpx", "peft"}
+IMAGE_HAS |= {"nvidia-ml-py", "httpx", "peft", "pandas"}
 LAZY = {"datasets"}  # imported only for a Hugging Face dataset source
 
 
