@@ -54,10 +54,18 @@ COUNT_EVERY_S = 0.5
 """A phase's ``count`` events (e.g. evaluation batches) come at most this often, plus the
 first and the last: enough for a progress line, few enough for the event buffer."""
 
-TRAINING_PHASES = ("teacher_build", "distill", "baseline")
+TRAINING_PHASES = ("teacher_build", "teacher_check", "distill", "baseline")
+_TEACHER_PHASES = ("teacher_build", "teacher_check")  # validated on their own cadence
 """Phases that count optimizer steps (their step events carry ``step``/``max_steps``)."""
 
-_PREFIX_PHASE = {"": "distill", "baseline/": "baseline", "teacher_build/": "teacher_build"}
+# a step's metric prefix -> the phase it belongs to (the teacher check trains its
+# student-sized reference under ``teacher_reference/``)
+_PREFIX_PHASE = {
+    "": "distill",
+    "baseline/": "baseline",
+    "teacher_build/": "teacher_build",
+    "teacher_reference/": "teacher_check",
+}
 _EVAL_STAGES = ("teacher", "student", "baseline")
 _TERMINAL = ("completed", "failed", "cancelled", "timed_out")
 
@@ -483,7 +491,7 @@ class ProgressTracker:
             since = 0.0
             if count is None and step_s is not None and phase.last_step_t is not None:
                 since = min(max(0.0, now - phase.last_step_t), step_s)  # the next step runs
-            every = self.plan.eval_every if phase.name != "teacher_build" else 0
+            every = self.plan.eval_every if phase.name not in _TEACHER_PHASES else 0
             due_now = (
                 count is None
                 and every > 0

@@ -202,6 +202,20 @@ def test_before_training_the_eta_is_marked_partial() -> None:
     assert "< 11m 30s+" in format_progress(snap)
 
 
+def test_the_teacher_checks_reference_training_counts_its_steps() -> None:
+    """Measured: its steps were ignored, so a validation's "1/20 batches" stayed up for
+    the whole check while the ETA climbed from 3 to 32 minutes."""
+    t = ProgressTracker("r", PLAN)
+    t.observe("phase", {"phase": "teacher_check"}, 0.0)
+    for s in range(1, 101):
+        _step(t, s, s * 0.1, prefix="teacher_reference/", n=700, **{"train/loss": 5.0})
+    at = _validate(t, at=10.0, batches=20, batch_s=0.05, step=100, prefix="teacher_reference/")
+    _step(t, 101, at + 0.1, prefix="teacher_reference/", n=700, **{"train/loss": 5.0})
+    snap = t.snapshot(at + 0.1)
+    assert (snap.phase, snap.done, snap.total, snap.unit) == ("teacher_check", 101, 700, "steps")
+    assert snap.eta_s == pytest.approx(59.9, abs=1.0)
+
+
 def test_a_step_of_another_phase_does_not_count_here() -> None:
     t = ProgressTracker("r", PLAN)
     t.observe("phase", {"phase": "baseline", "max_steps": 200}, 0.0)
