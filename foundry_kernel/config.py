@@ -615,7 +615,7 @@ class TrackingConfig(_Section):
     ``MLFLOW_TRACKING_URI``) or ``tracking.mlflow_uri`` names a server."""
 
     report_to: list[str] = Field(
-        default_factory=list,
+        [],
         max_length=len(EXPORTERS),
         description="Trackers that also receive the run's train/ and eval/ metrics, its "
         "config as hyperparameters and its summary: any of 'tensorboard', 'mlflow', "
