@@ -76,7 +76,11 @@ def test_metric_names_are_train_and_eval() -> None:
 
 @pytest.mark.parametrize(("tracker", "module"), [("trackio", "trackio"), ("mlflow", "alembic")])
 def test_a_tracker_not_installed_is_refused_at_start_with_the_install_command(
-    runs_dir: Path, monkeypatch: pytest.MonkeyPatch, tracker: str, module: str
+    runs_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tracker: str,
+    module: str,
 ) -> None:
     """All four trackers are in the dev extra; a user without one gets this, before
     anything is created. ``sys.modules[name] = None`` is Python's own way to make an
@@ -93,6 +97,13 @@ def test_a_tracker_not_installed_is_refused_at_start_with_the_install_command(
     with pytest.raises(ConfigError, match=rf"foundry\[{tracker}\]"):
         fk.start(cfg)
     assert not runs_dir.exists()  # refused before the store was touched
+    from foundry_kernel.cli import main as cli_main
+
+    args = ["distill", "--runs-dir", str(runs_dir), "--set", f"tracking.report_to=[{tracker}]"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert f"pip install 'foundry[{tracker}]'" in err and "Traceback" not in err
+    assert not runs_dir.exists()
 
 
 # --------------------------------------------------------------------------- a real run
