@@ -26,6 +26,8 @@ first-time SQLite migration, W&B's service process starting), and the training s
 never wait for it; the run controller hands events over through a queue. Why a failure only
 disables the tracker: the numbers that matter are in Foundry's own store; a tracker that
 fails is reported as a warning alert on the run and stops receiving, and the run goes on.
+The end of a run waits for its trackers (at most ``FLUSH_S``), so once ``handle.wait()``
+returns their files are complete.
 """
 
 from __future__ import annotations
