@@ -604,6 +604,99 @@ class DistributedConfig(_Section):
     )
 
 
+EXPORTERS: tuple[str, ...] = ("tensorboard", "mlflow", "wandb", "trackio")
+"""The experiment trackers ``tracking.report_to`` may name (see foundry_kernel.exporters)."""
+
+
+class TrackingConfig(_Section):
+    """Opt-in exporters: the run's metrics, config and summary also sent to experiment
+    trackers, as transformers' ``report_to``. Off by default, and local by default when on:
+    nothing is sent over the network unless the environment says so (``WANDB_MODE``,
+    ``MLFLOW_TRACKING_URI``) or ``tracking.mlflow_uri`` names a server."""
+
+    report_to: list[str] = Field(
+        [],
+        max_length=len(EXPORTERS),
+        description="Trackers that also receive the run's train/ and eval/ metrics, its "
+        "config as hyperparameters and its summary: any of 'tensorboard', 'mlflow', "
+        "'wandb', 'trackio' (each an optional dependency: pip install 'foundry[NAME]'); "
+        "[] = none.",
+    )
+    project: str = Field(
+        "foundry",
+        min_length=1,
+        max_length=128,
+        description="W&B and Trackio project, MLflow experiment; each run is named by its "
+        "Foundry run id.",
+    )
+    dir: Path | None = Field(
+        None,
+        description="Folder for TensorBoard event files (tensorboard/<run id>), W&B offline "
+        "runs (wandb/) and Trackio's database (None = <runs_dir>/tracking).",
+    )
+    mlflow_uri: str | None = Field(
+        None,
+        max_length=2048,
+        description="MLflow tracking URI (None = $MLFLOW_TRACKING_URI, else a local "
+        "sqlite:///<tracking dir>/mlflow.db); also sqlite:///PATH, file:PATH, http(s)://HOST.",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_name(cls, v: Any) -> Any:
+        """``tracking.report_to=tensorboard`` on a command line means a list of one."""
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("report_to")
+    @classmethod
+    def _check_report_to(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in EXPORTERS:
+                hint = difflib.get_close_matches(name, EXPORTERS, n=1)
+                fix = f"did you mean {hint[0]!r}? " if hint else ""
+                raise ValueError(
+                    f"unknown tracker {brief(name, 40)}; {fix}choose from {', '.join(EXPORTERS)}"
+                )
+        repeated = sorted({name for name in v if v.count(name) > 1})
+        if repeated:
+            raise ValueError(f"names {', '.join(repeated)} more than once; list each once")
+        return v
+
+    @field_validator("dir")
+    @classmethod
+    def _check_dir(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            _confine(v, "tracking.dir")
+        return v
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _check_mlflow_uri(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        scheme = v.split(":", 1)[0] if ":" in v else ""
+        if scheme not in ("sqlite", "file", "http", "https"):
+            raise ValueError(
+                "must be sqlite:///PATH, file:PATH or http(s)://HOST[:PORT], e.g. "
+                "sqlite:///runs/mlflow.db"
+            )
+        if scheme == "sqlite":
+            if not v.startswith("sqlite:///") or len(v) == len("sqlite:///"):
+                raise ValueError("a SQLite store is sqlite:///PATH, e.g. sqlite:///mlflow.db")
+            _confine(Path(v.removeprefix("sqlite:///")), "tracking.mlflow_uri")
+        elif scheme == "file":
+            _confine(Path(v.removeprefix("file:").removeprefix("//")), "tracking.mlflow_uri")
+        return v
+
+
+def _confine(path: Path, field: str) -> None:
+    """A local path in the config lies under ``paths.allowed_roots`` (as ``runs_dir``)."""
+    try:
+        resolve_within(path, allowed_roots(), field=field)
+    except ConfigError as exc:
+        raise ValueError(str(exc).removeprefix(f"{field}: ")) from None
+
+
 class RunConfig(_Section):
     """Everything one distillation run does. Saved with every run."""
 
@@ -639,6 +732,10 @@ class RunConfig(_Section):
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig, description="Data parallelism (torchrun)."
     )
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="Opt-in exporters to TensorBoard, MLflow, W&B, Trackio (off by default).",
+    )
 
     @field_validator("runs_dir")
     @classmethod
@@ -646,10 +743,7 @@ class RunConfig(_Section):
         """Confined like every local path (``paths.allowed_roots``), so a config cannot put
         the store, its checkpoints and exports in /etc. The path is kept as written."""
         if v is not None:
-            try:
-                resolve_within(v, allowed_roots(), field="runs_dir")
-            except ConfigError as exc:
-                raise ValueError(str(exc).removeprefix("runs_dir: ")) from None
+            _confine(v, "runs_dir")
         return v
 
     @field_validator("name")
@@ -1067,6 +1161,7 @@ def json_schema() -> dict[str, Any]:
 __all__ = [
     "BUILTIN_DATA",
     "BUILTIN_TEACHER",
+    "EXPORTERS",
     "SCHEMA_VERSION",
     "CheckpointConfig",
     "DataConfig",
@@ -1079,6 +1174,7 @@ __all__ = [
     "StudentConfig",
     "TeacherBuild",
     "TeacherConfig",
+    "TrackingConfig",
     "flatten_config",
     "json_schema",
     "load_config",

@@ -12,14 +12,17 @@ the built-in teacher's own training; per-GPU memory is ``mem/gpu<N>_<what>_mb``.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Literal
+from numbers import Real
+from typing import Any, Literal
 
 __all__ = [
     "BASELINE",
     "METRICS",
     "TEACHER_BUILD",
     "Metric",
+    "event_values",
     "lookup",
     "names_in",
 ]
@@ -111,3 +114,22 @@ def lookup(name: str) -> Metric | None:
 def names_in(group: Group, *, prefixes: tuple[str, ...] = ("", BASELINE)) -> tuple[str, ...]:
     """The registered names of one group, for the given run phases, in registry order."""
     return tuple(f"{prefix}{m.name}" for prefix in prefixes for m in METRICS if m.group == group)
+
+
+def event_values(payload: Mapping[str, Any]) -> Iterator[tuple[str, float]]:
+    """The numbers of a ``step``/``eval`` event: its flat fields (but ``step`` and
+    ``max_steps``) and its nested ``metrics`` mapping, as the trainer emits them; what the
+    run's handle keeps and the exporters send."""
+    for key, value in payload.items():
+        if key in ("step", "max_steps"):
+            continue
+        if key == "metrics" and isinstance(value, Mapping):
+            for name, inner in value.items():
+                if _is_number(inner):
+                    yield str(name), float(inner)
+        elif _is_number(value):
+            yield key, float(value)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)

@@ -82,7 +82,6 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -103,7 +102,9 @@ from foundry_kernel.errors import (
     RunTimeout,
     StoreError,
 )
+from foundry_kernel.exporters import ExportFeed, ExportSettings, check_installed, make_exporters
 from foundry_kernel.logs import run_log
+from foundry_kernel.metrics import event_values as _numeric_items
 from foundry_kernel.paths import default_runs_dir
 from foundry_kernel.progress import PROGRESS_FILE, Progress, ProgressTracker, RunPlan
 from foundry_kernel.store import RunRecord, RunStore
@@ -319,23 +320,6 @@ def _strip_tracebacks(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- metrics
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
-
-
-def _numeric_items(payload: Mapping[str, Any]) -> Iterator[tuple[str, float]]:
-    """Numbers in a step/eval event: flat fields and a nested ``metrics`` mapping."""
-    for key, value in payload.items():
-        if key in ("step", "max_steps"):
-            continue
-        if key == "metrics" and isinstance(value, Mapping):
-            for name, inner in value.items():
-                if _is_number(inner):
-                    yield str(name), float(inner)
-        elif _is_number(value):
-            yield key, float(value)
 
 
 class _Metrics:
@@ -612,6 +596,7 @@ class RunHandle:
         self._tracker = ProgressTracker(run_id, RunPlan.from_config(config))
         self._progress_written: float | None = None
         self._sampler: MemorySampler | None = None  # made on the worker (it imports torch)
+        self._exports: ExportFeed | None = None  # tracking.report_to (see _export_to)
 
     # -- read side ------------------------------------------------------------------
 
@@ -1061,6 +1046,8 @@ class RunHandle:
             self._sampler.stop()
         _WATCHDOG.unwatch(self)
         self._job = None  # keep no closure (and the models it may capture) alive
+        if self._exports is not None and not self._exports.close():
+            self._log(logging.WARNING, "exporters still busy after the run; not waiting longer")
         if self._owns_store:
             self._store.close()
 
@@ -1127,6 +1114,45 @@ class RunHandle:
             return False
         return True
 
+    # -- exporters (tracking.report_to) ---------------------------------------------------
+
+    def _export_to(self) -> None:
+        """Feed ``tracking.report_to``'s trackers from this handle's events, on a thread of
+        their own (foundry_kernel.exporters). Only the handle that records the run exports:
+        in a multi-process run that is the launcher, which sees rank 0's events."""
+        names = self.config.tracking.report_to
+        if not names or not self.records_state:
+            return
+        settings = ExportSettings.for_run(self.config, self.runs_dir, self.id)
+        feed = ExportFeed(
+            make_exporters(settings, names),
+            self.config,
+            self.id,
+            warn=self._export_warning,
+            summary=self._export_summary,
+        )
+        self._exports = feed
+        self.subscribe(feed)
+
+    def _export_warning(self, message: str) -> None:
+        """A tracker failed: a warning alert on the run (store, events), never a failure.
+        Published without a heartbeat: an exporter's trouble is not the job's progress."""
+        self._log(logging.WARNING, "%s", message)
+        self._store_call("record an alert", self._store.add_event, self.id, "alert", message)
+        alert = {"level": "warning", "message": message}
+        self._publish(Event(kind="alert", run_id=self.id, payload=alert))
+
+    def _export_summary(self) -> Mapping[str, Any] | None:
+        """The summary the trackers get at the end: the job's result, or what the store
+        holds of it when the run did not complete."""
+        result = self.result
+        if result is not None:
+            return result
+        try:
+            return self._store.get_run(self.id).summary
+        except StoreError:
+            return None
+
 
 # --------------------------------------------------------------------------- starting
 
@@ -1170,6 +1196,7 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
     "limits.",
     "checkpoint.",
     "eval.",
+    "tracking.",
     "optim.gradient_checkpointing",
     "teacher.server.port",
     "teacher.server.start_timeout_s",
@@ -1187,11 +1214,12 @@ optimiser (lr, batch size, precision, ...). Changing any of those would load a c
 into another model (a shape error deep in torch) or silently mix two experiments in one
 curve. What may change is how long and how closely it is run and watched: ``limits.*``
 (train longer with ``limits.max_steps``, other time limits), ``checkpoint.*``,
-``eval.*`` (evaluation and reporting), where and how fast it runs (``device``,
-``threads``, ``runs_dir`` when the folder moved, ``optim.gradient_checkpointing``, a
-memory-for-compute trade), the operational settings of a Foundry-started teacher server,
-and the ``name`` label (the store keeps the name the run was created with). Anything else
-is refused before anything is touched, naming each field with its stored and given value.
+``eval.*`` (evaluation and reporting), ``tracking.*`` (the exporters), where and how
+fast it runs (``device``, ``threads``, ``runs_dir`` when the folder moved,
+``optim.gradient_checkpointing``, a memory-for-compute trade), the operational settings
+of a Foundry-started teacher server, and the ``name`` label (the store keeps the name
+the run was created with). Anything else is refused before anything is touched, naming
+each field with its stored and given value.
 """
 
 
@@ -1251,7 +1279,7 @@ def _check_resume_config(run_id: str, stored: RunConfig, given: RunConfig) -> No
         f"cannot resume run {run_id} with this config: {len(lines)} field(s) differ from the "
         "run's stored config and may not change on resume:\n  "
         + "\n  ".join(lines)
-        + "\nOnly limits.*, checkpoint.*, eval.*, device, threads, runs_dir, name, "
+        + "\nOnly limits.*, checkpoint.*, eval.*, tracking.*, device, threads, runs_dir, name, "
         "optim.gradient_checkpointing and the teacher server's operational settings may "
         "change on resume; start a new run to change the others. Nothing was modified.",
         field=differences[0][0],
@@ -1404,6 +1432,8 @@ def start(
         job = _distributed_job(launch)
         sample_interval_s = None  # rank 0 samples its own memory, not this process
     given = None if config is None and resume is not None else _as_config(config)
+    if given is not None:  # a missing tracker is refused before the store is touched
+        check_installed(_config_with(given, overrides).tracking.report_to)
     run_store, owns = _open_store(_runs_dir_for(given, overrides), store)
     handle: RunHandle | None = None
     launched = False
@@ -1411,11 +1441,13 @@ def start(
         handle, note = _new_handle(
             run_store, given, overrides, resume, job, owns, sample_interval_s
         )
+        check_installed(handle.config.tracking.report_to)  # a resume's stored config
         _register(handle)
         if resume is not None:
             run_store.add_event(resume, "resume", note)
         if on_event is not None:
             handle.subscribe(on_event)
+        handle._export_to()
         handle._launch()
         launched = True
     finally:
