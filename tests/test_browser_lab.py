@@ -397,7 +397,7 @@ LOG_TAIL_JS = """
 
 
 @pytest.mark.parametrize(
-    "lab", [{"eval.every_steps": 3, "eval.max_batches": 1}], indirect=True, ids=["evals"]
+    "lab", [{"eval.every_steps": 2, "eval.max_batches": 1}], indirect=True, ids=["evals"]
 )
 def test_a_live_run_shows_its_progress_line_and_a_growing_eval_table(
     lab: dict[str, Any], tmp_path: Path
@@ -429,6 +429,9 @@ def test_a_live_run_shows_its_progress_line_and_a_growing_eval_table(
         assert "a run is in progress" in page.locator(".foundry-start-reason").inner_text()
         assert page.wait_for_function(LOG_TAIL_JS).json_value()
         _shot(page, "panel-progress-evaltable.png", ".foundry-run .foundry-evals")
+        memory = page.locator(".foundry-run .foundry-memory").first.inner_text()
+        assert "process RSS" in memory and "preflight estimate" in memory, memory
+        _shot(page, "panel-memory-estimate.png", ".foundry-run .foundry-memory")
         page.locator(".foundry-panel button", has_text="Cancel").click()
         page.wait_for_selector('.foundry-run .foundry-status [data-state="cancelled"]')
         assert page.locator(".foundry-run .foundry-evals tbody tr").count() >= rows
