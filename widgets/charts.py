@@ -164,6 +164,7 @@ _CHART_LAYOUTS: dict[str, dict[str, Any]] = {
         "title": "Memory (MB)",
         "xaxis": {"title": MEMORY_X_TITLE},
         "yaxis": {"title": "MB"},
+        "showlegend": True,  # even for one curve: "process RSS" is not the GPU's memory
     },
     "compare": {"title": "Loss by run", "xaxis": {"title": "step"}, "yaxis": {"title": "loss"}},
 }
