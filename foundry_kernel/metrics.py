@@ -72,8 +72,18 @@ METRICS: tuple[Metric, ...] = (
     Metric("tokens_per_s", "tokens/s", "training speed (tokens per second)", "speed", "higher"),
     Metric("mem/rss_mb", "process RSS", "process memory (RSS, MB)", "memory"),
     Metric("mem/rss_peak_mb", "peak RSS", "peak process memory (RSS, MB)", "memory"),
-    Metric("mem/torch_allocated_mb", "torch allocated", "torch allocated (MB)", "memory"),
-    Metric("mem/torch_reserved_mb", "torch reserved", "torch reserved (MB)", "memory"),
+    Metric(
+        "mem/torch_allocated_mb", "torch allocated", "torch allocated (MB, live tensors)", "memory"
+    ),
+    Metric(
+        "mem/torch_reserved_mb",
+        "torch reserved",
+        "torch reserved (MB, allocated + allocator cache)",
+        "memory",
+    ),
+    Metric(
+        "mem/torch_max_allocated_mb", "torch peak allocated", "torch peak allocated (MB)", "memory"
+    ),
 )
 _BY_NAME = {m.name: m for m in METRICS}
 _PREFIX_WORDS = {
@@ -105,9 +115,9 @@ def lookup(name: str) -> Metric | None:
     gpu = _GPU.fullmatch(name)
     if gpu:
         index, what = int(gpu.group(1)), gpu.group(2).replace("_", " ")
-        return Metric(
-            name, f"GPU{index} {what}", f"GPU {index} memory {what} (MB)", "memory", index=index
-        )
+        # NVML's figure is the whole GPU's (every process on it), unlike torch's: say so
+        label = f"GPU{index} NVML {what}" if what == "used" else f"GPU{index} {what}"
+        return Metric(name, label, f"GPU {index} memory {what} (MB)", "memory", index=index)
     return None
 
 

@@ -97,11 +97,15 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _prepare_root(root: Path, runs_dir: Path) -> Path:
+LONG_RUN = {"eval.every_steps": 10_000, "eval.max_batches": 1}
+"""A run that trains until Cancel and does not evaluate on the way."""
+
+
+def _prepare_root(root: Path, runs_dir: Path, extra: dict[str, Any] = LONG_RUN) -> Path:
     """A copy of distill.ipynb with small, long-running parameters (Cancel stops it)."""
     import papermill
 
-    overrides = tiny_overrides(**{"eval.every_steps": 10_000, "eval.max_batches": 1})
+    overrides = tiny_overrides(**extra)
     target = root / "distill.ipynb"
     papermill.execute_notebook(
         str(NOTEBOOK),
@@ -166,12 +170,14 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
-def lab(tmp_path: Path, tiny_teacher_dir: Path) -> Iterator[dict[str, Any]]:
-    """A JupyterLab server on 127.0.0.1 with a token, serving a prepared distill.ipynb."""
+def lab(tmp_path: Path, tiny_teacher_dir: Path, request: Any) -> Iterator[dict[str, Any]]:
+    """A JupyterLab server on 127.0.0.1 with a token, serving a prepared distill.ipynb
+    (its overrides: ``LONG_RUN``, or the test's ``@pytest.mark.parametrize("lab", [...],
+    indirect=True)``)."""
     root = tmp_path / "root"
     root.mkdir()
     runs_dir = tmp_path / "runs"
-    _prepare_root(root, runs_dir)
+    _prepare_root(root, runs_dir, getattr(request, "param", LONG_RUN))
     settings, workspaces = tmp_path / "settings", tmp_path / "workspaces"
     _lab_settings(settings)
     workspaces.mkdir()
@@ -369,3 +375,63 @@ def _drive_compare_and_reload(page: Any, url: str, notebook: Path) -> None:
 
     page.locator(".foundry-panel button", has_text="Cancel").click()
     page.wait_for_selector('.foundry-run .foundry-status [data-state="cancelled"]')
+
+
+EVAL_ROWS_JS = """
+(min) => {
+  const rows = document.querySelectorAll('.foundry-run .foundry-evals tbody tr');
+  return rows.length >= min ? rows.length : false;
+}
+"""
+"""Rows of the run's evaluation table in the page (false until ``min``)."""
+
+LOG_TAIL_JS = """
+() => {
+  const box = document.querySelector('.foundry-run .foundry-log .foundry-log-tail');
+  if (!box) return false;
+  const pre = box.querySelector('pre').getBoundingClientRect();
+  const view = box.getBoundingClientRect();
+  return pre.bottom <= view.bottom + 1;  // the end of the log (its newest line) is in view
+}
+"""
+
+
+@pytest.mark.parametrize(
+    "lab", [{"eval.every_steps": 2, "eval.max_batches": 1}], indirect=True, ids=["evals"]
+)
+def test_a_live_run_shows_its_progress_line_and_a_growing_eval_table(
+    lab: dict[str, Any], tmp_path: Path
+) -> None:
+    """While the run trains: the progress line (phase, n/N, elapsed < ETA), the bar, and
+    the evaluation table gaining a row at each evaluation, the best one starred."""
+    url = f"{lab['base']}/lab/tree/distill.ipynb?reset&token={lab['token']}"
+    with _browser_page(tmp_path / "profile", "failure-evaltable.png") as page:
+        page.goto(url)
+        page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]')
+        _run_all_cells(page)
+        start = page.locator(".foundry-panel button", has_text="Start")
+        start.wait_for(state="visible")
+        page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]')
+        # forward KL: beta does not apply, and says so
+        beta = page.locator(".foundry-field-loss-beta input").first
+        assert beta.is_disabled()
+        assert "loss.kind=jsd" in page.locator(".foundry-field-loss-beta").first.inner_text()
+        start.click()
+        rows = int(page.wait_for_function(EVAL_ROWS_JS, arg=2).json_value())
+        assert rows >= 2
+        status = page.locator(".foundry-run .foundry-status").first.inner_text()
+        assert "running" in status and "distill" in status and "/100000" in status, status
+        assert " < " in status, status  # elapsed < ETA
+        bar = page.locator(".foundry-run .foundry-progress-bar").first
+        assert bar.evaluate("(el) => getComputedStyle(el).visibility") == "visible"
+        table = page.locator(".foundry-run .foundry-evals").first
+        assert "★" in table.inner_text() and "val ppl" in table.inner_text()
+        assert "a run is in progress" in page.locator(".foundry-start-reason").inner_text()
+        assert page.wait_for_function(LOG_TAIL_JS).json_value()
+        _shot(page, "panel-progress-evaltable.png", ".foundry-run .foundry-evals")
+        memory = page.locator(".foundry-run .foundry-memory").first.inner_text()
+        assert "process RSS" in memory and "preflight estimate" in memory, memory
+        _shot(page, "panel-memory-estimate.png", ".foundry-run .foundry-memory")
+        page.locator(".foundry-panel button", has_text="Cancel").click()
+        page.wait_for_selector('.foundry-run .foundry-status [data-state="cancelled"]')
+        assert page.locator(".foundry-run .foundry-evals tbody tr").count() >= rows

@@ -160,7 +160,7 @@ def test_start_button_runs_to_completion_and_draws_charts(runs_dir: Path) -> Non
     assert 'data-state="completed"' in view.status.value and "step 4/4" in view.status.value
     assert "foundry-summary" in view.outcome.value  # the results table
     assert "phase: distill" in view.log_view.value
-    assert panel.compare.trace_lengths()["#1 tiny|train"] == 4
+    assert panel.compare.trace_lengths()[f"{view.label}|train"] == 4
     assert not panel.start_button.disabled and panel.cancel_button.disabled
     assert _updater_threads() == []  # the updater stops with the run
 
@@ -190,10 +190,12 @@ def test_cancel_button_then_a_second_run_keeps_both(runs_dir: Path) -> None:
     panel.start_button.click()
     assert panel.wait(RUN_TIMEOUT_S)
     assert [str(h.state) for h in panel.runs] == ["cancelled", "completed"]
-    assert list(panel.tabs.titles) == ["compare", "#1 tiny", "#2 tiny"]
+    first_label, second_label = (v.label for v in panel.views)
+    assert list(panel.tabs.titles) == ["compare", first_label, second_label]
+    assert first_label != second_label and second_label.endswith(" tiny")
     assert cancelled.charts.trace_lengths()["train/loss"] == kept
     compare = panel.compare.trace_lengths()
-    assert compare["#1 tiny|train"] == kept and compare["#2 tiny|train"] == 2
+    assert compare[f"{first_label}|train"] == kept and compare[f"{second_label}|train"] == 2
     assert _updater_threads() == []
 
 

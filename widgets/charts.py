@@ -133,7 +133,12 @@ class TraceSpec:
 _CHARTED: dict[str, tuple[str, ...]] = {
     "loss": ("train/loss", "train/kd", "train/ce", "train/hidden", "val/loss"),
     "eval": ("val/ppl", "val/agreement"),
-    "memory": ("mem/rss_mb", "mem/torch_allocated_mb", "mem/torch_reserved_mb"),
+    "memory": (
+        "mem/rss_mb",
+        "mem/torch_allocated_mb",
+        "mem/torch_reserved_mb",
+        "mem/torch_max_allocated_mb",
+    ),
 }
 _PREFIX_STYLE = {"": ("solid", 0), BASELINE: ("dash", 100), TEACHER_BUILD: ("dot", 200)}
 _SECOND_AXIS = frozenset({"val/agreement"})
@@ -159,6 +164,7 @@ _CHART_LAYOUTS: dict[str, dict[str, Any]] = {
         "title": "Memory (MB)",
         "xaxis": {"title": MEMORY_X_TITLE},
         "yaxis": {"title": "MB"},
+        "showlegend": True,  # even for one curve: "process RSS" is not the GPU's memory
     },
     "compare": {"title": "Loss by run", "xaxis": {"title": "step"}, "yaxis": {"title": "loss"}},
 }
@@ -171,12 +177,14 @@ def metric_trace(name: str) -> TraceSpec | None:
         return None
     dash, offset = _PREFIX_STYLE.get(metric.prefix, ("solid", 300))
     base = name.removeprefix(metric.prefix)
-    if metric.index is not None:  # per-GPU memory: GPU0 used, GPU0 total, ...
-        what = metric.label.split(" ", 1)[1]
+    if metric.index is not None:  # per-GPU memory: GPU0 NVML used, GPU0 total, ...
+        what = name.removeprefix(f"mem/gpu{metric.index}_").removesuffix("_mb")
         if what not in _GPU_DASH:
             return None
         rank = 10 + 2 * metric.index + (what == "total")
         return TraceSpec("memory", metric.label, rank, _GPU_DASH[what])
+    if base == "mem/torch_max_allocated_mb":  # a peak: dotted, beside what it bounds
+        return TraceSpec("memory", metric.label, offset + 4, "dot")
     charted = _CHARTED.get(metric.group, ())
     if base not in charted or (metric.group == "memory" and metric.prefix):
         return None
@@ -491,6 +499,18 @@ class LiveCharts(ChartSet):
         """Memory samples as ``(seconds, MB)`` pairs."""
         pairs = list(samples)
         return self.extend(name, (t for t, _ in pairs), (v for _, v in pairs))
+
+    def mark_estimate(self, mb: float, label: str) -> None:
+        """A dashed horizontal line on the memory chart at ``mb`` (the preflight's
+        estimate), so a curve that climbs past what the run was expected to need shows.
+        A layout shape: it is part of the figure's state, so a reloaded view has it too."""
+        with self._lock:
+            self.figures["memory"].add_hline(
+                y=float(mb),
+                line={"dash": "dash", "color": "#6d4c41", "width": 1.5},
+                annotation=plot_safe({"text": label, "font": {"size": 10}}),
+                annotation_position="top left",
+            )
 
 
 _PALETTE = (

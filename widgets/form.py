@@ -12,6 +12,11 @@ Number boxes are unbounded on purpose: ipywidgets' ``Bounded*Text`` clamp what i
 (``max_steps=0`` silently became 1, ``lr=-0.01`` became 0 and the error then blamed 0.0),
 so the box keeps the user's value and the schema's bound is reported by the validator.
 Local paths (``data.source``) are checked for existence too, before Start.
+
+Fields the run will not read under the other fields' values (``loss.beta`` unless
+``loss.kind`` is ``jsd``, a fresh student's shape for a pretrained one, ...) are greyed
+out with the reason beside them (:func:`unused_fields`); they stay editable while they
+hold an error, so a bad value can always be fixed.
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ from typing import Any
 import ipywidgets as ipw
 
 import foundry_kernel as fk
-from foundry_kernel.config import RunConfig, validate_config
+from foundry_kernel.config import BUILTIN_TEACHER, RunConfig, validate_config
 from foundry_kernel.errors import ConfigError
 
-__all__ = ["PANEL_FIELDS", "ConfigForm", "FieldControl", "field_schema"]
+__all__ = ["PANEL_FIELDS", "ConfigForm", "FieldControl", "field_schema", "unused_fields"]
 
 PANEL_FIELDS: tuple[str, ...] = (
     "teacher.source",
@@ -125,10 +130,15 @@ class FieldControl:
         tip = str(spec.get("description", ""))
         label = name.rsplit(".", 1)[-1]
         self._switch: ipw.Checkbox | None = None
+        self._tip = tip
+        self.unused = ""
+        """Why the run will not read this field now ("" when it does)."""
         self.input = self._make_input(inner, value, label, tip)
         self.error = ipw.HTML(layout=ipw.Layout(margin="0 0 0 8px"))
         self.error.add_class("foundry-field-error")
-        parts: list[ipw.Widget] = [self.input, self.error]
+        self.note = ipw.HTML(layout=ipw.Layout(margin="0 0 0 8px"))
+        self.note.add_class("foundry-field-note")
+        parts: list[ipw.Widget] = [self.input, self.error, self.note]
         if self._switch is not None:
             parts.insert(1, self._switch)
         self.row = ipw.HBox(parts, layout=ipw.Layout(align_items="center"))
@@ -172,7 +182,28 @@ class FieldControl:
         )
 
     def _on_switch(self, change: Mapping[str, Any]) -> None:
-        self.input.disabled = not change["new"]
+        self.input.disabled = not change["new"] or bool(self.unused)
+
+    def set_unused(self, why: str) -> None:
+        """Grey the field out, ``why`` shown beside it and in its tooltip, or bring it
+        back (``""``)."""
+        if why == self.unused:
+            return
+        self.unused = why
+        switched_off = self._switch is not None and not self._switch.value
+        self.input.disabled = bool(why) or switched_off
+        if self._switch is not None:
+            self._switch.disabled = bool(why)
+        self.input.tooltip = f"{self._tip} (not used: {why})" if why else self._tip
+        self.note.value = (
+            f'<span style="color:#9e9e9e;font-size:11px">not used: {html.escape(why)}</span>'
+            if why
+            else ""
+        )
+        if why:
+            self.row.add_class("foundry-field-unused")
+        else:
+            self.row.remove_class("foundry-field-unused")
 
     @property
     def value(self) -> Any:
@@ -220,6 +251,29 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
+
+
+def unused_fields(data: Mapping[str, Any]) -> dict[str, str]:
+    """Fields a run with config ``data`` (nested, as the form builds it) will not read,
+    each with why: what to set for it to matter."""
+    out: dict[str, str] = {}
+    kind = _get_dotted(data, "loss.kind")[1]
+    if kind is not None and kind != "jsd":
+        for name in ("loss.beta", "loss.jsd_normalized"):
+            out[name] = f"only loss.kind=jsd uses it (now {kind})"
+    if kind is not None and not str(kind).startswith("skew_"):
+        out["loss.skew_alpha"] = f"only the skew_* loss kinds use it (now {kind})"
+    temperature = _get_dotted(data, "loss.temperature")[1]
+    if temperature == 1:
+        out["loss.scale_by_t2"] = "tau^2 is 1 at loss.temperature=1"
+    init = _get_dotted(data, "student.init")[1]
+    if init is not None and init != "fresh":
+        for name in ("student.hidden_size", "student.num_layers", "student.num_heads"):
+            out[name] = f"only student.init=fresh uses it (now {init})"
+    source = _get_dotted(data, "teacher.source")[1]
+    if source is not None and source != BUILTIN_TEACHER:
+        out["teacher.build.data"] = f"only teacher.source={BUILTIN_TEACHER} builds a teacher"
+    return out
 
 
 def _attribute(exc: ConfigError, names: Collection[str]) -> tuple[dict[str, str], list[str]]:
@@ -300,8 +354,11 @@ class ConfigForm:
         except ConfigError as exc:
             self.config, self.error = None, exc
         per_field, other = ({}, []) if self.error is None else _attribute(self.error, self.controls)
+        unused = unused_fields(self.as_dict())
         for name, control in self.controls.items():
             control.show_error(per_field.get(name, ""))
+            # a field with an error stays editable, so it can be fixed
+            control.set_unused("" if name in per_field else unused.get(name, ""))
         self.message.value = (
             ""
             if not other

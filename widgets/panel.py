@@ -22,6 +22,8 @@ from __future__ import annotations
 import html
 import json
 import logging
+import math
+import re
 import threading
 import time
 import traceback
@@ -39,13 +41,16 @@ from foundry_kernel.atomic import atomic_write_text
 from foundry_kernel.config import RunConfig
 from foundry_kernel.errors import ConfigError, FoundryError
 from foundry_kernel.logs import Throttle
+from foundry_kernel.metrics import BASELINE, lookup
 from foundry_kernel.paths import allowed_roots, resolve_within
+from foundry_kernel.progress import Progress, format_progress
 from foundry_kernel.ranks import rank_figures
 from widgets.charts import CompareChart, LiveCharts, metric_trace
 from widgets.display import error_html, outcome_html
+from widgets.eval_table import EvalRow, eval_rows, eval_table_html
 from widgets.form import PANEL_FIELDS, ConfigForm
 
-__all__ = ["LOG_LINES", "DistillPanel", "RunView"]
+__all__ = ["LOG_LINES", "DistillPanel", "RunView", "memory_text", "run_number"]
 
 log = logging.getLogger("foundry.widgets")
 
@@ -68,45 +73,56 @@ _STATE_COLORS = {
 }
 
 
-def _duration(seconds: float) -> str:
-    seconds = max(int(seconds), 0)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
+_run_numbers: dict[str, int] = {}
+_run_numbers_lock = threading.Lock()
 
 
-class _Eta:
-    """Remaining time from the observed step rate of the current phase.
+def run_number(run_id: str) -> int:
+    """The run's number in this kernel, the same in every panel that shows it.
 
-    Rates are measured per phase because the teacher build, distillation and the CE-only
-    baseline run at different speeds; a distillation ETA adds the baseline phase when the
-    config has one (assumed as fast: an upper bound, since it skips the teacher).
-    """
+    Process-wide, not per panel: two panels each numbering their own runs both showed
+    "#1", and the compare chart and the tabs could not tell them apart."""
+    with _run_numbers_lock:
+        return _run_numbers.setdefault(run_id, len(_run_numbers) + 1)
 
-    def __init__(self, baseline: bool) -> None:
-        self.baseline = baseline
-        self._phase = ""
-        self._start: tuple[float, int] | None = None
 
-    def estimate(self, phase: str, step: int | None, max_steps: int | None) -> float | None:
-        now = time.monotonic()
-        if step is None or max_steps is None:
-            return None
-        if phase != self._phase or self._start is None or step < self._start[1]:
-            self._phase, self._start = phase, (now, step)
-            return None
-        t0, s0 = self._start
-        if step <= s0 or now <= t0:
-            return None
-        per_step = (now - t0) / (step - s0)
-        remaining = max(max_steps - step, 0)
-        if phase == "distill" and self.baseline:
-            remaining += max_steps
-        return remaining * per_step
+_TORCH_MEMORY = ("mem/torch_allocated_mb", "mem/torch_reserved_mb", "mem/torch_max_allocated_mb")
+_GPU_USED = re.compile(r"mem/gpu(\d+)_used_mb")
+
+
+def _mb(value: float) -> str:
+    return f"{value / 1024:.2f} GB" if value >= 1024 else f"{value:.0f} MB"
+
+
+def _memory_label(name: str) -> str:
+    metric = lookup(name)
+    return name if metric is None else metric.label
+
+
+def memory_text(metrics: Mapping[str, float], estimate_mb: float | None = None) -> str:
+    """The latest memory figures, each named (by the metrics registry) for what it
+    measures: the process's RSS (host memory), per GPU NVML's used (every process on that
+    GPU, of its total), torch's allocated, reserved and peak allocated (this process's
+    tensors, its allocator's cache, the most its tensors held), and the preflight's
+    estimate. They differ, and are easy to confuse."""
+    gpus = sorted(int(m.group(1)) for m in map(_GPU_USED.fullmatch, metrics) if m is not None)
+    names = ["mem/rss_mb", *(f"mem/gpu{i}_used_mb" for i in gpus), *_TORCH_MEMORY]
+    parts = []
+    for name in (n for n in names if n in metrics):
+        total = metrics.get(name.replace("_used_mb", "_total_mb")) if "_used_" in name else None
+        of = "" if total is None else f" of {_mb(total)}"
+        parts.append(f"{_memory_label(name)} {_mb(metrics[name])}{of}")
+    if estimate_mb is not None:
+        parts.append(f"preflight estimate {_mb(estimate_mb)}")
+    return "memory: " + " · ".join(parts) if parts else ""
+
+
+_BAR_STYLES = {"completed": "success", "failed": "danger", "timed_out": "danger"}
 
 
 class RunView:
-    """One run in the panel: status line, outcome box, charts and a bounded log.
+    """One run in the panel: a progress bar and line, outcome box, evaluation table,
+    charts, memory line and a bounded log (newest line in view).
 
     It keeps everything after the run ends, so finished and failed runs keep their charts.
     :meth:`refresh` is called by the panel's updater thread only.
@@ -117,13 +133,24 @@ class RunView:
         self.label = label
         self.compare = compare
         self.charts = LiveCharts(live=True)
+        self.bar = ipw.FloatProgress(
+            value=0.0, min=0.0, max=1.0, layout=ipw.Layout(width="160px", visibility="hidden")
+        )
+        self.bar.add_class("foundry-progress-bar")
         self.status = ipw.HTML()
         self.status.add_class("foundry-status")
         self.outcome = ipw.HTML()
         self.outcome.add_class("foundry-outcome")
+        self.evals = ipw.HTML()
+        self.evals.add_class("foundry-eval-table")
+        self.memory = ipw.HTML()
+        self.memory.add_class("foundry-memory")
         self.log_view = ipw.HTML()
         self.log_view.add_class("foundry-log")
-        self.widget = ipw.VBox([self.status, self.outcome, self.charts.widget, self.log_view])
+        head = ipw.HBox([self.bar, self.status], layout=ipw.Layout(align_items="center"))
+        self.widget = ipw.VBox(
+            [head, self.outcome, self.evals, self.charts.widget, self.memory, self.log_view]
+        )
         self.widget.add_class("foundry-run")
         self.live = True
         self._seq = 0
@@ -131,7 +158,11 @@ class RunView:
         self._lines: deque[str] = deque(maxlen=LOG_LINES)
         self._lines_changed = False
         self._step_throttle = Throttle(STEP_LOG_EVERY_S)
-        self._eta = _Eta(baseline=handle.config.eval.baseline)
+        self._points: dict[int, dict[str, float]] = {}  # eval steps -> metrics there
+        self._last_train: dict[str, tuple[int, dict[str, float]]] = {}  # prefix -> step's
+        self._evals_changed = False
+        self.estimate_mb: float | None = None
+        """The preflight's memory estimate (MB), once the run has made it."""
         if compare is not None:
             compare.add_run(label)
         self._render_status()
@@ -155,6 +186,8 @@ class RunView:
         if self.compare is not None:
             self.compare.flush(force=done)
         self._render_status()
+        self._render_evals(force=done)
+        self._render_memory()
         self._render_log()
         if done:
             self.outcome.value = outcome_html(self.handle)
@@ -175,6 +208,63 @@ class RunView:
             self._log(f"state: {payload.get('state')}{error}")
         elif event.kind == "step":
             self._log_step(payload)
+            self._collect_eval(payload)
+        elif event.kind == "preflight":
+            self._mark_estimate(payload)
+
+    def _collect_eval(self, payload: Mapping[str, Any]) -> None:
+        """Keep what the evaluation table needs: each evaluation's metrics with the
+        training step's loss parts at the same step (the distillation's and the twin's)."""
+        prefix = str(payload.get("prefix") or "")
+        step, metrics = payload.get("step"), payload.get("metrics")
+        if prefix not in ("", BASELINE) or not isinstance(step, int):
+            return
+        if not isinstance(metrics, Mapping):
+            return
+        numbers = {str(k): float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        if not any(k.endswith("val/loss") for k in numbers):
+            self._last_train[prefix] = (step, numbers)
+            return
+        point = self._points.setdefault(step, {})
+        trained = self._last_train.get(prefix)
+        if trained is not None and trained[0] == step:
+            point.update(trained[1])
+        point.update(numbers)
+        self._evals_changed = True
+
+    def _mark_estimate(self, payload: Mapping[str, Any]) -> None:
+        mb = payload.get("estimate_mb")
+        if isinstance(mb, bool) or not isinstance(mb, int | float) or self.estimate_mb is not None:
+            return
+        self.estimate_mb = float(mb)
+        device = str(payload.get("device") or "")
+        where = f" ({device})" if device else ""
+        self.charts.mark_estimate(self.estimate_mb, f"preflight estimate{where}")
+
+    def eval_rows(self) -> list[EvalRow]:
+        """The evaluation table's rows so far (see :func:`widgets.eval_table.eval_rows`)."""
+        return eval_rows(self._points, teacher_loss=self._teacher_loss())
+
+    def _teacher_loss(self) -> float | None:
+        """The teacher's held-out loss on the run's batches: measured in the final
+        evaluation, so known once the run completed; None across tokenizers (its loss is
+        per token of another tokenizer: not comparable)."""
+        if self.handle.config.loss.cross_tokenizer != "off":
+            return None
+        result = self.handle.result or {}
+        teacher = result.get("teacher")
+        loss = teacher.get("val_loss") if isinstance(teacher, Mapping) else None
+        if isinstance(loss, bool) or not isinstance(loss, int | float):
+            return None
+        return float(loss) if math.isfinite(loss) else None
+
+    def _render_evals(self, *, force: bool = False) -> None:
+        if not (self._evals_changed or force):
+            return
+        self._evals_changed = False
+        value = eval_table_html(self.eval_rows())
+        if value != self.evals.value:
+            self.evals.value = value
 
     def _log_step(self, payload: Mapping[str, Any]) -> None:
         metrics = payload.get("metrics") or {}
@@ -195,6 +285,13 @@ class RunView:
                 self._memory_seen[name] = new[-1][0]
                 self.charts.add_memory(name, ((i * SAMPLE_INTERVAL_S, v) for i, v in new))
 
+    def _render_memory(self) -> None:
+        memory = {k: v for k, v in self.handle.metrics.items() if k.startswith("mem/")}
+        text = memory_text(memory, self.estimate_mb)
+        value = f'<span style="font-size:11px;color:#424242">{html.escape(text)}</span>'
+        if value != self.memory.value:
+            self.memory.value = value
+
     def _log(self, text: str) -> None:
         self._lines.append(f"{time.strftime('%H:%M:%S')} {text}")
         self._lines_changed = True
@@ -204,40 +301,56 @@ class RunView:
             return
         self._lines_changed = False
         body = html.escape("\n".join(self._lines))
+        # column-reverse: the box's scroll starts at its end, so the newest line is the one
+        # in view (a plain scroll box showed the oldest and hid the new ones below)
         self.log_view.value = (
-            f'<pre style="max-height:10em;overflow-y:auto;font-size:11px;margin:0">{body}</pre>'
+            '<div class="foundry-log-tail" style="max-height:10em;overflow-y:auto;display:flex;'
+            'flex-direction:column-reverse">'
+            f'<pre style="font-size:11px;margin:0">{body}</pre></div>'
         )
 
-    def status_text(self) -> str:
-        """State, phase, step/max, tokens/s and ETA in one line."""
+    def status_text(self, progress: Progress | None = None) -> str:
+        """The run's label, state and progress line (:func:`format_progress`): phase,
+        ``n/N``, elapsed < ETA, rates; for an ended run how it ended, how long it took and
+        the last step."""
         h = self.handle
-        state = str(h.state)
-        parts = [f"{self.label}", state]
-        if not h.state.terminal:
-            parts.append(f"phase {h.phase}")
-        if h.step is not None:
+        p = h.progress if progress is None else progress
+        parts = [self.label]
+        if not p.finished and p.phase != p.state:  # before a phase, the phase is the state
+            parts.append(p.state)
+        parts.append(format_progress(p))
+        if p.finished and h.step is not None:
             parts.append(f"step {h.step}/{h.max_steps}")
-        metrics = h.metrics
-        speed = metrics.get("baseline/tokens_per_s" if h.phase == "baseline" else "tokens_per_s")
-        if speed is not None:
-            parts.append(f"{speed:,.0f} tok/s")
-        parts.extend(_rank_parts(metrics, "baseline/" if h.phase == "baseline" else ""))
-        if not h.state.terminal:
-            eta = self._eta.estimate(h.phase, h.step, h.max_steps)
-            parts.append(f"ETA {_duration(eta)}" if eta is not None else "ETA –")
-        elif h.duration_s is not None:
-            parts.append(f"took {_duration(h.duration_s)}")
+        parts.extend(_rank_parts(h.metrics, "baseline/" if h.phase == "baseline" else ""))
         return " · ".join(parts)
 
     def _render_status(self) -> None:
+        progress = self.handle.progress
         state = str(self.handle.state)
         color = _STATE_COLORS.get(state, "#000")
         value = (
             f'<span data-state="{state}" style="color:{color};font-weight:600">'
-            f"{html.escape(self.status_text())}</span>"
+            f"{html.escape(self.status_text(progress))}</span>"
         )
         if value != self.status.value:
             self.status.value = value
+        self._render_bar(progress)
+
+    def _render_bar(self, progress: Progress) -> None:
+        """The bar follows :attr:`Progress.fraction` of what the phase counts (steps,
+        batches); hidden while nothing is counted; full and coloured once the run ended."""
+        if progress.finished:
+            if progress.state == "completed":
+                self.bar.value = 1.0
+            self.bar.bar_style = _BAR_STYLES.get(progress.state, "warning")
+            self.bar.layout.visibility = "visible"
+            return
+        fraction = progress.fraction
+        if fraction is None:
+            self.bar.layout.visibility = "hidden"
+            return
+        self.bar.value = fraction
+        self.bar.layout.visibility = "visible"
 
 
 class DistillPanel:
@@ -294,6 +407,8 @@ class DistillPanel:
         self.processes.style.description_width = "72px"
         self.message = ipw.HTML()
         self.message.add_class("foundry-message")
+        self.start_reason = ipw.HTML(layout=ipw.Layout(margin="0 0 0 8px"))
+        self.start_reason.add_class("foundry-start-reason")
         sections = [
             ipw.VBox(
                 [ipw.HTML(f"<b>{name}</b>")] + [c.row for c in controls],
@@ -309,7 +424,9 @@ class DistillPanel:
                 self.cancel_button,
                 self.save_button,
                 self.save_path,
-            ]
+                self.start_reason,
+            ],
+            layout=ipw.Layout(align_items="center"),
         )
         self.tabs = ipw.Tab(children=[self.compare.widget], titles=["compare"])
         self.widget = ipw.VBox([form, self.form.message, buttons, self.message, self.tabs])
@@ -373,7 +490,7 @@ class DistillPanel:
 
     def attach(self, handle: RunHandle) -> RunView:
         """Show a run in the panel (one started elsewhere works too) and follow it."""
-        view = RunView(handle, label=_label(handle, len(self._views) + 1), compare=self.compare)
+        view = RunView(handle, label=_label(handle), compare=self.compare)
         with self._lock:
             self._views.append(view)
             children = [v.widget for v in self._views]
@@ -455,9 +572,33 @@ class DistillPanel:
         atomic_write_text(target, text)
         return target
 
+    def start_blocked(self) -> str:
+        """Why Start is off ("" when it is on): a live run, or the first field error."""
+        if self.running:
+            return "a run is in progress (cancel it or wait for it to end)"
+        if self.form.valid:
+            return ""
+        error = self.form.error
+        if error is None:
+            return "fix the config"
+        field = getattr(error, "field", None)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        first = next((line for line in lines[1:] if ":" in line), lines[0] if lines else "")
+        if field and field not in first:
+            first = f"{field}: {first}"
+        return f"fix: {first}"
+
     def _sync_buttons(self) -> None:
-        running = self.running
-        self.start_button.disabled = running or not self.form.valid
+        why = self.start_blocked()
+        self.start_button.disabled = bool(why)
+        self.start_button.tooltip = why or "start a run with this config"
+        reason = (
+            f'<span style="color:#757575;font-size:12px">Start is off: {html.escape(why)}</span>'
+            if why
+            else ""
+        )
+        if reason != self.start_reason.value:
+            self.start_reason.value = reason
         current = self.current
         self.cancel_button.disabled = (
             current is None or current.state.terminal or current.state is RunState.CANCELLING
@@ -540,9 +681,10 @@ def _base_dict(config: RunConfig | Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(config)
 
 
-def _label(handle: RunHandle, number: int) -> str:
+def _label(handle: RunHandle) -> str:
+    """``#N name``, N unique in the kernel (:func:`run_number`)."""
     name = handle.config.name or handle.config.loss.kind
-    return f"#{number} {name}"
+    return f"#{run_number(handle.id)} {name}"
 
 
 def _json_text(data: Mapping[str, Any]) -> str:

@@ -680,6 +680,8 @@ def _preflight(job: Job, teacher: LoadedModel, student: LoadedModel, vocab: int)
     )
     for warning in report.warnings:
         job.ctx.emit("alert", level="warning", message=f"preflight: {warning}")
+    # for live views: the memory chart draws the estimate as a line beside the measures
+    job.ctx.emit("preflight", estimate_mb=estimate.total / 2**20, device=job.device.type)
     job.record(
         preflight={
             "estimate_bytes": estimate.total,
