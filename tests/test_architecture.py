@@ -60,6 +60,7 @@ PUBLIC_ENGINE_MODULES = {
     "foundry_kernel.metrics",
     "foundry_kernel.paths",
     "foundry_kernel.plaindata",
+    "foundry_kernel.progress",
     "foundry_kernel.ranks",
     "foundry_kernel.store",
     "foundry_kernel.summary",
