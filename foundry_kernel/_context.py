@@ -125,6 +125,7 @@ class RunContext:
         event. Entering a phase is progress (a heartbeat) and clears the stage."""
         self.phase = phase
         self.stage = None
+        self._last_count = None  # its first count goes out, however soon after the last
         self.heartbeat()
         self.emit("phase", phase=phase, **payload)
 
@@ -138,6 +139,7 @@ class RunContext:
         """
         self.check()
         self.stage = stage
+        self._last_count = None
         self.emit("stage", phase=self.phase, stage=stage, **payload)
 
     def advance(self, done: int, total: int | None, unit: str = "batches") -> None:
@@ -146,8 +148,9 @@ class RunContext:
         ``n/N`` and a rate where no optimizer step moves (validation, final evaluation).
 
         A heartbeat, never a stop point (the caller's own ``check`` is). Events go out for
-        the first and the last item and at most every ``COUNT_EVERY_S`` in between, so a
-        long evaluation does not flood the run's event buffer.
+        the first and the last item (and a phase's or stage's first count) and at most
+        every ``COUNT_EVERY_S`` in between, so a long evaluation does not flood the run's
+        event buffer.
         """
         from foundry_kernel.progress import COUNT_EVERY_S
 

@@ -27,7 +27,8 @@ import json
 import math
 import re
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ __all__ = [
     "evals_due",
     "format_duration",
     "format_progress",
+    "poll_progress",
+    "progress_lines",
     "read_progress",
     "remaining_in_evaluate",
     "remaining_in_training",
@@ -55,16 +58,16 @@ COUNT_EVERY_S = 0.5
 first and the last: enough for a progress line, few enough for the event buffer."""
 
 TRAINING_PHASES = ("teacher_build", "teacher_check", "distill", "baseline")
-_TEACHER_PHASES = ("teacher_build", "teacher_check")  # validated on their own cadence
 """Phases that count optimizer steps (their step events carry ``step``/``max_steps``)."""
 
-# a step's metric prefix -> the phase it belongs to (the teacher check trains its
-# student-sized reference under ``teacher_reference/``)
+_OWN_SCHEDULE = ("teacher_build", "teacher_check")
+"""Training phases that validate on the teacher recipe's schedule, not ``eval.every_steps``."""
+
 _PREFIX_PHASE = {
     "": "distill",
     "baseline/": "baseline",
     "teacher_build/": "teacher_build",
-    "teacher_reference/": "teacher_check",
+    "teacher_reference/": "teacher_check",  # the teacher check trains a reference model
 }
 _EVAL_STAGES = ("teacher", "student", "baseline")
 _TERMINAL = ("completed", "failed", "cancelled", "timed_out")
@@ -390,7 +393,8 @@ class ProgressTracker:
                 c.t0, c.done0 = self._phase_mark(t), 0
         c.done, c.t = done, t
         ended = total is not None and done >= total
-        if c.done > c.done0 and c.t > c.t0 and (ended or self._batch_s is None):
+        timed = unit == "batches"  # evaluation batches; other counts (blocks) time nothing
+        if timed and c.done > c.done0 and c.t > c.t0 and (ended or self._batch_s is None):
             # later evaluations are timed on whole ones (a first batch is often slow)
             self._batch_s = (c.t - c.t0) / (c.done - c.done0)
         if total is not None and unit == "batches":
@@ -491,7 +495,7 @@ class ProgressTracker:
             since = 0.0
             if count is None and step_s is not None and phase.last_step_t is not None:
                 since = min(max(0.0, now - phase.last_step_t), step_s)  # the next step runs
-            every = self.plan.eval_every if phase.name not in _TEACHER_PHASES else 0
+            every = self.plan.eval_every if phase.name not in _OWN_SCHEDULE else 0
             due_now = (
                 count is None
                 and every > 0
@@ -643,16 +647,61 @@ def _same_but_time(a: str, b: str) -> bool:
     return strip[0] == strip[1] and re.search(r"\d/", strip[0]) is None
 
 
-def read_progress(run_dir: Path) -> Progress | None:
+def read_progress(run_dir: Path, *, now: float | None = None) -> Progress | None:
     """The progress file a run keeps in ``run_dir``; None when there is none yet or it
-    cannot be read (it is rewritten atomically, so a reader sees a whole one or none)."""
+    cannot be read (it is rewritten atomically, so a reader sees a whole one or none).
+
+    The file is rewritten on events only, so during a phase that sends none (samples,
+    saving) it stands still. With ``now`` (wall time) a running run's elapsed time is
+    carried forward to ``now`` by the file's age; the rest (the count, the ETA: the
+    last estimate) is as the run last said it."""
+    path = Path(run_dir) / PROGRESS_FILE
     try:
-        data = json.loads((Path(run_dir) / PROGRESS_FILE).read_text(encoding="utf-8"))
+        written = path.stat().st_mtime
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict):
         return None
     try:
-        return Progress.from_dict(data)
+        progress = Progress.from_dict(data)
     except TypeError:
         return None
+    if now is None or progress.finished or now <= written:
+        return progress
+    return _with(progress, elapsed_s=progress.elapsed_s + (now - written))
+
+
+def progress_lines(
+    snapshots: Iterable[tuple[Progress, float]], every_s: float = 10.0
+) -> Iterator[str]:
+    """The lines a log prints for a run's successive snapshots (each with its wall
+    time): :class:`ProgressLines` over those of a running run. A run not started yet
+    has nothing to say, and how a run ended is said by whoever waited for it (with its
+    outcome), so neither makes a line."""
+    lines = ProgressLines(every_s)
+    for progress, now in snapshots:
+        if progress.state == "pending" or progress.finished:
+            continue
+        text = lines.next(progress, now)
+        if text is not None:
+            yield text
+
+
+def poll_progress(
+    read: Callable[[], Progress | None],
+    wait: Callable[[float], bool],
+    *,
+    poll_s: float = 1.0,
+    clock: Callable[[], float] = time.time,
+) -> Iterator[tuple[Progress, float]]:
+    """A run's snapshots from ``read`` (a handle's ``progress``, a progress file) with
+    their time, every ``poll_s``, until ``wait(poll_s)`` says the watch is over (it
+    returns True: the run is done, the process running it returned). For readers that
+    are not fed the run's events - another process, a notebook cell waiting on a run."""
+    while True:
+        progress = read()
+        if progress is not None:
+            yield progress, clock()
+        if wait(poll_s):
+            return

@@ -680,3 +680,30 @@ def test_read_ahead_forgets_announcements_never_asked_for(tmp_path: Path) -> Non
         teacher.prefetch(torch.tensor([i]))
     assert list(teacher._ahead) == [(3,), (4,)]
     teacher.close()
+
+
+def test_the_capture_counts_its_blocks_as_the_runs_progress(tmp_path: Path) -> None:
+    """Each batch is the run's ``n/N blocks`` (a ``count`` event), so the capture phase's
+    progress line moves; a reused cache says at once that it holds every block."""
+    from foundry_kernel.progress import ProgressTracker, RunPlan, format_progress
+
+    events: list[Any] = []
+    ctx = RunContext(sink=events.append)
+    ctx.set_phase("capture")
+    blocks = make_blocks(n=7)
+    run_capture(blocks, tmp_path, Teacher(), ctx=ctx)
+    counts = [e.payload for e in events if e.kind == "count"]
+    assert counts[0]["done"] == 0 and counts[-1]["done"] == 7  # first and last always
+    assert {(c["unit"], c["total"], c["phase"]) for c in counts} == {("blocks", 7, "capture")}
+    assert [c["done"] for c in counts] == sorted(c["done"] for c in counts)
+    tracker = ProgressTracker("r", RunPlan(max_steps=10, eval_every=5))
+    shown = []
+    for e in events:
+        tracker.observe(e.kind, e.payload, e.time)
+        if e.kind == "count" and e.payload["done"] < 7:
+            shown.append(format_progress(tracker.snapshot(e.time)))
+    assert shown and all(re.match(r"capture · \d/7 blocks", x) for x in shown), shown
+    events.clear()
+    ctx.set_phase("capture")
+    run_capture(blocks, tmp_path, Teacher(), ctx=ctx)  # all cached: nothing asked
+    assert [e.payload["done"] for e in events if e.kind == "count"] == [7]

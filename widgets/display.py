@@ -16,6 +16,7 @@ from typing import Any
 
 from foundry_kernel import RunHandle, RunState
 from foundry_kernel.config import RunConfig
+from foundry_kernel.progress import poll_progress, progress_lines
 from foundry_kernel.store import RunStore
 from foundry_kernel.summary import ROLES, RunSummary
 from widgets import report
@@ -213,21 +214,27 @@ def run_headless(
     return handle
 
 
-def _wait_with_progress(handle: RunHandle, timeout_s: float | None) -> None:
-    """Wait for the run, printing a line per phase and one every PROGRESS_EVERY_S."""
+def _wait_with_progress(
+    handle: RunHandle,
+    timeout_s: float | None,
+    *,
+    every_s: float = PROGRESS_EVERY_S,
+    poll_s: float = 1.0,
+) -> None:
+    """Wait for the run, printing the one progress line every view shows
+    (``phase · n/N · elapsed < ETA · rates``): at each phase change and at most every
+    ``every_s``, never the same line twice (``foundry_kernel.progress``)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    phase, last_line = "", 0.0
-    while not handle.done:
+
+    def over(seconds: float) -> bool:
         if deadline is not None and time.monotonic() > deadline:
             handle.cancel(f"the notebook's wait_timeout_s ({timeout_s:g} s) ran out")
             handle.wait()
-            break
-        handle.wait(1.0)
-        now = time.monotonic()
-        if handle.phase != phase or now - last_line >= PROGRESS_EVERY_S:
-            phase, last_line = handle.phase, now
-            loss = handle.metrics.get("train/loss")
-            step = "" if handle.step is None else f": step {handle.step}/{handle.max_steps}"
-            loss_text = "" if loss is None else f", train loss {loss:.4f}"
-            print(f"  {phase}{step}{loss_text}", flush=True)
+            return True
+        handle.wait(seconds)
+        return handle.done
+
+    snapshots = poll_progress(lambda: handle.progress, over, poll_s=poll_s)
+    for line in progress_lines(snapshots, every_s=every_s):
+        print(f"  {line}", flush=True)
     print(f"run {handle.id} {handle.state} in {handle.duration_s or 0:.1f} s", flush=True)

@@ -29,6 +29,10 @@ Why a runner on top of papermill:
   every parameter set is rebuilt from plain types (``check_plain``), and before any run
   exists the cell papermill will inject is parsed with ``ast`` and must be exactly one
   literal assignment per parameter, equal to the checked value.
+- **Progress while a notebook runs.** The kernel's run keeps its progress snapshot in
+  ``<run dir>/progress.json``; a thread per execution prints it on stderr as the one
+  progress line every view shows (``phase · n/N · elapsed < ETA · rates``), at each
+  phase change and at most every 10 s, so a long notebook is never a silent wait.
 - **Stopping is recorded.** SIGTERM or SIGINT stops the kernels this command started
   (terminate, wait, kill, bounded; jupyter_client starts them in their own session, so
   they would outlive it) and marks every unfinished run ``cancelled`` with the reason;
@@ -64,6 +68,7 @@ from foundry_kernel.config import RunConfig, load_config, parse_plain_value
 from foundry_kernel.errors import ConfigError, FoundryError
 from foundry_kernel.paths import allowed_roots, default_runs_dir, new_run_id, resolve_within
 from foundry_kernel.plaindata import brief, check_plain, load_plain_yaml, read_text_capped
+from foundry_kernel.progress import poll_progress, progress_lines, read_progress
 from foundry_kernel.store import TERMINAL_STATES, RunState, RunStore
 from widgets.resources import (
     SHIPPED_NOTEBOOKS,
@@ -113,6 +118,11 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 KILL_GRACE_S = 5.0
 """Seconds a kernel gets to exit after SIGTERM before SIGKILL (and again after it)."""
 _POLL_S = 0.2
+PROGRESS_EVERY_S = 10.0
+"""A member's progress line at each phase change and at most this often (a log, not a
+terminal: ``foundry distill``'s rule for logs)."""
+PROGRESS_POLL_S = 1.0
+"""How often a member's progress file is read (the run rewrites it at most every 2 s)."""
 _PREFLIGHT_RUN_ID = "00000000-000000-preflight-00000000"
 
 
@@ -290,6 +300,7 @@ class Member:
     params: dict[str, Any]
     config: RunConfig
     run_id: str = ""
+    run_dir: Path | None = None
     output: Path | None = None
     error: str | None = None
     seconds: float = 0.0
@@ -526,7 +537,8 @@ def _prepare(members: list[Member], store: RunStore, notebook: Path) -> str | No
         )
         member.run_id = record.run_id
         member.params[RUN_ID] = record.run_id
-        member.output = store.run_dir(record.run_id) / f"{notebook.stem}.ipynb"
+        member.run_dir = store.run_dir(record.run_id)
+        member.output = member.run_dir / f"{notebook.stem}.ipynb"
         store.add_event(
             record.run_id, "notebook", f"foundry run {notebook.name} with {member.label}"
         )
@@ -577,15 +589,26 @@ def _format_safe(path: Path | str) -> str:
     return str(path).replace("{", "{{").replace("}", "}}")
 
 
-def _execute(member: Member, notebook: Path, timeout_s: float, stop: _Stop) -> Member:
-    """Run one member's notebook with papermill; failures become ``member.error``."""
-    import papermill
-    from papermill.exceptions import PapermillException, PapermillExecutionError
-
+def _execute(
+    member: Member, notebook: Path, timeout_s: float, stop: _Stop, tag: str = ""
+) -> Member:
+    """Run one member's notebook with papermill; failures become ``member.error``.
+    Its run's progress lines go to stderr meanwhile, each after ``tag``."""
     if stop.requested:  # queued behind --jobs when the signal came: never started
         return member
     member.started = True
     t0 = time.monotonic()
+    with _progress_of(member, tag or f"[{member.index}]"):
+        _papermill(member, notebook, timeout_s)
+    member.seconds = time.monotonic() - t0
+    return member
+
+
+def _papermill(member: Member, notebook: Path, timeout_s: float) -> None:
+    """One papermill execution into the member's run folder."""
+    import papermill
+    from papermill.exceptions import PapermillException, PapermillExecutionError
+
     try:
         papermill.execute_notebook(
             _clean_input(notebook),
@@ -600,8 +623,37 @@ def _execute(member: Member, notebook: Path, timeout_s: float, stop: _Stop) -> M
     except (PapermillException, TimeoutError, RuntimeError, OSError) as exc:
         # kernel start failure, dead kernel (RuntimeError), a cell over the timeout
         member.error = f"{type(exc).__name__}: {exc}"
-    member.seconds = time.monotonic() - t0
-    return member
+
+
+@contextmanager
+def _progress_of(member: Member, tag: str) -> Iterator[None]:
+    """While the body runs (papermill executing the member's notebook), a thread prints
+    the progress of the member's run on stderr: the kernel's run controller keeps it in
+    ``<run dir>/progress.json`` (the run is the one ``_prepare`` created: the notebook
+    starts it by its id), read every PROGRESS_POLL_S and printed as the one progress
+    line at each phase change and at most every PROGRESS_EVERY_S, after ``tag``."""
+    run_dir = member.run_dir
+    if run_dir is None:
+        yield
+        return
+    over = threading.Event()
+
+    def follow() -> None:
+        snapshots = poll_progress(
+            lambda: read_progress(run_dir, now=time.time()), over.wait, poll_s=PROGRESS_POLL_S
+        )
+        for line in progress_lines(snapshots, every_s=PROGRESS_EVERY_S):
+            _say(f"{tag} {line}")
+
+    watcher = threading.Thread(
+        target=follow, name=f"foundry-run-progress-{member.index}", daemon=True
+    )
+    watcher.start()
+    try:
+        yield
+    finally:
+        over.set()
+        watcher.join()
 
 
 def _record_outcome(member: Member, store: RunStore, stop: _Stop) -> None:
@@ -668,7 +720,9 @@ def _run_all(
         pending: set[Future[Member]] = set()
         for member in members:
             _say(f"[{member.index}/{total}] {member.run_id}: {member.label}")
-            pending.add(pool.submit(_execute, member, notebook, timeout_s, stop))
+            # the run's lines: a batch member's after its label (the settings that vary)
+            tag = f"[{member.index}/{total}]" + (f" {member.label} ·" if total > 1 else "")
+            pending.add(pool.submit(_execute, member, notebook, timeout_s, stop, tag))
         announced = False
         while pending:
             done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_COMPLETED)

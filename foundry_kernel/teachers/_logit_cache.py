@@ -654,7 +654,7 @@ def capture(
     folder.mkdir(parents=True, exist_ok=True)
     _remove_temp_files(folder)
     manifest = _resume_or_start(folder, layout)
-    progress = _Progress(on_progress, len(blocks))
+    progress = _Progress(on_progress, len(blocks), ctx)
     progress.advance(sum(s.stop - s.start for s in manifest.shards.values()))
     for index in range(manifest.num_shards):
         if index in manifest.shards:
@@ -699,7 +699,7 @@ def _capture_distributed(
         manifest = _manifest_from_head(head, layout.key, folder)
     mine = [i for i in range(manifest.num_shards) if i % world.world_size == world.rank]
     todo = [i for i in mine if i not in manifest.shards]
-    progress = _Progress(on_progress, sum(_span_len(manifest, i) for i in mine))
+    progress = _Progress(on_progress, sum(_span_len(manifest, i) for i in mine), ctx)
     progress.advance(sum(_span_len(manifest, i) for i in mine if i in manifest.shards))
     done: dict[int, _Shard] = {}
     part = folder / _PART.format(rank=world.rank)
@@ -937,17 +937,26 @@ def _check_layout(manifest: _Manifest, layout: _Layout, folder: Path) -> None:
 
 
 class _Progress:
-    """Counts captured blocks and reports them."""
+    """Counts captured blocks and reports them: to ``callback`` and, as the run's
+    ``n/N blocks`` (``ctx.advance``), to the run's progress line."""
 
-    def __init__(self, callback: Callable[[int, int], None] | None, total: int) -> None:
+    def __init__(
+        self,
+        callback: Callable[[int, int], None] | None,
+        total: int,
+        ctx: RunContext | None = None,
+    ) -> None:
         self.callback = callback
         self.total = total
+        self.ctx = ctx
         self.done = 0
 
     def advance(self, n: int) -> None:
         self.done += n
         if self.callback is not None:
             self.callback(self.done, self.total)
+        if self.ctx is not None:
+            self.ctx.advance(self.done, self.total, "blocks")
 
 
 def _capture_range(

@@ -115,6 +115,7 @@ def sequence_data(
     starts = list(range(0, len(prompts), batch))
     first, stop = world.shard(len(starts))
     mine: list[list[int]] = []
+    share = sum(len(prompts[start : start + batch]) for start in starts[first:stop])
     for start in starts[first:stop]:
         ctx.check()
         mine += teacher.generate(
@@ -123,6 +124,7 @@ def sequence_data(
             temperature=config.temperature,
             seed=seed + start,
         )
+        ctx.advance(len(mine), share, "prompts")  # this rank's share: n/N in the progress
     completions = [row for share in world.all_gather_object(mine) for row in share]
     blocks = _to_blocks(prompts, completions, seq_len, _pad_id(tokenizer))
     if world.is_main:
