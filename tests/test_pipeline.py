@@ -45,7 +45,8 @@ def test_run_job_summary_export_and_store(
     assert "val_docs_seen_by_teacher" in summary["data"]
     assert summary["data"]["val_docs_seen_by_teacher"] == 0
     assert len(summary["samples"]) == 1
-    assert set(summary["samples"][0]) == {"prompt", "teacher", "student", "baseline"}
+    roles = ("teacher", "student", "baseline")
+    assert set(summary["samples"][0]) == {"prompt", *roles, *(f"{r}_sampled" for r in roles)}
     export = Path(summary["export_dir"])
     assert (export / "config.json").is_file()
     assert (export / "tokenizer.json").is_file()
