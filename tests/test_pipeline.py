@@ -81,6 +81,8 @@ def test_cancel_then_resume_completes_without_duplicates(
     steps = [r.step for r in store.metrics(run_id, ["train/loss"])]
     assert steps == list(range(1, 9))
     assert summary["student"]["val_ppl"] > 1
+    # the samples per validation continue the history the cancelled run had (step 3)
+    assert [row["step"] for row in summary["distill_sample_history"]] == [3, 6, 8]
 
 
 def test_model_card_mentions_gap() -> None:
