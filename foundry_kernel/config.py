@@ -531,10 +531,34 @@ class EvalConfig(_Section):
     )
     sample_prompts: list[str] = Field(
         ["The list object", "To open a file", "An exception is"],
-        description="Prompts for greedy samples shown side by side.",
+        description="Prompts every model continues, shown side by side: greedy and sampled.",
         max_length=32,
     )
     sample_tokens: int = Field(32, ge=1, le=4096, description="Tokens generated per sample.")
+    sample_temperature: float = Field(
+        0.8,
+        gt=0,
+        le=10,
+        description="Temperature of the sampled continuation shown next to the greedy one "
+        "(a small student's greedy text often repeats itself; a sample shows what else it "
+        "learned). Seeded from the run's seed: re-running gives the same text.",
+    )
+    sample_top_p: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="Nucleus (top-p) cut of the sampled continuation: only the likeliest "
+        "tokens whose probabilities add up to this are drawn from (1 = no cut). A teacher "
+        "behind a server (vLLM) samples at the temperature alone.",
+    )
+    checkpoint_samples: int = Field(
+        1,
+        ge=0,
+        le=32,
+        description="Prompts (the first of sample_prompts) the students continue, greedy and "
+        "sampled, at every validation during training, so the samples show learning "
+        "(0 = none; a few tokens each, one process only).",
+    )
 
 
 class LimitsConfig(_Section):

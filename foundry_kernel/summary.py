@@ -16,10 +16,27 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["ROLES", "ModelResult", "RunSummary", "TeacherCheck", "Verdict"]
+__all__ = [
+    "ROLES",
+    "TRAINING_PHASES",
+    "ModelResult",
+    "RunSummary",
+    "SampleStep",
+    "TeacherCheck",
+    "Verdict",
+    "sample_history_key",
+]
 
 #: The three models a run measures, in the order every table shows them.
 ROLES: tuple[str, ...] = ("teacher", "student", "baseline")
+#: The training phases that keep samples per validation (:func:`sample_history_key`).
+TRAINING_PHASES: tuple[str, ...] = ("distill", "baseline")
+
+
+def sample_history_key(phase: str) -> str:
+    """Where the summary keeps a training phase's samples per validation (the job writes
+    it, :meth:`RunSummary.sample_history` reads it): ``distill_sample_history``."""
+    return f"{phase}_sample_history"
 
 
 def _number(value: Any) -> float | None:
@@ -234,6 +251,28 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class SampleStep:
+    """One prompt's continuations at one validation step of a training phase: greedy and
+    seeded sampled (``eval.checkpoint_samples``), so the samples show the student learn."""
+
+    step: int
+    prompt: str
+    greedy: str
+    sampled: str
+
+    @classmethod
+    def parse(cls, raw: Any) -> SampleStep | None:
+        """None for anything that is not a readable row (never raises)."""
+        row = _mapping(raw)
+        step = None if row is None else _count(row.get("step"))
+        if row is None or step is None:
+            return None
+        texts = [row.get(k) for k in ("prompt", "greedy", "sampled")]
+        prompt, greedy, sampled = (t if isinstance(t, str) else "" for t in texts)
+        return cls(step=step, prompt=prompt, greedy=greedy, sampled=sampled)
+
+
+@dataclass(frozen=True)
 class RunSummary:
     """A run's outcome: the three models, how they compare, samples, and where things are.
 
@@ -280,6 +319,21 @@ class RunSummary:
             teacher_check=TeacherCheck.parse(summary.get("teacher_check")),
             raw=summary,
         )
+
+    def sample_history(self, phase: str = "distill") -> tuple[SampleStep, ...]:
+        """The phase's samples at each validation, by step (empty for runs before they
+        were kept, or with ``eval.checkpoint_samples`` 0)."""
+        if phase not in TRAINING_PHASES:
+            raise KeyError(f"no phase {phase!r}; phases: {', '.join(TRAINING_PHASES)}")
+        raw = self.raw.get(sample_history_key(phase))
+        rows = [SampleStep.parse(row) for row in raw] if isinstance(raw, list) else []
+        return tuple(sorted((r for r in rows if r is not None), key=lambda r: r.step))
+
+    @property
+    def sample_settings(self) -> Mapping[str, Any] | None:
+        """How the sampled continuations were drawn (temperature, top_p, max_new_tokens,
+        seed); None for runs before they were kept."""
+        return _mapping(self.raw.get("sample_settings"))
 
     def role(self, name: str) -> ModelResult | None:
         """``"teacher"``, ``"student"`` or ``"baseline"``."""

@@ -182,10 +182,22 @@ def test_exported_report_renders_offline(
         assert "Distillation helped" in page.locator(".notice").first.inner_text()
         assert page.locator("table.samples").first.is_visible()
         assert "⏎" in page.locator("table.samples").first.inner_text()
+        # samples that read: greedy next to sampled, the history per validation, and no
+        # row taller than a few lines whatever the text (newlines are shown as marks)
+        heads = page.locator("table.samples").first.locator("th").all_inner_texts()
+        assert heads == ["Prompt", "Model", "Greedy", "Sampled (seeded)"], heads
+        assert page.locator("table.sample-history").first.is_visible()
+        tallest = page.evaluate(
+            "Math.max(...Array.from(document.querySelectorAll('table.samples tr'))"
+            ".map(r => r.getBoundingClientRect().height))"
+        )
+        assert 0 < tallest < 160, tallest
         assert page.evaluate("window.__pwned === undefined")
         assert not blocked, blocked
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "report-offline.png"), full_page=True)
+        section = page.locator(".samples-section").first
+        section.screenshot(path=str(ARTIFACTS / "report-samples.png"))
     finally:
         page.close()
 

@@ -67,6 +67,11 @@ def test_mapping_overrides_and_roundtrip(tmp_path: Path) -> None:
         ("student.layers=[2, 1]", "student.layers", "increasing"),
         ("name=../../etc", "name", "letters"),
         ("bogus=1", "bogus", "unknown field"),
+        ("eval.sample_temperature=0", "eval.sample_temperature", "greater than 0"),
+        ("eval.sample_top_p=1.5", "eval.sample_top_p", "less than or equal to 1"),
+        ("eval.sample_top_p=0", "eval.sample_top_p", "greater than 0"),
+        ("eval.checkpoint_samples=-1", "eval.checkpoint_samples", "greater than or equal to 0"),
+        ("eval.checkpoint_samples=two", "eval.checkpoint_samples", "'two'"),
     ],
 )
 def test_errors_name_field_value_and_fix(override: str, field: str, fragment: str) -> None:
@@ -75,6 +80,19 @@ def test_errors_name_field_value_and_fix(override: str, field: str, fragment: st
     assert info.value.field == field
     assert field in str(info.value)
     assert fragment in str(info.value)
+
+
+def test_sample_settings_default_and_override() -> None:
+    ev = load_config().eval
+    assert (ev.sample_temperature, ev.sample_top_p, ev.checkpoint_samples) == (0.8, 0.95, 1)
+    ev = load_config(
+        overrides=[
+            "eval.sample_temperature=1.2",
+            "eval.sample_top_p=1",
+            "eval.checkpoint_samples=0",
+        ]
+    ).eval
+    assert (ev.sample_temperature, ev.sample_top_p, ev.checkpoint_samples) == (1.2, 1.0, 0)
 
 
 def test_bad_override_syntax() -> None:

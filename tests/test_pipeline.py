@@ -45,7 +45,8 @@ def test_run_job_summary_export_and_store(
     assert "val_docs_seen_by_teacher" in summary["data"]
     assert summary["data"]["val_docs_seen_by_teacher"] == 0
     assert len(summary["samples"]) == 1
-    assert set(summary["samples"][0]) == {"prompt", "teacher", "student", "baseline"}
+    roles = ("teacher", "student", "baseline")
+    assert set(summary["samples"][0]) == {"prompt", *roles, *(f"{r}_sampled" for r in roles)}
     export = Path(summary["export_dir"])
     assert (export / "config.json").is_file()
     assert (export / "tokenizer.json").is_file()
@@ -80,6 +81,8 @@ def test_cancel_then_resume_completes_without_duplicates(
     steps = [r.step for r in store.metrics(run_id, ["train/loss"])]
     assert steps == list(range(1, 9))
     assert summary["student"]["val_ppl"] > 1
+    # the samples per validation continue the history the cancelled run had (step 3)
+    assert [row["step"] for row in summary["distill_sample_history"]] == [3, 6, 8]
 
 
 def test_model_card_mentions_gap() -> None:

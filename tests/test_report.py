@@ -209,7 +209,12 @@ def test_comparison_teacher_vs_students(store: RunStore, demo: dict[str, Any]) -
 def test_samples_side_by_side(store: RunStore, demo: dict[str, Any]) -> None:
     rows = report.samples(store.get_run(demo["real"]))
     assert rows and rows[0]["prompt"] == "The list"
-    assert set(rows[0]) == set(report.SAMPLE_COLUMNS)
+    sampled = {f"{role}_sampled" for role in ("teacher", "student", "baseline")}
+    assert set(rows[0]) == {*report.SAMPLE_COLUMNS, *sampled}  # greedy and seeded sampled
+    table = report.sample_table(store.get_run(demo["real"]))
+    assert [r["model"] for r in table] == ["Teacher", "Distilled student", "CE-only student"]
+    assert all(r["sampled"] for r in table)
+    assert len(report.sample_history(store.get_run(demo["real"]))) == 2  # steps 3 and 6
     assert report.samples({"samples": [{"prompt": "p"}, "junk"]}) == [
         {"prompt": "p", "teacher": "", "student": "", "baseline": ""}
     ]

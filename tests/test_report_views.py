@@ -68,9 +68,26 @@ def build_views_store(root: Path) -> dict[str, str]:
                     "student": "Annnnn.   Annnn.",
                     "baseline": "\t",
                     "student_sampled": "with open(path) as f:",
+                    "teacher_sampled": "open(name)\n\n\n",
+                    "baseline_sampled": EVIL,
                 }
             ]
-            store.update_summary(run_id, _summary(ppl, 100.0, 40.0, samples=samples))
+            history = [
+                {"step": 2, "prompt": "To open a file", "greedy": "Annnnn.", "sampled": "\n" * 40},
+                {"step": 5, "prompt": "To open a file", "greedy": "open()", "sampled": EVIL},
+            ]
+            settings = {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 32, "seed": 0}
+            store.update_summary(
+                run_id,
+                _summary(
+                    ppl,
+                    100.0,
+                    40.0,
+                    samples=samples,
+                    distill_sample_history=history,
+                    sample_settings=settings,
+                ),
+            )
             for step in range(1, 6):
                 store.log_metrics(
                     run_id, step, {"train/loss": 5.0 / step + ppl / 100, "val/ppl": ppl + 10 / step}
@@ -227,6 +244,57 @@ def test_visible_text_and_sample_columns() -> None:
     assert report.sample_columns(rows) == ("prompt", "teacher", "student", "student_sampled")
 
 
+def test_sample_tables_read_prompt_model_greedy_sampled(
+    store: RunStore, views: dict[str, Any]
+) -> None:
+    run = store.get_run(views["jsd-t1"])
+    rows = report.sample_table(run)
+    assert [r["model"] for r in rows] == ["Teacher", "Distilled student", "CE-only student"]
+    assert {r["prompt"] for r in rows} == {"To open a file"}
+    assert rows[1] == {
+        "prompt": "To open a file",
+        "model": "Distilled student",
+        "greedy": "Annnnn.   Annnn.",
+        "sampled": "with open(path) as f:",
+    }
+    assert report.prompt_spans(rows) == [3, 0, 0]
+    assert report.prompt_spans([{"prompt": "a"}, {"prompt": "b"}, {"prompt": "b"}]) == [1, 2, 0]
+    assert [h["step"] for h in report.sample_history(run)] == [2, 5]
+    assert report.sample_history(run, "baseline") == []
+    assert "temperature 0.8, top-p 0.95 (seed 0" in report.sampling_note(run)
+    # an older run: greedy only, no history, no settings; a damaged one: nothing
+    old = {"samples": [{"prompt": "p", "teacher": "t", "student": "s"}]}
+    assert report.sample_table(old) == [
+        {"prompt": "p", "model": "Teacher", "greedy": "t", "sampled": ""},
+        {"prompt": "p", "model": "Distilled student", "greedy": "s", "sampled": ""},
+    ]
+    assert report.sample_history({"distill_sample_history": ["junk", {"step": "x"}]}) == []
+    assert "drawn at random" in report.sampling_note(old)
+
+    section = html_report.samples_section_html(run)
+    heads = re.findall(r"<th>(.*?)</th>", section)
+    assert heads[:4] == ["Prompt", "Model", "Greedy", "Sampled (seeded)"]
+    assert heads[4:] == ["Step", "Greedy", "Sampled (seeded)"]  # one prompt: named above
+    assert section.count('rowspan="3"') == 1  # the prompt once, for its three models
+    assert "Samples over training" in section and "⏎×40" in section  # not 40 blank lines
+    assert "\n" not in re.sub(r'title="[^"]*"', "", section)  # raw newlines only on hover
+    assert EVIL not in section and html.escape(EVIL) in section
+    assert "Sampled" not in html_report.samples_table_html(report.sample_table(old))
+    assert "No samples during training" in html_report.samples_section_html(
+        store.get_run(views["hurt"])
+    )
+
+
+def test_notebook_summary_shows_both_sample_tables(store: RunStore, views: dict[str, Any]) -> None:
+    from widgets.display import summary_html
+
+    page = summary_html(store.get_run(views["jsd-t1"]).summary)
+    assert "Prompt" in page and "Model" in page and "Sampled (seeded)" in page
+    assert "Samples over training" in page and "⏎×40" in page and "CE-only student" in page
+    assert EVIL not in page and html.escape(EVIL) in page
+    assert "Samples over training" not in summary_html({"samples": [{"prompt": "p"}]})
+
+
 def test_ema_smooths_and_keeps_gaps() -> None:
     assert report.ema([1.0, None, 3.0], 0.0) == [1.0, None, 3.0]
     smooth = report.ema([0.0, 10.0, 10.0, 10.0], 0.5)
@@ -249,7 +317,8 @@ def test_html_report_is_self_contained_and_escaped(store: RunStore, views: dict[
         assert "<" not in script
     assert "broken" not in page  # failed runs are not in the default report
     assert "Distillation did not help" in page and "⏎×8open()" in page
-    assert "Distilled student (sampled)" in page and "Settings that differ" in page
+    assert "Sampled (seeded)" in page and "Settings that differ" in page
+    assert "Samples over training" in page and "⏎×40" in page
     with pytest.raises(Exception, match="no run nope"):
         html_report.render_report(store, ["nope"])
     one = html_report.render_report(store, [views["broken"]])
@@ -326,6 +395,9 @@ def test_dashboard_filters_overlay_and_downloads(views: dict[str, Any]) -> None:
         board.run_picker.value = views["hurt"]
         status = board.run_view.children[0].value
         assert "Distillation did not help" in status and "barely better than chance" in status
+        board.run_picker.value = views["jsd-t1"]
+        shown = "".join(getattr(w, "value", "") for w in board.run_view.children)
+        assert "Samples over training" in shown and "Sampled (seeded)" in shown
     finally:
         assert board.store is not None
         board.store.close()

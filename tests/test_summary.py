@@ -112,3 +112,26 @@ def test_model_result_leaves_unmeasured_optional_fields_out() -> None:
     teacher = ModelResult(params=10, val_ppl=2.0, val_loss=0.69, backend="vllm")
     assert teacher.to_dict() == {"params": 10, "val_ppl": 2.0, "val_loss": 0.69, "backend": "vllm"}
     assert ModelResult.parse(teacher.to_dict()) == teacher
+
+
+def test_sample_history_and_settings_read_what_they_can() -> None:
+    raw = {
+        "distill_sample_history": [
+            {"step": 6, "prompt": "p", "greedy": "g6", "sampled": "s6"},
+            {"step": 3, "prompt": "p", "greedy": "g3", "sampled": None},
+            {"step": "x", "prompt": "p"},
+            "junk",
+            {"step": True, "prompt": "p"},
+        ],
+        "baseline_sample_history": "no",
+        "sample_settings": {"temperature": 0.8, "top_p": 0.95, "seed": 0},
+    }
+    summary = RunSummary.parse(raw)
+    steps = summary.sample_history("distill")
+    assert [(s.step, s.greedy, s.sampled) for s in steps] == [(3, "g3", ""), (6, "g6", "s6")]
+    assert summary.sample_history("baseline") == ()
+    assert summary.sample_settings == raw["sample_settings"]
+    old = RunSummary.parse({"samples": [{"prompt": "p", "student": "s"}]})
+    assert old.sample_history() == () and old.sample_settings is None
+    with pytest.raises(KeyError, match="phases"):
+        summary.sample_history("teacher_build")

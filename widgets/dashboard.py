@@ -615,12 +615,7 @@ class Dashboard:
             _heading("Teacher vs students", "Same held-out text for all three models."),
             W.HTML(html_table(report.COMPARISON_COLUMNS, rows, empty="No results yet.")),
             charts,
-            _heading(
-                "Sample generations",
-                "Each model continues the same prompt. ⏎ is a line break, ·×5 five spaces; "
-                "hover a cell for the raw text.",
-            ),
-            W.HTML(_SAMPLE_CSS + html_report.samples_table_html(report.samples(run))),
+            W.HTML(_SAMPLE_CSS + html_report.samples_section_html(run)),
         )
 
     def _replace(self, box: W.Box, children: tuple[W.Widget, ...]) -> None:
@@ -636,7 +631,10 @@ class Dashboard:
 
 
 _SAMPLE_CSS = (
-    "<style>.samples{border-collapse:collapse;font-size:13px}.samples th,.samples td"
+    "<style>.samples{border-collapse:collapse;font-size:13px;margin:4px 0 12px 0}"
+    ".samples-section .note{color:#4b5563;font-size:13px}"
+    ".samples-section h3{margin:18px 0 2px 0}"
+    ".samples th{background:#f3f4f6}.samples th,.samples td"
     "{border-bottom:1px solid #e5e7eb;padding:4px 10px;text-align:left;vertical-align:top}"
     ".samples .sample{font-family:monospace;font-size:12px;max-height:7.5em;overflow:auto;"
     "white-space:pre-wrap;word-break:break-word;max-width:36em}"

@@ -103,42 +103,71 @@ def summary_html(result: Mapping[str, Any] | RunSummary) -> str:
     if check is not None and check.standing in ("near_chance", "no_better", "marginal"):
         if check.message and (verdict is None or check.message not in verdict.text):
             parts.append(error_html("Teacher", check.message, level="warning"))
-    parts.append(_samples_html(summary.samples))
+    parts.append(_samples_html(summary))
     if summary.export_dir:
         parts.append(f"<p>Student saved to <code>{html.escape(summary.export_dir)}</code></p>")
     return "".join(parts)
 
 
-_SAMPLE_HEADS = {"baseline": "CE-only", "baseline_sampled": "CE-only (sampled)"}
 _SAMPLE_CELL = (
     "font-family:monospace;font-size:12px;max-height:7.5em;overflow:auto;"
     "white-space:pre-wrap;word-break:break-word;max-width:32em"
 )
+_NOTE = "color:#555;font-size:12px;margin:2px 0"
 
 
-def _samples_html(samples: Sequence[Mapping[str, str]]) -> str:
-    """Same prompts, teacher / distilled / CE-only (and their sampled continuations when
-    stored) side by side; whitespace made visible and compact (a sample of newlines used
-    to make a tall empty row), each cell a few lines at most, scrollable, raw on hover."""
-    if not samples:
+def _sample_td(text: str, attrs: str = "") -> str:
+    """One continuation: whitespace visible and compact (a sample of newlines used to make
+    a tall empty row), a few lines at most, scrollable, the raw text on hover."""
+    return (
+        f'<td style="{_CELL};vertical-align:top"{attrs}><div style="{_SAMPLE_CELL}" '
+        f'title="{html.escape(text)}">{html.escape(report.visible_text(text))}</div></td>'
+    )
+
+
+def _head(columns: Sequence[str]) -> str:
+    return "".join(
+        f'<th style="{_CELL};text-align:left">{html.escape(report.LABELS.get(c, c))}</th>'
+        for c in columns
+    )
+
+
+def _samples_html(summary: RunSummary) -> str:
+    """Prompt | Model | Greedy | Sampled: teacher, distilled and CE-only continue the same
+    prompts, each prompt once; then the distilled student's samples at each validation
+    (Step | Greedy | Sampled), so learning shows in words."""
+    rows = report.sample_table(summary.raw)
+    if not rows:
         return ""
-    columns = report.sample_columns(samples)
-    head = "".join(
-        f'<th style="{_CELL};text-align:left">{_SAMPLE_HEADS.get(k, k.replace("_", " "))}</th>'
-        for k in columns
-    )
-    body = "".join(
-        "<tr>"
-        + "".join(
-            f'<td style="{_CELL};vertical-align:top"><div style="{_SAMPLE_CELL}" '
-            f'title="{html.escape(s.get(k, ""))}">'
-            f"{html.escape(report.visible_text(s.get(k, '')))}</div></td>"
-            for k in columns
+    columns = ["prompt", "model", "greedy"]
+    if any(r["sampled"] for r in rows):
+        columns.append("sampled")
+    body = []
+    for row, span in zip(rows, report.prompt_spans(rows), strict=True):
+        cells = _sample_td(row["prompt"], f' rowspan="{span}"') if span else ""
+        cells += f'<td style="{_CELL};vertical-align:top">{html.escape(row["model"])}</td>'
+        cells += "".join(_sample_td(row[c]) for c in columns[2:])
+        body.append(f"<tr>{cells}</tr>")
+    parts = [
+        f'<p style="{_NOTE}">{html.escape(report.sampling_note(summary.raw))}</p>',
+        f'<table class="foundry-samples" {_TABLE}><tr>{_head(columns)}</tr>{"".join(body)}</table>',
+    ]
+    history = report.sample_history(summary.raw, "distill")
+    if history:
+        multi = len({r["prompt"] for r in history}) > 1
+        cols = ["step", *(["prompt"] if multi else []), "greedy", "sampled"]
+        lines = "".join(
+            f'<tr><td style="{_CELL};text-align:right;vertical-align:top">{r["step"]}</td>'
+            + "".join(_sample_td(str(r[c])) for c in cols[1:])
+            + "</tr>"
+            for r in history
         )
-        + "</tr>"
-        for s in samples
-    )
-    return f'<table class="foundry-samples" {_TABLE}><tr>{head}</tr>{body}</table>'
+        prompt = "" if multi else f": {html.escape(report.visible_text(history[0]['prompt']))}"
+        parts += [
+            f'<p style="{_NOTE}"><b>Samples over training</b> (distilled student){prompt}</p>',
+            f'<table class="foundry-sample-history" {_TABLE}><tr>{_head(cols)}</tr>{lines}</table>',
+        ]
+    return "".join(parts)
 
 
 def outcome_html(handle: RunHandle) -> str:

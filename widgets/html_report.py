@@ -42,6 +42,8 @@ __all__ = [
     "overlay_figure",
     "parallel_figure",
     "render_report",
+    "sample_history_html",
+    "samples_section_html",
     "samples_table_html",
     "write_report",
 ]
@@ -267,24 +269,98 @@ def notices_html(notices: Iterable[report.Notice]) -> str:
     return "".join(parts)
 
 
+def _sample_box(text: str) -> str:
+    """A continuation, whitespace visible and compact (:func:`report.visible_text`), in a
+    box a few lines tall at most that scrolls; the raw text on hover."""
+    return (
+        f'<div class="sample" title="{html.escape(text)}">'
+        f"{html.escape(report.visible_text(text))}</div>"
+    )
+
+
+def _sample_cell(text: str) -> str:
+    return f"<td>{_sample_box(text)}</td>"
+
+
 def samples_table_html(rows: Sequence[Mapping[str, str]]) -> str:
-    """Prompts and each model's continuation side by side, whitespace made visible
-    (:func:`report.visible_text`), each cell at most a few lines tall and scrollable."""
+    """Prompt | Model | Greedy | Sampled (:func:`report.sample_table` rows): each prompt
+    once, spanning the models that continued it, so teacher, distilled and CE-only read
+    one under the other. The Sampled column is left out for runs that never had one."""
     if not rows:
         return '<p class="note">No samples.</p>'
-    columns = report.sample_columns(rows)
+    columns = [c for c in report.SAMPLE_TABLE_COLUMNS if c != "sampled"]
+    if any(row.get("sampled") for row in rows):
+        columns.append("sampled")
+    head = "".join(f"<th>{html.escape(report.LABELS.get(c, c))}</th>" for c in columns)
+    body: list[str] = []
+    for row, span in zip(rows, report.prompt_spans(rows), strict=True):
+        cells = [f'<td rowspan="{span}">{_sample_box(row.get("prompt", ""))}</td>'] if span else []
+        cells.append(f"<td>{html.escape(row.get('model', ''))}</td>")
+        cells += [_sample_cell(row.get(c, "")) for c in columns[2:]]
+        body.append(f'<tr class="{"first" if span else "more"}">{"".join(cells)}</tr>')
+    return (
+        f'<table class="samples"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
+
+
+def sample_history_html(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Step | (Prompt) | Greedy | Sampled (:func:`report.sample_history` rows): one
+    model's continuations at each validation, so its learning shows in words. The prompt
+    is named once above the table when every row has the same one."""
+    if not rows:
+        return (
+            '<p class="note">No samples during training (runs before they were kept, or '
+            "eval.checkpoint_samples=0).</p>"
+        )
+    prompts = list(dict.fromkeys(str(row.get("prompt", "")) for row in rows))
+    columns = list(report.SAMPLE_HISTORY_COLUMNS)
+    intro = ""
+    if len(prompts) == 1:
+        columns.remove("prompt")
+        intro = (
+            f'<p class="note">Prompt: <span class="prompt">'
+            f"{html.escape(report.visible_text(prompts[0]))}</span></p>"
+        )
     head = "".join(f"<th>{html.escape(report.LABELS.get(c, c))}</th>" for c in columns)
     body = "".join(
         "<tr>"
         + "".join(
-            f'<td><div class="sample" title="{html.escape(row.get(c, ""))}">'
-            f"{html.escape(report.visible_text(row.get(c, '')))}</div></td>"
+            f"<td>{html.escape(str(row.get(c, '')))}</td>"
+            if c == "step"
+            else _sample_cell(str(row.get(c, "")))
             for c in columns
         )
         + "</tr>"
         for row in rows
     )
-    return f'<table class="samples"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return (
+        f'{intro}<table class="samples sample-history"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{body}</tbody></table>"
+    )
+
+
+def samples_section_html(run: RunRecord) -> str:
+    """What a reader judges the models by: the final samples (teacher, distilled, CE-only;
+    greedy and sampled) and the distilled student's samples over training (the CE-only
+    twin's folded away), with how to read them. The dashboard and the report share it."""
+    parts = [
+        "<h3>Sample generations</h3>",
+        f'<p class="note">Each model continues the same prompt. '
+        f"{html.escape(report.sampling_note(run))}</p>",
+        samples_table_html(report.sample_table(run)),
+        "<h3>Samples over training</h3>",
+        '<p class="note">The distilled student at each validation, same prompt and seed: '
+        "what it learned, in words.</p>",
+        sample_history_html(report.sample_history(run, "distill")),
+    ]
+    baseline = report.sample_history(run, "baseline")
+    if baseline:
+        parts.append(
+            "<details><summary>The CE-only student over training</summary>"
+            f"{sample_history_html(baseline)}</details>"
+        )
+    return f'<div class="samples-section">{"".join(parts)}</div>'
 
 
 def _differences_html(runs: Sequence[RunRecord]) -> str:
@@ -333,12 +409,7 @@ def _run_section(store: RunStore, run: RunRecord, index: int) -> str:
         figures.append(_comparison_figure(comparison))
     charts = "".join(chart_html(f, f"run{index}-chart{i}") for i, f in enumerate(figures))
     parts.append(f'<div class="charts">{charts}</div>')
-    parts.append("<h3>Sample generations</h3>")
-    parts.append(
-        '<p class="note">Each model continues the same prompt. ⏎ is a line break, ·×5 five '
-        "spaces; hover a cell for the raw text.</p>"
-    )
-    parts.append(samples_table_html(report.samples(run)))
+    parts.append(samples_section_html(run))
     return "".join(parts)
 
 

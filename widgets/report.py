@@ -40,6 +40,9 @@ __all__ = [
     "PPL_METRICS",
     "RUN_COLUMNS",
     "SAMPLE_COLUMNS",
+    "SAMPLE_HISTORY_COLUMNS",
+    "SAMPLE_MODELS",
+    "SAMPLE_TABLE_COLUMNS",
     "Notice",
     "Series",
     "batch_comparison",
@@ -53,12 +56,16 @@ __all__ = [
     "metric_label",
     "metric_series",
     "parallel_data",
+    "prompt_spans",
     "recipe",
     "run_choices",
     "run_warnings",
     "runs_table",
     "sample_columns",
+    "sample_history",
+    "sample_table",
     "samples",
+    "sampling_note",
     "table_csv",
     "table_json",
     "tags_of",
@@ -111,6 +118,9 @@ LABELS: dict[str, str] = {
     "teacher_sampled": "Teacher (sampled)",
     "student_sampled": "Distilled student (sampled)",
     "baseline_sampled": "Student without teacher (sampled)",
+    "greedy": "Greedy",
+    "sampled": "Sampled (seeded)",
+    "step": "Step",
 }
 
 RUN_COLUMNS: tuple[str, ...] = (
@@ -138,6 +148,14 @@ COMPARISON_COLUMNS: tuple[str, ...] = (
     "speed_vs_teacher",
 )
 SAMPLE_COLUMNS: tuple[str, ...] = ("prompt", "teacher", "student", "baseline")
+SAMPLE_TABLE_COLUMNS: tuple[str, ...] = ("prompt", "model", "greedy", "sampled")
+SAMPLE_HISTORY_COLUMNS: tuple[str, ...] = ("step", "prompt", "greedy", "sampled")
+#: How the sample tables name each role (short: they sit in a narrow column).
+SAMPLE_MODELS: dict[str, str] = {
+    "teacher": "Teacher",
+    "student": "Distilled student",
+    "baseline": "CE-only student",
+}
 BATCH_COLUMNS: tuple[str, ...] = (
     "name",
     "state",
@@ -504,6 +522,67 @@ def samples(run: RunRecord | Mapping[str, Any]) -> list[dict[str, str]]:
     rows = RunSummary.parse(_summary_of(run)).samples
     extra = [r + SAMPLED_SUFFIX for r in ROLES if any(row.get(r + SAMPLED_SUFFIX) for row in rows)]
     return [{key: row.get(key) or "" for key in (*SAMPLE_COLUMNS, *extra)} for row in rows]
+
+
+def sample_table(run: RunRecord | Mapping[str, Any]) -> list[dict[str, str]]:
+    """One row per prompt and model (``SAMPLE_TABLE_COLUMNS``): teacher, distilled and
+    CE-only continue the same prompt, greedy next to seeded sampled, so a reader compares
+    the models down the column. Older runs kept greedy text only: their sampled is ""."""
+    out: list[dict[str, str]] = []
+    for row in RunSummary.parse(_summary_of(run)).samples:
+        for role in ROLES:
+            if role not in row and role + SAMPLED_SUFFIX not in row:
+                continue  # a model the run did not have (no CE-only twin)
+            out.append(
+                {
+                    "prompt": row.get("prompt", ""),
+                    "model": SAMPLE_MODELS[role],
+                    "greedy": row.get(role, ""),
+                    "sampled": row.get(role + SAMPLED_SUFFIX, ""),
+                }
+            )
+    return out
+
+
+def prompt_spans(rows: Sequence[Mapping[str, Any]]) -> list[int]:
+    """For a table that names each prompt once: how many rows (the models that continued
+    it) the prompt's cell spans, on the first row of each run of equal prompts; 0 on the
+    rows it already covers."""
+    spans = [0] * len(rows)
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i].get("prompt") != rows[start].get("prompt"):
+            spans[start] = i - start
+            start = i
+    return spans
+
+
+def sample_history(
+    run: RunRecord | Mapping[str, Any], phase: str = "distill"
+) -> list[dict[str, Any]]:
+    """A training phase's samples at each validation (``SAMPLE_HISTORY_COLUMNS``), by
+    step: the student's learning in words. Empty for runs that did not keep them."""
+    steps = RunSummary.parse(_summary_of(run)).sample_history(phase)
+    return [
+        {"step": s.step, "prompt": s.prompt, "greedy": s.greedy, "sampled": s.sampled}
+        for s in steps
+    ]
+
+
+def sampling_note(run: RunRecord | Mapping[str, Any]) -> str:
+    """How to read the sample tables: greedy vs sampled (with the run's temperature,
+    top-p and seed when recorded) and the whitespace marks."""
+    settings = RunSummary.parse(_summary_of(run)).sample_settings or {}
+    how = "drawn at random"
+    temperature, top_p, seed = (_number(settings.get(k)) for k in ("temperature", "top_p", "seed"))
+    if temperature is not None and top_p is not None:
+        how = f"drawn at temperature {temperature:g}, top-p {top_p:g}"
+    seeded = "" if seed is None else f" (seed {seed:g}: a re-run draws the same text)"
+    return (
+        "Greedy always takes the likeliest next token (a small model often repeats "
+        f"itself); sampled is {how}{seeded}. ⏎ is a line break, ·×5 five spaces; hover a "
+        "cell for the raw text."
+    )
 
 
 # --- batches ------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ from foundry_kernel.run._cross import (
 )
 from foundry_kernel.run._resources import estimate_memory_for, preflight
 from foundry_kernel.store import RunStore
-from foundry_kernel.summary import ModelResult, TeacherCheck
+from foundry_kernel.summary import ModelResult, TeacherCheck, sample_history_key
 from foundry_kernel.teachers._builtin import (
     ReferenceShape,
     ensure_builtin_teacher,
@@ -108,8 +108,13 @@ from foundry_kernel.training._evaluate import (
     EvalShard,
     evaluate_lm,
     evaluate_teacher,
-    generate_samples,
     generation_speed,
+)
+from foundry_kernel.training._samples import (
+    Continuations,
+    SampleHistory,
+    SampleSettings,
+    continue_prompts,
 )
 from foundry_kernel.training._sequence import describe as describe_sequence
 from foundry_kernel.training._sequence import sequence_data, sequence_key
@@ -117,7 +122,7 @@ from foundry_kernel.training._strategy import FusedLinearLoss, LossStrategy, cho
 from foundry_kernel.training._trainer import Trainer, TrainPlan
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping, Sequence
 
     from transformers import PreTrainedModel
 
@@ -757,12 +762,34 @@ def _train_phase(
         ckpt_dir=job.run_dir / "checkpoints" / phase,
         prefix="" if phase == "distill" else f"{phase}/",
         world=job.world,
+        on_eval=_sample_history(job, phase, student, resume=resume),
     )
     job.record(**{f"{phase}_loss_strategy": trainer.loss_strategy.as_dict()})
     trainer.fit(resume=resume)
     job.record(**{f"{phase}_steps": trainer.step, f"{phase}_skipped": trainer.skipped})
     view: Any = _parallel.through(trainer.wrapped)  # model-shaped: called like the HF model
     return dataclasses.replace(student, model=view)
+
+
+def _sample_history(
+    job: Job, phase: str, student: LoadedModel, *, resume: bool
+) -> SampleHistory | None:
+    """The student's samples at each validation (``eval.checkpoint_samples``), recorded in
+    the summary as ``{phase}_sample_history``; none under data parallelism. A resumed run
+    continues the history it had."""
+    settings = SampleSettings.from_config(job.config)
+    if job.world.distributed or not settings.checkpoint_prompts or not settings.prompts:
+        return None
+    key = sample_history_key(phase)
+    earlier = job.store.get_run(job.run_id).summary.get(key) if resume else None
+    return SampleHistory(
+        phase,
+        student.tokenizer,
+        settings,
+        ctx=job.ctx,
+        record=lambda rows: job.record(**{key: rows}),
+        earlier=earlier if isinstance(earlier, list) else (),
+    )
 
 
 def _record_cache_reads(job: Job, teacher: CachedTeacher) -> None:
@@ -855,9 +882,9 @@ def _evaluate_all(
         n_bytes = scored_bytes(blocks, byte_table(model), total.total)
         return bits_per_byte(ev["loss"], ev["tokens"], n_bytes)
 
-    prompts = list(cfg.eval.sample_prompts)
+    settings = SampleSettings.from_config(cfg)
     t_eval: dict[str, float] = {"ppl": math.nan, "loss": math.nan, "tokens": 0}
-    teacher_samples: list[str] = []
+    teacher_samples = Continuations([], [])
     teacher_speed: float | None = None
     if teacher_here:
         t_eval = evaluate_teacher(
@@ -870,7 +897,7 @@ def _evaluate_all(
             world=world if job.placement == "shard" else ONE_PROCESS,
             chunk_tokens=cfg.loss.chunk_tokens,
         )
-        teacher_samples, teacher_speed = _teacher_samples(job, live, teacher, prompts)
+        teacher_samples, teacher_speed = _teacher_samples(job, live, teacher, settings)
     out: dict[str, Any] = {
         "teacher": ModelResult(
             params=teacher.params,
@@ -890,12 +917,10 @@ def _evaluate_all(
         job.ctx.set_stage(name)
         ev = evaluate(model, job.rt.student_amp, with_teacher=True)
         plain = _full_student(job, model.model)
-        speed, samples[name] = None, []
+        speed, samples[name] = None, Continuations([], [])
         if plain is not None:
             speed = generation_speed(plain, model.tokenizer, ctx=job.ctx)
-            samples[name] = _samples(
-                job, LoadedModel(plain, model.tokenizer, model.source), prompts
-            )
+            samples[name] = continue_prompts(plain, model.tokenizer, settings, ctx=job.ctx)
         counts = _lora.param_counts(plain if plain is not None else model.model)
         out[name] = ModelResult(
             params=counts.total,
@@ -913,29 +938,52 @@ def _evaluate_all(
     out["val_kl"] = out["student"].get("val_kl")
     if "baseline" in out:
         out["gap_closed"] = _gap_closed(out, "val_loss" if cross is None else "val_bpb")
-    out["samples"] = (
-        [{"prompt": p, **{k: v[i] for k, v in samples.items()}} for i, p in enumerate(prompts)]
-        if world.is_main
-        else []
-    )
+    out["samples"] = _sample_rows(settings.prompts, samples) if world.is_main else []
+    out["sample_settings"] = settings.describe()
     return out, plain_student
 
 
+def _sample_rows(
+    prompts: Sequence[str], samples: Mapping[str, Continuations]
+) -> list[dict[str, str]]:
+    """One row per prompt: each role's greedy text under its name (the shape older runs
+    have), its seeded sampled continuation under ``{role}_sampled``."""
+    rows: list[dict[str, str]] = []
+    for i, prompt in enumerate(prompts):
+        row = {"prompt": prompt}
+        for role, got in samples.items():
+            row[role] = got.greedy[i] if i < len(got.greedy) else ""
+            row[f"{role}_sampled"] = got.sampled[i] if i < len(got.sampled) else ""
+        rows.append(row)
+    return rows
+
+
 def _teacher_samples(
-    job: Job, live: Teacher, teacher: LoadedModel, prompts: list[str]
-) -> tuple[list[str], float]:
-    """Greedy samples and generation tokens/s of the teacher, wherever it runs."""
+    job: Job, live: Teacher, teacher: LoadedModel, settings: SampleSettings
+) -> tuple[Continuations, float]:
+    """Greedy and sampled continuations and generation tokens/s of the teacher, wherever
+    it runs (a teacher behind a server samples at the temperature alone: no top-p)."""
     if isinstance(live, HFTeacher):
         speed = generation_speed(teacher.model, teacher.tokenizer, ctx=job.ctx)
-        return _samples(job, teacher, prompts), speed
+        return continue_prompts(teacher.model, teacher.tokenizer, settings, ctx=job.ctx), speed
     tok = teacher.tokenizer
-    n = job.config.eval.sample_tokens
-    ids = [tok(p).input_ids for p in prompts]
-    out = live.generate(ids, max_new_tokens=n, temperature=0.0, seed=0)
+    n = settings.max_new_tokens
+    ids = [tok(p).input_ids for p in settings.prompts]
+    greedy = live.generate(ids, max_new_tokens=n, temperature=0.0, seed=0)
+    sampled = [
+        live.generate(
+            [row], max_new_tokens=n, temperature=settings.temperature, seed=settings.prompt_seed(i)
+        )[0]
+        for i, row in enumerate(ids)
+    ]
     t0 = time.perf_counter()
     timed = live.generate([tok("The").input_ids], max_new_tokens=64, temperature=0.0, seed=0)
     speed = len(timed[0]) / max(time.perf_counter() - t0, 1e-9)
-    return [str(tok.decode(o, skip_special_tokens=True)) for o in out], speed
+
+    def text(rows: list[list[int]]) -> list[str]:
+        return [str(tok.decode(o, skip_special_tokens=True)) for o in rows]
+
+    return Continuations(text(greedy), text(sampled)), speed
 
 
 def _teacher_id(source: str, revision: str | None) -> str:
@@ -944,16 +992,6 @@ def _teacher_id(source: str, revision: str | None) -> str:
     if path.is_dir():
         return fingerprint_model_dir(path)
     return f"{source}@{revision or 'main'}"
-
-
-def _samples(job: Job, model: LoadedModel, prompts: list[str]) -> list[str]:
-    return generate_samples(
-        model.model,
-        model.tokenizer,
-        prompts,
-        max_new_tokens=job.config.eval.sample_tokens,
-        ctx=job.ctx,
-    )
 
 
 def _gap_closed(out: dict[str, Any], key: str = "val_loss") -> float | None:

@@ -329,10 +329,12 @@ def sample_continuations(
     seed: int,
     pad_token_id: int | None,
     check: Callable[[], None] | None = None,
+    top_p: float = 1.0,
 ) -> list[list[int]]:
     """Continue each prompt with ``model`` by exactly ``max_new_tokens`` tokens (sampling
     at ``temperature``; 0 = greedy; end-of-text is never drawn, so every row has the same
-    length).
+    length). ``top_p`` < 1 draws only from the likeliest tokens whose probabilities add up
+    to it (nucleus sampling); 1 draws from all, exactly as before it existed.
 
     Draws from a private ``torch.Generator`` seeded from ``seed`` alone, never from torch's
     process-global generator: a resumed run samples what the uninterrupted one did, and
@@ -351,7 +353,7 @@ def sample_continuations(
     try:
         for length, rows in _by_length(prompts):  # equal lengths: no padding inside
             ids = torch.tensor([list(prompts[i]) for i in rows], device=device)
-            new = _decode(model, ids, max_new_tokens, temperature, rng, banned, check)
+            new = _decode(model, ids, max_new_tokens, temperature, rng, banned, check, top_p)
             for i, row in zip(rows, new.tolist(), strict=True):
                 result[i] = row
             del length
@@ -368,6 +370,7 @@ def _decode(
     rng: torch.Generator,
     banned: list[int],
     check: Callable[[], None] | None,
+    top_p: float = 1.0,
 ) -> Tensor:
     """``steps`` new tokens after ``ids`` (one prompt length), reusing the KV cache."""
     out: list[Tensor] = []
@@ -386,6 +389,8 @@ def _decode(
             scores[:, banned] = -math.inf
         if temperature > 0:
             probs = torch.softmax(scores / temperature, dim=-1)
+            if top_p < 1.0:
+                probs = _nucleus(probs, top_p)
             token = torch.multinomial(probs, num_samples=1, generator=rng)
         else:
             token = scores.argmax(dim=-1, keepdim=True)
@@ -394,6 +399,15 @@ def _decode(
     if not out:
         return ids.new_zeros((ids.shape[0], 0))
     return torch.cat(out, dim=1)
+
+
+def _nucleus(probs: Tensor, top_p: float) -> Tensor:
+    """``probs`` with all but the smallest set of likeliest tokens whose mass reaches
+    ``top_p`` set to zero (the likeliest token always stays); ``multinomial`` renormalises."""
+    ordered, order = probs.sort(dim=-1, descending=True)
+    before = ordered.cumsum(dim=-1) - ordered  # mass of the tokens likelier than each one
+    ordered = ordered.masked_fill(before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, ordered)
 
 
 def _eos_ids(model: PreTrainedModel) -> list[int]:

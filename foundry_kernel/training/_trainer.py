@@ -86,6 +86,9 @@ from foundry_kernel.training._strategy import (
 
 log = logging.getLogger("foundry.train")
 MetricsSink = Callable[[int, dict[str, float]], None]
+# Called after each validation with the step and the plain student (the run's samples per
+# checkpoint, training._samples.SampleHistory); one process only.
+EvalHook = Callable[[int, PreTrainedModel], None]
 
 
 @dataclass(frozen=True)
@@ -226,6 +229,7 @@ class Trainer:
         ckpt_dir: Path | None = None,
         prefix: str = "",
         world: World | None = None,
+        on_eval: EvalHook | None = None,
     ) -> None:
         if plan.loss is not None and teacher is None:
             raise ValueError("a distillation plan needs a teacher")
@@ -243,6 +247,7 @@ class Trainer:
         self.plan = plan
         self.ctx = ctx
         self.on_metrics = on_metrics
+        self.on_eval = on_eval
         self.teacher = as_teacher(teacher, vocab_size=vocab_size, amp_dtype=plan.teacher_amp_dtype)
         self.vocab_size = vocab_size
         self.ckpt_dir = ckpt_dir
@@ -511,6 +516,9 @@ class Trainer:
             evaluated = self.evaluate()
             self._report(evaluated)
             self._track_best(evaluated)
+            if self.on_eval is not None and not self.world.distributed:
+                # not under data parallelism: a sharded student generates only in lockstep
+                self.on_eval(self.step, self.model)
         every = self.plan.checkpoint.every_steps
         if every and self.step % every == 0 and self.step < self.plan.max_steps:
             self.checkpoint()
