@@ -264,14 +264,19 @@ def _run_all_cells(page: Any) -> None:
     raise AssertionError("Run All Cells did not start the notebook")
 
 
-def _drive(page: Any, url: str, lab: dict[str, Any]) -> None:
+def _open_panel(page: Any, url: str) -> Any:
+    """The notebook at ``url`` run to its idle panel; returns the panel's Start button."""
     page.goto(url)
     page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]')
     _run_all_cells(page)
-
     start = page.locator(".foundry-panel button", has_text="Start")
     start.wait_for(state="visible")
     page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]')
+    return start
+
+
+def _drive(page: Any, url: str, lab: dict[str, Any]) -> None:
+    start = _open_panel(page, url)
     _shot(page, "01-panel.png", ".foundry-panel")
     assert start.is_enabled()
 
@@ -406,12 +411,7 @@ def test_a_live_run_shows_its_progress_line_and_a_growing_eval_table(
     the evaluation table gaining a row at each evaluation, the best one starred."""
     url = f"{lab['base']}/lab/tree/distill.ipynb?reset&token={lab['token']}"
     with _browser_page(tmp_path / "profile", "failure-evaltable.png") as page:
-        page.goto(url)
-        page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]')
-        _run_all_cells(page)
-        start = page.locator(".foundry-panel button", has_text="Start")
-        start.wait_for(state="visible")
-        page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]')
+        start = _open_panel(page, url)
         # forward KL: beta does not apply, and says so
         beta = page.locator(".foundry-field-loss-beta input").first
         assert beta.is_disabled()

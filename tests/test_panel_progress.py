@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +22,13 @@ pytest.importorskip("plotly")
 
 import foundry_kernel
 from foundry_kernel.run._control import RunState
+from tests.test_widgets import _quick, _wait_for
 from widgets import DistillPanel
 from widgets.eval_table import NO_GAP, NO_TEACHER, eval_rows, eval_table_html
 from widgets.form import unused_fields
 from widgets.panel import memory_text, run_number
 
 RUN_TIMEOUT_S = 120
-
-
-def _wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def _quick(runs_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
-    base: dict[str, Any] = {"eval": {"baseline": False}, "checkpoint": {"every_steps": None}}
-    for name, values in sections.items():
-        base.setdefault(name, {}).update(values)
-    return tiny_config_dict(runs_dir, **base)
 
 
 # --------------------------------------------------------------------- the rows function
