@@ -121,6 +121,9 @@ def test_memory_text_names_each_figure() -> None:
         "preflight estimate 2.00 GB"
     )
     assert memory_text({}) == ""
+    shared = memory_text({"mem/rss_mb": 812.0}, sharing=2)
+    assert shared == "memory: process RSS 812 MB · process-wide: 2 live runs share this kernel"
+    assert memory_text({}, sharing=2) == ""
 
 
 def test_fields_that_do_not_apply_are_greyed_and_come_back(runs_dir: Path) -> None:

@@ -99,12 +99,16 @@ def _memory_label(name: str) -> str:
     return name if metric is None else metric.label
 
 
-def memory_text(metrics: Mapping[str, float], estimate_mb: float | None = None) -> str:
+def memory_text(
+    metrics: Mapping[str, float], estimate_mb: float | None = None, *, sharing: int = 1
+) -> str:
     """The latest memory figures, each named (by the metrics registry) for what it
     measures: the process's RSS (host memory), per GPU NVML's used (every process on that
     GPU, of its total), torch's allocated, reserved and peak allocated (this process's
     tensors, its allocator's cache, the most its tensors held), and the preflight's
-    estimate. They differ, and are easy to confuse."""
+    estimate. They differ, and are easy to confuse. Runs are threads of the kernel's
+    process, so while ``sharing`` > 1 runs are live every figure but the estimate is theirs
+    together, and the line says so (two panels show the same curve for that reason)."""
     gpus = sorted(int(m.group(1)) for m in map(_GPU_USED.fullmatch, metrics) if m is not None)
     names = ["mem/rss_mb", *(f"mem/gpu{i}_used_mb" for i in gpus), *_TORCH_MEMORY]
     parts = []
@@ -114,6 +118,8 @@ def memory_text(metrics: Mapping[str, float], estimate_mb: float | None = None) 
         parts.append(f"{_memory_label(name)} {_mb(metrics[name])}{of}")
     if estimate_mb is not None:
         parts.append(f"preflight estimate {_mb(estimate_mb)}")
+    if parts and sharing > 1:
+        parts.append(f"process-wide: {sharing} live runs share this kernel")
     return "memory: " + " · ".join(parts) if parts else ""
 
 
@@ -287,7 +293,8 @@ class RunView:
 
     def _render_memory(self) -> None:
         memory = {k: v for k, v in self.handle.metrics.items() if k.startswith("mem/")}
-        text = memory_text(memory, self.estimate_mb)
+        sharing = len(foundry_kernel.list_runs(live_only=True)) if not self.handle.done else 1
+        text = memory_text(memory, self.estimate_mb, sharing=sharing)
         value = f'<span style="font-size:11px;color:#424242">{html.escape(text)}</span>'
         if value != self.memory.value:
             self.memory.value = value
