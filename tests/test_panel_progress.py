@@ -21,6 +21,7 @@ pytest.importorskip("ipywidgets")
 pytest.importorskip("plotly")
 
 import foundry_kernel
+from foundry_kernel.ranks import rank_figures
 from foundry_kernel.run._control import RunState
 from tests.test_widgets import _quick, _wait_for
 from widgets import DistillPanel
@@ -124,6 +125,10 @@ def test_memory_text_names_each_figure() -> None:
     shared = memory_text({"mem/rss_mb": 812.0}, sharing=2)
     assert shared == "memory: process RSS 812 MB · process-wide: 2 live runs share this kernel"
     assert memory_text({}, sharing=2) == ""
+    ranks = rank_figures({"rank/0/rss_mb": [900.0], "rank/1/rss_mb": [700.0]})
+    assert memory_text({"mem/rss_mb": 812.0}, ranks=ranks) == (
+        "memory: process RSS 812 MB · rank 0 RSS 900 MB · rank 1 RSS 700 MB"
+    )
 
 
 def test_fields_that_do_not_apply_are_greyed_and_come_back(runs_dir: Path) -> None:

@@ -28,7 +28,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from foundry_kernel.logs import Throttle
 from foundry_kernel.metrics import BASELINE, lookup
 from foundry_kernel.paths import allowed_roots, resolve_within
 from foundry_kernel.progress import Progress, format_progress
-from foundry_kernel.ranks import rank_figures
+from foundry_kernel.ranks import RankFigures, rank_figures
 from widgets.charts import CompareChart, LiveCharts, metric_trace
 from widgets.display import error_html, outcome_html
 from widgets.eval_table import EvalRow, eval_rows, eval_table_html
@@ -100,7 +100,11 @@ def _memory_label(name: str) -> str:
 
 
 def memory_text(
-    metrics: Mapping[str, float], estimate_mb: float | None = None, *, sharing: int = 1
+    metrics: Mapping[str, float],
+    estimate_mb: float | None = None,
+    *,
+    sharing: int = 1,
+    ranks: Sequence[RankFigures] = (),
 ) -> str:
     """The latest memory figures, each named (by the metrics registry) for what it
     measures: the process's RSS (host memory), per GPU NVML's used (every process on that
@@ -108,7 +112,9 @@ def memory_text(
     tensors, its allocator's cache, the most its tensors held), and the preflight's
     estimate. They differ, and are easy to confuse. Runs are threads of the kernel's
     process, so while ``sharing`` > 1 runs are live every figure but the estimate is theirs
-    together, and the line says so (two panels show the same curve for that reason)."""
+    together, and the line says so (two panels show the same curve for that reason).
+    A data-parallel run adds each rank's own RSS and GPU memory (``ranks``: rank 0 records
+    them with every step, see :mod:`foundry_kernel.ranks`)."""
     gpus = sorted(int(m.group(1)) for m in map(_GPU_USED.fullmatch, metrics) if m is not None)
     names = ["mem/rss_mb", *(f"mem/gpu{i}_used_mb" for i in gpus), *_TORCH_MEMORY]
     parts = []
@@ -118,6 +124,11 @@ def memory_text(
         parts.append(f"{_memory_label(name)} {_mb(metrics[name])}{of}")
     if estimate_mb is not None:
         parts.append(f"preflight estimate {_mb(estimate_mb)}")
+    for r in ranks:
+        own = [f"RSS {_mb(r.rss_mb)}" if r.rss_mb is not None else ""]
+        own.append(f"GPU {_mb(r.vram_mb)}" if r.vram_mb is not None else "")
+        if any(own):
+            parts.append(f"rank {r.rank} " + ", ".join(x for x in own if x))
     if parts and sharing > 1:
         parts.append(f"process-wide: {sharing} live runs share this kernel")
     return "memory: " + " · ".join(parts) if parts else ""
@@ -294,7 +305,12 @@ class RunView:
     def _render_memory(self) -> None:
         memory = {k: v for k, v in self.handle.metrics.items() if k.startswith("mem/")}
         sharing = len(foundry_kernel.list_runs(live_only=True)) if not self.handle.done else 1
-        text = memory_text(memory, self.estimate_mb, sharing=sharing)
+        h = self.handle
+        ranks = rank_figures(
+            {k: [v] for k, v in h.metrics.items()},
+            prefix="baseline/" if h.phase == "baseline" else "",
+        )
+        text = memory_text(memory, self.estimate_mb, sharing=sharing, ranks=ranks)
         value = f'<span style="font-size:11px;color:#424242">{html.escape(text)}</span>'
         if value != self.memory.value:
             self.memory.value = value
