@@ -7,8 +7,10 @@ session under a temporary FOUNDRY_CACHE_DIR.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,19 @@ import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@contextlib.contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """One intra-op thread, as each torchrun rank of the distributed tests runs (their
+    single-process references are compared with the ranks'), then the count before: a
+    bare ``set_num_threads(1)`` in a fixture once left every later test on one core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
-from conftest import torchrun_prefix
+from conftest import one_intra_op_thread, torchrun_prefix
 
 from foundry_kernel._world import World
 
@@ -36,9 +37,15 @@ def _load_worker() -> ModuleType:
 worker = _load_worker()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The whole module on one intra-op thread, as its ranks run (conftest)."""
+    with one_intra_op_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def reference() -> dict[str, Any]:
-    torch.set_num_threads(1)
     return worker.train(World(), "ddp")
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import torchrun_prefix
+from conftest import one_intra_op_thread, torchrun_prefix
 
 from foundry_kernel._context import RunContext
 from foundry_kernel._world import World
@@ -72,10 +72,16 @@ def _curve_diff(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]]) 
     return max(abs(a[s]["train/loss"] - b[s]["train/loss"]) for s in a)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The whole module on one intra-op thread, as its ranks run (conftest)."""
+    with one_intra_op_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def reference() -> dict[str, dict[str, Any]]:
     """The single-process runs (World(): no process group, the unwrapped model)."""
-    torch.set_num_threads(1)
     return {ls: worker.train(World(), "ddp", ls) for ls in LOSS_STRATEGIES}
 
 

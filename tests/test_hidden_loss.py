@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config_dict, torchrun_prefix
+from conftest import one_intra_op_thread, tiny_config_dict, torchrun_prefix
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from foundry_kernel._context import RunContext
@@ -393,7 +393,8 @@ def _one_process_reference() -> dict[str, torch.Tensor]:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.train(World(), None)["projection"]  # type: ignore[no-any-return]
+    with one_intra_op_thread():  # as the ranks
+        return module.train(World(), None)["projection"]  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- a real run
