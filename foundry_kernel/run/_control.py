@@ -595,6 +595,7 @@ class RunHandle:
         self._first_sample = first_sample
         self._tracker = ProgressTracker(run_id, RunPlan.from_config(config))
         self._progress_written: float | None = None
+        self._progress_where: tuple[str, str | None, str | None] | None = None
         self._sampler: MemorySampler | None = None  # made on the worker (it imports torch)
         self._exports: ExportFeed | None = None  # tracking.report_to (see _export_to)
 
@@ -804,16 +805,20 @@ class RunHandle:
     def _write_progress(self, event: Event) -> None:
         """Keep ``<run dir>/progress.json`` (the snapshot as plain data) for readers in
         other processes - ``foundry run`` waiting on a notebook's kernel, a dashboard -
-        on every phase, stage and state change and at most every PROGRESS_FILE_EVERY_S."""
+        on every phase, stage, state and activity change (a phase's first step, a
+        validation's start and end: a short phase would otherwise never show its ``n/N``)
+        and at most every PROGRESS_FILE_EVERY_S."""
         if not self.records_state:
             return
         now = event.time
         change = event.kind in ("phase", "stage", "state")
         last = self._progress_written
+        snapshot = self._tracker.snapshot(now, event.payload.get("state") or self.state.value)
+        where = (snapshot.phase, snapshot.stage, snapshot.activity)
+        change = change or where != self._progress_where
         if not change and last is not None and now - last < PROGRESS_FILE_EVERY_S:
             return
-        self._progress_written = now
-        snapshot = self._tracker.snapshot(now, event.payload.get("state") or self.state.value)
+        self._progress_written, self._progress_where = now, where
         try:
             atomic_write_text(
                 self._store.run_dir(self.id) / PROGRESS_FILE, json.dumps(snapshot.to_dict())
