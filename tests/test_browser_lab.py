@@ -390,6 +390,14 @@ EVAL_ROWS_JS = """
 """
 """Rows of the run's evaluation table in the page (false until ``min``)."""
 
+STATUS_JS = """
+(el) => /running · distill · \\d+\\/100000 steps/.test(el.innerText) && el.innerText.includes(' < ')
+"""
+"""The status line of a training run: phase, n/N and elapsed < ETA (it updates every
+refresh, so the test waits for the line rather than reading it once)."""
+
+VISIBLE_JS = """(el) => getComputedStyle(el).visibility === 'visible'"""
+
 LOG_TAIL_JS = """
 () => {
   const box = document.querySelector('.foundry-run .foundry-log .foundry-log-tail');
@@ -419,11 +427,13 @@ def test_a_live_run_shows_its_progress_line_and_a_growing_eval_table(
         start.click()
         rows = int(page.wait_for_function(EVAL_ROWS_JS, arg=2).json_value())
         assert rows >= 2
-        status = page.locator(".foundry-run .foundry-status").first.inner_text()
-        assert "running" in status and "distill" in status and "/100000" in status, status
-        assert " < " in status, status  # elapsed < ETA
+        status = page.locator(".foundry-run .foundry-status").first
+        page.wait_for_function(STATUS_JS, arg=status.element_handle())
+        text = status.inner_text()
+        assert "running" in text and "distill" in text and "/100000" in text, text
+        assert " < " in text, text  # elapsed < ETA
         bar = page.locator(".foundry-run .foundry-progress-bar").first
-        assert bar.evaluate("(el) => getComputedStyle(el).visibility") == "visible"
+        page.wait_for_function(VISIBLE_JS, arg=bar.element_handle())
         table = page.locator(".foundry-run .foundry-evals").first
         assert "★" in table.inner_text() and "val ppl" in table.inner_text()
         assert "a run is in progress" in page.locator(".foundry-start-reason").inner_text()

@@ -360,7 +360,7 @@ class RunView:
         self._render_bar(progress)
 
     def _render_bar(self, progress: Progress) -> None:
-        """The bar follows :attr:`Progress.fraction` of what the phase counts (steps,
+        """The bar follows what the phase counts (a training phase's steps, an evaluation's
         batches); hidden while nothing is counted; full and coloured once the run ended."""
         if progress.finished:
             if progress.state == "completed":
@@ -369,6 +369,10 @@ class RunView:
             self.bar.layout.visibility = "visible"
             return
         fraction = progress.fraction
+        if progress.step is not None and progress.max_steps:
+            # a training phase: its steps, also while it validates (the validation's
+            # batches would make the bar jump to full and back)
+            fraction = min(1.0, progress.step / progress.max_steps)
         if fraction is None:
             self.bar.layout.visibility = "hidden"
             return
