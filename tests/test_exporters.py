@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from conftest import tiny_config_dict
 
@@ -110,8 +111,10 @@ def test_a_tracker_not_installed_is_refused_at_start_with_the_install_command(
 
 
 @pytest.fixture(scope="module")
-def reported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One tiny distillation run reporting to all four trackers, offline."""
+def reported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One tiny distillation run reporting to all four trackers, offline. W&B keeps its
+    service process (``wandb-core``) for the life of the process that used it, as it
+    does in a kernel; the module shuts it down, so no later test finds a stray child."""
     runs_dir = tmp_path_factory.mktemp("exported") / "runs"
     uri = f"sqlite:///{runs_dir.parent / 'mlflow.db'}"
     cfg = tiny_config_dict(
@@ -127,7 +130,7 @@ def reported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for row in rows:
         history.setdefault(row.name, {})[row.step] = row.value
     assert not [e for e in events if e.kind == "alert" and "exporter" in e.message]
-    return {
+    yield {
         "run_id": handle.id,
         "runs_dir": runs_dir,
         "uri": uri,
@@ -135,6 +138,11 @@ def reported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "summary": handle.result or {},
         "config": handle.config,
     }
+    import wandb
+
+    wandb.teardown()
+    left = [c for c in psutil.Process().children(recursive=True) if "wandb" in c.name()]
+    assert not left, left
 
 
 def _same(a: dict[int, float], b: dict[int, float]) -> bool:
