@@ -10,6 +10,7 @@ much a naive split would have leaked.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import logging
 import math
@@ -34,8 +35,9 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 _ENCODE_BATCH_DOCS = 256  # docs per fast-tokenizer call: parallel, yet bounded memory
 #: ... and characters per call: one call is one unit of work between two stop points
-#: (~0.3 s for 200 k characters with a small BPE on one busy core).
-_ENCODE_BATCH_CHARS = 200_000
+#: (~0.15 s for 100 k characters with a small BPE on one busy core: several times under a
+#: 1 s ``limits.step_timeout_s`` even on a crowded machine).
+_ENCODE_BATCH_CHARS = 100_000
 Check = Callable[[], None]
 """A run's ``ctx.check`` (raises to stop), called between units of work; or a no-op."""
 
@@ -369,7 +371,8 @@ def pack_documents(
         labels += text_ids
         ids.append(eos)
         labels.append(eos)
-    return _cut_blocks(ids, labels, seq_len, pad)
+    check()
+    return _cut_blocks(ids, labels, seq_len, pad, check=check)
 
 
 def encode_texts(
@@ -425,16 +428,29 @@ def _eos_id(tokenizer: Any) -> int:
     return int(eos)
 
 
-def _cut_blocks(ids: list[int], labels: list[int], seq_len: int, pad: int) -> TokenBlocks:
+def _long_tensor(values: list[int]) -> torch.Tensor:
+    """A list of ints as a long tensor through a typed array: ~2.5x faster than
+    ``torch.tensor`` on millions of Python ints (measured: 0.13 vs 0.31 s for 3 M)."""
+    if not values:
+        return torch.empty(0, dtype=torch.long)
+    return torch.frombuffer(array.array("q", values), dtype=torch.long)
+
+
+def _cut_blocks(
+    ids: list[int], labels: list[int], seq_len: int, pad: int, *, check: Check = _no_check
+) -> TokenBlocks:
+    """The packed stream cut into ``seq_len`` blocks (the last one padded); a stop point
+    between the two conversions, each a unit of work of up to a few tenths of a second."""
     n_tokens = len(ids)
     n_blocks = max(1, math.ceil(n_tokens / seq_len))
     total = n_blocks * seq_len
     input_ids = torch.full((total,), pad, dtype=torch.long)
     attention = torch.zeros(total, dtype=torch.long)
     target = torch.full((total,), IGNORE_INDEX, dtype=torch.long)
-    input_ids[:n_tokens] = torch.tensor(ids, dtype=torch.long)
+    input_ids[:n_tokens] = _long_tensor(ids)
+    check()
     attention[:n_tokens] = 1
-    target[:n_tokens] = torch.tensor(labels, dtype=torch.long)
+    target[:n_tokens] = _long_tensor(labels)
     shape = (n_blocks, seq_len)
     return TokenBlocks(input_ids.view(shape), attention.view(shape), target.view(shape))
 
