@@ -210,9 +210,17 @@ def lab(tmp_path: Path, tiny_teacher_dir: Path, request: Any) -> Iterator[dict[s
 
 
 def _shot(page: Any, name: str, show: str | None = None) -> None:
-    """Screenshot after scrolling ``show`` into view (the notebook scrolls, not the page)."""
+    """Screenshot after scrolling ``show`` into view (the notebook scrolls, not the page).
+    A live view re-renders its HTML at each refresh, so the element found may be replaced
+    before it scrolls: it is looked up again, a few times."""
     if show is not None:
-        page.locator(show).first.scroll_into_view_if_needed()
+        for attempt in range(3):
+            try:
+                page.locator(show).first.scroll_into_view_if_needed(timeout=30_000)
+                break
+            except sync_api.Error:
+                if attempt == 2:
+                    raise
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / name))
 

@@ -204,7 +204,7 @@ def test_foundry_run_prints_its_notebooks_progress(
     params = tmp_path / "tiny.yaml"
     params.write_text(yaml.safe_dump({"config_overrides": overrides}), encoding="utf-8")
     monkeypatch.setattr(runner, "PROGRESS_POLL_S", 0.1)
-    argv = [str(shipped_notebook("distill")), "-f", str(params), "-p", "max_steps", "30"]
+    argv = [str(shipped_notebook("distill")), "-f", str(params), "-p", "max_steps", "60"]
     t0 = time.monotonic()
     code = runner.main([*argv, "--runs-dir", str(runs_dir), "--timeout", "300"])
     err = capsys.readouterr().err.splitlines()
@@ -215,7 +215,7 @@ def test_foundry_run_prints_its_notebooks_progress(
     lines = [x for x in progress if x.split(" · ")[0].split("/")[0] in PHASES]
     assert lines, err
     _assert_no_repeats(lines)
-    assert any(re.match(r"(distill|baseline) · \d+/30 steps", x) for x in lines), lines
+    assert any(re.match(r"(distill|baseline) · \d+/60 steps", x) for x in lines), lines
     ok = next(i for i, x in enumerate(err) if re.search(r"\[1/1\] \S+: ok \(", x))
     # the thread stopped with papermill: none of its lines after the member's outcome
     assert not [x for x in err[ok + 1 :] if x.startswith("foundry run: [1/1] ")], err
