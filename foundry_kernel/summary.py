@@ -408,9 +408,9 @@ class RunSummary:
             )
         b_ppl = baseline.val_ppl
         if t_ppl is not None and b_ppl is not None and t_ppl > MARGINAL_RATIO * b_ppl:
+            how = "no better than" if t_ppl >= b_ppl else "barely better than"
             return (
-                f"; the teacher is barely better than the student trained alone "
-                f"({t_ppl:.1f} vs {b_ppl:.1f})",
+                f"; the teacher is {how} the student trained alone ({t_ppl:.1f} vs {b_ppl:.1f})",
                 (
                     "more text for the teacher (teacher.build.data)",
                     "more teacher steps (teacher.build.steps) or a larger teacher",

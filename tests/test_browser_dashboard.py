@@ -244,3 +244,37 @@ def test_dashboard_overlay_filter_and_hide_failed(served: dict[str, Any], browse
         page.screenshot(path=str(ARTIFACTS / "dashboard-overlay-filter.png"))
     finally:
         page.close()
+
+
+def test_a_run_where_distillation_hurt_says_so_in_words(
+    served: dict[str, Any], browser: Any
+) -> None:
+    """Issue 16: a grid member whose distilled student is worse than its CE-only twin shows a
+    warning sentence (with the numbers and what to try), never a bare negative percentage."""
+    server: ServerProcess = served["server"]
+    with RunStore(served["root"], read_only=True) as store:
+        choices = report.run_choices(report.runs_table(store))
+        label = next(text for text, run_id in choices if run_id == served["members"][0])
+        expected = report.run_warnings(store.get_run(served["members"][0]))
+    assert expected and expected[0][0] == "warning", expected
+    page = browser.new_page()
+    try:
+        page.goto(server.url, timeout=TIMEOUT_MS)
+        page.wait_for_selector(".js-plotly-plot", timeout=TIMEOUT_MS)
+        picker = page.locator(".widget-dropdown", has_text="Run:").locator("select").first
+        picker.select_option(label=label)
+        sentence = expected[0][1]  # the engine's words for this run, with its numbers
+        assert sentence.startswith("Distillation did not help here"), sentence
+        assert "higher than the same student trained alone (300.0 vs 200.0)" in sentence
+        notice = page.locator(".notice-warning", has_text=sentence[:120]).first
+        notice.wait_for(timeout=TIMEOUT_MS)
+        text = notice.inner_text()
+        assert text == f"Warning: {sentence}", text  # a word for the level, not colour only
+        assert "Try:" in text  # and what to do about it
+        ARTIFACTS.mkdir(exist_ok=True)
+        notice.scroll_into_view_if_needed()
+        page.wait_for_timeout(300)
+        status = page.locator(".widget-html", has=notice).first
+        status.screenshot(path=str(ARTIFACTS / "dashboard-warning.png"))
+    finally:
+        page.close()

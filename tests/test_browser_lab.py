@@ -453,3 +453,127 @@ def test_a_live_run_shows_its_progress_line_and_a_growing_eval_table(
         page.locator(".foundry-panel button", has_text="Cancel").click()
         page.wait_for_selector('.foundry-run .foundry-status [data-state="cancelled"]')
         assert page.locator(".foundry-run .foundry-evals tbody tr").count() >= rows
+
+
+PANEL_TRACE_JS = """
+([index, prefix, min]) => {
+  const panel = document.querySelectorAll('.foundry-panel')[index];
+  if (!panel) return false;
+  for (const el of panel.querySelectorAll('.foundry-chart-compare .js-plotly-plot')) {
+    const trace = (el.data || []).find(
+      (t) => (t.name || '').startsWith(prefix) && (t.name || '').endsWith(' train')
+        && t.visible !== false);
+    if (trace && trace.y && trace.y.length >= min) return trace.y.length;
+  }
+  return false;
+}
+"""
+"""Points of the train curve whose name starts with ``prefix`` on panel ``index``'s
+compare chart (false until ``min``)."""
+
+
+def _panel_points(page: Any, index: int, prefix: str, at_least: int) -> int:
+    found = page.wait_for_function(PANEL_TRACE_JS, arg=[index, prefix, at_least])
+    return int(found.json_value())
+
+
+def _cli_run(runs_dir: Path, tmp_path: Path) -> str:
+    """``foundry distill`` into the Lab's store (a terminal beside the notebook)."""
+    import yaml
+    from conftest import tiny_config_dict
+
+    cfg = tiny_config_dict(
+        runs_dir,
+        limits={"max_steps": 12},
+        eval={"every_steps": 4, "baseline": False},
+        checkpoint={"every_steps": None},
+    )
+    cfg["name"] = "from-cli"
+    path = tmp_path / "cli.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "foundry_kernel.cli", "distill", "--config", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return str(json.loads(proc.stdout)["run_id"])
+
+
+def _add_second_panel(notebook: Path) -> None:
+    """A second panel in a cell below the first (a user comparing two settings)."""
+    nb = json.loads(notebook.read_text(encoding="utf-8"))
+    at = next(
+        i for i, c in enumerate(nb["cells"]) if "DistillPanel(config)" in "".join(c["source"])
+    )
+    cell = {
+        "cell_type": "code",
+        "execution_count": None,
+        "id": "second-panel",
+        "metadata": {},
+        "outputs": [],
+        "source": [
+            "if not headless:\n",
+            "    second = DistillPanel(config)\n",
+            "    display(second.widget)",
+        ],
+    }
+    nb["cells"].insert(at + 1, cell)
+    notebook.write_text(json.dumps(nb), encoding="utf-8")
+
+
+def test_the_compare_tab_overlays_another_panels_run_and_a_cli_run(
+    lab: dict[str, Any], tmp_path: Path
+) -> None:
+    """Issue 16: one panel's compare tab with its own live run, the live run of a second
+    panel and a run ``foundry distill`` finished in the same store, all on one chart; the
+    other panel's run keeps moving there (read from the store)."""
+    cli_id = _cli_run(lab["runs_dir"], tmp_path)
+    _add_second_panel(lab["root"] / "distill.ipynb")
+    url = f"{lab['base']}/lab/tree/distill.ipynb?reset&token={lab['token']}"
+    with _browser_page(tmp_path / "profile", "failure-compare-store.png") as page:
+        page.goto(url)
+        page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]')
+        _run_all_cells(page)
+        panels = page.locator(".foundry-panel")
+        panels.nth(1).wait_for(state="visible")
+        page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]')
+        first, second = panels.nth(0), panels.nth(1)
+
+        first.locator("button", has_text="Start").click()
+        _points(page, "loss", "train loss", 2)
+        second.scroll_into_view_if_needed()
+        second.locator("button", has_text="Start").click()
+        second.locator(".foundry-run .foundry-status").first.wait_for()
+
+        second.locator(".lm-TabBar-tab", has_text="compare").click()
+        second.locator("button", has_text="Refresh list").click()
+        picker = second.locator(".foundry-compare-picker select")
+        page.wait_for_function(  # the list re-read: the first panel's run is in it now
+            "(el) => el.options.length >= 2", arg=picker.element_handle()
+        )
+        labels = [t.replace("\xa0", " ") for t in picker.locator("option").all_inner_texts()]
+        chosen = [i for i, t in enumerate(labels) if "from-cli" in t or "· running ·" in t]
+        assert len(chosen) == 2, labels  # the CLI's run and the first panel's live one
+        picker.select_option(index=chosen)
+
+        _panel_points(page, 1, f"from-cli ({cli_id[-6:]})", 12)  # all its 12 steps
+        own = _panel_points(page, 1, "#2 ", 2)
+        other = _panel_points(page, 1, "#1 ", 2)
+        _panel_points(page, 1, "#1 ", other + 2)  # the other panel's run moves here too
+        _panel_points(page, 1, "#2 ", own + 2)
+        second.locator(".foundry-chart-compare").first.scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        second.locator(".foundry-compare").first.screenshot(
+            path=str(ARTIFACTS / "08-compare-two-panels-and-cli.png")
+        )
+
+        for panel in (first, second):
+            panel.locator("button", has_text="Cancel").click()
+        page.wait_for_function(
+            "() => document.querySelectorAll("
+            "'.foundry-run .foundry-status [data-state=\"cancelled\"]').length >= 2"
+        )

@@ -122,6 +122,8 @@ def test_memory_text_names_each_figure() -> None:
         "preflight estimate 2.00 GB"
     )
     assert memory_text({}) == ""
+    cpu = memory_text({"mem/rss_mb": 812.0}, estimate_mb=5.0, estimate_base_mb=790.0)
+    assert cpu == "memory: process RSS 812 MB · preflight estimate 5 MB on top of 790 MB RSS"
     shared = memory_text({"mem/rss_mb": 812.0}, sharing=2)
     assert shared == "memory: process RSS 812 MB · process-wide: 2 live runs share this kernel"
     assert memory_text({}, sharing=2) == ""
@@ -230,9 +232,15 @@ def test_the_panel_shows_progress_and_grows_the_table(runs_dir: Path) -> None:
     assert "6 ★" in view.evals.value and "%" in view.evals.value
     assert 'data-state="completed"' in view.status.value and "step 6/6" in view.status.value
     assert view.bar.value == 1.0 and view.bar.bar_style == "success"
+    # the preflight estimate, dashed: on a CPU run on top of the RSS it was made at (the
+    # estimate counts tensors; the RSS holds the interpreter and libraries besides)
+    base = view.estimate_base_mb
+    assert base is not None and base > 50  # a Python process with torch loaded
     shapes = view.charts.figures["memory"].layout.shapes
-    assert [s.y0 for s in shapes] == [300.0]  # the preflight estimate, dashed
-    assert "preflight estimate 300 MB" in view.memory.value
+    assert [s.y0 for s in shapes] == [pytest.approx(300.0 + base)]
+    notes = [a.text for a in view.charts.figures["memory"].layout.annotations]
+    assert notes == ["RSS at preflight + estimate (cpu)"], notes
+    assert f"preflight estimate 300 MB on top of {base:.0f} MB RSS" in view.memory.value
     assert panel.start_reason.value == ""
     panel.close()
 

@@ -41,6 +41,16 @@ def test_a_run_that_hurt_names_the_weak_teacher_and_what_to_try() -> None:
     assert "-75%" not in verdict.text
 
 
+def test_a_teacher_worse_than_the_twin_is_called_no_better_not_barely_better() -> None:
+    verdict = _summary(233.0, 300.0, 200.0, gap_closed=-1.9).verdict
+    assert verdict is not None and verdict.helped is False
+    assert "50% higher" in verdict.text
+    assert "the teacher is no better than the student trained alone (233.0 vs 200.0)" in (
+        verdict.text
+    )
+    assert "barely" not in verdict.text
+
+
 def test_no_twin_means_not_measured_and_a_near_chance_teacher_is_named() -> None:
     assert _summary(30.0, 40.0, None).verdict.helped is None  # type: ignore[union-attr]
     check = TeacherCheck.judge(900.0, None, 1024.0)

@@ -557,6 +557,15 @@ class CompareChart(ChartSet):
         with self._lock:
             self._labels.setdefault(label, len(self._labels))
 
+    def set_visible(self, label: str, visible: bool) -> None:
+        """Show or hide a run's curves (kept in the kernel either way)."""
+        with self._lock:
+            for part in ("train", "val"):
+                index = self._traces.get(f"{label}|{part}")
+                if index is not None:
+                    spec = self._spec(f"{label}|{part}")
+                    self.figures[spec.chart].data[index].visible = bool(visible)
+
     def ingest_event(self, label: str, event: Any) -> None:
         """Take a run's distillation-phase loss points from its ``step`` event."""
         if getattr(event, "kind", None) != "step" or event.payload.get("prefix"):

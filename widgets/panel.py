@@ -42,10 +42,11 @@ from foundry_kernel.config import RunConfig
 from foundry_kernel.errors import ConfigError, FoundryError
 from foundry_kernel.logs import Throttle
 from foundry_kernel.metrics import BASELINE, lookup
-from foundry_kernel.paths import allowed_roots, resolve_within
+from foundry_kernel.paths import allowed_roots, default_runs_dir, resolve_within
 from foundry_kernel.progress import Progress, format_progress
 from foundry_kernel.ranks import RankFigures, rank_figures
 from widgets.charts import CompareChart, LiveCharts, metric_trace
+from widgets.compare_tab import CompareTab
 from widgets.display import error_html, outcome_html
 from widgets.eval_table import EvalRow, eval_rows, eval_table_html
 from widgets.form import PANEL_FIELDS, ConfigForm
@@ -105,6 +106,7 @@ def memory_text(
     *,
     sharing: int = 1,
     ranks: Sequence[RankFigures] = (),
+    estimate_base_mb: float | None = None,
 ) -> str:
     """The latest memory figures, each named (by the metrics registry) for what it
     measures: the process's RSS (host memory), per GPU NVML's used (every process on that
@@ -114,7 +116,8 @@ def memory_text(
     process, so while ``sharing`` > 1 runs are live every figure but the estimate is theirs
     together, and the line says so (two panels show the same curve for that reason).
     A data-parallel run adds each rank's own RSS and GPU memory (``ranks``: rank 0 records
-    them with every step, see :mod:`foundry_kernel.ranks`)."""
+    them with every step, see :mod:`foundry_kernel.ranks`). ``estimate_base_mb``: on a CPU
+    run, the RSS the estimate comes on top of (it counts tensors, not the interpreter)."""
     gpus = sorted(int(m.group(1)) for m in map(_GPU_USED.fullmatch, metrics) if m is not None)
     names = ["mem/rss_mb", *(f"mem/gpu{i}_used_mb" for i in gpus), *_TORCH_MEMORY]
     parts = []
@@ -123,7 +126,8 @@ def memory_text(
         of = "" if total is None else f" of {_mb(total)}"
         parts.append(f"{_memory_label(name)} {_mb(metrics[name])}{of}")
     if estimate_mb is not None:
-        parts.append(f"preflight estimate {_mb(estimate_mb)}")
+        base = "" if estimate_base_mb is None else f" on top of {_mb(estimate_base_mb)} RSS"
+        parts.append(f"preflight estimate {_mb(estimate_mb)}{base}")
     for r in ranks:
         own = [f"RSS {_mb(r.rss_mb)}" if r.rss_mb is not None else ""]
         own.append(f"GPU {_mb(r.vram_mb)}" if r.vram_mb is not None else "")
@@ -180,6 +184,10 @@ class RunView:
         self._evals_changed = False
         self.estimate_mb: float | None = None
         """The preflight's memory estimate (MB), once the run has made it."""
+        self.estimate_base_mb: float | None = None
+        """On a CPU run, the process RSS when the estimate was made (the line's base)."""
+        self._estimate_device = ""
+        self._estimate_drawn = False
         if compare is not None:
             compare.add_run(label)
         self._render_status()
@@ -199,6 +207,7 @@ class RunView:
             self._seq = seq
             self._ingest(event)
         self._ingest_memory()
+        self._draw_estimate(done=done)
         self.charts.flush(force=done)
         if self.compare is not None:
             self.compare.flush(force=done)
@@ -254,9 +263,31 @@ class RunView:
         if isinstance(mb, bool) or not isinstance(mb, int | float) or self.estimate_mb is not None:
             return
         self.estimate_mb = float(mb)
-        device = str(payload.get("device") or "")
+        self._estimate_device = str(payload.get("device") or "")
+
+    def _draw_estimate(self, *, done: bool) -> None:
+        """The estimate as a dashed line on the memory chart, once.
+
+        On a GPU the estimate is of tensors and torch allocated measures those: the line is
+        the estimate. On the CPU the tensors live in the process's RSS beside Python, torch
+        and the libraries (hundreds of MB): a line at the estimate alone sat far below the
+        RSS curve and read as "the run uses 100x its estimate". There the line is drawn on
+        top of the RSS at the time of the estimate (the first sample after it, if it came
+        first), where the RSS is expected to stay under."""
+        if self.estimate_mb is None or self._estimate_drawn:
+            return
+        device = self._estimate_device
         where = f" ({device})" if device else ""
-        self.charts.mark_estimate(self.estimate_mb, f"preflight estimate{where}")
+        rss = self.handle.metrics.get("mem/rss_mb")
+        if device != "cuda" and isinstance(rss, int | float) and math.isfinite(rss):
+            self.estimate_base_mb = float(rss)
+            line, label = self.estimate_base_mb + self.estimate_mb, "RSS at preflight + estimate"
+        elif device == "cuda" or done:
+            line, label = self.estimate_mb, "preflight estimate"
+        else:
+            return  # no RSS sample yet: the next refresh draws it
+        self._estimate_drawn = True
+        self.charts.mark_estimate(line, f"{label}{where}")
 
     def eval_rows(self) -> list[EvalRow]:
         """The evaluation table's rows so far (see :func:`widgets.eval_table.eval_rows`)."""
@@ -310,7 +341,13 @@ class RunView:
             {k: [v] for k, v in h.metrics.items()},
             prefix="baseline/" if h.phase == "baseline" else "",
         )
-        text = memory_text(memory, self.estimate_mb, sharing=sharing, ranks=ranks)
+        text = memory_text(
+            memory,
+            self.estimate_mb,
+            sharing=sharing,
+            ranks=ranks,
+            estimate_base_mb=self.estimate_base_mb,
+        )
         value = f'<span style="font-size:11px;color:#424242">{html.escape(text)}</span>'
         if value != self.memory.value:
             self.memory.value = value
@@ -411,9 +448,14 @@ class DistillPanel:
         """CPU seconds the updater thread has used (what the live UI costs the kernel)."""
         self.form = ConfigForm(base, fields)
         self.compare = CompareChart(live=True)
+        self._runs_dir_arg = base.get("runs_dir")
+        self.compare_tab = CompareTab(
+            self.compare, runs_dir=self.store_dir, own=self._own_ids, label_for=_store_label
+        )
         self._build(save_path)
         self.form.on_validated(lambda _form: self._sync_buttons())
         self._sync_buttons()
+        self.compare_tab.refresh_list()
 
     # -- layout -----------------------------------------------------------------------
 
@@ -455,7 +497,7 @@ class DistillPanel:
             ],
             layout=ipw.Layout(align_items="center"),
         )
-        self.tabs = ipw.Tab(children=[self.compare.widget], titles=["compare"])
+        self.tabs = ipw.Tab(children=[self.compare_tab.widget], titles=["compare"])
         self.widget = ipw.VBox([form, self.form.message, buttons, self.message, self.tabs])
         self.widget.add_class("foundry-panel")
 
@@ -524,7 +566,7 @@ class DistillPanel:
             titles = [v.label for v in self._views]
         # The compare tab stays first: a tab that moves gets a new view, and the browser's
         # plotly view it replaces broke the figure's updates (the compare tab was empty).
-        self.tabs.children = [self.compare.widget, *children]
+        self.tabs.children = [self.compare_tab.widget, *children]
         self.tabs.titles = ["compare", *titles]
         self.tabs.selected_index = len(children)
         self._ensure_updater()
@@ -548,9 +590,20 @@ class DistillPanel:
         with self._lock:
             return self._thread is not None and self._thread.is_alive()
 
+    def store_dir(self) -> Path:
+        """The run store the form's config writes to (its ``runs_dir``, else the one
+        default store): the compare tab lists its runs."""
+        config = self.form.config
+        configured = config.runs_dir if config is not None else self._runs_dir_arg
+        return Path(configured).expanduser().absolute() if configured else default_runs_dir()
+
+    def _own_ids(self) -> set[str]:
+        return {view.handle.id for view in self.views}
+
     def close(self) -> None:
         """Stop following runs (they keep running) and close the widgets."""
         self._stop.set()
+        self.compare_tab.close()
         with self._lock:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -712,6 +765,15 @@ def _label(handle: RunHandle) -> str:
     """``#N name``, N unique in the kernel (:func:`run_number`)."""
     name = handle.config.name or handle.config.loss.kind
     return f"#{run_number(handle.id)} {name}"
+
+
+def _store_label(run_id: str, name: str) -> str:
+    """A store run's name on the compare chart: ``#N name`` as its own panel calls it when
+    this kernel started it, else its name and the end of its id (runs of the CLI, other
+    kernels)."""
+    with _run_numbers_lock:
+        number = _run_numbers.get(run_id)
+    return f"#{number} {name}" if number is not None else f"{name} ({run_id[-6:]})"
 
 
 def _json_text(data: Mapping[str, Any]) -> str:

@@ -853,7 +853,7 @@ def run_warnings(
     if (
         t_ppl is not None
         and b_ppl is not None
-        and "barely better than the student" not in verdict_text
+        and "than the student trained alone" not in verdict_text  # the verdict said it
     ):
         if t_ppl >= b_ppl:
             out.append(
