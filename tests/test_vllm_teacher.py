@@ -378,6 +378,13 @@ def test_run_with_a_running_server(
     assert summary["teacher"]["val_loss"] == pytest.approx(hf["loss"], rel=1e-4)
     assert summary["teacher"]["params"] == local.params
     assert 0 <= summary["student"]["agreement"] <= 1
+    # the served teacher's samples (greedy and seeded sampled, from the server's generate)
+    # sit beside the student's, for the same prompt
+    (row,) = summary["samples"]
+    assert row["prompt"] == "The list"
+    for role in ("teacher", "student"):
+        assert len(row[role]) > 0 and len(row[f"{role}_sampled"]) > 0, row  # 4 new tokens
+    assert summary["teacher"]["tokens_per_s"] > 0
 
 
 def test_from_teacher_student_with_baseline_on_a_served_teacher(
