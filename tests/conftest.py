@@ -33,37 +33,10 @@ def one_intra_op_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-SHARED_WORKER: dict[str, str] = {
-    # vLLM servers: test_vllm_teacher checks that no server outlives a test by listing the
-    # machine's processes, so no other module may start one meanwhile
-    "test_vllm_teacher": "vllm",
-    "test_vllm_security": "vllm",
-    "test_families": "vllm",
-    # one teacher recipe (tests/test_quality.py QUALITY), built once per worker's cache
-    "test_quality": "quality",
-    "test_hidden_loss": "quality",
-}
-"""Modules that must run in one pytest-xdist worker, by group; every other module is a
-group of its own (its module-scoped servers and stores are set up once)."""
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Work units for ``--dist loadgroup`` (pyproject's addopts): whole modules, and the
-    modules of :data:`SHARED_WORKER` together. Before xdist's own hook reads the marks."""
-    for item in items:
-        module = item.path.stem
-        item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(module, module)))
-
-
 def pytest_configure(config: pytest.Config) -> None:
-    # One cache per session (so the tiny teacher is built once), never the user's; each
-    # xdist worker has its own (a test may count what a cache or the default store holds).
+    # One cache for the whole session (so the tiny teacher is built once), never the user's.
     if "FOUNDRY_TEST_CACHE" not in os.environ:
         root = Path(config.rootpath) / ".pytest_cache" / "foundry-cache"
-        worker = os.environ.get("PYTEST_XDIST_WORKER")
-        if worker:
-            root = root / worker
         root.mkdir(parents=True, exist_ok=True)
         os.environ["FOUNDRY_TEST_CACHE"] = str(root)
     os.environ["FOUNDRY_CACHE_DIR"] = os.environ["FOUNDRY_TEST_CACHE"]
