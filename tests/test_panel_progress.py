@@ -240,7 +240,9 @@ def test_the_panel_shows_progress_and_grows_the_table(runs_dir: Path) -> None:
     assert [s.y0 for s in shapes] == [pytest.approx(300.0 + base)]
     notes = [a.text for a in view.charts.figures["memory"].layout.annotations]
     assert notes == ["RSS at preflight + estimate (cpu)"], notes
-    assert f"preflight estimate 300 MB on top of {base:.0f} MB RSS" in view.memory.value
+    expected = memory_text({}, 300.0, estimate_base_mb=base).removeprefix("memory: ")
+    assert expected.startswith("preflight estimate 300 MB on top of ") and expected.endswith(" RSS")
+    assert expected in view.memory.value
     assert panel.start_reason.value == ""
     panel.close()
 
